@@ -1,0 +1,39 @@
+"""ResNet (He et al. 2016) through timm, returning C2..C5 (strides 4/8/16/32).
+
+timm's ResNet exposes 5 feature levels (the stem first), so the four stages are out_indices 1..4.
+`output_stride` 8 or 16 dilates the last stages (DeepLab "D8"/"D16"); the deep-stem variants
+`50c`/`101c` are mmseg's ResNetV1c, `50d`/`101d` add average-pool shortcuts.
+"""
+import timm
+import torch
+from torch import nn
+
+
+class ResNet(nn.Module):
+    """timm ResNet feature extractor. Keys are timm's own (`conv1.weight`, `layer1.0...`)."""
+
+    def __init__(self, variant: str = '50', output_stride: int = 32, drop_path_rate: float = 0.0,
+                 checkpointing: bool = False):
+        super().__init__()
+        variant = str(variant)
+        if variant not in VARIANTS:
+            raise ValueError(f"ResNet variant '{variant}' unknown; expected one of {', '.join(VARIANTS)}")
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f'ResNet output_stride must be 8, 16 or 32, got {output_stride}')
+        self.body = timm.create_model(f'resnet{variant}', pretrained=False, features_only=True,
+                                      out_indices=(1, 2, 3, 4), output_stride=output_stride,
+                                      drop_path_rate=drop_path_rate)
+        self.body.set_grad_checkpointing(checkpointing)
+        self.out_channels = self.body.feature_info.channels()
+        self.strides = self.body.feature_info.reduction()
+
+    def forward(self, x: torch.Tensor) -> list:
+        return self.body(x)
+
+    @staticmethod
+    def convert_checkpoint(state: dict) -> dict:
+        """timm/torchvision ImageNet weights -> ours: prefix `body.`, drop the `fc` classifier."""
+        return {f'body.{k}': v for k, v in state.items() if not k.startswith('fc.')}
+
+
+VARIANTS = ('18', '34', '50', '50c', '50d', '101', '101c', '101d', '152')
