@@ -23,3 +23,22 @@ def build_classifier(channels: int, num_classes: int, dropout: float, offset_lea
     if offset_learning:
         return OffsetLearning(num_classes, channels)
     return PixelClassifier(channels, num_classes, dropout)
+
+
+def convert_classifier_keys(state: dict) -> dict:
+    """mmseg head keys -> ours: `conv_seg` or `offset_learning` become `classifier`.
+
+    Published Offset Learning heads also carry mmseg's `conv_seg`, built but never used in their
+    forward (it holds untrained values); it is the one key dropped here.
+    """
+    uses_offset_learning = any(k.startswith('offset_learning.') for k in state)
+    converted = {}
+    for key, value in state.items():
+        if key.startswith('conv_seg.'):
+            if uses_offset_learning:
+                continue
+            key = 'classifier.conv.' + key.removeprefix('conv_seg.')
+        elif key.startswith('offset_learning.'):
+            key = 'classifier.' + key.removeprefix('offset_learning.')
+        converted[key] = value
+    return converted
