@@ -1,0 +1,156 @@
+"""OffSeg: EfficientFormerV2 backbone, FreqFusion/CARAFE and OffSegHead against the published code."""
+import itertools
+import warnings
+
+import pytest
+import torch
+
+from conftest import assert_close_to_reference, load_vector
+from models.backbones.efficientformer_v2 import EfficientFormerV2
+from models.heads.freqfusion import carafe
+from models.heads.offseg import OffSegHead
+from models.pretrained import load_pretrained
+
+CONV_SEG_150 = 38_550
+"""Parameters of mmseg's unused `conv_seg` (256 -> 150, 1x1) that published OffSeg counts include."""
+
+NEW_CHANNELS = {'s1': (32, 32, 64, 128), 's2': (32, 64, 128, 256), 'l': (32, 64, 128, 256)}
+
+
+def count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_offseg_t_matches_reference_vector():
+    d = load_vector('offseg_t')
+    state = d['state_dict']
+    backbone, head = EfficientFormerV2('s1'), OffSegHead([32, 48, 120, 224], 150)
+    backbone.eval()   # before loading: nothing derived from the weights may be cached
+    head.eval()
+    backbone.load_state_dict(EfficientFormerV2.convert_checkpoint(
+        {k.removeprefix('backbone.'): v for k, v in state.items() if k.startswith('backbone.')}), strict=True)
+    head.load_state_dict(OffSegHead.convert_checkpoint(
+        {k.removeprefix('decode_head.'): v for k, v in state.items() if k.startswith('decode_head.')}), strict=True)
+    seen = {}
+    head.classifier.register_forward_hook(lambda module, inputs, output: seen.update(ol_input=inputs[0]))
+    with torch.no_grad():
+        features = backbone(d['input'])
+        logits = head(features)
+    assert len(features) == 4
+    for level, (ours, ref) in enumerate(zip(features, d['features'])):
+        assert_close_to_reference(ours, ref, f'feature {level}')
+    assert_close_to_reference(logits, d['logits'], 'logits')
+    if 'ol_input' in d:
+        assert_close_to_reference(seen['ol_input'], d['ol_input'], 'Offset Learning input')
+
+
+@pytest.mark.parametrize('variant,backbone_published,total_published,tolerance', [
+    ('s1', 5_748_360, 6_222_176, 0),           # exact counts (the reference vector's config)
+    ('s2', 12_151_000, 12_955_000, 500),       # published to 1k: |ours - published| <= 500
+    ('l', 25_578_000, 26_414_000, 500),
+])
+def test_parameter_counts(variant, backbone_published, total_published, tolerance):
+    # Published totals include the unused conv_seg (38,550 at 150 classes), which we do not build.
+    with torch.device('meta'):
+        backbone = EfficientFormerV2(variant)
+        head = OffSegHead(backbone.out_channels, 150, NEW_CHANNELS[variant])
+    assert abs(count(backbone) - backbone_published) <= tolerance
+    assert abs(count(backbone) + count(head) - (total_published - CONV_SEG_150)) <= tolerance
+
+
+@pytest.mark.parametrize('size', [(64, 64), (96, 128)])
+def test_forward_shapes(size):
+    torch.manual_seed(0)
+    backbone = EfficientFormerV2('s1').eval()
+    head = OffSegHead(backbone.out_channels, 19).eval()
+    with torch.no_grad():
+        features = backbone(torch.randn(1, 3, *size))
+        logits = head(features)
+    assert backbone.strides == [4, 8, 16, 32]
+    for f, c, s in zip(features, backbone.out_channels, backbone.strides):
+        assert f.shape == (1, c, size[0] // s, size[1] // s)
+    assert logits.shape == (1, 19, size[0] // 4, size[1] // 4)
+
+
+def test_unsupported_sizes_raise_clear_errors():
+    backbone = EfficientFormerV2('s1').eval()
+    with pytest.raises(ValueError, match='ceil\\(H/16\\)'):
+        backbone(torch.randn(1, 3, 80, 64))              # stride-16 grid 5 rows: odd
+    head = OffSegHead(backbone.out_channels, 19).eval()
+    with torch.no_grad():
+        features = backbone(torch.randn(1, 3, 120, 64))  # backbone fine (grids 30/15/8/4), head is not
+    with pytest.raises(ValueError, match='exactly twice'):
+        head(features)
+
+
+def test_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = EfficientFormerV2('s0')
+    recomputed = EfficientFormerV2('s0', checkpointing=True)
+    recomputed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    for model in (plain, recomputed):
+        sum(f.square().mean() for f in model(x)).backward()
+    for (name, p), q in zip(plain.named_parameters(), recomputed.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+
+
+def naive_carafe(features, masks, k, groups, scale):
+    """mmcv's formula term by term: out[c, y, x] = Σ mask[g·k² + i·k + j, y, x] · feat[c, y//s + i − k//2, ...]."""
+    n, c, h, w = features.shape
+    out = torch.zeros(n, c, h * scale, w * scale, dtype=features.dtype)
+    for b, ch, y, x, i, j in itertools.product(range(n), range(c), range(h * scale), range(w * scale),
+                                               range(k), range(k)):
+        sy, sx = y // scale + i - k // 2, x // scale + j - k // 2
+        if 0 <= sy < h and 0 <= sx < w:
+            g = ch // (c // groups)
+            out[b, ch, y, x] += masks[b, g * k * k + i * k + j, y, x] * features[b, ch, sy, sx]
+    return out
+
+
+@pytest.mark.parametrize('k,groups,scale', [(3, 1, 1), (5, 1, 1), (3, 1, 2), (5, 1, 2), (3, 2, 2)])
+def test_carafe_matches_naive_loop(k, groups, scale):
+    gen = torch.Generator().manual_seed(k * 10 + scale)
+    features = torch.randn(2, 4, 4, 5, generator=gen, dtype=torch.float64)
+    masks = torch.randn(2, groups * k * k, 4 * scale, 5 * scale, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(carafe(features, masks, k, groups, scale),
+                               naive_carafe(features, masks, k, groups, scale))
+
+
+def published_backbone_state(model: EfficientFormerV2) -> dict:
+    """A random state_dict in published OffSeg naming: ours plus the index buffers and the ImageNet leftovers."""
+    torch.manual_seed(0)
+    state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    for name, index in model.named_buffers():
+        if name.endswith('attention_bias_idxs_seg'):
+            prefix = name.removesuffix('attention_bias_idxs_seg')
+            keys = 49 if index.shape[0] == index.shape[1] else 196      # ImageNet 7x7 / 14x14 key grids
+            state[name] = index.clone()
+            state[prefix + 'attention_biases'] = torch.zeros(8, keys)
+            state[prefix + 'attention_bias_idxs'] = torch.ones(49, keys, dtype=torch.long)
+    return state
+
+
+def test_published_backbone_weights_round_trip(tmp_path):
+    state = published_backbone_state(EfficientFormerV2('s0'))
+    path = tmp_path / 'offseg_backbone.pth'
+    torch.save({'state_dict': {f'backbone.{k}': v for k, v in state.items()}}, path)
+    model = EfficientFormerV2('s0')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')              # any missing or unexpected key fails the test
+        load_pretrained(model, str(path), EfficientFormerV2.convert_checkpoint)
+    loaded = model.state_dict()
+    assert not any(k.endswith(('attention_biases', 'attention_bias_idxs', 'attention_bias_idxs_seg')) for k in loaded)
+    for key, value in loaded.items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_convert_drops_imagenet_classifier_and_checks_indices():
+    state = published_backbone_state(EfficientFormerV2('s0'))
+    imagenet = dict(state, **{'head.weight': torch.zeros(1000, 176), 'dist_head.bias': torch.zeros(1000),
+                              'norm.running_mean': torch.zeros(176)})
+    assert EfficientFormerV2.convert_checkpoint(imagenet).keys() == EfficientFormerV2('s0').state_dict().keys()
+    key = 'network.5.attn.attention_bias_idxs_seg'
+    state[key] = state[key].flip(0)
+    with pytest.raises(ValueError, match=key):
+        EfficientFormerV2.convert_checkpoint(state)
