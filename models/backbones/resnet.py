@@ -12,7 +12,7 @@ from torch import nn
 class ResNet(nn.Module):
     """timm ResNet feature extractor. Keys are timm's own (`conv1.weight`, `layer1.0...`)."""
 
-    def __init__(self, variant: str = '50', output_stride: int = 32, drop_path_rate: float = 0.0,
+    def __init__(self, variant: str | int = '50', output_stride: int = 32, drop_path_rate: float = 0.0,
                  checkpointing: bool = False):
         super().__init__()
         variant = str(variant)

@@ -1,0 +1,56 @@
+"""Optimizer with parameter groups from name-substring rules, and iteration-based LR schedules."""
+import math
+
+import torch
+
+
+def group_rule(name: str, rules: dict):
+    """mmcv's rule: among the keys contained in `name`, the longest wins (ties: alphabetical)."""
+    matches = sorted((key for key in rules if key in name), key=lambda key: (-len(key), key))
+    return matches[0] if matches else None
+
+
+def build_optimizer(model: torch.nn.Module, optimizer_cfg: dict, rules: dict):
+    """AdamW or SGD over groups formed by `rules` ({substring: {lr_mult, decay_mult}}); returns the
+    optimizer and a table of the groups for the log."""
+    lr, weight_decay = optimizer_cfg['lr'], optimizer_cfg['weight_decay']
+    groups = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        rule = group_rule(name, rules)
+        options = rules.get(rule, {})
+        group = groups.setdefault(rule, {'params': [], 'lr': lr * options.get('lr_mult', 1.0),
+                                         'weight_decay': weight_decay * options.get('decay_mult', 1.0)})
+        group['params'].append(param)
+    params = list(groups.values())
+    if optimizer_cfg['type'] == 'sgd':
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=optimizer_cfg['momentum'], weight_decay=weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(optimizer_cfg['betas']), weight_decay=weight_decay)
+    table = [f"{'rule':<16}{'lr':>10}{'decay':>10}{'tensors':>9}{'params':>12}"]
+    for rule, group in groups.items():
+        table.append(f"{rule or '(default)':<16}{group['lr']:>10.3g}{group['weight_decay']:>10.3g}"
+                     f"{len(group['params']):>9}{sum(p.numel() for p in group['params']):>12,}")
+    return optimizer, '\n'.join(table)
+
+
+def lr_factor(iteration: int, max_iters: int, schedule: dict) -> float:
+    """Multiplier of the base LR at `iteration`: linear warm-up from `warmup_ratio`, then the schedule
+    over the remaining iterations (mmseg 1.x: LinearLR followed by PolyLR from the end of warm-up).
+    The decay part ends at `min_lr`, given as a fraction of the base LR."""
+    warmup = schedule['warmup_iters']
+    if iteration < warmup:
+        ratio = schedule['warmup_ratio']
+        return ratio + (1 - ratio) * iteration / warmup
+    progress = min((iteration - warmup) / max(max_iters - warmup, 1), 1.0)
+    floor = schedule['min_lr']
+    if schedule['type'] == 'poly':
+        return floor + (1 - floor) * (1 - progress) ** schedule['power']
+    if schedule['type'] == 'cosine':
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def build_scheduler(optimizer, max_iters: int, schedule: dict):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, max_iters, schedule))

@@ -1,0 +1,81 @@
+"""Score a checkpoint: mIoU, mAcc, aAcc and a per-class table on the console and as JSON.
+
+    python evaluate.py --checkpoint work_dirs/demo/best.pth [--split val] [--mode whole|slide]
+                       [--scales 0.75 1.0 1.25] [--flip] [--config CFG] [--set KEY=VALUE ...]
+
+The model and data come from the config stored in the checkpoint (or --config). Predictions are
+resized to each label's original size before scoring. Runs under torchrun as well.
+"""
+import argparse
+import json
+import math
+from pathlib import Path
+
+from torch.utils.data import DataLoader, Subset
+
+from datasets.sampler import shard
+from engine import dist
+from engine.checkpoint import load_checkpoint
+from engine.config import ConfigError
+from engine.evaluation import evaluate
+from train import AMP_DTYPES, build_dataset, config_for_checkpoint, create_model, load_model_weights, run_cli
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--checkpoint', required=True)
+    parser.add_argument('--config', help="YAML to use instead of the checkpoint's stored config")
+    parser.add_argument('--split', default='val', help='dataset split to score (default: val)')
+    parser.add_argument('--mode', choices=['whole', 'slide'], help='inference mode (default: eval.mode)')
+    parser.add_argument('--scales', nargs='+', type=float, help='test scales for multi-scale inference')
+    parser.add_argument('--flip', action='store_true', help='also average horizontally flipped predictions')
+    parser.add_argument('--set', nargs='+', default=[], action='extend', metavar='KEY=VALUE')
+    parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
+    parser.add_argument('--work-dir', help='where the JSON goes (default: the checkpoint folder)')
+    return parser.parse_args(argv)
+
+
+def format_table(results: dict, class_names: list) -> str:
+    lines = [f"{'class':<20}{'IoU':>8}{'Acc':>8}"]
+    for name, iou, acc in zip(class_names, results['IoU'], results['Acc']):
+        lines.append(f"{name:<20}{iou:>8.2f}{acc:>8.2f}" if not math.isnan(iou) else f"{name:<20}{'-':>8}{'-':>8}")
+    lines.append(f"mIoU {results['mIoU']:.2f}   mAcc {results['mAcc']:.2f}   aAcc {results['aAcc']:.2f}")
+    return '\n'.join(lines)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    checkpoint = load_checkpoint(args.checkpoint)
+    cfg = config_for_checkpoint(checkpoint, args.checkpoint, args.config, args.set)
+    cfg['data']['val']['split'] = args.split
+    cfg['eval'].update({k: v for k, v in (('mode', args.mode), ('scales', args.scales)) if v})
+    cfg['eval']['flip'] = cfg['eval']['flip'] or args.flip
+    if cfg['eval']['mode'] == 'slide' and not cfg['eval']['crop_size']:
+        raise ConfigError(f"{cfg['_source']}: slide inference needs eval.crop_size and eval.stride "
+                          "(e.g. --set eval.crop_size=[512,512] eval.stride=[341,341])")
+
+    device, rank, world_size = dist.setup(args.device)
+    dataset = build_dataset(cfg, 'val')
+    loader = DataLoader(Subset(dataset, shard(len(dataset), rank, world_size)), batch_size=1,
+                        num_workers=cfg['data']['workers'], pin_memory=device.type == 'cuda')
+    model = create_model(cfg)
+    load_model_weights(model, checkpoint, args.checkpoint)
+    model.to(device)
+    data = cfg['data']
+    amp_dtype = AMP_DTYPES.get(cfg['train']['amp']) if device.type == 'cuda' else None
+    results = evaluate(model, loader, data['num_classes'], data['ignore_index'], data['mean'], data['std'],
+                       cfg['eval'], device, amp_dtype, progress=dist.is_main())
+    if dist.is_main():
+        print(format_table(results, dataset.class_names))
+        work_dir = Path(args.work_dir or Path(args.checkpoint).parent)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        output = work_dir / f"eval_{args.split}_{cfg['eval']['mode']}.json"
+        record = {'checkpoint': str(args.checkpoint), 'split': args.split, 'eval': cfg['eval'],
+                  'classes': dataset.class_names, **results}
+        output.write_text(json.dumps(record, indent=2).replace('NaN', 'null'))
+        print(f'results written to {output}')
+    dist.cleanup()
+
+
+if __name__ == '__main__':
+    run_cli(main)

@@ -1,0 +1,336 @@
+"""Train a semantic-segmentation model described by one YAML file.
+
+    python train.py --config configs/demo.yaml [--work-dir DIR] [--set train.max_iters=200 ...]
+    torchrun --nproc_per_node=8 train.py --config configs/offseg_b.yaml
+
+The factories below map the config to models; the rest of the file is the training loop.
+"""
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from datasets import DATASETS, DatasetError
+from datasets.sampler import TrainSampler, shard
+from datasets.transforms import TRANSFORMS
+from engine import dist
+from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.config import ConfigError, check_kwargs, choose, dump_config, read_config, resolve
+from engine.evaluation import evaluate
+from engine.inference import normalize
+from engine.losses import SegmentationLoss
+from engine.optim import build_optimizer, build_scheduler
+from models import BACKBONES, HEADS, Segmentor
+from models.pretrained import CheckpointError, load_into, load_pretrained
+
+__all__ = ['load_config', 'create_backbone', 'get_backbone_channels', 'create_head', 'create_model']
+
+AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+# ----------------------------------------------------------------------------------------- factories
+
+def backbone_kwargs(cfg: dict) -> dict:
+    return {k: v for k, v in cfg['backbone'].items() if k not in ('type', 'pretrained')}
+
+
+def create_backbone(cfg: dict) -> nn.Module:
+    """The backbone named by `backbone.type`, with `backbone.pretrained` weights loaded if given."""
+    spec = cfg['backbone']
+    cls = choose('backbone', spec['type'], BACKBONES, cfg.get('_source', 'config'))
+    backbone = cls(**backbone_kwargs(cfg))
+    if spec['pretrained']:
+        load_pretrained(backbone, spec['pretrained'], cls.convert_checkpoint)
+    return backbone
+
+
+def get_backbone_channels(cfg: dict) -> list:
+    """Channels of the 4 maps, read from the backbone itself (built on the meta device: no memory, no weights)."""
+    cls = choose('backbone', cfg['backbone']['type'], BACKBONES, cfg.get('_source', 'config'))
+    with torch.device('meta'):
+        return list(cls(**backbone_kwargs(cfg)).out_channels)
+
+
+def create_head(cfg: dict, in_channels: list, num_classes: int, section: str = 'head') -> nn.Module:
+    """The head named by `<section>.type`; its other keys are the head's constructor arguments."""
+    spec = cfg[section]
+    cls = choose(section, spec['type'], HEADS, cfg.get('_source', 'config'))
+    kwargs = {k: v for k, v in spec.items() if k not in ('type', 'loss_weight')}
+    return cls(in_channels, num_classes, **kwargs)
+
+
+def create_model(cfg: dict) -> Segmentor:
+    """Backbone + head (+ auxiliary head). In eval mode: normalised (B,3,H,W) -> logits at the head's stride."""
+    channels, num_classes = get_backbone_channels(cfg), cfg['data']['num_classes']
+    aux_head = create_head(cfg, channels, num_classes, 'aux_head') if cfg['aux_head'] else None
+    return Segmentor(create_backbone(cfg), create_head(cfg, channels, num_classes), aux_head)
+
+
+def check_config(cfg: dict) -> None:
+    """Model and pipeline keys against the classes they name: cheap, and done before anything is built."""
+    source = cfg['_source']
+    check_kwargs(choose('backbone', cfg['backbone']['type'], BACKBONES, source), backbone_kwargs(cfg),
+                 'backbone', source)
+    for section in ('head', 'aux_head'):
+        if cfg[section]:
+            kwargs = {k: v for k, v in cfg[section].items() if k not in ('type', 'loss_weight')}
+            check_kwargs(choose(section, cfg[section].get('type'), HEADS, source), kwargs, section, source)
+    choose('data', cfg['data']['type'], DATASETS, source)
+    for split in ('train', 'val'):
+        for i, step in enumerate(cfg['data'][split]['pipeline']):
+            where = f'data.{split}.pipeline[{i}]'
+            if not isinstance(step, dict):
+                raise ConfigError(f"{source}: '{where}' must be a mapping with a 'type'")
+            cls = choose(where, step.get('type'), TRANSFORMS, source)
+            check_kwargs(cls, {k: v for k, v in step.items() if k != 'type'}, where, source, ('ignore_index',))
+
+
+def load_config(path: str, overrides=()) -> dict:
+    """The resolved config of `path` (with `_base_` files and `key=value` overrides), fully validated;
+    `_source` remembers the file for later messages."""
+    cfg = read_config(path, overrides)
+    cfg['_source'] = str(path)
+    check_config(cfg)
+    return cfg
+
+
+def config_for_checkpoint(checkpoint: dict, checkpoint_path, config_path=None, overrides=()) -> dict:
+    """The run's config: `config_path` if given, else the one stored in the checkpoint; then overrides."""
+    if config_path:
+        return load_config(config_path, overrides)
+    cfg = resolve(checkpoint['config'], overrides, source=f'{checkpoint_path} (stored config)')
+    cfg['_source'] = f'{checkpoint_path} (stored config)'
+    check_config(cfg)
+    return cfg
+
+
+def build_dataset(cfg: dict, split: str):
+    data = cfg['data']
+    cls = DATASETS[data['type']]
+    return cls(data['root'], data[split]['split'], data['num_classes'], pipeline=data[split]['pipeline'],
+               ignore_index=data['ignore_index'], reduce_zero_label=data['reduce_zero_label'],
+               class_names=data['class_names'], palette=data['palette'], seed=cfg['train']['seed'])
+
+
+def load_model_weights(model: nn.Module, checkpoint: dict, source: str) -> None:
+    """Strict load of a checkpoint's `model` into `model`: any key difference is an error."""
+    load_into(model, checkpoint['model'], source, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--config', required=True, help='YAML file describing the run')
+    parser.add_argument('--work-dir', help='where logs and checkpoints go (default: output.work_dir)')
+    parser.add_argument('--set', nargs='+', default=[], action='extend', metavar='KEY=VALUE',
+                        help='override config values, e.g. --set train.max_iters=200 head.type=aspp')
+    parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
+    parser.add_argument('--resume', metavar='CKPT|auto', help="continue from a checkpoint ('auto': work_dir/last.pth)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    data_cfg, train_cfg = cfg['data'], cfg['train']
+    work_dir = Path(args.work_dir or cfg['output']['work_dir'] or Path('work_dirs') / Path(args.config).stem)
+    cfg['output']['work_dir'] = str(work_dir)
+
+    device, rank, world_size = dist.setup(args.device)
+    if train_cfg['batch_size'] % world_size:
+        raise ConfigError(f"{cfg['_source']}: train.batch_size {train_cfg['batch_size']} does not divide over "
+                          f"{world_size} processes")
+    batch_per_rank = train_cfg['batch_size'] // world_size
+    amp_dtype = AMP_DTYPES.get(train_cfg['amp']) if device.type == 'cuda' else None
+    log = Logger(work_dir if dist.is_main() else None)
+
+    # Data first: a wrong folder fails here, before the model is built.
+    train_set, val_set = build_dataset(cfg, 'train'), build_dataset(cfg, 'val')
+    data_cfg['class_names'], data_cfg['palette'] = train_set.class_names, train_set.palette.tolist()
+
+    resume = resume_path(args.resume, work_dir)
+    checkpoint = load_checkpoint(resume) if resume else None
+    start_iter = checkpoint['iteration'] if checkpoint else 0
+    loader_options = dict(num_workers=data_cfg['workers'], pin_memory=device.type == 'cuda',
+                          persistent_workers=data_cfg['workers'] > 0, worker_init_fn=quiet_opencv)
+    train_loader = DataLoader(train_set, batch_size=batch_per_rank, **loader_options,
+                              sampler=TrainSampler(len(train_set), train_cfg['seed'], rank, world_size,
+                                                   start=start_iter * batch_per_rank))
+    val_loader = DataLoader(Subset(val_set, shard(len(val_set), rank, world_size)), batch_size=1, **loader_options)
+
+    torch.manual_seed(train_cfg['seed'])
+    model = create_model(cfg).to(device)
+    if world_size > 1 and device.type == 'cuda':
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer, groups_table = build_optimizer(model, train_cfg['optimizer'], train_cfg['param_groups'])
+    scheduler = build_scheduler(optimizer, train_cfg['max_iters'], train_cfg['schedule'])
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    best_miou, best_iter = -1.0, 0
+    if checkpoint:
+        load_model_weights(model, checkpoint, str(resume))
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        scheduler.load_state_dict(checkpoint['scheduler'])
+        scaler.load_state_dict(checkpoint['scaler'])
+        best_miou, best_iter = checkpoint['best_miou'], checkpoint['best_iter']
+        set_rng_state(checkpoint['rng'])
+        log(f'resumed from {resume} at iteration {start_iter}')
+    torch.manual_seed(train_cfg['seed'] + rank + start_iter)  # per-process dropout/drop-path randomness
+    train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None) \
+        if world_size > 1 else model
+    criterion = SegmentationLoss(data_cfg['ignore_index'], train_cfg['loss']['class_weight'],
+                                 (cfg['aux_head'] or {}).get('loss_weight', 0.4))
+
+    if dist.is_main():
+        work_dir.mkdir(parents=True, exist_ok=True)
+        dump_config({k: v for k, v in cfg.items() if k != '_source'}, work_dir / 'config.yaml')
+    log(f"{cfg['backbone']['type']} + {cfg['head']['type']}: {count_params(model) / 1e6:.3f}M parameters; "
+        f"{len(train_set)} train / {len(val_set)} val images; {world_size} process(es) on {device}; "
+        f"batch {train_cfg['batch_size']}\nparameter groups:\n{groups_table}")
+
+    def state(iteration: int) -> dict:
+        return {'model': model.state_dict(), 'config': {k: v for k, v in cfg.items() if k != '_source'},
+                'iteration': iteration, 'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
+                'scaler': scaler.state_dict(), 'best_miou': best_miou, 'best_iter': best_iter,
+                'rng': get_rng_state()}
+
+    # ------------------------------------------------------------------------------------ the loop
+    train_model.train()
+    batches = iter(train_loader)
+    running_loss = torch.zeros((), device=device)
+    first_bad_iter = torch.full((), -1, device=device)
+    window_start, window_iters = time.perf_counter(), 0
+    bar = tqdm(total=train_cfg['max_iters'], initial=start_iter, desc='train', dynamic_ncols=True,
+               disable=not dist.is_main())
+    for iteration in range(start_iter + 1, train_cfg['max_iters'] + 1):
+        images, labels = next(batches)
+        images = normalize(images.to(device, non_blocking=True), data_cfg['mean'], data_cfg['std'])
+        labels = labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            outputs = train_model(images)
+        loss = criterion(outputs, labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if train_cfg['grad_clip']:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), train_cfg['grad_clip'])
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        running_loss += loss.detach()
+        first_bad_iter = torch.where((first_bad_iter < 0) & ~torch.isfinite(loss), iteration, first_bad_iter)
+        window_iters += 1
+        bar.update()
+
+        if iteration % train_cfg['log_interval'] == 0 or iteration == train_cfg['max_iters']:
+            if first_bad_iter.item() >= 0:  # the only host sync: once per log interval
+                raise FloatingPointError(f'loss became NaN/Inf at iteration {first_bad_iter.item()}; stopping '
+                                         f'(last good checkpoint: {work_dir / "last.pth"})')
+            mean_loss = running_loss.item() / window_iters
+            speed = window_iters * train_cfg['batch_size'] / (time.perf_counter() - window_start)
+            lr = optimizer.param_groups[0]['lr']
+            bar.set_postfix(loss=f'{mean_loss:.4f}', lr=f'{lr:.3g}')
+            log.scalars(iteration, {'train/loss': mean_loss, 'train/lr': lr, 'train/images_per_s': speed})
+            running_loss.zero_()
+            window_iters = 0
+            window_start = time.perf_counter()
+
+        if iteration % train_cfg['val_interval'] == 0 or iteration == train_cfg['max_iters']:
+            results = evaluate(model, val_loader, data_cfg['num_classes'], data_cfg['ignore_index'],
+                               data_cfg['mean'], data_cfg['std'], cfg['eval'], device, amp_dtype,
+                               progress=dist.is_main())
+            if results['mIoU'] > best_miou:
+                best_miou, best_iter = results['mIoU'], iteration
+            log(f"iter {iteration}: mIoU {results['mIoU']:.2f}  mAcc {results['mAcc']:.2f}  "
+                f"aAcc {results['aAcc']:.2f}  (best {best_miou:.2f} at {best_iter})")
+            log.scalars(iteration, {f'val/{k}': results[k] for k in ('mIoU', 'mAcc', 'aAcc')})
+            log.scalars(iteration, {f'val/IoU/{name}': iou for name, iou in zip(data_cfg['class_names'],
+                                                                                 results['IoU'])
+                                    if not math.isnan(iou)})
+            if dist.is_main():
+                save_checkpoint(state(iteration), work_dir / 'last.pth')
+                if best_iter == iteration:
+                    save_checkpoint(state(iteration), work_dir / 'best.pth')
+            dist.barrier()
+            window_start = time.perf_counter()
+    bar.close()
+    log(f'done: best mIoU {best_miou:.2f} at iteration {best_iter}; checkpoint {work_dir / "best.pth"}')
+    log.close()
+    dist.cleanup()
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+class Logger:
+    """Console (above the progress bar), work_dir/train.log and TensorBoard, on the main process only."""
+
+    def __init__(self, work_dir):
+        self.file = self.writer = None
+        if work_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+            work_dir.mkdir(parents=True, exist_ok=True)
+            self.file = open(work_dir / 'train.log', 'a')
+            self.writer = SummaryWriter(str(work_dir / 'tensorboard'))
+
+    def __call__(self, message: str) -> None:
+        if self.file:
+            tqdm.write(message)
+            self.file.write(message + '\n')
+            self.file.flush()
+
+    def scalars(self, step: int, values: dict) -> None:
+        if self.writer:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+            self.writer.close()
+
+
+def resume_path(resume, work_dir: Path):
+    if resume != 'auto':
+        return resume
+    last = work_dir / 'last.pth'
+    return last if last.is_file() else None
+
+
+def get_rng_state() -> dict:
+    return {'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state['torch'])
+    if state['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def quiet_opencv(worker_id: int) -> None:
+    """One OpenCV thread per loader worker: the workers already run in parallel."""
+    import cv2
+    cv2.setNumThreads(1)
+
+
+def run_cli(main_fn) -> None:
+    """Bad input (config, data, checkpoint) ends with one clear line and exit code 2, not a traceback."""
+    try:
+        main_fn()
+    except (ConfigError, DatasetError, CheckpointError) as error:
+        print(f'error: {error}', file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == '__main__':
+    run_cli(main)
