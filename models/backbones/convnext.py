@@ -1,0 +1,83 @@
+"""ConvNeXt (Liu et al. 2022) through timm, as the official segmentation backbone uses it.
+
+timm's features-only ConvNeXt returns the four stage outputs (strides 4/8/16/32). The official
+segmentation code (facebookresearch/ConvNeXt, `semantic_segmentation/backbone/convnext.py`) adds
+one channels-first LayerNorm (eps 1e-6) to each output; so do we (`norms`). ImageNet checkpoints
+do not have them, so they start as a fresh LayerNorm would.
+"""
+import re
+
+import timm
+import torch
+from timm.layers import LayerNorm2d
+from timm.models.convnext import checkpoint_filter_fn
+from torch import nn
+
+from ..pretrained import CheckpointError
+
+
+class ConvNeXt(nn.Module):
+    """timm ConvNeXt feature extractor plus per-output LayerNorms.
+
+    Keys are timm's as `FeatureListNet` flattens them (`body.stem_0`, `body.stages_0.blocks.0...`),
+    and `norms.{i}`. The official UperNet configs train with drop_path_rate 0.4 (0.3 for small).
+    """
+
+    def __init__(self, variant: str = 'tiny', drop_path_rate: float = 0.0, checkpointing: bool = False):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"ConvNeXt variant '{variant}' unknown; expected one of {', '.join(VARIANTS)}")
+        self.body = timm.create_model(f'convnext_{variant}', pretrained=False, features_only=True,
+                                      out_indices=(0, 1, 2, 3), drop_path_rate=drop_path_rate)
+        self.body.set_grad_checkpointing(checkpointing)
+        self.out_channels = self.body.feature_info.channels()
+        self.strides = self.body.feature_info.reduction()
+        self.norms = nn.ModuleList(LayerNorm2d(c, eps=1e-6) for c in self.out_channels)
+
+    def forward(self, x: torch.Tensor) -> list:
+        return [norm(feature) for norm, feature in zip(self.norms, self.body(x))]
+
+    @staticmethod
+    def convert_checkpoint(state: dict) -> dict:
+        """timm or original FB weights (ImageNet, or a segmentation backbone's `norm{i}`) -> ours.
+
+        timm's own `checkpoint_filter_fn` renames FB keys (`downsample_layers`, `dwconv`, `pwconv`)
+        and reshapes 2-D weights to those of the model it is given, here a timm ConvNeXt of the
+        checkpoint's variant on the meta device. The classifier (`head.*`, including the final
+        norm) is dropped; missing output norms are filled with LayerNorm's initial ones and zeros.
+        """
+        variant = _variant_of(state)
+        with torch.device('meta'):
+            reference = timm.create_model(f'convnext_{variant}', pretrained=False)
+        state = checkpoint_filter_fn(state, reference)
+        converted = {}
+        for key, value in state.items():
+            if key.startswith('head.'):
+                continue
+            key = re.sub(r'^norm(\d)\.', r'norms.\1.', key)
+            converted[re.sub(r'^(stem|stages)\.(\d+)\.', r'body.\1_\2.', key)] = value
+        for i, width in enumerate(VARIANTS[variant][1]):
+            converted.setdefault(f'norms.{i}.weight', torch.ones(width))
+            converted.setdefault(f'norms.{i}.bias', torch.zeros(width))
+        return converted
+
+
+def _variant_of(state: dict) -> str:
+    """The variant with the checkpoint's stem width and stage-3 depth, in FB or timm naming."""
+    stem = state.get('stem.0.weight', state.get('downsample_layers.0.0.weight'))
+    depth = len({m[1] for key in state if (m := re.match(r'stages\.2\.(?:blocks\.)?(\d+)\.', key))})
+    for variant, (depths, dims) in VARIANTS.items():
+        if stem is not None and (stem.shape[0], depth) == (dims[0], depths[2]):
+            return variant
+    raise CheckpointError('not a ConvNeXt checkpoint: no stem weight of a known width '
+                          f"({', '.join(f'{v}: {d[0]}' for v, (_, d) in VARIANTS.items())}) "
+                          'with the matching stage-3 depth')
+
+
+VARIANTS = {  # name: (depths, dims), as timm's convnext_{name}
+    'tiny': ((3, 3, 9, 3), (96, 192, 384, 768)),
+    'small': ((3, 3, 27, 3), (96, 192, 384, 768)),
+    'base': ((3, 3, 27, 3), (128, 256, 512, 1024)),
+    'large': ((3, 3, 27, 3), (192, 384, 768, 1536)),
+    'xlarge': ((3, 3, 27, 3), (256, 512, 1024, 2048)),
+}
