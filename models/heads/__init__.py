@@ -1,9 +1,18 @@
 """Heads: list of backbone maps -> logits. Every head takes `offset_learning` to swap its classifier."""
 from .aspp import ASPPHead, DeepLabV3PlusHead
 from .fcn import FCNHead
+from .ham import LightHamHead
+from .offseg import OffSegHead
+from .segformer import ExtremelyFastSegFormerHead, SegFormerHead, SegFormerMLPHead, UltraFastSegFormerHead
 
 HEADS = {
     'aspp': DeepLabV3PlusHead,
     'deeplabv3': ASPPHead,
+    'segformer': SegFormerHead,
+    'segformer_mlp': SegFormerMLPHead,
+    'ultrafast_segformer': UltraFastSegFormerHead,
+    'extremely_fast_segformer': ExtremelyFastSegFormerHead,
+    'ham': LightHamHead,
+    'offseg': OffSegHead,
     'fcn': FCNHead,
 }
