@@ -179,9 +179,12 @@ def main(argv=None) -> None:
         scheduler.load_state_dict(checkpoint['scheduler'])
         scaler.load_state_dict(checkpoint['scaler'])
         best_miou, best_iter = checkpoint['best_miou'], checkpoint['best_iter']
-        set_rng_state(checkpoint['rng'])
         log(f'resumed from {resume} at iteration {start_iter}')
-    torch.manual_seed(train_cfg['seed'] + rank + start_iter)  # per-process dropout/drop-path randomness
+    batches = iter(train_loader)  # draws a worker base seed from the global RNG: before it is seeded or restored
+    if checkpoint and len(checkpoint['rng']) == world_size:
+        set_rng_state(checkpoint['rng'][rank])
+    else:  # a fresh run, or a resume on a different number of processes: randomness starts anew
+        torch.manual_seed(train_cfg['seed'] + rank + start_iter)  # per-process dropout/drop-path
     train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None) \
         if world_size > 1 else model
     criterion = SegmentationLoss(data_cfg['ignore_index'], train_cfg['loss']['class_weight'],
@@ -194,15 +197,13 @@ def main(argv=None) -> None:
         f"{len(train_set)} train / {len(val_set)} val images; {world_size} process(es) on {device}; "
         f"batch {train_cfg['batch_size']}\nparameter groups:\n{groups_table}")
 
-    def state(iteration: int) -> dict:
+    def state(iteration: int, rng_states: list) -> dict:
         return {'model': model.state_dict(), 'config': {k: v for k, v in cfg.items() if k != '_source'},
                 'iteration': iteration, 'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
-                'scaler': scaler.state_dict(), 'best_miou': best_miou, 'best_iter': best_iter,
-                'rng': get_rng_state()}
+                'scaler': scaler.state_dict(), 'best_miou': best_miou, 'best_iter': best_iter, 'rng': rng_states}
 
     # ------------------------------------------------------------------------------------ the loop
     train_model.train()
-    batches = iter(train_loader)
     running_loss = torch.zeros((), device=device)
     first_bad_iter = torch.full((), -1, device=device)
     window_start, window_iters = time.perf_counter(), 0
@@ -253,10 +254,11 @@ def main(argv=None) -> None:
             log.scalars(iteration, {f'val/IoU/{name}': iou for name, iou in zip(data_cfg['class_names'],
                                                                                  results['IoU'])
                                     if not math.isnan(iou)})
+            rng_states = dist.all_gather(get_rng_state())
             if dist.is_main():
-                save_checkpoint(state(iteration), work_dir / 'last.pth')
+                save_checkpoint(state(iteration, rng_states), work_dir / 'last.pth')
                 if best_iter == iteration:
-                    save_checkpoint(state(iteration), work_dir / 'best.pth')
+                    save_checkpoint(state(iteration, rng_states), work_dir / 'best.pth')
             dist.barrier()
             window_start = time.perf_counter()
     bar.close()

@@ -29,6 +29,15 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def all_gather(value) -> list:
+    """`value` of every process, in rank order (a one-item list without torch.distributed)."""
+    if not dist.is_initialized():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
