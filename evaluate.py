@@ -70,9 +70,10 @@ def main(argv=None) -> None:
         work_dir = Path(args.work_dir or Path(args.checkpoint).parent)
         work_dir.mkdir(parents=True, exist_ok=True)
         output = work_dir / f"eval_{args.split}_{cfg['eval']['mode']}.json"
+        per_class = {k: [None if math.isnan(x) else x for x in results[k]] for k in ('IoU', 'Acc')}
         record = {'checkpoint': str(args.checkpoint), 'split': args.split, 'eval': cfg['eval'],
-                  'classes': dataset.class_names, **results}
-        output.write_text(json.dumps(record, indent=2).replace('NaN', 'null'))
+                  'classes': dataset.class_names, **results, **per_class}
+        output.write_text(json.dumps(record, indent=2, allow_nan=False))
         print(f'results written to {output}')
     dist.cleanup()
 
