@@ -1,0 +1,155 @@
+"""The product path on a tiny run: train.py -> checkpoints -> evaluate.py -> infer.py."""
+import json
+import shutil
+import textwrap
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import infer
+import train
+from datasets.base import DatasetError
+from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.config import resolve
+from engine.inference import normalize
+from engine.losses import SegmentationLoss
+from engine.optim import build_optimizer
+
+TINY = """
+    backbone: {{type: resnet, variant: 18}}
+    head: {{type: aspp, channels: 16, dilations: [1, 2], c1_channels: 8}}
+    data:
+      type: demo
+      root: {root}
+      num_classes: 5
+      workers: 0
+      train:
+        pipeline:
+          - {{type: random_resize, scale: [128, 128], ratio_range: [0.5, 1.0]}}
+          - {{type: random_crop, size: [64, 64]}}
+          - {{type: random_flip}}
+          - {{type: pad, size: [64, 64]}}
+    train: {{max_iters: 6, batch_size: 4, val_interval: 3, log_interval: 2}}
+"""
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+    """Train the tiny config once (keeping a copy of the iteration-3 checkpoint for the resume test);
+    the tests below inspect what it left behind."""
+    folder = tmp_path_factory.mktemp('run')
+    config = folder / 'tiny.yaml'
+    config.write_text(textwrap.dedent(TINY.format(root=folder / 'demo')))
+
+    def save_and_keep(state, path):
+        save_checkpoint(state, path)
+        if path.name == 'last.pth' and state['iteration'] == 3:
+            shutil.copy(path, folder / 'iter3.pth')
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, 'save_checkpoint', save_and_keep)
+        train.main(['--config', str(config), '--work-dir', str(folder / 'work'), '--device', 'cpu'])
+    return folder
+
+
+def test_training_writes_checkpoints_logs_and_config(run, capsys):
+    work = run / 'work'
+    for name in ('last.pth', 'best.pth', 'config.yaml', 'train.log'):
+        assert (work / name).is_file(), name
+    assert list((work / 'tensorboard').glob('events.out.tfevents.*'))
+    checkpoint = load_checkpoint(work / 'last.pth')              # torch.load(..., weights_only=True)
+    assert checkpoint['iteration'] == 6
+    assert {'model', 'config', 'optimizer', 'scheduler', 'rng', 'best_miou'} <= checkpoint.keys()
+    assert checkpoint['config']['data']['class_names'] == ['ground', 'disc', 'box', 'triangle', 'ring']
+    log = (work / 'train.log').read_text()
+    assert 'iter 3: mIoU' in log and 'iter 6: mIoU' in log
+    assert f"done: best mIoU {checkpoint['best_miou']:.2f}" in log and 'best.pth' in log
+
+
+def test_checkpoint_round_trip_rebuilds_the_same_model(run):
+    checkpoint = load_checkpoint(run / 'work' / 'best.pth')
+    cfg = train.config_for_checkpoint(checkpoint, 'best.pth')
+    model = train.create_model(cfg).eval()
+    train.load_model_weights(model, checkpoint, 'best.pth')
+    again = train.create_model(cfg).eval()
+    again.load_state_dict(model.state_dict())
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(images), again(images))
+
+
+def test_mismatched_checkpoint_is_refused(run):
+    checkpoint = load_checkpoint(run / 'work' / 'best.pth')
+    cfg = resolve(checkpoint['config'], ['head.channels=32'])
+    cfg['_source'] = 'test'
+    with pytest.raises(Exception, match='shapes do not match'):
+        train.load_model_weights(train.create_model(cfg), checkpoint, 'best.pth')
+
+
+def test_evaluate_reproduces_the_best_miou(run, capsys):
+    checkpoint = load_checkpoint(run / 'work' / 'best.pth')
+    evaluate.main(['--checkpoint', str(run / 'work' / 'best.pth'), '--device', 'cpu'])
+    results = json.loads((run / 'work' / 'eval_val_whole.json').read_text())
+    assert results['mIoU'] == pytest.approx(checkpoint['best_miou'], abs=1e-6)
+    assert len(results['IoU']) == 5 and results['classes'][1] == 'disc'
+    assert 'mIoU' in capsys.readouterr().out
+
+
+def test_infer_writes_ids_colours_and_overlays_and_survives_bad_files(run, tmp_path, capsys):
+    inputs = tmp_path / 'in'
+    (inputs / 'nested').mkdir(parents=True)
+    image = cv2.imread(str(run / 'demo' / 'images' / 'val' / '0000.jpg'))
+    cv2.imwrite(str(inputs / 'a.jpg'), image)
+    cv2.imwrite(str(inputs / 'nested' / 'b.png'), cv2.resize(image, (96, 80)))
+    (inputs / 'notes.txt').write_text('not an image')
+    (inputs / 'broken.jpg').write_bytes(b'not a jpeg')
+    output = tmp_path / 'out'
+    infer.main(['--checkpoint', str(run / 'work' / 'best.pth'), '--input', str(inputs), '--output', str(output),
+                '--device', 'cpu'])
+    ids = cv2.imread(str(output / 'nested' / 'b.png'), cv2.IMREAD_UNCHANGED)
+    assert ids.shape == (80, 96) and ids.max() < 5
+    assert cv2.imread(str(output / 'a_color.png')).shape == (128, 128, 3)
+    assert cv2.imread(str(output / 'a_overlay.jpg')).shape == (128, 128, 3)
+    assert not list(output.glob('broken*'))
+    captured = capsys.readouterr()
+    assert 'notes.txt (not an image file)' in captured.err and "broken.jpg' (missing, corrupt" in captured.err
+    assert '2 images predicted' in captured.out and '1 unreadable' in captured.out
+    with pytest.raises(DatasetError, match='no file matches'):
+        infer.main(['--checkpoint', str(run / 'work' / 'best.pth'), '--input', str(tmp_path / 'none*.jpg'),
+                    '--output', str(output)])
+
+
+def test_a_few_steps_lower_the_loss_on_a_tiny_batch(run):
+    cfg = train.config_for_checkpoint(load_checkpoint(run / 'work' / 'last.pth'), 'last.pth')
+    dataset = train.build_dataset(cfg, 'val')
+    images, labels = map(torch.stack, zip(*(dataset[i] for i in range(4))))
+    images = normalize(images, cfg['data']['mean'], cfg['data']['std'])
+    torch.manual_seed(0)
+    model = train.create_model(cfg).train()
+    optimizer, _ = build_optimizer(model, {**cfg['train']['optimizer'], 'lr': 1e-2}, {})
+    criterion = SegmentationLoss(255)
+    losses = []
+    for _ in range(12):
+        loss = criterion(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_resuming_continues_exactly(run):
+    """Resume the iteration-3 checkpoint: the weights at iteration 6 equal the uninterrupted run's."""
+    resumed = run / 'resumed'
+    resumed.mkdir()
+    shutil.copy(run / 'iter3.pth', resumed / 'last.pth')
+    train.main(['--config', str(run / 'tiny.yaml'), '--work-dir', str(resumed), '--device', 'cpu',
+                '--resume', 'auto'])
+    expected, actual = load_checkpoint(run / 'work' / 'last.pth'), load_checkpoint(resumed / 'last.pth')
+    assert actual['iteration'] == 6
+    for key, value in expected['model'].items():
+        assert torch.allclose(actual['model'][key].float(), value.float(), rtol=1e-5, atol=1e-6), key
+    assert actual['best_miou'] == pytest.approx(expected['best_miou'])

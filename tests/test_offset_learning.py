@@ -1,0 +1,27 @@
+"""Offset Learning alone against the published module's reference output and parameter formula."""
+import torch
+
+from conftest import assert_close_to_reference, load_vector
+from models import Offset_Learning, OffsetLearning
+
+
+def test_parameter_count_is_kc_plus_2c2_plus_2k():
+    for k, c in [(150, 256), (150, 128), (19, 256), (171, 256), (59, 256), (150, 512)]:
+        params = sum(p.numel() for p in OffsetLearning(k, c).parameters())
+        assert params == k * c + 2 * c * c + 2 * k
+    assert sum(p.numel() for p in OffsetLearning(150, 256).parameters()) == 169_772
+
+
+def test_matches_the_published_module():
+    d = load_vector('ol_module')
+    module = Offset_Learning(num_classes=19, embed_dims=64).eval()
+    module.load_state_dict(d['state_dict'])
+    with torch.no_grad():
+        assert_close_to_reference(module(d['input']), d['logits'], 'Offset Learning logits')
+
+
+def test_logits_are_layer_normalised_over_classes():
+    module = OffsetLearning(5, 8)
+    logits = module(torch.rand(2, 8, 4, 6))
+    assert logits.shape == (2, 5, 4, 6)
+    assert torch.allclose(logits.mean(1), torch.zeros(2, 4, 6), atol=1e-5)
