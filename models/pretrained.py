@@ -51,29 +51,28 @@ def hf_config(path: str) -> Optional[dict]:
     return json.loads(config.read_text()) if config.is_file() else None
 
 
-def load_into(module: nn.Module, state: dict, source: str, strict: bool = False) -> None:
-    """Load what fits, refuse shape mismatches, and report every missing or unexpected key:
-    as a warning (pretrained backbones), or as an error when `strict` (our own checkpoints)."""
+def load_into(module: nn.Module, state: dict, source: str, strict: bool = False) -> list:
+    """Load what fits and refuse shape mismatches. Returns one line per kind of key problem (missing
+    from the checkpoint, unexpected in it); with `strict` (our own checkpoints) those are an error."""
     own = module.state_dict()
     mismatched = [f'{k}: {tuple(v.shape)} in file, {tuple(own[k].shape)} in model'
                   for k, v in state.items() if k in own and v.shape != own[k].shape]
     if mismatched:
         raise CheckpointError(f"{source}: shapes do not match the model (wrong variant?):\n  "
                               + '\n  '.join(mismatched[:10]))
-    own_keys = set(own)
-    problems = [(kind, keys) for kind, keys in (('missing from', sorted(own_keys - state.keys())),
-                                                ('unexpected in', sorted(state.keys() - own_keys))) if keys]
+    problems = [(kind, keys) for kind, keys in (('missing from', sorted(own.keys() - state.keys())),
+                                                ('unexpected in', sorted(state.keys() - own.keys()))) if keys]
     messages = [f"{len(keys)} keys {kind} the checkpoint: " + ', '.join(keys[:8])
                 + (f' ... ({len(keys)} in all)' if len(keys) > 8 else '') for kind, keys in problems]
     if strict and messages:
         raise CheckpointError(f"{source} does not match the model (built from its config):\n  " + '\n  '.join(messages))
     module.load_state_dict(state, strict=False)
-    for message in messages:
-        warnings.warn(f"{source}: {message}", stacklevel=2)
+    return messages
 
 
 def load_pretrained(module: nn.Module, path: str, convert: Callable[[dict], dict] = lambda sd: sd) -> None:
     """Read `path`, map its keys with `convert` (the model family's key map), load it into `module`."""
     state = read_state_dict(path)
     state = {key.removeprefix('backbone.'): value for key, value in state.items()}
-    load_into(module, convert(state), source=str(path))
+    for message in load_into(module, convert(state), source=str(path)):
+        warnings.warn(f'{path}: {message}', stacklevel=2)

@@ -9,7 +9,7 @@ upsampled to stride 4 and fused with the stride-4 map reduced to 48 channels.
 import torch
 from torch import nn
 
-from .classifier import build_classifier
+from .classifier import build_classifier, convert_classifier_keys
 from .layers import ConvModule, DepthwiseSeparableConvModule, resize
 
 
@@ -28,6 +28,9 @@ class ASPPHead(nn.Module):
             for d in dilations)
         self.bottleneck = ConvModule((len(dilations) + 1) * channels, channels, 3)
         self.classifier = build_classifier(channels, num_classes, dropout, offset_learning)
+
+    convert_checkpoint = staticmethod(convert_classifier_keys)
+    """mmseg `decode_head.*` keys (prefix stripped) -> ours: only `conv_seg` is renamed."""
 
     def pyramid(self, x: torch.Tensor) -> torch.Tensor:
         branches = [resize(self.image_pool(x), x.shape[2:])] + [branch(x) for branch in self.aspp_modules]

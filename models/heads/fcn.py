@@ -1,7 +1,7 @@
 """FCN head (Long et al. 2015), used as the auxiliary training head as in mmseg's DeepLab recipes."""
 from torch import nn
 
-from .classifier import build_classifier
+from .classifier import build_classifier, convert_classifier_keys
 from .layers import ConvModule
 
 
@@ -15,6 +15,9 @@ class FCNHead(nn.Module):
         widths = [in_channels[in_index]] + [channels] * num_convs
         self.convs = nn.Sequential(*(ConvModule(a, b, 3) for a, b in zip(widths, widths[1:])))
         self.classifier = build_classifier(widths[-1], num_classes, dropout, offset_learning)
+
+    convert_checkpoint = staticmethod(convert_classifier_keys)
+    """mmseg `auxiliary_head.*` keys (prefix stripped) -> ours: only `conv_seg` is renamed."""
 
     def forward(self, features: list):
         return self.classifier(self.convs(features[self.in_index]))

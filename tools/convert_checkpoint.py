@@ -1,0 +1,55 @@
+"""Convert a published checkpoint into this repo's format ({'model', 'config'}, as train.py writes).
+
+    python tools/convert_checkpoint.py segformer_b0_ade.pth work_dirs/segformer_b0.pth --config configs/segformer_b0.yaml
+    python tools/convert_checkpoint.py hf_segformer_folder/ out.pth --config configs/segformer_b0_mlp.yaml
+
+SRC is an mmseg / OffSeg checkpoint (SegFormer(+OL), SegNeXt(+OL), OffSeg, DeepLab), an official
+ImageNet backbone file (MiT `mit_b*.pth`, MSCAN `mscan_*.pth`, EfficientFormerV2 `eformer_*.pth`)
+or a Hugging Face SegFormer folder. The model is built from --config; every part is converted by
+its own key map. Keys that do not fit are listed, never dropped silently; the one documented
+exception is the unused `conv_seg` of the published Offset Learning heads. Parts the file does not
+hold (the head, for an ImageNet backbone file) keep their fresh initialisation and are listed.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine.checkpoint import save_checkpoint  # noqa: E402
+from models.convert import convert_model_state  # noqa: E402
+from models.pretrained import load_into, read_state_dict  # noqa: E402
+from train import create_model, load_config, run_cli  # noqa: E402
+
+
+def convert(source: str, target: str, config: str, overrides=()) -> list:
+    """Write `target`; returns the report lines (keys that did not fit)."""
+    cfg = load_config(config, overrides)
+    cfg['backbone']['pretrained'] = None          # the weights come from `source`
+    model = create_model(cfg)
+    converted, unclaimed = convert_model_state(model, read_state_dict(source))
+    report = load_into(model, converted, source)
+    if unclaimed:
+        report.append(f'{len(unclaimed)} keys belong to no part of the model and were not used: '
+                      + ', '.join(unclaimed[:8]) + (' ...' if len(unclaimed) > 8 else ''))
+    save_checkpoint({'model': model.state_dict(), 'config': {k: v for k, v in cfg.items() if k != '_source'},
+                     'converted_from': str(source)}, Path(target))
+    return report
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('source', help='published checkpoint file or Hugging Face folder')
+    parser.add_argument('target', help='output checkpoint (.pth)')
+    parser.add_argument('--config', required=True, help='YAML describing the model the weights belong to')
+    parser.add_argument('--set', nargs='+', default=[], action='extend', metavar='KEY=VALUE')
+    args = parser.parse_args(argv)
+    report = convert(args.source, args.target, args.config, args.set)
+    for line in report:
+        print(f'note: {line}')
+    print(f"wrote {args.target}" + (' (every key matched)' if not report else ''))
+
+
+if __name__ == '__main__':
+    run_cli(main)
