@@ -71,8 +71,13 @@ def load_into(module: nn.Module, state: dict, source: str, strict: bool = False)
 
 
 def load_pretrained(module: nn.Module, path: str, convert: Callable[[dict], dict] = lambda sd: sd) -> None:
-    """Read `path`, map its keys with `convert` (the model family's key map), load it into `module`."""
+    """Read `path`, map its keys with `convert` (the model family's key map), load it into `module`.
+
+    From a whole segmentation checkpoint (keys `backbone.*`, `decode_head.*`, ...) only the backbone
+    part is taken.
+    """
     state = read_state_dict(path)
-    state = {key.removeprefix('backbone.'): value for key, value in state.items()}
+    if any(key.startswith('backbone.') for key in state):
+        state = {k.removeprefix('backbone.'): v for k, v in state.items() if k.startswith('backbone.')}
     for message in load_into(module, convert(state), source=str(path)):
         warnings.warn(f'{path}: {message}', stacklevel=2)

@@ -1,0 +1,365 @@
+"""Every registered backbone family: parameter counts, forward shapes of every variant, and pretrained
+weights loaded offline through the config (`backbone.pretrained`), including the error cases.
+
+Only the tiny variants run by default; set SEG_TEST_ALL_VARIANTS=1 to run the forward test on all of them.
+"""
+import os
+import re
+import socket
+import sys
+import warnings
+
+import huggingface_hub.file_download
+import pytest
+import timm
+import timm.models._builder
+import torch
+import transformers.utils.hub
+import yaml
+from safetensors.torch import save_file
+from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+import models.pretrained
+import train
+from engine.config import ConfigError
+from models.backbones import BACKBONES
+from models.pretrained import CheckpointError
+from train import create_backbone, get_backbone_channels, load_config
+
+ALL_VARIANTS = os.environ.get('SEG_TEST_ALL_VARIANTS') == '1'
+VARIANTS = {family: tuple(sys.modules[cls.__module__].VARIANTS) for family, cls in BACKBONES.items()}
+"""Each family's variants, read from its module's `VARIANTS` table."""
+TINY = {'resnet': ('18',), 'convnext': ('tiny',), 'mit': ('b0',), 'mscan': ('t',), 'efficientformerv2': ('s0', 's1')}
+"""The variants cheap enough for every test run."""
+SIZES = [(64, 64), (96, 128)]
+"""Multiples of 32: every family gives exactly side / stride here (at other sizes they round differently)."""
+
+
+def variants(families=tuple(BACKBONES)):
+    """(family, variant) parameters; all but the tiny ones are skipped unless SEG_TEST_ALL_VARIANTS=1."""
+    skip = pytest.mark.skipif(not ALL_VARIANTS, reason='larger variant: set SEG_TEST_ALL_VARIANTS=1 to run it')
+    return [pytest.param(family, variant, id=f'{family}-{variant}',
+                         marks=() if variant in TINY.get(family, ()) else skip)
+            for family in families for variant in VARIANTS[family]]
+
+
+def tiny_variants():
+    return [pytest.param(family, variant, id=f'{family}-{variant}')
+            for family, names in TINY.items() for variant in names]
+
+
+def count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def randomized(module: torch.nn.Module) -> dict:
+    """`module`'s state_dict with every float entry random, so that a misplaced or unloaded tensor shows."""
+    torch.manual_seed(0)
+    return {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in module.state_dict().items()}
+
+
+def yaml_config(tmp_path, backbone: dict) -> dict:
+    """A minimal run config with this `backbone` section, written as YAML and read back by train.load_config."""
+    path = tmp_path / 'config.yaml'
+    path.write_text(yaml.safe_dump({
+        'backbone': backbone, 'head': {'type': 'aspp'},
+        'data': {'type': 'demo', 'root': str(tmp_path / 'data'), 'num_classes': 7},
+        'train': {'max_iters': 1, 'batch_size': 1}}))
+    return load_config(str(path))
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """Fails the test if anything opens a network connection or asks timm / HF for hub weights (even cached ones)."""
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise AssertionError('hub or network access attempted')
+
+    monkeypatch.setattr(socket.socket, 'connect', refuse)
+    monkeypatch.setattr(socket, 'create_connection', refuse)
+    monkeypatch.setattr(timm.models._builder, 'load_pretrained', refuse)
+    monkeypatch.setattr(huggingface_hub.file_download, 'hf_hub_download', refuse)
+    monkeypatch.setattr(transformers.utils.hub, 'cached_files', refuse)
+    yield
+    assert not attempts, 'hub or network access attempted (and the error was swallowed)'
+
+
+# --- parameter counts ---------------------------------------------------------------------------
+
+RESNET_FULL_PARAMS_M = {'18': 11.69, '34': 21.80, '50': 25.56, '50c': 25.58, '50d': 25.58,
+                        '101': 44.55, '101d': 44.57, '152': 60.19}
+"""architectures.md 5: timm's ResNets with their ImageNet classifier (no published number for 101c)."""
+
+
+@pytest.mark.parametrize('variant', RESNET_FULL_PARAMS_M)
+def test_resnet_parameter_counts_match_timm_plus_classifier(variant):
+    """Ours is timm's ResNet without `fc`: adding the C5 -> 1000 classifier gives the published count."""
+    with torch.device('meta'):
+        backbone = BACKBONES['resnet'](variant)
+    assert not any(name.startswith('fc.') for name, _ in backbone.body.named_parameters())
+    classifier = backbone.out_channels[-1] * 1000 + 1000
+    assert abs((count(backbone) + classifier) / 1e6 - RESNET_FULL_PARAMS_M[variant]) < 0.005
+
+
+# --- forward shapes -----------------------------------------------------------------------------
+
+def assert_maps(backbone: torch.nn.Module, strides: list) -> None:
+    """Four finite maps with the backbone's `out_channels`, each side = input side / stride, at every SIZE."""
+    for size in SIZES:
+        with torch.no_grad():
+            features = backbone(torch.randn(1, 3, *size))
+        assert len(features) == 4
+        for level, (feature, channels, stride) in enumerate(zip(features, backbone.out_channels, strides)):
+            assert feature.shape == (1, channels, size[0] // stride, size[1] // stride), (size, level)
+            assert torch.isfinite(feature).all(), (size, level)
+
+
+def test_every_family_has_tiny_variants():
+    """The default run covers every registered family: a new family must name its cheap variants here."""
+    assert TINY.keys() == BACKBONES.keys()
+    for family, names in TINY.items():
+        assert set(names) <= set(VARIANTS[family]), family
+
+
+@pytest.mark.parametrize('family, variant', variants())
+def test_forward_every_variant(family, variant):
+    """Every variant in eval mode: 4 maps at strides 4/8/16/32 with the advertised channels."""
+    torch.manual_seed(0)
+    backbone = BACKBONES[family](variant).eval()
+    assert backbone.strides == [4, 8, 16, 32]
+    assert len(backbone.out_channels) == 4
+    assert_maps(backbone, backbone.strides)
+
+
+@pytest.mark.parametrize('output_stride, strides', [(8, [4, 8, 8, 8]), (16, [4, 8, 16, 16])], ids=['os8', 'os16'])
+@pytest.mark.parametrize('family, variant', variants(['resnet']))
+def test_forward_dilated_resnet(family, variant, output_stride, strides):
+    """DeepLab output strides: the last stages dilate instead of downsampling, and `strides` says so."""
+    backbone = BACKBONES[family](variant, output_stride=output_stride).eval()
+    assert backbone.strides == strides
+    assert_maps(backbone, strides)
+
+
+# --- pretrained weights through the config ------------------------------------------------------
+# Each builder turns our randomized state into a file as users have it on disk (plus the classifier
+# the loader must drop) and returns it with the state we must end up with.
+
+def resnet_timm_file(variant, model, ours):
+    """timm / torchvision ImageNet naming (`conv1.weight`, `layer1.0...`) with the `fc` classifier."""
+    state = {k.removeprefix('body.'): v for k, v in ours.items()}
+    state |= {'fc.weight': torch.randn(1000, model.out_channels[-1]), 'fc.bias': torch.randn(1000)}
+    with torch.device('meta'):
+        assert state.keys() == timm.create_model(f'resnet{variant}').state_dict().keys()
+    return state, ours
+
+
+def convnext_timm_file(variant, model, ours):
+    """timm ImageNet naming (`stem.0`, `stages.0.blocks.0...`) with the `head.norm` / `head.fc` classifier.
+    It has no output norms: ours must come out as fresh LayerNorms."""
+    state = {re.sub(r'^body\.(stem|stages)_(\d+)\.', r'\1.\2.', k): v
+             for k, v in ours.items() if k.startswith('body.')}
+    width = model.out_channels[-1]
+    state |= {'head.norm.weight': torch.randn(width), 'head.norm.bias': torch.randn(width),
+              'head.fc.weight': torch.randn(1000, width), 'head.fc.bias': torch.randn(1000)}
+    with torch.device('meta'):
+        assert state.keys() == timm.create_model(f'convnext_{variant}').state_dict().keys()
+    fresh = {k: torch.ones_like(v) if k.endswith('weight') else torch.zeros_like(v)
+             for k, v in ours.items() if k.startswith('norms.')}
+    return state, {**ours, **fresh}
+
+
+MIT_TO_NVLABS = [('layernorm_before', 'norm1'), ('layernorm_after', 'norm2'), ('attention.q_proj', 'attn.q'),
+                 ('attention.o_proj', 'attn.proj'), ('attention.sequence_reduction.sequence_reduction', 'attn.sr'),
+                 ('attention.sequence_reduction.layer_norm', 'attn.norm')]
+
+
+def mit_nvlabs_file(variant, model, ours):
+    """The official NVlabs `mit_b*.pth` naming (1-based `patch_embed{s}`, `block{s}`, `norm{s}`; k and v
+    stacked as `attn.kv`) with its ImageNet `head`."""
+    state = {}
+    for key, value in ours.items():
+        stage, rest = re.fullmatch(r'segformer\.stages\.(\d)\.(.*)', key).groups()
+        s = int(stage) + 1
+        rest = re.sub(r'^patch_embeddings\.layer_norm\.', f'patch_embed{s}.norm.', rest)
+        rest = re.sub(r'^patch_embeddings\.', f'patch_embed{s}.', rest)
+        rest = re.sub(r'^blocks\.', f'block{s}.', rest)
+        rest = re.sub(r'^layer_norm\.', f'norm{s}.', rest)
+        for old, new in MIT_TO_NVLABS:
+            rest = rest.replace(old, new)
+        state[rest] = value
+    for k_key in [k for k in state if '.attention.k_proj.' in k]:
+        v_key = k_key.replace('.k_proj.', '.v_proj.')
+        state[k_key.replace('.attention.k_proj.', '.attn.kv.')] = torch.cat([state.pop(k_key), state.pop(v_key)])
+    assert 'block1.0.attn.kv.weight' in state and 'patch_embed4.norm.bias' in state and 'norm4.weight' in state
+    assert not any(name in k for k in state for name in ('stages.', 'attention.', 'layernorm_'))  # no HF name left
+    return state | {'head.weight': torch.randn(1000, model.out_channels[-1]), 'head.bias': torch.randn(1000)}, ours
+
+
+def mscan_official_file(variant, model, ours):
+    """The official SegNeXt `mscan_*.pth`: our keys with the MLP's depthwise conv nested once more, plus `head`."""
+    state = {k.replace('.mlp.dwconv.', '.mlp.dwconv.dwconv.'): v for k, v in ours.items()}
+    state |= {'head.weight': torch.randn(1000, model.out_channels[-1]), 'head.bias': torch.randn(1000)}
+    return {'state_dict': state}, ours
+
+
+def offseg_file(variant, model, ours):
+    """A published OffSeg (mmseg) checkpoint's backbone: `backbone.*`, with the stored bias index buffers
+    and the ImageNet leftovers (`attention_biases`, `attention_bias_idxs`) that the loader drops."""
+    state = dict(ours)
+    for name, index in model.named_buffers():
+        if name.endswith('attention_bias_idxs_seg'):
+            prefix = name.removesuffix('attention_bias_idxs_seg')
+            keys = 49 if index.shape[0] == index.shape[1] else 196      # ImageNet 7x7 / 14x14 key grids
+            state |= {name: index.clone(), prefix + 'attention_biases': torch.randn(8, keys),
+                      prefix + 'attention_bias_idxs': torch.ones(49, keys, dtype=torch.long)}
+    return {'meta': {'mmseg_version': '0.30.0'}, 'state_dict': {f'backbone.{k}': v for k, v in state.items()}}, ours
+
+
+USER_FILES = {  # family: (variant, builder, file name)
+    'resnet': ('18', resnet_timm_file, 'resnet18_a1_in1k.pth'),
+    'convnext': ('tiny', convnext_timm_file, 'convnext_tiny.safetensors'),
+    'mit': ('b0', mit_nvlabs_file, 'mit_b0.pth'),
+    'mscan': ('t', mscan_official_file, 'mscan_t.pth'),
+    'efficientformerv2': ('s0', offseg_file, 'offseg_t.pth'),
+}
+
+
+def save(state: dict, path) -> None:
+    if path.suffix == '.safetensors':
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+
+
+@pytest.mark.parametrize('family', USER_FILES)
+def test_user_checkpoint_loads_through_the_config(family, tmp_path, no_hub):
+    """`backbone.pretrained: <file>` loads every weight of a published-format file, drops its classifier
+    without a word, and never touches a hub."""
+    variant, build_file, name = USER_FILES[family]
+    source = BACKBONES[family](variant)
+    saved, expected = build_file(variant, source, randomized(source))
+    save(saved, tmp_path / name)
+    cfg = yaml_config(tmp_path, {'type': family, 'variant': variant, 'pretrained': str(tmp_path / name)})
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')      # a missing, unexpected or classifier key reported fails the test
+        loaded = create_backbone(cfg).state_dict()
+    assert loaded.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(loaded[key], value), key
+
+
+def test_efficientformerv2_imagenet_file_reports_only_the_segmentation_bias_tables(tmp_path, no_hub):
+    """snap-research `eformer_s0_450.pth`: the classifier (`head`, `dist_head`, final `norm`) and the
+    ImageNet bias tables are dropped silently. Such files have no segmentation bias tables
+    (`attention_biases_seg`): those are the only keys reported, and they keep their zero init."""
+    source = BACKBONES['efficientformerv2']('s0')
+    saved, ours = offseg_file('s0', source, randomized(source))
+    state = {k.removeprefix('backbone.'): v for k, v in saved['state_dict'].items()
+             if not k.endswith(('attention_biases_seg', 'attention_bias_idxs_seg'))}
+    width = source.out_channels[-1]
+    state |= {'head.weight': torch.randn(1000, width), 'head.bias': torch.randn(1000),
+              'dist_head.weight': torch.randn(1000, width), 'dist_head.bias': torch.randn(1000),
+              'norm.weight': torch.randn(width), 'norm.running_mean': torch.randn(width)}
+    torch.save({'model': state}, tmp_path / 'eformer_s0_450.pth')
+    cfg = yaml_config(tmp_path, {'type': 'efficientformerv2', 'variant': 's0',
+                                 'pretrained': str(tmp_path / 'eformer_s0_450.pth')})
+    with pytest.warns(UserWarning) as caught:
+        loaded = create_backbone(cfg).state_dict()
+    seg_tables = sorted(k for k in ours if k.endswith('attention_biases_seg'))
+    assert len(seg_tables) == 5                 # 2 + 2 attention blocks and the attention downsampler
+    assert [str(w.message) for w in caught] == [
+        f"{tmp_path / 'eformer_s0_450.pth'}: 5 keys missing from the checkpoint: {', '.join(seg_tables)}"]
+    for key, value in ours.items():
+        assert torch.equal(loaded[key], torch.zeros_like(value) if key in seg_tables else value), key
+
+
+def test_hf_folder_loads_into_mit_b0(tmp_path, no_hub):
+    """A Hugging Face folder (config.json + model.safetensors, as `save_pretrained` writes it) loads
+    through `backbone.pretrained: <folder>`; the decode head is dropped silently."""
+    hf = SegformerForSemanticSegmentation(SegformerConfig(num_labels=19))    # the default config is B0
+    hf.load_state_dict(randomized(hf))
+    folder = tmp_path / 'segformer-b0'
+    hf.save_pretrained(folder)
+    assert {p.name for p in folder.iterdir()} >= {'config.json', 'model.safetensors'}
+    cfg = yaml_config(tmp_path, {'type': 'mit', 'variant': 'b0', 'pretrained': str(folder)})
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        loaded = create_backbone(cfg).state_dict()
+    expected = {f'segformer.{k}': v for k, v in hf.segformer.state_dict().items()}
+    assert loaded.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(loaded[key], value), key
+
+
+# --- pretrained error cases ---------------------------------------------------------------------
+
+def test_missing_pretrained_path_fails_when_the_config_is_read(tmp_path, no_hub):
+    """A wrong path is an error naming it (nothing is downloaded instead), before any model is built."""
+    missing = tmp_path / 'weights' / 'resnet18.pth'
+    with pytest.raises(ConfigError, match=re.escape(f"backbone.pretrained '{missing}' not found")):
+        yaml_config(tmp_path, {'type': 'resnet', 'variant': 18, 'pretrained': str(missing)})
+
+
+def test_pretrained_file_gone_after_validation_fails_naming_it_before_any_weight_is_loaded(
+        tmp_path, monkeypatch, no_hub):
+    """If the file disappears between reading the config and building, loading fails naming it."""
+    missing = tmp_path / 'weights' / 'resnet18.pth'
+    missing.parent.mkdir()
+    missing.write_bytes(b'')
+    cfg = yaml_config(tmp_path, {'type': 'resnet', 'variant': 18, 'pretrained': str(missing)})
+    missing.unlink()
+    loads = []
+    monkeypatch.setattr(models.pretrained, 'load_into', lambda *args, **kwargs: loads.append(args))
+    with pytest.raises(CheckpointError, match=re.escape(str(missing))):
+        create_backbone(cfg)
+    assert not loads
+
+
+def test_wrong_variant_is_a_shape_error(tmp_path):
+    """ResNet-50 weights into a ResNet-18 fail loudly with the mismatched shapes, not a partial load."""
+    with torch.device('meta'):
+        resnet50 = timm.create_model('resnet50')
+    torch.save({k: torch.zeros(v.shape, dtype=v.dtype) for k, v in resnet50.state_dict().items()},
+               tmp_path / 'resnet50.pth')
+    cfg = yaml_config(tmp_path, {'type': 'resnet', 'variant': 18, 'pretrained': str(tmp_path / 'resnet50.pth')})
+    with pytest.raises(CheckpointError, match='shapes do not match') as error:
+        create_backbone(cfg)
+    assert 'layer1.0.conv1.weight: (64, 64, 1, 1) in file, (64, 64, 3, 3) in model' in str(error.value)
+
+
+def test_unknown_keys_are_listed_in_a_warning(tmp_path):
+    """Keys that are neither ours nor the classifier are named in one warning; the rest still loads."""
+    source = BACKBONES['resnet']('18')
+    saved, expected = resnet_timm_file('18', source, randomized(source))
+    saved |= {'layer5.0.conv1.weight': torch.randn(8, 8, 1, 1), 'extra_scale': torch.ones(1)}
+    torch.save(saved, tmp_path / 'resnet18_extra.pth')
+    cfg = yaml_config(tmp_path, {'type': 'resnet', 'variant': 18,
+                                 'pretrained': str(tmp_path / 'resnet18_extra.pth')})
+    with pytest.warns(UserWarning) as caught:
+        loaded = create_backbone(cfg).state_dict()
+    [message] = [str(w.message) for w in caught]
+    # the keys are named as the converter renamed them (`body.extra_scale`), which still shows the file's names
+    assert message.startswith(f"{tmp_path / 'resnet18_extra.pth'}: 2 keys unexpected in the checkpoint: ")
+    assert 'extra_scale' in message and 'layer5.0.conv1.weight' in message and 'fc.' not in message
+    assert all(torch.equal(loaded[k], v) for k, v in expected.items())
+
+
+# --- channels without weights -------------------------------------------------------------------
+
+@pytest.mark.parametrize('family, variant', tiny_variants())
+def test_backbone_channels_do_not_read_the_weights(family, variant, tmp_path, monkeypatch):
+    """get_backbone_channels (used to size the heads) equals the built backbone's channels and never
+    opens `pretrained`: here the file is gone and loading would fail."""
+    path = tmp_path / 'weights.pth'
+    torch.save({}, path)
+    cfg = yaml_config(tmp_path, {'type': family, 'variant': variant, 'pretrained': str(path)})
+    path.unlink()
+
+    def fail(*args, **kwargs):
+        raise AssertionError('get_backbone_channels loaded pretrained weights')
+
+    monkeypatch.setattr(train, 'load_pretrained', fail)
+    monkeypatch.setattr(models.pretrained, 'read_state_dict', fail)
+    assert get_backbone_channels(cfg) == BACKBONES[family](variant).out_channels
