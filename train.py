@@ -21,7 +21,7 @@ from datasets.sampler import TrainSampler, shard
 from datasets.transforms import TRANSFORMS
 from engine import dist
 from engine.checkpoint import load_checkpoint, save_checkpoint
-from engine.config import ConfigError, check_kwargs, choose, dump_config, read_config, resolve
+from engine.config import DEFAULTS, ConfigError, check_kwargs, choose, dump_config, read_config, resolve
 from engine.evaluation import evaluate
 from engine.inference import normalize
 from engine.losses import SegmentationLoss
@@ -77,11 +77,17 @@ def check_config(cfg: dict) -> None:
     source = cfg['_source']
     check_kwargs(choose('backbone', cfg['backbone']['type'], BACKBONES, source), backbone_kwargs(cfg),
                  'backbone', source)
+    pretrained = cfg['backbone']['pretrained']
+    if pretrained and not Path(pretrained).expanduser().exists():
+        raise ConfigError(f"{source}: backbone.pretrained '{pretrained}' not found (a local file or folder is "
+                          "expected; nothing is downloaded; --set backbone.pretrained=null trains from scratch)")
     for section in ('head', 'aux_head'):
         if cfg[section]:
             kwargs = {k: v for k, v in cfg[section].items() if k not in ('type', 'loss_weight')}
             check_kwargs(choose(section, cfg[section].get('type'), HEADS, source), kwargs, section, source)
-    choose('data', cfg['data']['type'], DATASETS, source)
+    dataset = choose('data', cfg['data']['type'], DATASETS, source)
+    check_kwargs(dataset, dataset_options(cfg['data']), 'data', source, provided=DATASET_ARGUMENTS,
+                 suggest=DEFAULTS['data'])
     for split in ('train', 'val'):
         for i, step in enumerate(cfg['data'][split]['pipeline']):
             where = f'data.{split}.pipeline[{i}]'
@@ -110,12 +116,38 @@ def config_for_checkpoint(checkpoint: dict, checkpoint_path, config_path=None, o
     return cfg
 
 
+# Dataset arguments that build_dataset fills from the generic `data` keys; the other keys of `data`
+# that are not in DEFAULTS are the dataset's own options (label_map, on_invalid, ...).
+DATASET_ARGUMENTS = ('root', 'split', 'num_classes', 'pipeline', 'ignore_index', 'reduce_zero_label',
+                     'class_names', 'palette', 'seed', 'mean')
+
+
+def dataset_options(data: dict) -> dict:
+    return {k: v for k, v in data.items() if k not in DEFAULTS['data']}
+
+
 def build_dataset(cfg: dict, split: str):
-    data = cfg['data']
-    cls = DATASETS[data['type']]
-    return cls(data['root'], data[split]['split'], data['num_classes'], pipeline=data[split]['pipeline'],
-               ignore_index=data['ignore_index'], reduce_zero_label=data['reduce_zero_label'],
-               class_names=data['class_names'], palette=data['palette'], seed=cfg['train']['seed'])
+    """The dataset of `split` ('train' or 'val'). Its scan is cached in <work_dir>/scan_cache unless
+    data.cache_dir says otherwise; under torchrun rank 0 builds first, so the others read its cache."""
+    data, work_dir = cfg['data'], cfg['output']['work_dir']
+    options = dataset_options(data)
+    if work_dir:
+        options.setdefault('cache_dir', str(Path(work_dir) / 'scan_cache'))
+    if not dist.is_main():
+        dist.barrier()
+    dataset = DATASETS[data['type']](
+        data['root'], data[split]['split'], data['num_classes'], pipeline=data[split]['pipeline'],
+        ignore_index=data['ignore_index'], reduce_zero_label=data['reduce_zero_label'],
+        class_names=data['class_names'], palette=data['palette'], seed=cfg['train']['seed'], mean=data['mean'],
+        **options)
+    if dist.is_main():
+        dist.barrier()
+    return dataset
+
+
+def stored_config(cfg: dict) -> dict:
+    """The config as written to the work dir and into checkpoints (without the in-memory `_source`)."""
+    return {k: v for k, v in cfg.items() if k != '_source'}
 
 
 def load_model_weights(model: nn.Module, checkpoint: dict, source: str) -> None:
@@ -192,13 +224,13 @@ def main(argv=None) -> None:
 
     if dist.is_main():
         work_dir.mkdir(parents=True, exist_ok=True)
-        dump_config({k: v for k, v in cfg.items() if k != '_source'}, work_dir / 'config.yaml')
+        dump_config(stored_config(cfg), work_dir / 'config.yaml')
     log(f"{cfg['backbone']['type']} + {cfg['head']['type']}: {count_params(model) / 1e6:.3f}M parameters; "
         f"{len(train_set)} train / {len(val_set)} val images; {world_size} process(es) on {device}; "
         f"batch {train_cfg['batch_size']}\nparameter groups:\n{groups_table}")
 
     def state(iteration: int, rng_states: list) -> dict:
-        return {'model': model.state_dict(), 'config': {k: v for k, v in cfg.items() if k != '_source'},
+        return {'model': model.state_dict(), 'config': stored_config(cfg),
                 'iteration': iteration, 'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
                 'scaler': scaler.state_dict(), 'best_miou': best_miou, 'best_iter': best_iter, 'rng': rng_states}
 

@@ -1,10 +1,23 @@
-"""Datasets: each reads its on-disk layout and yields (uint8 image (3,H,W), int64 label (H,W))."""
-from .base import DatasetError, SegmentationDataset
+"""Datasets: each reads its on-disk layout and yields (uint8 image (3,H,W), int64 label (H,W)).
+
+`DATASETS` maps `data.type` to the class; see datasets/README.md for each one's expected layout."""
+from .ade20k import ADE20K
+from .base import DatasetError, DatasetWarning, SegmentationDataset
 from .camvid import CamVid
+from .cityscapes import Cityscapes
+from .coco_stuff import COCOStuff
 from .demo import DemoScenes
+from .folder import FolderDataset
+from .pascal_context import PascalContext59
+from .voc import PascalVOC
 
 DATASETS = {
-    'folder': SegmentationDataset,
+    'ade20k': ADE20K,
+    'cityscapes': Cityscapes,
+    'coco_stuff': COCOStuff,
+    'pascal_context': PascalContext59,
+    'voc': PascalVOC,
     'camvid': CamVid,
+    'folder': FolderDataset,
     'demo': DemoScenes,
 }

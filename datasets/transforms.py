@@ -1,11 +1,14 @@
 """The mmseg data pipeline in OpenCV and numpy: image (H, W, 3) uint8 RGB and label (H, W) move together.
 
 Every step is `step(image, label, rng) -> (image, label)`. Images are interpolated bilinearly,
-labels with nearest neighbour, so no step ever mixes label ids. Everything stays uint8 until the
-batch reaches the device, where `normalize` runs.
+labels with nearest neighbour, so no step ever mixes label ids. Images stay uint8 until the batch
+reaches the device, where `normalize` runs; colour changes are 256-entry lookup tables, which give
+exactly mmseg's float arithmetic at a fraction of its cost. All randomness comes from `rng`.
 """
 import cv2
 import numpy as np
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
 
 
 def rescale_size(height: int, width: int, scale) -> tuple:
@@ -24,7 +27,9 @@ def resize_pair(image, label, size):
 
 
 class Resize:
-    """Resize keeping the aspect ratio to fit `scale` (long, short), as mmseg's test-time Resize."""
+    """Resize keeping the aspect ratio to fit `scale` (long, short), as mmseg's test-time Resize;
+    with keep_ratio false, to exactly `scale` (h, w). Labels keep their size (they are scored there)
+    unless `resize_label`."""
 
     def __init__(self, scale: list, keep_ratio: bool = True, resize_label: bool = False):
         self.scale, self.keep_ratio, self.resize_label = scale, keep_ratio, resize_label
@@ -36,20 +41,22 @@ class Resize:
 
 
 class RandomResize:
-    """Rescale `scale` (long, short) by a ratio drawn from `ratio_range`, keeping the aspect ratio."""
+    """mmseg's RandomResize: `scale` (long, short) times a ratio drawn from `ratio_range`, truncated to
+    integers, then a keep-ratio rescale to fit it."""
 
     def __init__(self, scale: list, ratio_range: list = (0.5, 2.0)):
         self.scale, self.ratio_range = scale, ratio_range
 
     def __call__(self, image, label, rng):
         ratio = rng.uniform(*self.ratio_range)
-        size = rescale_size(*image.shape[:2], [s * ratio for s in self.scale])
+        size = rescale_size(*image.shape[:2], [int(s * ratio) for s in self.scale])
         return resize_pair(image, label, size)
 
 
 class RandomCrop:
-    """Random crop of `size` (h, w); retried up to 10 times until no class covers more than
-    `cat_max_ratio` of the non-ignored pixels and at least two classes are present (mmseg)."""
+    """Random crop of `size` (h, w), smaller where the image is; with `cat_max_ratio` < 1 the window
+    is redrawn up to 10 times until at least two classes are present and none covers `cat_max_ratio`
+    or more of the non-ignored pixels (mmseg). Where no window qualifies, the last one drawn is used."""
 
     def __init__(self, size: list, cat_max_ratio: float = 1.0, ignore_index: int = 255):
         self.size, self.cat_max_ratio, self.ignore_index = tuple(size), cat_max_ratio, ignore_index
@@ -75,20 +82,38 @@ class RandomCrop:
 
 
 class RandomFlip:
-    """Horizontal flip with probability `prob`."""
+    """Horizontal flip with probability `prob` (OpenCV's flip: contiguous results for the steps after)."""
 
     def __init__(self, prob: float = 0.5):
         self.prob = prob
 
     def __call__(self, image, label, rng):
         if rng.random() < self.prob:
-            return image[:, ::-1], label[:, ::-1]
+            return cv2.flip(image, 1), cv2.flip(label, 1)
         return image, label
 
 
+IDENTITY = np.arange(256, dtype=np.uint8)  # the table of a step that does not fire
+
+
+def compose(first: np.ndarray, then: np.ndarray) -> np.ndarray:
+    return first if then is IDENTITY else then[first]
+
+
+def apply_table(image: np.ndarray, table: np.ndarray) -> np.ndarray:
+    return image if table is IDENTITY else cv2.LUT(image, table)
+
+
 class PhotoMetricDistortion:
-    """mmseg's PhotoMetricDistortion: brightness, contrast (first or last), saturation and hue, each
-    applied with probability 0.5, clipping to uint8 after every step."""
+    """mmseg's PhotoMetricDistortion: brightness + U(-32, 32); contrast x U(0.5, 1.5), either right
+    after brightness or last (50/50); saturation x U(0.5, 1.5); hue + randint(-18, 18) mod 180 (OpenCV
+    scale). Each step fires with probability 0.5 and clips to uint8.
+
+    Every step is a function of the pixel value alone, so each becomes a 256-entry table computed
+    with mmseg's float32 arithmetic; consecutive RGB steps compose into one table. Saturation and hue
+    share one HSV round trip (mmseg makes one for each), so results can differ from mmseg's by the
+    rounding of one HSV conversion.
+    """
 
     def __init__(self, brightness_delta: int = 32, contrast_range: list = (0.5, 1.5),
                  saturation_range: list = (0.5, 1.5), hue_delta: int = 18):
@@ -96,44 +121,50 @@ class PhotoMetricDistortion:
         self.contrast_range, self.saturation_range = contrast_range, saturation_range
 
     @staticmethod
-    def convert(image, alpha=1.0, beta=0.0):
-        return np.clip(image.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+    def table(alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+        """mmseg's convert(x) = uint8(clip(float32(x) * alpha + beta, 0, 255)) for every x."""
+        return np.clip(np.arange(256, dtype=np.float32) * alpha + beta, 0, 255).astype(np.uint8)
 
-    def contrast(self, image, rng):
-        return self.convert(image, alpha=rng.uniform(*self.contrast_range)) if rng.integers(2) else image
+    def contrast(self, rng) -> np.ndarray:
+        return self.table(alpha=rng.uniform(*self.contrast_range)) if rng.integers(2) else IDENTITY
 
     def __call__(self, image, label, rng):
+        before_hsv = IDENTITY
         if rng.integers(2):
-            image = self.convert(image, beta=rng.uniform(-self.brightness_delta, self.brightness_delta))
+            before_hsv = self.table(beta=rng.uniform(-self.brightness_delta, self.brightness_delta))
         contrast_first = rng.integers(2)
         if contrast_first:
-            image = self.contrast(image, rng)
-        saturate, shift_hue = rng.integers(2), rng.integers(2)
-        if saturate or shift_hue:
-            hsv = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2HSV)
-            if saturate:
-                hsv[..., 1] = self.convert(hsv[..., 1], alpha=rng.uniform(*self.saturation_range))
-            if shift_hue:
-                hue = hsv[..., 0].astype(np.int32) + rng.integers(-self.hue_delta, self.hue_delta)
-                hsv[..., 0] = (hue % 180).astype(np.uint8)
-            image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+            before_hsv = compose(before_hsv, self.contrast(rng))
+        image = apply_table(image, before_hsv)
+        saturation = hue = IDENTITY
+        if rng.integers(2):
+            saturation = self.table(alpha=rng.uniform(*self.saturation_range))
+        if rng.integers(2):
+            hue = ((np.arange(256) + rng.integers(-self.hue_delta, self.hue_delta)) % 180).astype(np.uint8)
+        if saturation is not IDENTITY or hue is not IDENTITY:
+            hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+            image = cv2.cvtColor(cv2.LUT(hsv, np.stack([hue, saturation, IDENTITY], axis=-1)[:, None]),
+                                 cv2.COLOR_HSV2RGB)
         if not contrast_first:
-            image = self.contrast(image, rng)
+            image = apply_table(image, self.contrast(rng))
         return image, label
 
 
 class Pad:
-    """Pad bottom/right to at least `size` (h, w): image with 0, label with the ignore index."""
+    """Pad bottom/right to at least `size` (h, w): the label with the ignore index, the image with
+    `value` (RGB). mmseg normalises first and pads with 0; here images stay uint8 until the device
+    normalises them, so the default `value` is the normalisation mean (data.mean, rounded), which
+    normalises to ~0 just the same."""
 
-    def __init__(self, size: list, ignore_index: int = 255):
+    def __init__(self, size: list, value: list = IMAGENET_MEAN, ignore_index: int = 255):
         self.size, self.ignore_index = tuple(size), ignore_index
+        self.value = tuple(int(round(v)) for v in value)
 
     def __call__(self, image, label, rng):
         pad_h, pad_w = max(self.size[0] - image.shape[0], 0), max(self.size[1] - image.shape[1], 0)
         if pad_h or pad_w:
-            image = cv2.copyMakeBorder(np.ascontiguousarray(image), 0, pad_h, 0, pad_w, cv2.BORDER_CONSTANT, value=0)
-            label = cv2.copyMakeBorder(np.ascontiguousarray(label), 0, pad_h, 0, pad_w, cv2.BORDER_CONSTANT,
-                                       value=self.ignore_index)
+            image = cv2.copyMakeBorder(image, 0, pad_h, 0, pad_w, cv2.BORDER_CONSTANT, value=self.value)
+            label = cv2.copyMakeBorder(label, 0, pad_h, 0, pad_w, cv2.BORDER_CONSTANT, value=self.ignore_index)
         return image, label
 
 
@@ -150,15 +181,18 @@ IGNORE_AWARE = (RandomCrop, Pad)
 
 
 class Pipeline:
-    """A list of steps built from YAML (`[{type: random_flip, prob: 0.5}, ...]`)."""
+    """A list of steps built from YAML (`[{type: random_flip, prob: 0.5}, ...]`); steps that need the
+    ignore index get data.ignore_index, and Pad fills with the normalisation mean unless told otherwise."""
 
-    def __init__(self, steps: list, ignore_index: int = 255):
+    def __init__(self, steps: list, ignore_index: int = 255, mean: list = IMAGENET_MEAN):
         self.steps = []
         for spec in steps:
             kwargs = {k: v for k, v in spec.items() if k != 'type'}
             cls = TRANSFORMS[spec['type']]
             if cls in IGNORE_AWARE:
                 kwargs.setdefault('ignore_index', ignore_index)
+            if cls is Pad:
+                kwargs.setdefault('value', mean)
             self.steps.append(cls(**kwargs))
 
     def __call__(self, image, label, rng):

@@ -2,7 +2,8 @@
 
 A config is plain data. Every key has a default in `DEFAULTS` (see configs/README.md); the model
 sections (`backbone`, `head`, `aux_head`) and pipeline steps take the keyword arguments of the class
-they name, checked against its signature. Any mistake raises `ConfigError` naming the key and file.
+they name, checked against its signature, and so do the `data` keys beyond the generic ones (a
+dataset's own options). Any mistake raises `ConfigError` naming the key and file.
 """
 import copy
 import difflib
@@ -53,6 +54,7 @@ DEFAULTS = {
     },
     'eval': {'mode': 'whole', 'crop_size': None, 'stride': None, 'scales': [1.0], 'flip': False, 'size_divisor': 32},
     'output': {'work_dir': None},
+    'paper': None,
 }
 
 # Keys whose default is None, or whose values may take several types, and the types they accept.
@@ -73,10 +75,14 @@ TYPES = {
     'eval.crop_size': (list, type(None)),
     'eval.stride': (list, type(None)),
     'output.work_dir': (str, type(None)),
+    'paper': (dict, type(None)),
 }
 
 # Sections whose keys are free-form mappings (name substring -> options) rather than fixed keys.
 FREE_FORM = {'train.param_groups'}
+
+# Sections that also take the keyword arguments of the class their `type` names (checked by check_kwargs).
+CLASS_OPTIONS = ('backbone', 'head', 'data')
 
 CHOICES = {
     'train.amp': (False, 'bf16', 'fp16'),
@@ -150,10 +156,10 @@ def parse_override(text: str) -> dict:
 def validate(cfg: dict, schema: dict, source: str, prefix: str = '') -> None:
     for key, value in cfg.items():
         name = prefix + key
-        if key not in schema and not prefix.rstrip('.') in ('backbone', 'head'):
+        if key not in schema and prefix.rstrip('.') not in CLASS_OPTIONS:
             raise ConfigError(f"{source}: unknown key '{name}'{did_you_mean(key, schema)}")
         if key not in schema:
-            continue  # backbone/head keyword arguments: checked against the class by check_kwargs
+            continue  # keyword arguments of the backbone, head or dataset: checked against it by check_kwargs
         expected = schema[key]
         if value == REQUIRED:
             raise ConfigError(f"{source}: '{name}' is required")
@@ -189,18 +195,37 @@ def choose(section: str, name, registry: dict, source: str):
     return registry[name]
 
 
-def check_kwargs(cls, kwargs: dict, section: str, source: str, provided=('in_channels', 'num_classes')) -> None:
-    """Check YAML keys against `cls.__init__`: names (with a did-you-mean) and annotated types."""
-    params = {n: p for n, p in inspect.signature(cls).parameters.items()
-              if n not in provided and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
-    hints = typing.get_type_hints(cls.__init__)
+def check_kwargs(cls, kwargs: dict, section: str, source: str, provided=('in_channels', 'num_classes'),
+                 suggest=()) -> None:
+    """Check YAML keys against `cls.__init__`: names (with a did-you-mean, also among the section's
+    other valid keys `suggest`) and annotated types."""
+    params, hints = keyword_parameters(cls)
+    params = {n: p for n, p in params.items() if n not in provided}
     for key, value in kwargs.items():
         if key not in params:
             raise ConfigError(f"{source}: unknown key '{section}.{key}' for {cls.__name__} (accepts: "
-                              f"{', '.join(params) or 'nothing'}){did_you_mean(key, params)}")
+                              f"{', '.join(params) or 'nothing'}){did_you_mean(key, [*params, *suggest])}")
         if key in hints and not matches(value, hints[key]):
             raise ConfigError(f"{source}: '{section}.{key}' must be {describe(hints[key])}, "
                               f"got {type(value).__name__} {value!r}")
+
+
+def keyword_parameters(cls) -> tuple:
+    """({name: Parameter}, {name: annotation}) of `cls.__init__`, following `**kwargs` into the base
+    classes: a subclass that adds options and passes the rest on accepts both."""
+    params, hints = {}, {}
+    for klass in cls.__mro__:
+        init = vars(klass).get('__init__')
+        if not inspect.isfunction(init):
+            continue
+        signature = inspect.signature(init)
+        for name, param in signature.parameters.items():
+            if name != 'self' and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                params.setdefault(name, param)
+        hints = {**typing.get_type_hints(init), **hints}
+        if all(p.kind != p.VAR_KEYWORD for p in signature.parameters.values()):
+            break
+    return params, hints
 
 
 def matches(value, hint) -> bool:

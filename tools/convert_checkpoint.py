@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 from engine.checkpoint import save_checkpoint  # noqa: E402
 from models.convert import convert_model_state  # noqa: E402
 from models.pretrained import load_into, read_state_dict  # noqa: E402
-from train import create_model, load_config, run_cli  # noqa: E402
+from train import create_model, load_config, run_cli, stored_config  # noqa: E402
 
 
 def convert(source: str, target: str, config: str, overrides=()) -> list:
@@ -33,7 +33,7 @@ def convert(source: str, target: str, config: str, overrides=()) -> list:
     if unclaimed:
         report.append(f'{len(unclaimed)} keys belong to no part of the model and were not used: '
                       + ', '.join(unclaimed[:8]) + (' ...' if len(unclaimed) > 8 else ''))
-    save_checkpoint({'model': model.state_dict(), 'config': {k: v for k, v in cfg.items() if k != '_source'},
+    save_checkpoint({'model': model.state_dict(), 'config': stored_config(cfg),
                      'converted_from': str(source)}, Path(target))
     return report
 
