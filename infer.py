@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from datasets.base import IMAGE_SUFFIXES, DatasetError, read_image
+from datasets import DATASETS
+from datasets.base import IMAGE_SUFFIXES, DatasetError, read_image, resolve_palette
 from datasets.transforms import Pipeline
 from engine import dist
 from engine.checkpoint import load_checkpoint
@@ -84,8 +85,8 @@ def main(argv=None) -> None:
     load_model_weights(model, checkpoint, args.checkpoint)
     model.to(device).eval()
     amp_dtype = AMP_DTYPES.get(cfg['train']['amp']) if device.type == 'cuda' else None
-    palette = np.array(data['palette'], dtype=np.uint8)
-    pipeline = Pipeline(data['val']['pipeline'], data['ignore_index'])
+    palette = resolve_palette(DATASETS[data['type']], data['num_classes'], data['palette'])
+    pipeline = Pipeline(data['val']['pipeline'], data['ignore_index'], data['mean'])
     options = {k: cfg['eval'][k] for k in ('mode', 'crop_size', 'stride', 'scales', 'flip', 'size_divisor')}
     failed = []
     with tqdm(total=len(images), desc='infer', dynamic_ncols=True) as bar:

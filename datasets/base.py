@@ -82,7 +82,7 @@ class SegmentationDataset(Dataset):
         self.reduce_zero_label = reduce_zero_label or self.REDUCE_ZERO_LABEL
         self.class_names = list(class_names or self.CLASS_NAMES or [str(i) for i in range(num_classes)])
         self.check_arguments(class_names, palette)
-        self.palette = np.array(palette or self.PALETTE or default_palette(num_classes), dtype=np.uint8)
+        self.palette = resolve_palette(type(self), num_classes, palette)
         self.pipeline = Pipeline(list(pipeline), ignore_index, mean)
         self.colors = ColorTable(self.LABEL_COLORS) if self.LABEL_COLORS else None
         self.ids = id_table(ignore_index, self.LABEL_MAP, self.UNLISTED_IGNORED, self.reduce_zero_label,
@@ -284,6 +284,11 @@ def examples(keys: list, images: dict) -> str:
 def is_color(value) -> bool:
     return (isinstance(value, (list, tuple)) and len(value) == 3
             and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 256 for c in value))
+
+
+def resolve_palette(dataset_class, num_classes: int, palette: list = None) -> np.ndarray:
+    """The colours a dataset draws its classes in: the configured ones, else the dataset's own, else generated."""
+    return np.array(palette or dataset_class.PALETTE or default_palette(num_classes), dtype=np.uint8)
 
 
 def default_palette(num_classes: int) -> list:
