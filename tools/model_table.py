@@ -3,7 +3,10 @@
     python tools/model_table.py            # print the tables
     python tools/model_table.py --write    # rewrite them in ARCHITECTURES.md
 
-Models are built on the meta device, so even the largest variants cost no memory or weights.
+Every model is built on the meta device (no memory, no weights) from its config in configs/; its
+output stride comes from a meta forward at 512x512. Paper numbers come from each config's `paper`
+section. Papers count the unused `conv_seg` classifier that mmseg builds beside Offset Learning;
+our heads do not build it, so both counts are shown.
 """
 import argparse
 import sys
@@ -14,27 +17,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models import BACKBONES  # noqa: E402
-from models.heads import HEADS  # noqa: E402
+from models import BACKBONES, OffsetLearning  # noqa: E402
+from train import create_model, load_config  # noqa: E402
 
 BEGIN, END = '<!-- model_table: begin -->', '<!-- model_table: end -->'
-
-# Published models: (name, backbone type, variant, head type, head kwargs, paper params in M).
-# The paper's numbers for Offset Learning heads include mmseg's unused `conv_seg` (C·K + K), which
-# these models do not build; the table shows both.
-PUBLISHED = [
-    ('SegFormer-B0', 'mit', 'b0', 'segformer', {}, 3.8),
-    ('SegFormer-B0 + OL', 'mit', 'b0', 'segformer', {'offset_learning': True}, 3.9),
-    ('SegFormer-B1 + OL', 'mit', 'b1', 'segformer', {'offset_learning': True}, 13.9),
-    ('SegFormer-B2 + OL', 'mit', 'b2', 'segformer', {'offset_learning': True}, 24.9),
-    ('SegNeXt-T', 'mscan', 't', 'ham', {}, 4.3),
-    ('SegNeXt-T + OL', 'mscan', 't', 'ham', {'offset_learning': True}, 4.4),
-    ('SegNeXt-S', 'mscan', 's', 'ham', {}, 13.9),
-    ('SegNeXt-B', 'mscan', 'b', 'ham', {'ham_channels': 512, 'channels': 512}, 27.6),
-    ('OffSeg-T', 'efficientformerv2', 's1', 'offseg', {}, 6.2),
-    ('OffSeg-B', 'efficientformerv2', 's2', 'offseg', {'new_channels': [32, 64, 128, 256]}, 13.0),
-    ('OffSeg-L', 'efficientformerv2', 'l', 'offseg', {'new_channels': [32, 64, 128, 256]}, 26.4),
-]
+CONFIGS = ROOT / 'configs'
 
 
 def count(module: torch.nn.Module) -> int:
@@ -56,24 +43,45 @@ def backbone_table() -> str:
     return '\n'.join(rows)
 
 
-def published_table(num_classes: int = 150) -> str:
-    rows = ['| model | backbone | head | params (M), ours | + unused conv_seg | paper (M) |', '|---|---|---|---|---|---|']
-    for name, backbone_type, variant, head_type, kwargs, paper in PUBLISHED:
-        with torch.device('meta'):
-            backbone = BACKBONES[backbone_type](variant)
-            head = HEADS[head_type](backbone.out_channels, num_classes, **kwargs)
-        total = count(backbone) + count(head)
-        uses_ol = kwargs.get('offset_learning', head_type == 'offseg')   # OffSeg's head has OL by default
-        channels = kwargs.get('channels', 256)
-        with_conv_seg = f'{(total + channels * num_classes + num_classes) / 1e6:.3f}' if uses_ol else '-'
-        rows.append(f'| {name} | `{backbone_type}` `{variant}` | `{head_type}` | {total / 1e6:.3f} | '
-                    f'{with_conv_seg} | {paper} |')
-    return '\n'.join(rows)
+def describe(path: Path) -> dict:
+    """One config's model: counted parameters (and with mmseg's unused conv_seg), stride, paper numbers."""
+    cfg = load_config(path, ['backbone.pretrained=null'])
+    with torch.device('meta'):
+        model = create_model(cfg).eval()
+        logits = model(torch.empty(1, 3, 512, 512))
+    params = count(model)
+    classifier = model.head.classifier
+    if isinstance(classifier, OffsetLearning):
+        channels, classes = classifier.cls_repr.shape[2], classifier.cls_repr.shape[1]
+        with_conv_seg = params + channels * classes + classes
+    else:
+        with_conv_seg = None
+    paper = cfg['paper'] or {}
+    return {'name': path.stem, 'backbone': f"{cfg['backbone']['type']} {cfg['backbone'].get('variant', '')}",
+            'head': cfg['head']['type'] + (' + OL' if cfg['head'].get('offset_learning') else ''),
+            'classes': cfg['data']['num_classes'], 'stride': 512 // logits.shape[-1], 'params': params,
+            'with_conv_seg': with_conv_seg, 'paper_params': paper.get('params_m'), 'paper_miou': paper.get('miou'),
+            'summary': (type(model.head).__doc__ or '').strip().splitlines()[0]}
+
+
+def model_table() -> str:
+    rows = ['| config | backbone | head | classes | stride | params (M) | + unused conv_seg | paper params | '
+            'paper mIoU |', '|---|---|---|---|---|---|---|---|---|']
+    heads = {}
+    for path in sorted(CONFIGS.glob('*.yaml')):
+        m = describe(path)
+        heads.setdefault(m['head'].removesuffix(' + OL'), m['summary'])
+        dash = lambda value, fmt='{}': '-' if value is None else fmt.format(value)  # noqa: E731
+        rows.append(f"| `{m['name']}` | {m['backbone']} | {m['head']} | {m['classes']} | {m['stride']} | "
+                    f"{m['params'] / 1e6:.3f} | {dash(m['with_conv_seg'] and m['with_conv_seg'] / 1e6, '{:.3f}')} | "
+                    f"{dash(m['paper_params'])} | {dash(m['paper_miou'])} |")
+    legend = '\n'.join(f'- `{head}`: {summary}' for head, summary in heads.items())
+    return '\n'.join(rows) + '\n\nWhat each head does:\n\n' + legend
 
 
 def tables() -> str:
-    return (f'{BEGIN}\n### Backbones\n\n{backbone_table()}\n\n### Published models (ADE20K, 150 classes)\n\n'
-            f'{published_table()}\n{END}')
+    return (f'{BEGIN}\n### Backbones\n\n{backbone_table()}\n\n### Every config\n\nParameters at the config\'s '
+            f'class count; stride of the logits at a 512x512 input.\n\n{model_table()}\n{END}')
 
 
 def main() -> None:

@@ -76,7 +76,9 @@ class Hamburger(nn.Module):
 
 
 class LightHamHead(nn.Module):
-    """List of 4 backbone maps -> logits at the stride of `features[in_index[0]]` (8 for SegNeXt).
+    """SegNeXt's LightHam: stride-8/16/32 maps fused at stride 8 through a Hamburger (NMF matrix decomposition).
+
+    List of 4 backbone maps -> logits at the stride of `features[in_index[0]]` (8 for SegNeXt).
 
     `in_channels` lists all 4 backbone widths; the head uses the levels in `in_index`.
     """

@@ -29,7 +29,9 @@ def interleave_groups(hr: torch.Tensor, lr: torch.Tensor, groups: int = RESAMPLE
 
 
 class OffSegHead(nn.Module):
-    """List of 4 backbone maps (strides 4/8/16/32) -> logits (B, num_classes, H/4, W/4).
+    """OffSeg's head: per-level 1x1 reductions, a FreqFusion cascade from stride 32 to 4, Offset Learning.
+
+    List of 4 backbone maps (strides 4/8/16/32) -> logits (B, num_classes, H/4, W/4).
 
     `new_channels` are the per-level widths after `pre`; FreqFusion k fuses level 2−k (hr) into the
     running map (lr) with (lr + hr) // 4 compressed channels. `offset_learning=False` puts a plain

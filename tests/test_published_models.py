@@ -1,0 +1,117 @@
+"""Every config and every published model: the configs validate and match their papers' parameter
+counts, the reference vectors are reproduced through tools/convert_checkpoint.py and create_model,
+every backbone x head pair trains, and a converted checkpoint works in evaluate.py and infer.py."""
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import infer
+from conftest import ROOT, assert_close_to_reference, load_vector
+from engine.checkpoint import load_checkpoint
+from engine.config import resolve
+from models import OffsetLearning
+from models.heads import HEADS
+from tools.convert_checkpoint import convert
+from train import check_config, config_for_checkpoint, create_model, load_config, load_model_weights
+
+CONFIGS = sorted((ROOT / 'configs').glob('*.yaml'))
+NO_WEIGHTS = ['backbone.pretrained=null']   # the configs name ImageNet files users download themselves
+
+
+def count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.stem)
+def test_every_config_validates_and_matches_its_papers_parameter_count(path):
+    """Papers round to 0.1M; their Offset Learning counts include mmseg's unused conv_seg (C·K + K),
+    which we do not build, so it is added back for the comparison."""
+    cfg = load_config(path, NO_WEIGHTS)
+    with torch.device('meta'):
+        model = create_model(cfg)
+    paper = cfg['paper'] or {}
+    if 'params_m' not in paper:
+        return
+    params = count(model)
+    if isinstance(model.head.classifier, OffsetLearning):
+        _, classes, channels = model.head.classifier.cls_repr.shape
+        params += channels * classes + classes
+    assert abs(params / 1e6 - paper['params_m']) <= 0.05, f'{params / 1e6:.3f}M vs the paper\'s {paper["params_m"]}M'
+
+
+def converted_model(name: str, folder):
+    """The reference vector's state_dict saved as an mmseg checkpoint, converted by the tool with the
+    model's config, and loaded strictly into create_model(config)."""
+    d = load_vector(name)
+    source, target = folder / f'{name}_mmseg.pth', folder / f'{name}.pth'
+    torch.save({'state_dict': d['state_dict'], 'meta': {}}, source)
+    report = convert(str(source), str(target), str(ROOT / 'configs' / f'{name}.yaml'), NO_WEIGHTS)
+    assert report == [], report
+    checkpoint = load_checkpoint(target)
+    model = create_model(config_for_checkpoint(checkpoint, target)).eval()
+    load_model_weights(model, checkpoint, str(target))
+    return d, model, target
+
+
+@pytest.mark.parametrize('name', ['offseg_t', 'segformer_b0', 'segformer_b0_ol', 'segnext_t', 'segnext_t_ol'])
+def test_published_models_reproduce_their_reference_through_the_converter(name, tmp_path):
+    d, model, _ = converted_model(name, tmp_path)
+    with torch.no_grad():
+        features = model.backbone(d['input'])
+        if 'nmf_seed' in d:        # LightHam draws its NMF bases from the global RNG, as published
+            torch.manual_seed(d['nmf_seed'])
+        logits = model(d['input'])
+    for level, (ours, ref) in enumerate(zip(features, d['features'])):
+        assert_close_to_reference(ours, ref, f'{name} feature {level}')
+    assert_close_to_reference(logits, d['logits'], f'{name} logits')
+
+
+TINY_BACKBONES = {'resnet': '18', 'convnext': 'tiny', 'mit': 'b0', 'mscan': 't', 'efficientformerv2': 's1'}
+
+
+@pytest.mark.parametrize('head', list(HEADS))
+@pytest.mark.parametrize('backbone', list(TINY_BACKBONES))
+def test_every_backbone_head_pair_runs_and_backpropagates(backbone, head):
+    """Each pair at 64x64 with the plain classifier and at 96x128 with Offset Learning: logits of the
+    head's stride, finite gradients reaching the first backbone layer and the classifier."""
+    for (height, width), offset_learning in (((64, 64), False), ((96, 128), True)):
+        cfg = resolve({'backbone': {'type': backbone, 'variant': TINY_BACKBONES[backbone]},
+                       'head': {'type': head, 'offset_learning': offset_learning},
+                       'data': {'type': 'demo', 'root': 'unused', 'num_classes': 5},
+                       'train': {'max_iters': 1, 'batch_size': 2}})
+        cfg['_source'] = 'test'
+        check_config(cfg)
+        torch.manual_seed(0)
+        model = create_model(cfg).train()
+        logits = model(torch.randn(2, 3, height, width))
+        assert logits.shape[:2] == (2, 5) and height % logits.shape[2] == 0
+        assert height // logits.shape[2] == width // logits.shape[3]
+        torch.nn.functional.cross_entropy(logits, torch.randint(0, 5, (2, *logits.shape[2:]))).backward()
+        parameters = list(model.parameters())
+        assert parameters[0].grad is not None and torch.isfinite(parameters[0].grad).all()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.head.classifier.parameters())
+
+
+def test_a_converted_published_checkpoint_works_in_evaluate_and_infer(tmp_path, capsys):
+    """SegFormer-B0 + OL converted from its published format, scored and run on an ADE20K-layout folder."""
+    _, _, checkpoint = converted_model('segformer_b0_ol', tmp_path)
+    root = tmp_path / 'ade'
+    rng = np.random.default_rng(0)
+    for sub in ('images/validation', 'annotations/validation'):
+        (root / sub).mkdir(parents=True)
+    for i in range(2):
+        cv2.imwrite(str(root / 'images/validation' / f'ADE_val_{i:08d}.jpg'), rng.integers(0, 255, (64, 96, 3), np.uint8))
+        cv2.imwrite(str(root / 'annotations/validation' / f'ADE_val_{i:08d}.png'), rng.integers(0, 151, (64, 96), np.uint8))
+    overrides = ['--set', f'data.root={root}', 'eval.crop_size=[64,64]', 'eval.stride=[32,32]', '--device', 'cpu']
+    evaluate.main(['--checkpoint', str(checkpoint), '--work-dir', str(tmp_path / 'eval'), *overrides])
+    results = json.loads((tmp_path / 'eval' / 'eval_val_slide.json').read_text())
+    assert len(results['IoU']) == 150 and 0 <= results['aAcc'] <= 100
+    infer.main(['--checkpoint', str(checkpoint), '--input', str(root / 'images'), '--output', str(tmp_path / 'out'),
+                *overrides])
+    ids = cv2.imread(str(tmp_path / 'out' / 'validation' / 'ADE_val_00000001.png'), cv2.IMREAD_UNCHANGED)
+    assert ids.shape == (64, 96) and ids.max() < 150
+    assert '2 images predicted' in capsys.readouterr().out
