@@ -17,7 +17,10 @@ PARTS = {  # published prefix -> (our attribute on Segmentor, whether the prefix
 
 
 def convert_model_state(model: nn.Module, state: dict) -> tuple:
-    """(our state_dict, [keys no part of `model` claims]) for a published whole-model state_dict."""
+    """(our state_dict, [keys no part of `model` claims]) for a published state_dict: a whole model,
+    or a backbone alone (an ImageNet file: no key carries a part prefix)."""
+    if not any(key.startswith(tuple(PARTS)) for key in state):
+        state = {f'backbone.{key}': value for key, value in state.items()}
     grouped, unclaimed = {}, []
     for key, value in state.items():
         prefix = next((p for p in PARTS if key.startswith(p)), None)

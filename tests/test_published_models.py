@@ -115,3 +115,41 @@ def test_a_converted_published_checkpoint_works_in_evaluate_and_infer(tmp_path, 
     ids = cv2.imread(str(tmp_path / 'out' / 'validation' / 'ADE_val_00000001.png'), cv2.IMREAD_UNCHANGED)
     assert ids.shape == (64, 96) and ids.max() < 150
     assert '2 images predicted' in capsys.readouterr().out
+
+
+def test_an_imagenet_backbone_file_converts_with_the_head_listed_as_missing(tmp_path):
+    """Official MSCAN ImageNet naming (nested MLP conv, a `head` classifier, no part prefixes)."""
+    cfg = load_config(ROOT / 'configs' / 'segnext_t.yaml', NO_WEIGHTS)
+    torch.manual_seed(0)
+    model = create_model(cfg)
+    backbone = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.backbone.state_dict().items()}
+    official = {k.replace('.mlp.dwconv.', '.mlp.dwconv.dwconv.'): v for k, v in backbone.items()}
+    official.update({'head.weight': torch.zeros(1000, 256), 'head.bias': torch.zeros(1000)})
+    torch.save(official, tmp_path / 'mscan_t.pth')
+    report = convert(str(tmp_path / 'mscan_t.pth'), str(tmp_path / 'out.pth'),
+                     str(ROOT / 'configs' / 'segnext_t.yaml'), NO_WEIGHTS)
+    head_keys = len(model.head.state_dict())
+    assert len(report) == 1 and report[0].startswith(f'{head_keys} keys missing from the checkpoint: head.')
+    converted = load_checkpoint(tmp_path / 'out.pth')['model']
+    assert all(torch.equal(converted[f'backbone.{k}'], v) for k, v in backbone.items())
+
+
+def test_a_hugging_face_segformer_folder_converts_to_the_same_logits(tmp_path):
+    """A folder saved by transformers' SegformerForSemanticSegmentation (random B0, built locally)
+    becomes MiT + the official All-MLP head here, with the same logits."""
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+    torch.manual_seed(0)
+    hf = SegformerForSemanticSegmentation(SegformerConfig(num_labels=150)).eval()
+    hf.save_pretrained(tmp_path / 'hf')
+    report = convert(str(tmp_path / 'hf'), str(tmp_path / 'ours.pth'), str(ROOT / 'configs' / 'segformer_b0.yaml'),
+                     [*NO_WEIGHTS, 'head.type=segformer_mlp'])
+    assert report == [], report
+    checkpoint = load_checkpoint(tmp_path / 'ours.pth')
+    model = create_model(config_for_checkpoint(checkpoint, 'ours.pth')).eval()
+    load_model_weights(model, checkpoint, 'ours.pth')
+    for module in hf.modules():      # HF ignores layer_norm_eps; ours follow mmseg's 1e-6
+        if isinstance(module, torch.nn.LayerNorm):
+            module.eps = 1e-6
+    images = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        assert torch.allclose(model(images), hf(pixel_values=images).logits, atol=1e-5)
