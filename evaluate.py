@@ -18,8 +18,7 @@ from engine import dist
 from engine.checkpoint import load_checkpoint
 from engine.config import ConfigError
 from engine.evaluation import evaluate
-from train import (AMP_DTYPES, build_dataset, config_for_checkpoint, create_model, load_model_weights, quiet_opencv,
-                   run_cli)
+from train import AMP_DTYPES, build_dataset, config_for_checkpoint, create_model, load_model_weights, run_cli
 
 
 def parse_args(argv=None):
@@ -58,8 +57,7 @@ def main(argv=None) -> None:
     device, rank, world_size = dist.setup(args.device)
     dataset = build_dataset(cfg, 'val')
     loader = DataLoader(Subset(dataset, shard(len(dataset), rank, world_size)), batch_size=1,
-                        num_workers=cfg['data']['workers'], pin_memory=device.type == 'cuda',
-                        worker_init_fn=quiet_opencv)
+                        num_workers=cfg['data']['workers'], pin_memory=device.type == 'cuda')
     model = create_model(cfg)
     load_model_weights(model, checkpoint, args.checkpoint)
     model.to(device)

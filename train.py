@@ -191,7 +191,7 @@ def main(argv=None) -> None:
     checkpoint = load_checkpoint(resume) if resume else None
     start_iter = checkpoint['iteration'] if checkpoint else 0
     loader_options = dict(num_workers=data_cfg['workers'], pin_memory=device.type == 'cuda',
-                          persistent_workers=data_cfg['workers'] > 0, worker_init_fn=quiet_opencv)
+                          persistent_workers=data_cfg['workers'] > 0)
     train_loader = DataLoader(train_set, batch_size=batch_per_rank, **loader_options,
                               sampler=TrainSampler(len(train_set), train_cfg['seed'], rank, world_size,
                                                    start=start_iter * batch_per_rank))
@@ -349,12 +349,6 @@ def set_rng_state(state: dict) -> None:
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def quiet_opencv(worker_id: int) -> None:
-    """One OpenCV thread per loader worker: the workers already run in parallel."""
-    import cv2
-    cv2.setNumThreads(1)
 
 
 def run_cli(main_fn) -> None:

@@ -1,6 +1,14 @@
 """Datasets: each reads its on-disk layout and yields (uint8 image (3,H,W), int64 label (H,W)).
 
 `DATASETS` maps `data.type` to the class; see datasets/README.md for each one's expected layout."""
+import cv2
+
+# OpenCV's own thread pool does not survive fork(): a data-loader worker forked from a process whose
+# pool has started (the dataset scan reads files from threads) deadlocks as soon as OpenCV touches
+# the pool. Loading is parallel across worker processes instead, so OpenCV runs single-threaded,
+# set here before any of this package's OpenCV calls.
+cv2.setNumThreads(0)
+
 from .ade20k import ADE20K
 from .base import DatasetError, DatasetWarning, SegmentationDataset
 from .camvid import CamVid
