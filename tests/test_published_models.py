@@ -106,7 +106,8 @@ def test_a_converted_published_checkpoint_works_in_evaluate_and_infer(tmp_path, 
     for i in range(2):
         cv2.imwrite(str(root / 'images/validation' / f'ADE_val_{i:08d}.jpg'), rng.integers(0, 255, (64, 96, 3), np.uint8))
         cv2.imwrite(str(root / 'annotations/validation' / f'ADE_val_{i:08d}.png'), rng.integers(0, 151, (64, 96), np.uint8))
-    overrides = ['--set', f'data.root={root}', 'eval.crop_size=[64,64]', 'eval.stride=[32,32]', '--device', 'cpu']
+    overrides = ['--set', f'data.root={root}', 'data.workers=2', 'eval.crop_size=[64,64]', 'eval.stride=[32,32]',
+                 '--device', 'cpu']
     evaluate.main(['--checkpoint', str(checkpoint), '--work-dir', str(tmp_path / 'eval'), *overrides])
     results = json.loads((tmp_path / 'eval' / 'eval_val_slide.json').read_text())
     assert len(results['IoU']) == 150 and 0 <= results['aAcc'] <= 100
