@@ -18,7 +18,7 @@ from engine import dist
 from engine.checkpoint import load_checkpoint
 from engine.config import ConfigError
 from engine.evaluation import evaluate
-from train import AMP_DTYPES, build_dataset, config_for_checkpoint, create_model, load_model_weights, run_cli
+from train import amp_dtype_for, build_dataset, config_for_checkpoint, create_model, load_model_weights, run_cli
 
 
 def parse_args(argv=None):
@@ -62,7 +62,7 @@ def main(argv=None) -> None:
     load_model_weights(model, checkpoint, args.checkpoint)
     model.to(device)
     data = cfg['data']
-    amp_dtype = AMP_DTYPES.get(cfg['train']['amp']) if device.type == 'cuda' else None
+    amp_dtype = amp_dtype_for(cfg, device)
     results = evaluate(model, loader, data['num_classes'], data['ignore_index'], data['mean'], data['std'],
                        cfg['eval'], device, amp_dtype, progress=dist.is_main())
     if dist.is_main():

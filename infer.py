@@ -24,8 +24,8 @@ from datasets.base import IMAGE_SUFFIXES, DatasetError, read_image, resolve_pale
 from datasets.transforms import Pipeline
 from engine import dist
 from engine.checkpoint import load_checkpoint
-from engine.inference import infer_logits, normalize
-from train import AMP_DTYPES, config_for_checkpoint, create_model, load_model_weights, run_cli
+from engine.inference import infer_logits, inference_options, normalize
+from train import amp_dtype_for, config_for_checkpoint, create_model, load_model_weights, run_cli
 
 
 def parse_args(argv=None):
@@ -84,10 +84,10 @@ def main(argv=None) -> None:
     model = create_model(cfg)
     load_model_weights(model, checkpoint, args.checkpoint)
     model.to(device).eval()
-    amp_dtype = AMP_DTYPES.get(cfg['train']['amp']) if device.type == 'cuda' else None
+    amp_dtype = amp_dtype_for(cfg, device)
     palette = resolve_palette(DATASETS[data['type']], data['num_classes'], data['palette'])
     pipeline = Pipeline(data['val']['pipeline'], data['ignore_index'], data['mean'])
-    options = {k: cfg['eval'][k] for k in ('mode', 'crop_size', 'stride', 'scales', 'flip', 'size_divisor')}
+    options = inference_options(cfg['eval'])
     failed = []
     with tqdm(total=len(images), desc='infer', dynamic_ncols=True) as bar:
         for start in range(0, len(images), args.batch_size):

@@ -34,6 +34,11 @@ __all__ = ['load_config', 'create_backbone', 'get_backbone_channels', 'create_he
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
+def amp_dtype_for(cfg: dict, device: torch.device):
+    """The autocast dtype of `train.amp` on CUDA; None (full float32) on CPU or with AMP off."""
+    return AMP_DTYPES.get(cfg['train']['amp']) if device.type == 'cuda' else None
+
+
 # ----------------------------------------------------------------------------------------- factories
 
 def backbone_kwargs(cfg: dict) -> dict:
@@ -180,7 +185,7 @@ def main(argv=None) -> None:
         raise ConfigError(f"{cfg['_source']}: train.batch_size {train_cfg['batch_size']} does not divide over "
                           f"{world_size} processes")
     batch_per_rank = train_cfg['batch_size'] // world_size
-    amp_dtype = AMP_DTYPES.get(train_cfg['amp']) if device.type == 'cuda' else None
+    amp_dtype = amp_dtype_for(cfg, device)
     log = Logger(work_dir if dist.is_main() else None)
 
     # Data first: a wrong folder fails here, before the model is built.

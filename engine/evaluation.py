@@ -2,7 +2,7 @@
 import torch
 from tqdm import tqdm
 
-from .inference import infer_logits, normalize
+from .inference import infer_logits, inference_options, normalize
 from .metrics import ConfusionMatrix
 
 
@@ -16,7 +16,7 @@ def evaluate(model, loader, num_classes: int, ignore_index: int, mean, std, eval
     was_training = model.training
     model.eval()
     confusion = ConfusionMatrix(num_classes, ignore_index, device)
-    options = {k: eval_cfg[k] for k in ('mode', 'crop_size', 'stride', 'scales', 'flip', 'size_divisor')}
+    options = inference_options(eval_cfg)
     for images, labels in tqdm(loader, desc='eval', leave=False, disable=not progress, dynamic_ncols=True):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

@@ -53,6 +53,11 @@ def slide(model, images: torch.Tensor, crop_size, stride, num_classes: int, wind
     return total / count
 
 
+def inference_options(eval_cfg: dict) -> dict:
+    """The `eval` config keys that `infer_logits` takes."""
+    return {k: eval_cfg[k] for k in ('mode', 'crop_size', 'stride', 'scales', 'flip', 'size_divisor')}
+
+
 def infer_logits(model, images: torch.Tensor, num_classes: int, out_size=None, mode: str = 'whole',
                  crop_size=None, stride=None, scales=(1.0,), flip: bool = False, size_divisor: int = 32):
     """Logits (or averaged probabilities under TTA) of normalised `images`, resized to `out_size`."""
