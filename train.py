@@ -6,13 +6,14 @@
 The factories below map the config to models; the rest of the file is the training loop.
 """
 import argparse
-import math
+import contextlib
 import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
@@ -20,12 +21,14 @@ from datasets import DATASETS, DatasetError
 from datasets.sampler import TrainSampler, shard
 from datasets.transforms import TRANSFORMS
 from engine import dist
-from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.checkpoint import load_checkpoint, remove_partial_writes, save_checkpoint, save_iteration_checkpoint
 from engine.config import DEFAULTS, ConfigError, check_kwargs, choose, dump_config, read_config, resolve
 from engine.evaluation import evaluate
 from engine.inference import normalize
-from engine.losses import SegmentationLoss
-from engine.optim import build_optimizer, build_scheduler
+from engine.losses import SegmentationLoss, check_loss_config
+from engine.optim import build_optimizer, build_scheduler, check_rules
+from engine.training import (Logger, count_params, get_rng_state, has_unused_parameters, load_weights_from,
+                             log_validation, per_process_batch, resume_path, set_rng_state, stop_if_not_finite)
 from models import BACKBONES, HEADS, Segmentor
 from models.pretrained import CheckpointError, load_into, load_pretrained
 
@@ -90,6 +93,15 @@ def check_config(cfg: dict) -> None:
         if cfg[section]:
             kwargs = {k: v for k, v in cfg[section].items() if k not in ('type', 'loss_weight')}
             check_kwargs(choose(section, cfg[section].get('type'), HEADS, source), kwargs, section, source)
+    check_rules(cfg['train']['param_groups'], source)
+    try:
+        check_loss_config(cfg['train']['loss'])
+    except ConfigError as error:
+        raise ConfigError(f'{source}: {error}') from None
+    class_weight = cfg['train']['loss']['class_weight']
+    if class_weight is not None and len(class_weight) != cfg['data']['num_classes']:
+        raise ConfigError(f"{source}: 'train.loss.class_weight' has {len(class_weight)} values for "
+                          f"data.num_classes {cfg['data']['num_classes']}")
     dataset = choose('data', cfg['data']['type'], DATASETS, source)
     check_kwargs(dataset, dataset_options(cfg['data']), 'data', source, provided=DATASET_ARGUMENTS,
                  suggest=DEFAULTS['data'])
@@ -169,7 +181,11 @@ def parse_args(argv=None):
     parser.add_argument('--set', nargs='+', default=[], action='extend', metavar='KEY=VALUE',
                         help='override config values, e.g. --set train.max_iters=200 head.type=aspp')
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
-    parser.add_argument('--resume', metavar='CKPT|auto', help="continue from a checkpoint ('auto': work_dir/last.pth)")
+    parser.add_argument('--resume', metavar='CKPT|auto',
+                        help="continue a run exactly from a checkpoint ('auto': work_dir/last.pth if there is one)")
+    parser.add_argument('--load-from', metavar='CKPT',
+                        help='initialise the weights from a checkpoint (fine-tuning: a fresh optimizer and schedule; '
+                             'ignored when resuming)')
     return parser.parse_args(argv)
 
 
@@ -181,11 +197,9 @@ def main(argv=None) -> None:
     cfg['output']['work_dir'] = str(work_dir)
 
     device, rank, world_size = dist.setup(args.device)
-    if train_cfg['batch_size'] % world_size:
-        raise ConfigError(f"{cfg['_source']}: train.batch_size {train_cfg['batch_size']} does not divide over "
-                          f"{world_size} processes")
-    batch_per_rank = train_cfg['batch_size'] // world_size
+    micro_batch, accum_steps = per_process_batch(cfg, world_size), train_cfg['accum_steps']
     amp_dtype = amp_dtype_for(cfg, device)
+    memory_format = torch.channels_last if train_cfg['channels_last'] else torch.contiguous_format
     log = Logger(work_dir if dist.is_main() else None)
 
     # Data first: a wrong folder fails here, before the model is built.
@@ -197,164 +211,136 @@ def main(argv=None) -> None:
     start_iter = checkpoint['iteration'] if checkpoint else 0
     loader_options = dict(num_workers=data_cfg['workers'], pin_memory=device.type == 'cuda',
                           persistent_workers=data_cfg['workers'] > 0)
-    train_loader = DataLoader(train_set, batch_size=batch_per_rank, **loader_options,
+    train_loader = DataLoader(train_set, batch_size=micro_batch, **loader_options,
                               sampler=TrainSampler(len(train_set), train_cfg['seed'], rank, world_size,
-                                                   start=start_iter * batch_per_rank))
+                                                   start=start_iter * micro_batch * accum_steps))
     val_loader = DataLoader(Subset(val_set, shard(len(val_set), rank, world_size)), batch_size=1, **loader_options)
 
     torch.manual_seed(train_cfg['seed'])
-    model = create_model(cfg).to(device)
+    model = create_model(cfg).to(device, memory_format=memory_format)
+    if args.load_from and not checkpoint:
+        for message in load_weights_from(model, args.load_from):
+            log(message)
+    find_unused = world_size > 1 and has_unused_parameters(model, device)
     if world_size > 1 and device.type == 'cuda':
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer, groups_table = build_optimizer(model, train_cfg['optimizer'], train_cfg['param_groups'])
     scheduler = build_scheduler(optimizer, train_cfg['max_iters'], train_cfg['schedule'])
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    best_miou, best_iter = -1.0, 0
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(train_cfg['ema_decay']), use_buffers=True) \
+        if train_cfg['ema_decay'] else None
+    best = {'model': (-1.0, 0), 'ema': (-1.0, 0)}  # (mIoU, iteration) of the best validation so far
     if checkpoint:
         load_model_weights(model, checkpoint, str(resume))
         optimizer.load_state_dict(checkpoint['optimizer'])
         scheduler.load_state_dict(checkpoint['scheduler'])
         scaler.load_state_dict(checkpoint['scaler'])
-        best_miou, best_iter = checkpoint['best_miou'], checkpoint['best_iter']
+        if ema and checkpoint.get('ema'):
+            ema.load_state_dict(checkpoint['ema'])
+        best.update(checkpoint['best'])
         log(f'resumed from {resume} at iteration {start_iter}')
     batches = iter(train_loader)  # draws a worker base seed from the global RNG: before it is seeded or restored
     if checkpoint and len(checkpoint['rng']) == world_size:
         set_rng_state(checkpoint['rng'][rank])
     else:  # a fresh run, or a resume on a different number of processes: randomness starts anew
         torch.manual_seed(train_cfg['seed'] + rank + start_iter)  # per-process dropout/drop-path
-    train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None) \
-        if world_size > 1 else model
-    criterion = SegmentationLoss(data_cfg['ignore_index'], train_cfg['loss']['class_weight'],
+    train_model = model if world_size == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[device] if device.type == 'cuda' else None, find_unused_parameters=find_unused)
+    criterion = SegmentationLoss(data_cfg['ignore_index'], train_cfg['loss'],
                                  (cfg['aux_head'] or {}).get('loss_weight', 0.4))
 
     if dist.is_main():
         work_dir.mkdir(parents=True, exist_ok=True)
         dump_config(stored_config(cfg), work_dir / 'config.yaml')
+        remove_partial_writes(work_dir)
+    split = f"{world_size} x {micro_batch}" + (f" x {accum_steps} steps" if accum_steps > 1 else '')
     log(f"{cfg['backbone']['type']} + {cfg['head']['type']}: {count_params(model) / 1e6:.3f}M parameters; "
-        f"{len(train_set)} train / {len(val_set)} val images; {world_size} process(es) on {device}; "
-        f"batch {train_cfg['batch_size']}\nparameter groups:\n{groups_table}")
+        f"{len(train_set)} train / {len(val_set)} val images; {world_size} process(es) on {device}; batch "
+        f"{train_cfg['batch_size']} = {split}" + ('; DDP finds unused parameters' if find_unused else '')
+        + f"\nparameter groups:\n{groups_table}")
 
     def state(iteration: int, rng_states: list) -> dict:
-        return {'model': model.state_dict(), 'config': stored_config(cfg),
+        return {'model': model.state_dict(), 'ema': ema.state_dict() if ema else None, 'config': stored_config(cfg),
                 'iteration': iteration, 'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
-                'scaler': scaler.state_dict(), 'best_miou': best_miou, 'best_iter': best_iter, 'rng': rng_states}
+                'scaler': scaler.state_dict(), 'best': best, 'rng': rng_states}
 
     # ------------------------------------------------------------------------------------ the loop
     train_model.train()
-    running_loss = torch.zeros((), device=device)
+    running = {}  # loss terms summed on the device since the last log
     first_bad_iter = torch.full((), -1, device=device)
     window_start, window_iters = time.perf_counter(), 0
     bar = tqdm(total=train_cfg['max_iters'], initial=start_iter, desc='train', dynamic_ncols=True,
                disable=not dist.is_main())
     for iteration in range(start_iter + 1, train_cfg['max_iters'] + 1):
-        images, labels = next(batches)
-        images = normalize(images.to(device, non_blocking=True), data_cfg['mean'], data_cfg['std'])
-        labels = labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            outputs = train_model(images)
-        loss = criterion(outputs, labels)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        for step in range(accum_steps):
+            images, labels = next(batches)
+            images = normalize(images.to(device, non_blocking=True), data_cfg['mean'], data_cfg['std'])
+            images = images.contiguous(memory_format=memory_format)
+            labels = labels.to(device, non_blocking=True)
+            last_step = step == accum_steps - 1
+            with contextlib.nullcontext() if last_step or world_size == 1 else train_model.no_sync():
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    outputs = train_model(images)
+                terms = criterion.terms(outputs, labels)
+                scaler.scale(terms['loss'] / accum_steps).backward()
+            for name, value in terms.items():
+                running[name] = running.get(name, 0) + value.detach() / accum_steps
         if train_cfg['grad_clip']:
             scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), train_cfg['grad_clip'])
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        running_loss += loss.detach()
-        first_bad_iter = torch.where((first_bad_iter < 0) & ~torch.isfinite(loss), iteration, first_bad_iter)
+        if ema:
+            ema.update_parameters(model)
+        first_bad_iter = torch.where((first_bad_iter < 0) & ~torch.isfinite(running['loss']), iteration,
+                                     first_bad_iter)
         window_iters += 1
         bar.update()
 
         if iteration % train_cfg['log_interval'] == 0 or iteration == train_cfg['max_iters']:
-            if first_bad_iter.item() >= 0:  # the only host sync: once per log interval
-                raise FloatingPointError(f'loss became NaN/Inf at iteration {first_bad_iter.item()}; stopping '
-                                         f'(last good checkpoint: {work_dir / "last.pth"})')
-            mean_loss = running_loss.item() / window_iters
+            stop_if_not_finite(first_bad_iter, work_dir)  # the only host sync: once per log interval
+            means = {name: value.item() / window_iters for name, value in dist.mean_over_processes(running).items()}
             speed = window_iters * train_cfg['batch_size'] / (time.perf_counter() - window_start)
             lr = optimizer.param_groups[0]['lr']
-            bar.set_postfix(loss=f'{mean_loss:.4f}', lr=f'{lr:.3g}')
-            log.scalars(iteration, {'train/loss': mean_loss, 'train/lr': lr, 'train/images_per_s': speed})
-            running_loss.zero_()
+            bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f'{lr:.3g}')
+            log(f"iter {iteration}/{train_cfg['max_iters']}: " + '  '.join(f'{k} {v:.6f}' for k, v in means.items())
+                + f'  lr {lr:.4g}  {speed:.1f} images/s')
+            log.scalars(iteration, {**{f'train/{k}': v for k, v in means.items()}, 'train/lr': lr,
+                                    'train/images_per_s': speed})
+            running.clear()
             window_iters = 0
             window_start = time.perf_counter()
 
         if iteration % train_cfg['val_interval'] == 0 or iteration == train_cfg['max_iters']:
-            results = evaluate(model, val_loader, data_cfg['num_classes'], data_cfg['ignore_index'],
-                               data_cfg['mean'], data_cfg['std'], cfg['eval'], device, amp_dtype,
-                               progress=dist.is_main())
-            if results['mIoU'] > best_miou:
-                best_miou, best_iter = results['mIoU'], iteration
-            log(f"iter {iteration}: mIoU {results['mIoU']:.2f}  mAcc {results['mAcc']:.2f}  "
-                f"aAcc {results['aAcc']:.2f}  (best {best_miou:.2f} at {best_iter})")
-            log.scalars(iteration, {f'val/{k}': results[k] for k in ('mIoU', 'mAcc', 'aAcc')})
-            log.scalars(iteration, {f'val/IoU/{name}': iou for name, iou in zip(data_cfg['class_names'],
-                                                                                 results['IoU'])
-                                    if not math.isnan(iou)})
+            stop_if_not_finite(first_bad_iter, work_dir)  # never checkpoint a broken state
+            for name, candidate in (('model', model), ('ema', ema and ema.module)):
+                if candidate is None:
+                    continue
+                results = evaluate(candidate, val_loader, data_cfg['num_classes'], data_cfg['ignore_index'],
+                                   data_cfg['mean'], data_cfg['std'], cfg['eval'], device, amp_dtype,
+                                   progress=dist.is_main())
+                improved = results['mIoU'] > best[name][0]
+                if improved:
+                    best[name] = (results['mIoU'], iteration)
+                log_validation(log, iteration, name, results, best[name], data_cfg['class_names'])
+                if improved and dist.is_main():
+                    best_state = {'model': candidate.state_dict(), 'config': stored_config(cfg),
+                                  'iteration': iteration, 'miou': results['mIoU']}
+                    save_checkpoint(best_state, work_dir / ('best.pth' if name == 'model' else 'best_ema.pth'))
             rng_states = dist.all_gather(get_rng_state())
             if dist.is_main():
-                save_checkpoint(state(iteration, rng_states), work_dir / 'last.pth')
-                if best_iter == iteration:
-                    save_checkpoint(state(iteration, rng_states), work_dir / 'best.pth')
+                save_iteration_checkpoint(state(iteration, rng_states), work_dir, train_cfg['keep_checkpoints'])
             dist.barrier()
             window_start = time.perf_counter()
     bar.close()
-    log(f'done: best mIoU {best_miou:.2f} at iteration {best_iter}; checkpoint {work_dir / "best.pth"}')
+    log(f"done: best mIoU {best['model'][0]:.2f} at iteration {best['model'][1]}; checkpoint {work_dir / 'best.pth'}")
     log.close()
     dist.cleanup()
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-class Logger:
-    """Console (above the progress bar), work_dir/train.log and TensorBoard, on the main process only."""
-
-    def __init__(self, work_dir):
-        self.file = self.writer = None
-        if work_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-            work_dir.mkdir(parents=True, exist_ok=True)
-            self.file = open(work_dir / 'train.log', 'a')
-            self.writer = SummaryWriter(str(work_dir / 'tensorboard'))
-
-    def __call__(self, message: str) -> None:
-        if self.file:
-            tqdm.write(message)
-            self.file.write(message + '\n')
-            self.file.flush()
-
-    def scalars(self, step: int, values: dict) -> None:
-        if self.writer:
-            for tag, value in values.items():
-                self.writer.add_scalar(tag, value, step)
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
-            self.writer.close()
-
-
-def resume_path(resume, work_dir: Path):
-    if resume != 'auto':
-        return resume
-    last = work_dir / 'last.pth'
-    return last if last.is_file() else None
-
-
-def get_rng_state() -> dict:
-    return {'torch': torch.get_rng_state(),
-            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state['torch'])
-    if state['cuda'] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
 
 def run_cli(main_fn) -> None:
     """Bad input (config, data, checkpoint) ends with one clear line and exit code 2, not a traceback."""

@@ -38,6 +38,15 @@ def all_gather(value) -> list:
     return values
 
 
+def mean_over_processes(values: dict) -> dict:
+    """{name: scalar tensor} averaged over all processes (e.g. each rank's loss, for the log)."""
+    if not dist.is_initialized():
+        return values
+    stacked = torch.stack(list(values.values()))
+    dist.all_reduce(stacked)
+    return dict(zip(values, stacked / dist.get_world_size()))
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

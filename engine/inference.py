@@ -65,7 +65,8 @@ def infer_logits(model, images: torch.Tensor, num_classes: int, out_size=None, m
     height, width = images.shape[-2:]
     outputs = []
     for scale in scales:
-        scaled = images if scale == 1 else resize(images, (round(height * scale), round(width * scale)))
+        # Sizes round half up, as mmcv's rescale does (Python's round() would send 2.5 to 2).
+        scaled = images if scale == 1 else resize(images, (int(height * scale + 0.5), int(width * scale + 0.5)))
         for flipped in ((False, True) if flip else (False,)):
             batch = scaled.flip(-1) if flipped else scaled
             if mode == 'slide':

@@ -3,6 +3,10 @@ import math
 
 import torch
 
+from .config import ConfigError
+
+RULE_OPTIONS = ('lr_mult', 'decay_mult')
+
 
 def group_rule(name: str, rules: dict):
     """mmcv's rule: among the keys contained in `name`, the longest wins (ties: alphabetical)."""
@@ -13,6 +17,7 @@ def group_rule(name: str, rules: dict):
 def build_optimizer(model: torch.nn.Module, optimizer_cfg: dict, rules: dict):
     """AdamW or SGD over groups formed by `rules` ({substring: {lr_mult, decay_mult}}); returns the
     optimizer and a table of the groups for the log."""
+    check_rules(rules)
     lr, weight_decay = optimizer_cfg['lr'], optimizer_cfg['weight_decay']
     groups = {}
     for name, param in model.named_parameters():
@@ -33,6 +38,20 @@ def build_optimizer(model: torch.nn.Module, optimizer_cfg: dict, rules: dict):
         table.append(f"{rule or '(default)':<16}{group['lr']:>10.3g}{group['weight_decay']:>10.3g}"
                      f"{len(group['params']):>9}{sum(p.numel() for p in group['params']):>12,}")
     return optimizer, '\n'.join(table)
+
+
+def check_rules(rules: dict, source: str = 'config') -> None:
+    """Each rule is {lr_mult, decay_mult} (numbers >= 0): a misspelt option would otherwise do nothing."""
+    for key, options in rules.items():
+        rule = f'train.param_groups.{key}'
+        if not isinstance(options, dict):
+            raise ConfigError(f"{source}: '{rule}' must be a mapping of {' and/or '.join(RULE_OPTIONS)}, "
+                              f"got {options!r}")
+        for option, value in options.items():
+            if option not in RULE_OPTIONS:
+                raise ConfigError(f"{source}: unknown key '{rule}.{option}' (valid: {', '.join(RULE_OPTIONS)})")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"{source}: '{rule}.{option}' must be a number >= 0, got {value!r}")
 
 
 def lr_factor(iteration: int, max_iters: int, schedule: dict) -> float:

@@ -1,4 +1,5 @@
 """Config loading: _base_ inheritance, --set overrides, and the validation messages users see."""
+import re
 import subprocess
 import sys
 import textwrap
@@ -106,3 +107,13 @@ def test_cli_reports_a_misspelt_key_in_one_line_with_exit_code_2(tmp_path):
     assert result.stderr.strip().count('\n') == 0, result.stderr
     assert "unknown key 'head.chanels'" in result.stderr and "did you mean 'channels'" in result.stderr
     assert 'Traceback' not in result.stderr
+
+
+@pytest.mark.parametrize('override, message', [
+    ('train.loss.ohem={thresh: 0.7, min_keep: 10}', "unknown key 'train.loss.ohem.min_keep'"),
+    ('train.loss.class_weight=[1, 2]', "'train.loss.class_weight' has 2 values for data.num_classes 5"),
+    ('train.param_groups={head: {lr_mul: 10}}', "unknown key 'train.param_groups.head.lr_mul'"),
+])
+def test_loss_and_param_group_mistakes_are_caught_with_the_config(override, message):
+    with pytest.raises(ConfigError, match=f'demo.yaml: .*{re.escape(message)}'):
+        load_config(str(ROOT / 'configs' / 'demo.yaml'), [override])

@@ -4,7 +4,6 @@ import shutil
 import textwrap
 
 import cv2
-import numpy as np
 import pytest
 import torch
 
@@ -12,11 +11,13 @@ import evaluate
 import infer
 import train
 from datasets.base import DatasetError
-from engine.checkpoint import load_checkpoint, save_checkpoint
-from engine.config import resolve
+from engine.checkpoint import load_checkpoint, remove_partial_writes, save_iteration_checkpoint
+from engine.config import ConfigError, resolve
 from engine.inference import normalize
 from engine.losses import SegmentationLoss
 from engine.optim import build_optimizer
+from engine.training import load_weights_from, per_process_batch
+from models.pretrained import CheckpointError
 
 TINY = """
     backbone: {{type: resnet, variant: 18}}
@@ -38,35 +39,28 @@ TINY = """
 
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):
-    """Train the tiny config once (keeping a copy of the iteration-3 checkpoint for the resume test);
-    the tests below inspect what it left behind."""
+    """Train the tiny config once; the tests below inspect what it left behind (iter_000003.pth is the
+    resume test's starting point)."""
     folder = tmp_path_factory.mktemp('run')
     config = folder / 'tiny.yaml'
     config.write_text(textwrap.dedent(TINY.format(root=folder / 'demo')))
-
-    def save_and_keep(state, path):
-        save_checkpoint(state, path)
-        if path.name == 'last.pth' and state['iteration'] == 3:
-            shutil.copy(path, folder / 'iter3.pth')
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, 'save_checkpoint', save_and_keep)
-        train.main(['--config', str(config), '--work-dir', str(folder / 'work'), '--device', 'cpu'])
+    train.main(['--config', str(config), '--work-dir', str(folder / 'work'), '--device', 'cpu'])
     return folder
 
 
 def test_training_writes_checkpoints_logs_and_config(run, capsys):
     work = run / 'work'
-    for name in ('last.pth', 'best.pth', 'config.yaml', 'train.log'):
+    for name in ('iter_000003.pth', 'iter_000006.pth', 'last.pth', 'best.pth', 'config.yaml', 'train.log'):
         assert (work / name).is_file(), name
+    assert (work / 'last.pth').samefile(work / 'iter_000006.pth')
     assert list((work / 'tensorboard').glob('events.out.tfevents.*'))
     checkpoint = load_checkpoint(work / 'last.pth')              # torch.load(..., weights_only=True)
     assert checkpoint['iteration'] == 6
-    assert {'model', 'config', 'optimizer', 'scheduler', 'rng', 'best_miou'} <= checkpoint.keys()
+    assert {'model', 'ema', 'config', 'optimizer', 'scheduler', 'scaler', 'rng', 'best'} <= checkpoint.keys()
     assert checkpoint['config']['data']['class_names'] == ['ground', 'disc', 'box', 'triangle', 'ring']
     log = (work / 'train.log').read_text()
-    assert 'iter 3: mIoU' in log and 'iter 6: mIoU' in log
-    assert f"done: best mIoU {checkpoint['best_miou']:.2f}" in log and 'best.pth' in log
+    assert 'iter 3: mIoU' in log and 'iter 6: mIoU' in log and 'iter 2/6: loss ' in log
+    assert f"done: best mIoU {checkpoint['best']['model'][0]:.2f}" in log and 'best.pth' in log
 
 
 def test_checkpoint_round_trip_rebuilds_the_same_model(run):
@@ -93,7 +87,7 @@ def test_evaluate_reproduces_the_best_miou(run, capsys):
     checkpoint = load_checkpoint(run / 'work' / 'best.pth')
     evaluate.main(['--checkpoint', str(run / 'work' / 'best.pth'), '--device', 'cpu'])
     results = json.loads((run / 'work' / 'eval_val_whole.json').read_text())
-    assert results['mIoU'] == pytest.approx(checkpoint['best_miou'], abs=1e-6)
+    assert results['mIoU'] == pytest.approx(checkpoint['miou'], abs=1e-6)
     assert len(results['IoU']) == 5 and results['classes'][1] == 'disc'
     assert 'mIoU' in capsys.readouterr().out
 
@@ -130,7 +124,7 @@ def test_a_few_steps_lower_the_loss_on_a_tiny_batch(run):
     torch.manual_seed(0)
     model = train.create_model(cfg).train()
     optimizer, _ = build_optimizer(model, {**cfg['train']['optimizer'], 'lr': 1e-2}, {})
-    criterion = SegmentationLoss(255)
+    criterion = SegmentationLoss(255, cfg['train']['loss'])
     losses = []
     for _ in range(12):
         loss = criterion(model(images), labels)
@@ -145,11 +139,79 @@ def test_resuming_continues_exactly(run):
     """Resume the iteration-3 checkpoint: the weights at iteration 6 equal the uninterrupted run's."""
     resumed = run / 'resumed'
     resumed.mkdir()
-    shutil.copy(run / 'iter3.pth', resumed / 'last.pth')
+    shutil.copy(run / 'work' / 'iter_000003.pth', resumed / 'last.pth')
     train.main(['--config', str(run / 'tiny.yaml'), '--work-dir', str(resumed), '--device', 'cpu',
                 '--resume', 'auto'])
     expected, actual = load_checkpoint(run / 'work' / 'last.pth'), load_checkpoint(resumed / 'last.pth')
     assert actual['iteration'] == 6
     for key, value in expected['model'].items():
         assert torch.allclose(actual['model'][key].float(), value.float(), rtol=1e-5, atol=1e-6), key
-    assert actual['best_miou'] == pytest.approx(expected['best_miou'])
+    assert actual['best'] == expected['best']
+
+
+def test_fine_tuning_with_load_from_and_an_ema(run, tmp_path):
+    """--load-from takes the weights only (a fresh schedule from iteration 0); the EMA is validated and
+    saved beside the model; keep_checkpoints=1 leaves one iteration file."""
+    work = tmp_path / 'finetune'
+    train.main(['--config', str(run / 'tiny.yaml'), '--work-dir', str(work), '--device', 'cpu',
+                '--load-from', str(run / 'work' / 'best.pth'), '--set', 'train.max_iters=2', 'train.val_interval=1',
+                'train.ema_decay=0.5', 'train.keep_checkpoints=1'])
+    log = (work / 'train.log').read_text()
+    assert f"loaded weights from {run / 'work' / 'best.pth'}" in log and 'keys' not in log  # everything fitted
+    assert 'iter 2 (EMA): mIoU' in log
+    assert sorted(p.name for p in work.glob('*.pth')) == ['best.pth', 'best_ema.pth', 'iter_000002.pth', 'last.pth']
+    checkpoint = load_checkpoint(work / 'last.pth')
+    ema = load_checkpoint(work / 'best_ema.pth')['model']
+    assert checkpoint['ema']['n_averaged'] == 2
+    assert any(not torch.equal(ema[k], v) for k, v in checkpoint['model'].items() if v.is_floating_point())
+
+
+def test_load_from_reports_what_does_not_fit(run):
+    """Fine-tuning on a dataset with other classes: the classifier is skipped and named, the rest loads."""
+    reference = load_checkpoint(run / 'work' / 'best.pth')
+    model = train.create_model(train.config_for_checkpoint(reference, 'best.pth', overrides=['data.num_classes=3']))
+    report = load_weights_from(model, run / 'work' / 'best.pth')
+    assert 'skipped, shapes differ from the model: head.classifier.conv.bias, head.classifier.conv.weight' in report[1]
+    reference = reference['model']
+    loaded = {k: v for k, v in model.state_dict().items() if 'classifier.conv.' not in k}
+    assert all(torch.equal(v, reference[k]) for k, v in loaded.items())
+    segformer = train.create_model(resolve({'backbone': {'type': 'mit'}, 'head': {'type': 'segformer'},
+                                            'data': {'root': '.', 'num_classes': 5},
+                                            'train': {'max_iters': 1, 'batch_size': 1}}))
+    with pytest.raises(CheckpointError, match='none of its backbone weights fit'):
+        load_weights_from(segformer, run / 'work' / 'best.pth')
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(run, tmp_path):
+    class TurnsNaN(SegmentationLoss):
+        calls = 0
+
+        def terms(self, outputs, labels):
+            terms = super().terms(outputs, labels)
+            TurnsNaN.calls += 1
+            return {**terms, 'loss': terms['loss'] * float('nan')} if TurnsNaN.calls >= 5 else terms
+
+    work = tmp_path / 'nan'
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, 'SegmentationLoss', TurnsNaN)
+        with pytest.raises(FloatingPointError, match='NaN/Inf at iteration 5'):
+            train.main(['--config', str(run / 'tiny.yaml'), '--work-dir', str(work), '--device', 'cpu',
+                        '--set', 'train.max_iters=8', 'train.val_interval=3', 'train.log_interval=4'])
+    assert sorted(p.name for p in work.glob('iter_*.pth')) == ['iter_000003.pth']  # not iteration 6
+
+
+def test_checkpoints_rotate_and_last_follows_the_newest(tmp_path):
+    for iteration in range(1, 6):
+        save_iteration_checkpoint({'iteration': iteration, 'model': {}, 'config': {}}, tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.glob('*.pth')) == ['iter_000004.pth', 'iter_000005.pth', 'last.pth']
+    assert load_checkpoint(tmp_path / 'last.pth')['iteration'] == 5
+    (tmp_path / '.iter_000006.pth.abc123').write_bytes(b'half a checkpoint')  # a write cut short by a kill
+    remove_partial_writes(tmp_path)
+    assert not list(tmp_path.glob('.*'))
+
+
+def test_the_global_batch_must_divide_over_processes_and_accumulation_steps():
+    cfg = {'_source': 'x.yaml', 'train': {'batch_size': 8, 'accum_steps': 3}}
+    with pytest.raises(ConfigError, match=r'x.yaml: train.batch_size 8 \(global\) does not divide into 2 process'):
+        per_process_batch(cfg, 2)
+    assert per_process_batch({**cfg, 'train': {'batch_size': 12, 'accum_steps': 3}}, 2) == 2

@@ -1,0 +1,159 @@
+"""LR schedules against their closed forms, stepped through a real optimizer, and the parameter groups
+of the SegFormer recipe (head lr x10, norms without decay, mmcv's longest-key rule)."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.config import ConfigError, read_config
+from engine.optim import build_optimizer, build_scheduler, group_rule
+from train import create_model
+
+CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
+BASE_LR = 0.01
+
+
+def lrs_at(iterations, max_iters: int, schedule: dict) -> dict:
+    """{iteration: lr} of an SGD optimizer stepped once per iteration, read before each step (the lr
+    that iteration trains with), as the training loop does."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=BASE_LR)
+    scheduler = build_scheduler(optimizer, max_iters, schedule)
+    lrs = {}
+    for iteration in range(max(iterations) + 1):
+        lrs[iteration] = optimizer.param_groups[0]['lr']
+        optimizer.step()
+        scheduler.step()
+    return {i: lrs[i] for i in iterations}
+
+
+def schedule(**options) -> dict:
+    return {'type': 'poly', 'power': 1.0, 'min_lr': 0.0, 'warmup_iters': 0, 'warmup_ratio': 1e-6, **options}
+
+
+def test_linear_warmup_then_poly_to_min_lr():
+    # 1000 iterations, 100 of linear warm-up from 1e-6, then poly (power 0.9) over the remaining 900 down
+    # to 1% of the base lr: mmseg 1.x LinearLR(start_factor=1e-6, end=100) + PolyLR(eta_min, begin=100).
+    lrs = lrs_at([0, 1, 50, 99, 100, 101, 550, 999, 1000, 1200], 1000,
+                 schedule(power=0.9, min_lr=0.01, warmup_iters=100, warmup_ratio=1e-6))
+    warmup = {t: BASE_LR * (1e-6 + (1 - 1e-6) * t / 100) for t in (0, 1, 50, 99)}
+    poly = {t: BASE_LR * (0.01 + 0.99 * (1 - (t - 100) / 900) ** 0.9) for t in (100, 101, 550, 999)}
+    expected = {**warmup, **poly, 1000: BASE_LR * 0.01, 1200: BASE_LR * 0.01}
+    assert lrs == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    assert lrs[0] == pytest.approx(1e-8) and lrs[100] == pytest.approx(BASE_LR) and lrs[550] == pytest.approx(
+        BASE_LR * (0.01 + 0.99 * 0.5 ** 0.9))
+
+
+def test_the_segformer_recipe_poly_power_one():
+    recipe = read_config(CONFIGS / 'segformer_b0.yaml', ['backbone.pretrained=null'])['train']
+    lrs = lrs_at([0, 750, 1500, 80750, 159999], recipe['max_iters'], recipe['schedule'])
+    assert lrs == pytest.approx({0: BASE_LR * 1e-6, 750: BASE_LR * (1e-6 + (1 - 1e-6) * 0.5), 1500: BASE_LR,
+                                 80750: BASE_LR * 0.5, 159999: BASE_LR / 158500}, rel=1e-9)
+
+
+def test_cosine():
+    # No warm-up: lr = min + (base - min) (1 + cos(pi t / T)) / 2, T = 400, min = 10% of the base.
+    lrs = lrs_at([0, 100, 200, 300, 400], 400, schedule(type='cosine', min_lr=0.1))
+    expected = {t: BASE_LR * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t / 400))) for t in (0, 100, 200, 300, 400)}
+    assert lrs == pytest.approx(expected, rel=1e-9)
+    assert lrs[200] == pytest.approx(BASE_LR * 0.55) and lrs[400] == pytest.approx(BASE_LR * 0.1)
+
+
+def test_cosine_after_warmup_starts_at_the_end_of_warmup():
+    # 10 warm-up iterations, then the cosine over the remaining 40: a quarter of it at 20, half at 30.
+    lrs = lrs_at([5, 10, 20, 30, 50], 50, schedule(type='cosine', warmup_iters=10, warmup_ratio=0.1))
+    assert lrs == pytest.approx({5: BASE_LR * 0.55, 10: BASE_LR, 20: BASE_LR * (1 + math.sqrt(0.5)) / 2,
+                                 30: BASE_LR * 0.5, 50: 0}, abs=1e-12)
+
+
+def test_constant_after_warmup():
+    lrs = lrs_at([0, 5, 10, 500], 1000, schedule(type='constant', warmup_iters=10, warmup_ratio=0.2, min_lr=0.5))
+    assert lrs == pytest.approx({0: BASE_LR * 0.2, 5: BASE_LR * 0.6, 10: BASE_LR, 500: BASE_LR}, rel=1e-9)
+
+
+def test_every_group_follows_the_schedule_from_its_own_lr():
+    model = torch.nn.ModuleDict({'head': torch.nn.Linear(2, 2), 'backbone': torch.nn.Linear(2, 2)})
+    optimizer, _ = build_optimizer(model, {'type': 'sgd', 'lr': BASE_LR, 'weight_decay': 0.0, 'momentum': 0.9},
+                                   {'head': {'lr_mult': 10.0}})
+    scheduler = build_scheduler(optimizer, 100, schedule(power=1.0))
+    for _ in range(25):
+        optimizer.step()
+        scheduler.step()
+    assert sorted(g['lr'] for g in optimizer.param_groups) == pytest.approx([BASE_LR * 0.75, BASE_LR * 7.5])
+
+
+# ---------------------------------------------------------------------------------- parameter groups
+
+@pytest.fixture(scope='module')
+def segformer():
+    """SegFormer-B0 (MiT-B0 + mmseg's head) and the recipe of configs/segformer_b0.yaml."""
+    cfg = read_config(CONFIGS / 'segformer_b0.yaml', ['backbone.pretrained=null', 'data.num_classes=19'])
+    return create_model(cfg), cfg['train']
+
+
+def group_of(optimizer) -> dict:
+    """{id(parameter): its group}, checking that every parameter is in exactly one group."""
+    groups = {}
+    for group in optimizer.param_groups:
+        for param in group['params']:
+            assert id(param) not in groups
+            groups[id(param)] = group
+    return groups
+
+
+def test_segformer_recipe_groups(segformer):
+    model, recipe = segformer
+    lr, decay = recipe['optimizer']['lr'], recipe['optimizer']['weight_decay']
+    assert recipe['param_groups'] == {'pos_block': {'decay_mult': 0.0}, 'norm': {'decay_mult': 0.0},
+                                      'head': {'lr_mult': 10.0}}
+    optimizer, table = build_optimizer(model, recipe['optimizer'], recipe['param_groups'])
+    assert isinstance(optimizer, torch.optim.AdamW)
+    groups = group_of(optimizer)
+    names = dict(model.named_parameters())
+    assert groups.keys() == {id(p) for p in names.values()}
+    head = [n for n in names if n.startswith('head.')]
+    norms = [n for n in names if 'norm' in n and not n.startswith('head.')]
+    assert len(head) >= 10 and len(norms) >= 40  # MiT-B0: 2 per LayerNorm, 3 LayerNorms per block and stage
+    for name, param in names.items():
+        group = groups[id(param)]
+        expected = (10 * lr, decay) if name in head else (lr, 0.0) if name in norms else (lr, decay)
+        assert (group['lr'], group['weight_decay']) == pytest.approx(expected), name
+    assert 'head' in table and 'norm' in table
+
+
+def test_head_beats_norm_on_a_tie_as_mmcv_does():
+    # Equal lengths: mmcv sorts the keys alphabetically, then by length, and takes the first that matches.
+    rules = {'pos_block': {'decay_mult': 0.0}, 'norm': {'decay_mult': 0.0}, 'head': {'lr_mult': 10.0}}
+    assert group_rule('decode_head.batch_norm.weight', rules) == 'head'
+    assert group_rule('backbone.block1.0.norm1.weight', rules) == 'norm'
+    assert group_rule('backbone.patch_embed1.proj.weight', rules) is None
+
+
+def test_longest_key_wins_in_the_model(segformer):
+    model, recipe = segformer
+    rules = {'head': {'lr_mult': 10.0}, 'norm': {'decay_mult': 0.0}, 'layer_norm': {'lr_mult': 2.0},
+             'fusion_conv.bn': {'decay_mult': 0.0}, 'bn': {'lr_mult': 5.0}}
+    optimizer, _ = build_optimizer(model, recipe['optimizer'], rules)
+    groups, names = group_of(optimizer), dict(model.named_parameters())
+    lr, decay = recipe['optimizer']['lr'], recipe['optimizer']['weight_decay']
+
+    def lr_and_decay(name):
+        return groups[id(names[name])]['lr'], groups[id(names[name])]['weight_decay']
+
+    stage_norm = 'backbone.segformer.stages.0.patch_embeddings.layer_norm.weight'
+    block_norm = 'backbone.segformer.stages.0.blocks.0.layernorm_before.weight'
+    assert lr_and_decay(stage_norm) == pytest.approx((2 * lr, decay))    # 'layer_norm' (10) over 'norm' (4)
+    assert lr_and_decay(block_norm) == pytest.approx((lr, 0.0))          # only 'norm' matches
+    assert lr_and_decay('head.convs.0.bn.weight') == pytest.approx((10 * lr, decay))      # 'head' over 'bn'
+    assert lr_and_decay('head.fusion_conv.bn.weight') == pytest.approx((lr, 0.0))         # 'fusion_conv.bn' over 'head'
+
+
+@pytest.mark.parametrize('rules, message', [
+    ({'norm': {'decay_mul': 0.0}}, "unknown key 'train.param_groups.norm.decay_mul'"),
+    ({'head': 10}, "'train.param_groups.head' must be a mapping"),
+    ({'head': {'lr_mult': 'ten'}}, "'train.param_groups.head.lr_mult' must be a number"),
+])
+def test_a_misspelt_rule_is_an_error_not_a_silent_no_op(rules, message):
+    with pytest.raises(ConfigError, match=message):
+        build_optimizer(torch.nn.Linear(2, 2), {'type': 'adamw', 'lr': 1e-3, 'weight_decay': 0.01,
+                                                'betas': [0.9, 0.999]}, rules)
