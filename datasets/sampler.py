@@ -9,7 +9,8 @@ class TrainSampler(Sampler):
     """An endless stream of (index, draw) for this process: epoch e is a permutation seeded by
     (seed, e), dealt round-robin over ranks. `draw` is the sample's global position in the stream,
     which seeds its augmentation. Starting at `start` (samples already consumed by this rank)
-    continues a resumed run exactly where it stopped."""
+    continues a resumed run exactly where it stopped. It is DistributedSampler with set_epoch for
+    iteration-based training: the same shards and reshuffles, plus a resumable position."""
 
     def __init__(self, size: int, seed: int = 0, rank: int = 0, world_size: int = 1, start: int = 0):
         self.size, self.seed, self.rank, self.world_size, self.start = size, seed, rank, world_size, start
