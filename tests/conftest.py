@@ -30,3 +30,18 @@ def assert_close_to_reference(ours: torch.Tensor, ref: torch.Tensor, what: str) 
     assert ours.shape == ref.shape, f'{what}: shape {tuple(ours.shape)} != {tuple(ref.shape)}'
     err, scale = (ours - ref).abs().max().item(), ref.abs().max().item()
     assert err <= 1e-4 * scale, f'{what}: max abs diff {err:.3g} > 1e-4 * {scale:.3g}'
+
+
+def published_offset_learning_forward(module, x: torch.Tensor) -> torch.Tensor:
+    """Offset Learning in the official code's order of operations: the offsets ΔE (HW, C) and ΔW are
+    formed, then the scores (E+ΔE)·(W+ΔW)ᵀ. The module reassociates these products; this reference
+    shows it gives the same numbers and, counted, the published number of MACs."""
+    b, c, h, w = x.shape
+    feats = x.flatten(2).transpose(1, 2)                                      # E: (B, HW, C)
+    classes = module.cls_repr.expand(b, -1, -1)                               # W: (B, K, C)
+    attn = classes @ feats.transpose(1, 2)                                    # A: (B, K, HW)
+    class_offset = torch.nn.functional.linear(attn.softmax(dim=-1) @ feats, module.cls_offset_proj.weight)
+    feat_offset = torch.nn.functional.linear(attn.softmax(dim=1).transpose(1, 2) @ classes,
+                                             module.feat_offset_proj.weight)
+    masks = module.mask_norm((feats + feat_offset) @ (classes + class_offset).transpose(1, 2))
+    return masks.transpose(1, 2).reshape(b, -1, h, w)

@@ -1,7 +1,7 @@
 """Offset Learning alone against the published module's reference output and parameter formula."""
 import torch
 
-from conftest import assert_close_to_reference, load_vector
+from conftest import assert_close_to_reference, load_vector, published_offset_learning_forward
 from models import Offset_Learning, OffsetLearning
 
 
@@ -25,3 +25,14 @@ def test_logits_are_layer_normalised_over_classes():
     logits = module(torch.rand(2, 8, 4, 6))
     assert logits.shape == (2, 5, 4, 6)
     assert torch.allclose(logits.mean(1), torch.zeros(2, 4, 6), atol=1e-5)
+
+
+def test_the_reassociated_products_equal_the_published_order():
+    """Float64, unit-scale class embeddings (at the init's 0.02 the final LayerNorm magnifies rounding)."""
+    torch.manual_seed(0)
+    module = OffsetLearning(19, 64).double()
+    with torch.no_grad():
+        module.cls_repr.normal_()
+        module.mask_norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 64, 12, 20, dtype=torch.float64)
+    torch.testing.assert_close(module(x), published_offset_learning_forward(module, x), rtol=1e-10, atol=1e-10)
