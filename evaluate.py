@@ -2,9 +2,11 @@
 
     python evaluate.py --checkpoint work_dirs/demo/best.pth [--split val] [--mode whole|slide]
                        [--scales 0.75 1.0 1.25] [--flip] [--config CFG] [--set KEY=VALUE ...]
+                       [--channels-last] [--compile] [--no-fold-bn]
 
 The model and data come from the config stored in the checkpoint (or --config). Predictions are
-resized to each label's original size before scoring. Runs under torchrun as well.
+resized to each label's original size before scoring. Runs under torchrun as well. The model runs
+with its conv+BN pairs folded (engine/fast.py): the same results up to float rounding.
 """
 import argparse
 import json
@@ -14,7 +16,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader, Subset
 
 from datasets.sampler import shard
-from engine import dist
+from engine import dist, fast
 from engine.checkpoint import load_checkpoint
 from engine.config import ConfigError
 from engine.evaluation import evaluate
@@ -32,6 +34,7 @@ def parse_args(argv=None):
     parser.add_argument('--set', nargs='+', default=[], action='extend', metavar='KEY=VALUE')
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
     parser.add_argument('--work-dir', help='where the JSON goes (default: the checkpoint folder)')
+    fast.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -60,7 +63,7 @@ def main(argv=None) -> None:
                         num_workers=cfg['data']['workers'], pin_memory=device.type == 'cuda')
     model = create_model(cfg)
     load_model_weights(model, checkpoint, args.checkpoint)
-    model.to(device)
+    model = fast.prepare_for_inference(model.to(device), args.channels_last, args.fold_bn, args.compile)
     data = cfg['data']
     amp_dtype = amp_dtype_for(cfg, device)
     results = evaluate(model, loader, data['num_classes'], data['ignore_index'], data['mean'], data['std'],

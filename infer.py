@@ -7,6 +7,8 @@
 `<output>/<dir>/<name>.png` (class ids), `<name>_color.png` (dataset palette) and
 `<name>_overlay.jpg` (colours blended on the image), keeping relative folders. Non-images are
 skipped with a warning; unreadable images are reported and skipped. Images of equal size share a batch.
+--channels-last, --compile and --no-fold-bn choose the fast paths of engine/fast.py (conv+BN
+folding is on by default).
 """
 import argparse
 import glob
@@ -22,7 +24,7 @@ from tqdm import tqdm
 from datasets import DATASETS
 from datasets.base import IMAGE_SUFFIXES, DatasetError, read_image, resolve_palette
 from datasets.transforms import Pipeline
-from engine import dist
+from engine import dist, fast
 from engine.checkpoint import load_checkpoint
 from engine.inference import infer_logits, inference_options, normalize
 from train import amp_dtype_for, config_for_checkpoint, create_model, load_model_weights, run_cli
@@ -39,6 +41,7 @@ def parse_args(argv=None):
     parser.add_argument('--opacity', type=float, default=0.5, help='colour weight in the overlay')
     parser.add_argument('--set', nargs='+', default=[], action='extend', metavar='KEY=VALUE')
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
+    fast.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -83,7 +86,7 @@ def main(argv=None) -> None:
     device, _, _ = dist.setup(args.device)
     model = create_model(cfg)
     load_model_weights(model, checkpoint, args.checkpoint)
-    model.to(device).eval()
+    model = fast.prepare_for_inference(model.to(device), args.channels_last, args.fold_bn, args.compile)
     amp_dtype = amp_dtype_for(cfg, device)
     palette = resolve_palette(DATASETS[data['type']], data['num_classes'], data['palette'])
     pipeline = Pipeline(data['val']['pipeline'], data['ignore_index'], data['mean'])

@@ -1,0 +1,130 @@
+"""Inference fast paths: exact conv+BN folding, channels_last and torch.compile, on a copy of a model.
+
+For evaluation and prediction only. `prepare_for_inference` works on a deep copy: the model passed
+in (a training model, or one whose state_dict becomes a checkpoint) is never changed. Never save
+the prepared model's state_dict: folding replaces each folded BatchNorm by an Identity (its keys
+disappear) and gives the convs new weights and biases.
+"""
+import copy
+import functools
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+BATCH_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
+def example_input(model: nn.Module, size=(64, 64)) -> torch.Tensor:
+    """A fixed random (1, 3, H, W) image batch on the model's device: the probe `fold_conv_bn` runs.
+    64x64 suits every model family here (OffSeg needs sides that are multiples of 32)."""
+    parameter = next(model.parameters())
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(1, 3, *size, generator=generator).to(parameter.device, parameter.dtype)
+
+
+def find_conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list:
+    """Names of the (Conv2d, BatchNorm2d) pairs of `model` (in eval mode) that fold exactly.
+
+    Found from the data flow of one forward of `example`, not from module names: a pair qualifies
+    when the conv is a plain `nn.Conv2d` and the norm a BatchNorm2d using running statistics, each
+    is registered once and called exactly once, the BN receives the conv's output tensor itself
+    (no op, in-place or not, in between), and that output feeds nothing else: in the autograd graph
+    of the model's output the only edge into the conv's node comes from the BN's node. Dataflow the
+    graph cannot see (a conv output read under no_grad or kept for a later call) is not supported.
+    The global RNG state is restored afterwards (LightHam's NMF draws from it in eval).
+    """
+    registered = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        registered.setdefault(id(module), []).append(name)
+    calls, hooks = {}, []
+
+    def record(name, module, inputs, output):      # each call: (the input's grad_fn, the output's grad_fn)
+        calls.setdefault(name, []).append((inputs[0].grad_fn, output.grad_fn))
+
+    for name, module in model.named_modules():
+        plain_conv = type(module) is nn.Conv2d
+        running_bn = isinstance(module, BATCH_NORMS) and not module.training and module.running_mean is not None
+        if (plain_conv or running_bn) and len(registered[id(module)]) == 1:
+            hooks.append(module.register_forward_hook(functools.partial(record, name)))
+    devices = [example.device] if example.device.type == 'cuda' else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.enable_grad():
+            output = model(example.detach().clone().requires_grad_())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    outputs = output if isinstance(output, (list, tuple)) else [output]
+
+    edges, seen, stack = {}, set(), [t.grad_fn for t in outputs if t.grad_fn is not None]
+    while stack:                                   # count the edges into every node of the graph
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for parent, _ in node.next_functions:
+            if parent is not None:
+                edges[parent] = edges.get(parent, 0) + 1
+                stack.append(parent)
+
+    producers = {}
+    for name, records in calls.items():
+        if type(model.get_submodule(name)) is nn.Conv2d and len(records) == 1 and records[0][1] is not None:
+            producers[records[0][1]] = name
+    pairs = []
+    for name, records in calls.items():
+        module = model.get_submodule(name)
+        if not isinstance(module, BATCH_NORMS) or len(records) != 1:
+            continue
+        bn_input, bn_node = records[0]
+        conv_name = producers.get(bn_input)
+        if conv_name is None or bn_node not in seen or edges.get(bn_input) != 1:
+            continue
+        if model.get_submodule(conv_name).out_channels == module.num_features:
+            pairs.append((conv_name, name))
+    return pairs
+
+
+def fold_conv_bn(model: nn.Module, example: torch.Tensor = None) -> int:
+    """Fold every BatchNorm that `find_conv_bn_pairs` finds into its conv, in place (the BN becomes
+    nn.Identity); returns the number of pairs folded. Puts `model` in eval mode. The folded conv
+    computes conv·γ/σ + (b − μ)·γ/σ + β in one op: equal to conv then BN up to float rounding."""
+    model.eval()
+    pairs = find_conv_bn_pairs(model, example_input(model) if example is None else example)
+    for conv_name, bn_name in pairs:
+        model.set_submodule(conv_name, fuse_conv_bn_eval(model.get_submodule(conv_name), model.get_submodule(bn_name)))
+        model.set_submodule(bn_name, nn.Identity())
+    return len(pairs)
+
+
+def prepare_for_inference(model: nn.Module, channels_last: bool = False, fold_bn: bool = True,
+                          compile: bool = False, example: torch.Tensor = None) -> nn.Module:
+    """A copy of `model` in eval mode, made faster for inference; `model` itself is left as it was.
+
+    - fold_bn: conv+BN pairs folded where that is exact (`fold_conv_bn`; `example`, on the model's
+      device, is the probe input, 1x3x64x64 by default);
+    - channels_last: weights in channels_last memory order (convs then run in NHWC, usually faster
+      on CUDA and with oneDNN; NCHW inputs are fine: the first conv returns channels_last);
+    - compile: `torch.compile(model)`, compiled at the first call and again for new input shapes
+      (after the first recompilation sizes are treated as dynamic); on CPU it needs a C++ compiler.
+    Same outputs as `model.eval()` up to float rounding.
+    """
+    model = copy.deepcopy(model).eval()
+    if fold_bn:
+        fold_conv_bn(model, example)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if compile:
+        model = torch.compile(model)
+    return model
+
+
+def add_arguments(parser) -> None:
+    """The switches of evaluate.py and infer.py for `prepare_for_inference`: BN folding on by default."""
+    parser.add_argument('--channels-last', action='store_true',
+                        help='run the model in channels_last (NHWC) memory order, often faster on GPUs')
+    parser.add_argument('--compile', action='store_true',
+                        help='torch.compile the model: a slow first batch, and recompiles for new input sizes')
+    parser.add_argument('--no-fold-bn', dest='fold_bn', action='store_false',
+                        help='keep BatchNorms apart (by default each one applied to a conv output alone is folded '
+                             'into that conv: the same results up to float rounding)')
