@@ -1,0 +1,51 @@
+"""tools/export_onnx.py: a checkpoint of every model family exports to ONNX, and ONNX Runtime gives
+PyTorch's logits (max abs diff < 1e-4) at two input sizes and batch 2: height, width and batch are
+dynamic. Skips where onnx or onnxruntime is not installed."""
+import pytest
+import torch
+
+pytest.importorskip('onnx')
+pytest.importorskip('onnxruntime')
+
+from engine.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from test_fast import FAMILIES, tiny_config, tiny_model  # noqa: E402
+from tools import export_onnx  # noqa: E402
+from train import config_for_checkpoint, create_model, load_model_weights, stored_config  # noqa: E402
+
+SIZES = [(64, 64), (96, 128)]
+
+
+@pytest.mark.parametrize('family', list(FAMILIES))
+def test_onnx_runtime_matches_pytorch_at_two_sizes(family, tmp_path, capsys):
+    import onnx
+
+    path = tmp_path / 'tiny.pth'
+    save_checkpoint({'model': tiny_model(family).state_dict(), 'config': stored_config(tiny_config(family))}, path)
+    output = tmp_path / 'tiny.onnx'
+    export_onnx.main(['--checkpoint', str(path), '--output', str(output), '--size', '64', '64', '--check'])
+    printed = capsys.readouterr().out
+    assert 'at 64x64' in printed and 'at 96x128' in printed
+
+    checkpoint = load_checkpoint(path)                       # the model as evaluate.py builds it
+    model = create_model(config_for_checkpoint(checkpoint, path))
+    load_model_weights(model, checkpoint, str(path))
+    differences = export_onnx.check(output, model, SIZES, batch=2)
+    assert max(differences) < 1e-4, differences
+    graph = onnx.load(str(output))
+    assert [d.dim_param for d in graph.graph.input[0].type.tensor_type.shape.dim] == ['batch', '', 'height', 'width']
+    assert {p.key for p in graph.metadata_props} >= {'mean', 'std', 'num_classes'}
+
+
+def test_lightham_export_at_batch_1_is_pytorch_eval_with_nmf_seed(tmp_path):
+    """The graph's fixed NMF bases are the first image's share of the seeded eval draw."""
+    import onnxruntime
+
+    model = tiny_model('mscan_lightham')
+    output = export_onnx.export(model, tmp_path / 'ham.onnx', size=(64, 64))
+    images = torch.randn(1, 3, 96, 64)
+    with torch.no_grad():
+        expected = model(images)
+    session = onnxruntime.InferenceSession(str(output), providers=['CPUExecutionProvider'])
+    (actual,) = session.run(['logits'], {'images': images.numpy()})
+    assert (torch.from_numpy(actual) - expected).abs().max().item() < 1e-4
+    assert 'initial_bases' not in vars(model.head.hamburger.ham)      # the export patched a copy

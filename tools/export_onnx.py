@@ -1,0 +1,145 @@
+"""Export a checkpoint to ONNX with dynamic batch, height and width; optionally check it with ONNX Runtime.
+
+    python tools/export_onnx.py --checkpoint work_dirs/demo/best.pth --output model.onnx
+                                [--size 512 512] [--opset 17] [--check] [--config CFG] [--set KEY=VALUE ...]
+
+The model is built as evaluate.py builds it (the checkpoint's stored config, or --config), put in
+eval mode and its conv+BN pairs folded (engine/fast.py). The graph:
+
+- input `images`: float32 (B, 3, H, W), RGB already normalised with the config's data.mean and
+  data.std (0-255 scale, stored in the file's metadata as `mean` and `std`). Normalisation is left
+  out so that the graph is the same function as the PyTorch model (Segmentor) and the exported
+  model is timed and checked against it as is.
+- output `logits`: float32 (B, K, H/s, W/s) at the head's stride s, not resized and not argmax'ed:
+  s = 4 for the OffSeg, DeepLabV3+ and SegFormer heads; 8 for LightHam (SegNeXt), the two fast
+  SegFormer heads and SegFormer with Offset Learning; the backbone's output stride for DeepLabV3
+  (each head's docstring says; for sides that are not multiples of s the backbone's rounding
+  decides). Class ids are the argmax over K after a bilinear resize to (H, W), as infer.py does.
+
+Any size the PyTorch model accepts works; --size only sets the tracing example (OffSeg needs sides
+that are multiples of 32). LightHam's NMF starts from random bases (see models/heads/ham.py): in the
+graph they are one fixed (1, C, R) draw from the head's `nmf_seed` (0 where unset), shared by every
+image of a batch, so the ONNX model is deterministic and at batch 1 equals PyTorch eval with
+`head.nmf_seed` set. The exporter is PyTorch's TorchScript-based one (`dynamo=False`): it needs only
+the `onnx` package, and exports these models in seconds. --check runs ONNX Runtime (`onnxruntime`)
+at the export size and at a second size against the PyTorch model and prints the max abs differences.
+"""
+import argparse
+import copy
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine.checkpoint import load_checkpoint  # noqa: E402
+from engine.fast import prepare_for_inference  # noqa: E402
+from models.heads.ham import Hamburger  # noqa: E402
+from train import config_for_checkpoint, create_model, load_model_weights, run_cli  # noqa: E402
+
+DEFAULT_OPSET = 17
+EXPORTER_NOTICES = ('You are using the legacy TorchScript-based ONNX export|The feature will be removed'
+                    '|Constant folding - Only steps=1')
+"""Notices of the exporter itself (deprecation, a skipped optimisation) that say nothing about the model."""
+
+
+def fix_nmf_bases(model: torch.nn.Module) -> None:
+    """Give every LightHam NMF of `model` fixed initial bases: the first image's share of its eval
+    draw with `nmf_seed` (0 where unset), expanded over the batch. In place, for export copies only."""
+    for hamburger in (m for m in model.modules() if isinstance(m, Hamburger)):
+        nmf, channels = hamburger.ham, hamburger.ham_in.conv.out_channels
+        generator = torch.Generator().manual_seed(0 if nmf.seed is None else nmf.seed)
+        bases = F.normalize(torch.rand((1, channels, nmf.rank), generator=generator), dim=1)
+        nmf.initial_bases = lambda batch, channels, device, bases=bases: bases.to(device).expand(batch, -1, -1)
+
+
+def export(model: torch.nn.Module, path, size=(512, 512), opset: int = DEFAULT_OPSET, fold_bn: bool = True,
+           metadata: dict = None) -> Path:
+    """Write `model` (a Segmentor; left unchanged) as ONNX to `path`, traced on CPU at (1, 3, *size),
+    with dynamic batch, height and width; `metadata` goes into the file (values that are not strings
+    as JSON). Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    exported = prepare_for_inference(model, fold_bn=fold_bn).cpu()
+    fix_nmf_bases(exported)
+    example = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        # the models' input-size checks are Python conditions on shapes: traced as constants, as intended
+        warnings.simplefilter('ignore', torch.jit.TracerWarning)
+        warnings.filterwarnings('ignore', message=EXPORTER_NOTICES)
+        torch.onnx.export(exported, (example,), str(path), dynamo=False, opset_version=opset,
+                          input_names=['images'], output_names=['logits'],
+                          dynamic_axes={'images': {0: 'batch', 2: 'height', 3: 'width'},
+                                        'logits': {0: 'batch', 2: 'logits_height', 3: 'logits_width'}})
+    graph = onnx.load(str(path))
+    for key, value in (metadata or {}).items():
+        graph.metadata_props.add(key=key, value=value if isinstance(value, str) else json.dumps(value))
+    onnx.checker.check_model(graph)
+    onnx.save(graph, str(path))
+    return path
+
+
+def check(path, model: torch.nn.Module, sizes, batch: int = 1) -> list:
+    """Max abs difference between ONNX Runtime (CPU) and `model` in eval mode (a copy, unfolded, with
+    the NMF bases the export fixes) on random normalised images of each (H, W) in `sizes`; one float
+    per size. With `head.nmf_seed` set and batch 1, the copy computes what `model.eval()` does."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    model = copy.deepcopy(model).eval()
+    fix_nmf_bases(model)
+    generator = torch.Generator().manual_seed(1)
+    differences = []
+    for height, width in sizes:
+        images = torch.randn(batch, 3, height, width, generator=generator)
+        with torch.no_grad():
+            expected = model(images.to(next(model.parameters()).device)).float().cpu()
+        (actual,) = session.run(['logits'], {'images': images.numpy()})
+        if tuple(actual.shape) != tuple(expected.shape):
+            raise AssertionError(f'{path}: ONNX logits of shape {actual.shape} at {height}x{width}, '
+                                 f'PyTorch {tuple(expected.shape)}')
+        differences.append((torch.from_numpy(actual) - expected).abs().max().item())
+    return differences
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--checkpoint', required=True)
+    parser.add_argument('--output', required=True, help='the .onnx file to write')
+    parser.add_argument('--size', nargs=2, type=int, default=[512, 512], metavar=('H', 'W'),
+                        help='tracing example size (default 512 512); the graph takes any size the model does')
+    parser.add_argument('--opset', type=int, default=DEFAULT_OPSET, help=f'ONNX opset (default {DEFAULT_OPSET})')
+    parser.add_argument('--check', action='store_true',
+                        help='compare ONNX Runtime with PyTorch at --size and at (H+32, W+64)')
+    parser.add_argument('--config', help="YAML to use instead of the checkpoint's stored config")
+    parser.add_argument('--set', nargs='+', default=[], action='extend', metavar='KEY=VALUE')
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    checkpoint = load_checkpoint(args.checkpoint)
+    cfg = config_for_checkpoint(checkpoint, args.checkpoint, args.config, args.set)
+    model = create_model(cfg)
+    load_model_weights(model, checkpoint, args.checkpoint)
+    model.eval()
+    data = cfg['data']
+    metadata = {'mean': data['mean'], 'std': data['std'], 'num_classes': data['num_classes'],
+                'class_names': data['class_names'], 'checkpoint': args.checkpoint}
+    path = export(model, args.output, tuple(args.size), args.opset, metadata=metadata)
+    print(f'{path} written: images (B, 3, H, W) normalised -> logits (B, {data["num_classes"]}, H/s, W/s)')
+    if args.check:
+        height, width = args.size
+        sizes = [(height, width), (height + 32, width + 64)]
+        for (h, w), difference in zip(sizes, check(path, model, sizes)):
+            print(f'ONNX Runtime vs PyTorch at {h}x{w}: max abs diff {difference:.2e}')
+
+
+if __name__ == '__main__':
+    run_cli(main)
