@@ -7,24 +7,16 @@ the same run. MACs count convolutions and matmuls only (torch FlopCounterMode / 
     python benchmarks/segformer_heads.py [--runs 30] [--warmup 3] [--size 512] [--classes 150]
 """
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.backbones.mit import MiT  # noqa: E402
 from models.heads.segformer import (ExtremelyFastSegFormerHead, SegFormerHead, SegFormerMLPHead,  # noqa: E402
                                     UltraFastSegFormerHead)
-
-
-def macs(head, features) -> float:
-    with FlopCounterMode(display=False) as counter:
-        head(features)
-    return counter.get_total_flops() / 2
+from tools.benchmark import count_macs, latency_ms, module_macs, time_calls  # noqa: E402
 
 
 def main():
@@ -45,25 +37,20 @@ def main():
         'SegFormerMLPHead (official, E=256)': SegFormerMLPHead,
     }
     heads = {name: head(backbone.out_channels, args.classes).eval() for name, head in heads.items()}
-    times = {name: [] for name in heads}
     with torch.inference_mode():
         features = backbone(torch.randn(1, 3, args.size, args.size))
-        for round_ in range(args.warmup + args.runs):
-            for name, head in heads.items():
-                start = time.perf_counter()
-                head(features)
-                if round_ >= args.warmup:
-                    times[name].append(time.perf_counter() - start)
-        counted = {name: macs(head, features) for name, head in heads.items()}
+        calls = {name: (lambda head=head: head(features)) for name, head in heads.items()}
+        times = time_calls(calls, args.runs, args.warmup, torch.device('cpu'))
+        counted = {name: module_macs(count_macs(head, features), '') for name, head in heads.items()}
 
     print(f'MiT-B0 features of a {args.size}x{args.size} image, batch 1, {args.classes} classes, '
           f'1 thread, median of {args.runs} runs after {args.warmup} warm-up rounds (torch {torch.__version__})')
     print(f"{'head':36} {'params':>9} {'GMACs':>7} {'median ms':>10} {'vs full':>8}")
-    full = statistics.median(times['SegFormerHead (full, mmseg)'])
+    full = latency_ms(times['SegFormerHead (full, mmseg)'])['median']
     for name, head in heads.items():
-        median = statistics.median(times[name])
+        median = latency_ms(times[name])['median']
         params = sum(p.numel() for p in head.parameters())
-        print(f'{name:36} {params:>9,} {counted[name] / 1e9:>7.3f} {median * 1e3:>10.2f} {median / full:>8.3f}')
+        print(f'{name:36} {params:>9,} {counted[name] / 1e9:>7.3f} {median:>10.2f} {median / full:>8.3f}')
 
 
 if __name__ == '__main__':

@@ -1,0 +1,571 @@
+"""Parameters, GMACs, latency, images/s and peak memory of the model of a config, measured by code.
+
+    python tools/benchmark.py --config configs/offseg_t.yaml --threads 1
+    python tools/benchmark.py --all configs/ --macs-only --csv work_dirs/macs.csv
+    python tools/benchmark.py --config configs/segformer_b0.yaml --mode train --batch 2
+    python tools/benchmark.py --config configs/offseg_t.yaml --threads 1 --breakdown
+    python tools/benchmark.py --config configs/segformer_b0.yaml --set head.type=segformer_mlp --compare hf
+    python tools/benchmark.py --config configs/offseg_t.yaml --onnx
+
+What the numbers are:
+  params   every parameter of the model as built, auxiliary head included (as mmcv counts them).
+  GMACs    multiply-accumulates (FLOPs / 2), which is what the papers call "GFLOPs": torch's
+           FlopCounterMode over one image of --size, in eval mode, on the meta device. Every
+           convolution and every matmul (mm, bmm, addmm, baddbmm, attention) is counted; norms,
+           activations, resizes and elementwise ops are not (mmcv and torchprofile count a few of
+           those, 0-4% more).
+  paper    OffSeg only: the count of the OffSeg paper, which leaves out the matmuls of the
+           EfficientFormerV2 attention and of Offset Learning (their convolutions stay in). The
+           SegFormer and SegNeXt papers count everything, as GMACs does.
+  latency  one call on a random batch. infer: the forward of the model in eval mode under
+           torch.inference_mode (logits at the head's stride, no resize), through
+           engine.fast.prepare_for_inference (BN folded unless --no-fold-bn; --channels-last,
+           --compile). train: forward, the config's loss, backward and the config's optimizer
+           step. Median and 90th percentile of --runs calls after --warmup calls; on CUDA each
+           call is synchronised before and after.
+  memory   CUDA: torch.cuda.max_memory_allocated over warm-up and runs (statistics reset before).
+           CPU: the peak RSS of the process over them (its high-water mark reset through
+           /proc/self/clear_refs; Linux only). "+runs" is the peak minus the memory before the
+           calls: what running needs beyond the model itself.
+
+Models get random weights (backbone.pretrained=null unless --set says otherwise): speed and size
+do not depend on the values.
+"""
+import argparse
+import contextlib
+import copy
+import csv
+import ctypes
+import gc
+import glob
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine.config import ConfigError  # noqa: E402
+from engine.losses import SegmentationLoss  # noqa: E402
+from engine.optim import build_optimizer  # noqa: E402
+from models import OffsetLearning  # noqa: E402
+from models.backbones.efficientformer_v2 import Attention4D, Attention4DDownsample  # noqa: E402
+from models.backbones.mit import LAYER_NORM_EPS, MiT  # noqa: E402
+from models.convert import convert_model_state  # noqa: E402
+from models.heads.classifier import PixelClassifier  # noqa: E402
+from models.heads.offseg import OffSegHead  # noqa: E402
+from models.heads.segformer import SegFormerMLPHead  # noqa: E402
+from train import AMP_DTYPES, create_model, load_config, run_cli  # noqa: E402
+
+RANDOM_WEIGHTS = 'backbone.pretrained=null'
+
+PAPER_OMITS_MATMULS = {OffSegHead: (Attention4D, Attention4DDownsample, OffsetLearning)}
+"""Head class -> modules whose matmuls its paper's GFLOPs leave out. The OffSeg paper's figures
+(5.3 / 10.3 / 17.1 G at 512x512) equal a count without the EfficientFormerV2 attention and Offset
+Learning matmuls; every other paper here counts all operations."""
+
+
+# --------------------------------------------------------------------------------------- counting
+
+def meta_model(cfg: dict) -> torch.nn.Module:
+    """The config's model on the meta device (shapes only: no memory, no weights, nothing loaded)."""
+    cfg = {**cfg, 'backbone': {**cfg['backbone'], 'pretrained': None}}
+    with torch.device('meta'):
+        return create_model(cfg).eval()
+
+
+def count_macs(model: torch.nn.Module, *inputs) -> dict:
+    """{module path ('' = the whole model): {aten op: MACs}} of `model(*inputs)`.
+
+    FlopCounterMode attributes every op to each module it runs in (and to all their parents), keyed
+    by the root's class name plus the module path; the class name is taken off here.
+    """
+    root = type(model).__name__
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(*inputs)
+    return {name.removeprefix(root).removeprefix('.'): {str(op): flops / 2 for op, flops in ops.items()}
+            for name, ops in counter.get_flop_counts().items() if name != 'Global'}
+
+
+def image_macs(model: torch.nn.Module, size) -> dict:
+    """`count_macs` of one image of `size` (H, W) through a model on the meta device."""
+    return count_macs(model, torch.empty(1, 3, *size, device='meta'))
+
+
+def module_macs(counts: dict, path: str) -> float:
+    return sum(counts.get(path, {}).values())
+
+
+def paper_convention_macs(model: torch.nn.Module, counts: dict):
+    """MACs as the model's paper counts them (see PAPER_OMITS_MATMULS); None where that is the full count."""
+    omitted = PAPER_OMITS_MATMULS.get(type(model.head))
+    if omitted is None:
+        return None
+    paths = [name for name, module in model.named_modules() if isinstance(module, omitted)]
+    outermost = [p for p in paths if not any(p.startswith(q + '.') for q in paths)]
+    matmuls = sum(macs for path in outermost for op, macs in counts.get(path, {}).items()
+                  if 'convolution' not in op)
+    return module_macs(counts, '') - matmuls
+
+
+def describe(model: torch.nn.Module, cfg: dict) -> str:
+    backbone = f"{cfg['backbone']['type']} {cfg['backbone'].get('variant', '')}".strip()
+    uses_ol = any(isinstance(m, OffsetLearning) for m in model.head.modules())
+    return f"{backbone} + {cfg['head']['type']}" + (' + OL' if uses_ol else '')
+
+
+def size_figures(cfg: dict, size) -> dict:
+    """Parameters (M) and GMACs of the config's model at `size`, both conventions, from a meta build."""
+    model = meta_model(cfg)
+    counts = image_macs(model, size)
+    paper = paper_convention_macs(model, counts)
+    return {'model': describe(model, cfg), 'params_m': sum(p.numel() for p in model.parameters()) / 1e6,
+            'gmacs': module_macs(counts, '') / 1e9, 'gmacs_paper_convention': paper and paper / 1e9}
+
+
+# ---------------------------------------------------------------------------------------- timing
+
+def time_calls(calls: dict, runs: int, warmup: int, device: torch.device) -> dict:
+    """{name: [seconds of each timed call]}. The calls run in turn within each round, so that load
+    from other processes falls on all of them alike and their ratios come from the same conditions."""
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    times = {name: [] for name in calls}
+    for round_ in range(warmup + runs):
+        for name, call in calls.items():
+            sync()
+            start = time.perf_counter()
+            call()
+            sync()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def latency_ms(seconds: list) -> dict:
+    """Median and 90th percentile (nearest rank) in milliseconds."""
+    ordered = sorted(seconds)
+    return {'median': 1e3 * statistics.median(ordered), 'p90': 1e3 * ordered[math.ceil(0.9 * len(ordered)) - 1]}
+
+
+def rss_mb(field: str):
+    """VmRSS (now) or VmHWM (the peak) of this process in MB; None where /proc is missing."""
+    status = Path('/proc/self/status')
+    if not status.exists():
+        return None
+    line = next(line for line in status.read_text().splitlines() if line.startswith(field + ':'))
+    return int(line.split()[1]) / 1024
+
+
+def release_freed_memory() -> None:
+    """Hand memory that is free but still resident back to the OS (glibc's malloc_trim), so that RSS
+    counts live memory only and a later rise of the peak is memory that is really needed."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device):
+    """Yields a dict that receives `peak_memory_mb` and `added_memory_mb` (peak minus the memory
+    before the block) when the block ends; see the module docstring for what each device measures."""
+    result = {}
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2 ** 20
+        yield result
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20
+    else:
+        release_freed_memory()
+        before = rss_mb('VmRSS')
+        with contextlib.suppress(OSError):
+            Path('/proc/self/clear_refs').write_text('5')   # resets VmHWM to the current RSS
+        yield result
+        peak = rss_mb('VmHWM')
+    result.update(peak_memory_mb=peak, added_memory_mb=None if peak is None else peak - before)
+
+
+def autocast(device: torch.device, amp):
+    return torch.autocast(device.type, dtype=AMP_DTYPES.get(amp), enabled=amp is not None)
+
+
+def inference_call(model, images: torch.Tensor, amp):
+    def call():
+        with torch.inference_mode(), autocast(images.device, amp):
+            return model(images)
+    return call
+
+
+def train_call(model, cfg: dict, images: torch.Tensor, amp):
+    """One training iteration as train.py runs it: zero grads, forward (autocast), the config's loss,
+    backward (scaled for fp16) and the config's optimizer step, on random labels."""
+    device = images.device
+    labels = torch.randint(0, cfg['data']['num_classes'], (images.shape[0], *images.shape[2:]), device=device)
+    optimizer, _ = build_optimizer(model, cfg['train']['optimizer'], cfg['train']['param_groups'])
+    criterion = SegmentationLoss(cfg['data']['ignore_index'], cfg['train']['loss'],
+                                 (cfg['aux_head'] or {}).get('loss_weight', 0.4))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == 'fp16')
+
+    def call():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, amp):
+            outputs = model(images)
+        scaler.scale(criterion(outputs, labels)).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return call
+
+
+def prepare(model, args):
+    """The inference fast paths of engine/fast.py; a plain eager model when none is asked for."""
+    if not (args.fold_bn or args.channels_last or args.compile):
+        return model
+    from engine.fast import prepare_for_inference
+    return prepare_for_inference(model, channels_last=args.channels_last, fold_bn=args.fold_bn,
+                                 compile=args.compile)
+
+
+# ----------------------------------------------------------------------------------- comparisons
+
+def check_hf_comparable(model, cfg: dict) -> None:
+    """transformers' SegformerForSemanticSegmentation is MiT + the official All-MLP head + a 1x1 classifier."""
+    if not (isinstance(model.backbone, MiT) and type(model.head) is SegFormerMLPHead
+            and isinstance(model.head.classifier, PixelClassifier)):
+        raise ConfigError(
+            f"{cfg['_source']}: --compare hf needs backbone.type=mit with head.type=segformer_mlp (the official "
+            f"All-MLP head, without Offset Learning), which is what transformers' SegformerForSemanticSegmentation "
+            f"implements; this config has {describe(model, cfg)}. mmseg's head (head.type=segformer) differs from "
+            f"it: add --set head.type=segformer_mlp")
+
+
+def hf_segformer(model):
+    """transformers' SegformerForSemanticSegmentation holding `model`'s weights, built offline.
+
+    Our MiT is transformers' SegformerModel, so its config is reused with the head's width and class
+    count. Weights go across through the repo's own HF -> ours converter, applied to each HF key
+    alone: that gives the key map in the other direction, and every key must be matched one to one.
+    """
+    from transformers import SegformerForSemanticSegmentation
+    config = copy.deepcopy(model.backbone.segformer.config)
+    config.decoder_hidden_size = model.head.linear_fuse.conv.out_channels
+    config.num_labels = model.head.classifier.conv.out_channels
+    hf = SegformerForSemanticSegmentation(config).eval()
+    for module in hf.segformer.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.eps = LAYER_NORM_EPS
+    ours = model.state_dict()
+    hf_to_ours = {}
+    for key, value in hf.state_dict().items():
+        converted, _ = convert_model_state(model, {key: value})
+        hf_to_ours[key] = next(iter(converted), None)
+    missing = set(ours) ^ set(hf_to_ours.values())
+    if missing:
+        raise RuntimeError(f'HF SegFormer and ours do not map one to one: {sorted(map(str, missing))[:5]}')
+    hf.load_state_dict({key: ours[ours_key] for key, ours_key in hf_to_ours.items()})
+    return hf.to(next(model.parameters()).device)
+
+
+def compare_hf(model, images: torch.Tensor, runs: int, warmup: int) -> dict:
+    """Logit difference and interleaved latencies of our model and transformers' on the same weights."""
+    hf = hf_segformer(model)
+    with torch.inference_mode():
+        diff = (model(images) - hf(pixel_values=images).logits).abs().max().item()
+        times = time_calls({'ours': lambda: model(images), 'hf': lambda: hf(pixel_values=images)},
+                           runs, warmup, images.device)
+    ours_ms, hf_ms = latency_ms(times['ours'])['median'], latency_ms(times['hf'])['median']
+    return {'max_abs_diff': diff, 'ours_ms': ours_ms, 'hf_ms': hf_ms, 'hf_over_ours': hf_ms / ours_ms}
+
+
+def onnx_session(model, size, device: torch.device):
+    """An ONNX Runtime session of `model`, exported by tools/export_onnx.py to a temporary file."""
+    try:
+        import onnxruntime
+        from tools.export_onnx import export
+    except ImportError as error:
+        raise SystemExit(f'error: --onnx needs onnx, onnxruntime and tools/export_onnx.py ({error})')
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    providers = ['CUDAExecutionProvider'] if device.type == 'cuda' else ['CPUExecutionProvider']
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export(model, Path(tmp) / 'model.onnx', size=tuple(size))
+        return onnxruntime.InferenceSession(str(path), options, providers=providers)
+
+
+def compare_onnx(session, model, images: torch.Tensor, amp, runs: int, warmup: int) -> dict:
+    """Output difference and interleaved latencies of eager PyTorch and ONNX Runtime (inputs from the
+    host, outputs back to it, as a deployed runtime is called). SegNeXt's NMF draws random bases on
+    every forward, so its outputs differ from call to call in either runtime."""
+    name = session.get_inputs()[0].name
+    array = images.float().cpu().numpy()
+    eager = inference_call(model, images, amp)
+    diff = (eager().float().cpu() - torch.from_numpy(session.run(None, {name: array})[0])).abs().max().item()
+    times = time_calls({'eager': eager, 'onnxruntime': lambda: session.run(None, {name: array})},
+                       runs, warmup, images.device)
+    eager_ms, onnx_ms = latency_ms(times['eager'])['median'], latency_ms(times['onnxruntime'])['median']
+    return {'max_abs_diff': diff, 'eager_ms': eager_ms, 'onnxruntime_ms': onnx_ms,
+            'onnx_over_eager': onnx_ms / eager_ms}
+
+
+def breakdown(model, images: torch.Tensor, counts: dict, runs: int, warmup: int) -> dict:
+    """Latency share and MAC share of the backbone, the head and Offset Learning (inside the head).
+
+    Method: one forward records the inputs of each part (forward pre-hooks); then each part is timed
+    on its own on those inputs, in the same rounds as the whole model (`time_calls`), and its share
+    is its median over the whole model's median. Timing parts separately keeps hooks and
+    synchronisation out of the measured forward, where they would fall on small parts unevenly.
+    Backbone + head shares add up to about 1; the rest is the call overhead between them. MAC
+    shares come from FlopCounterMode's per-module count of the same architecture.
+    """
+    parts = {'backbone': 'backbone', 'head': 'head'}
+    parts.update({f'offset learning ({name})': name for name, module in model.named_modules()
+                  if isinstance(module, OffsetLearning)})
+    inputs, hooks = {}, []
+    for label, path in parts.items():
+        def record(module, args, kwargs, label=label):
+            inputs[label] = (args, kwargs)
+        hooks.append(model.get_submodule(path).register_forward_pre_hook(record, with_kwargs=True))
+    with torch.inference_mode():
+        model(images)
+        for hook in hooks:
+            hook.remove()
+        calls = {'model': lambda: model(images)}
+        calls.update({label: (lambda m=model.get_submodule(parts[label]), a=args, k=kwargs: m(*a, **k))
+                      for label, (args, kwargs) in inputs.items()})
+        times = time_calls(calls, runs, warmup, images.device)
+    whole_ms, total_macs = latency_ms(times['model'])['median'], module_macs(counts, '')
+    result = {}
+    for label in inputs:
+        part_ms = latency_ms(times[label])['median']
+        mac_share = module_macs(counts, parts[label]) / total_macs
+        result[label] = {'latency_ms': part_ms, 'latency_share': part_ms / whole_ms, 'mac_share': mac_share,
+                         'latency_over_mac_share': part_ms / whole_ms / mac_share if mac_share else None}
+    return result
+
+
+# ------------------------------------------------------------------------------------------- run
+
+def random_weights_config(path, overrides=()) -> dict:
+    """The config of `path` with `backbone.pretrained` off (unless an override turns it back on)."""
+    return load_config(path, [RANDOM_WEIGHTS, *overrides])
+
+
+def build_model(cfg: dict, device: torch.device) -> torch.nn.Module:
+    """The config's model on `device`, with the same random weights on every call (seed 0)."""
+    torch.manual_seed(0)
+    return create_model(cfg).to(device)
+
+
+def benchmark(path: Path, args) -> dict:
+    """Every figure asked for by `args` for one config."""
+    cfg = random_weights_config(path, args.set)
+    if args.compare:
+        check_hf_comparable(meta_model(cfg), cfg)
+    size = tuple(args.size)
+    result = {'config': str(path), **size_figures(cfg, size), 'size': list(size)}
+    if args.macs_only:
+        return result
+    device = torch.device(args.device)
+    batch = args.batch or (2 if args.mode == 'train' else 1)
+    model = build_model(cfg, device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    images = torch.randn(batch, 3, *size, device=device).contiguous(memory_format=memory_format)
+    result.update(device=str(device), mode=args.mode, batch=batch, threads=torch.get_num_threads(),
+                  runs=args.runs, warmup=args.warmup, amp=args.amp, channels_last=args.channels_last)
+    if args.mode == 'train':
+        model = model.to(memory_format=memory_format).train()
+        call = train_call(model, cfg, images, args.amp)
+    else:
+        model = model.eval() if args.compare else prepare(model.eval(), args)
+        result.update(fold_bn=args.fold_bn and not args.compare, compile=args.compile)
+        call = inference_call(model, images, args.amp)
+    with peak_memory(device) as memory:
+        seconds = time_calls({'model': call}, args.runs, args.warmup, device)['model']
+    latency = latency_ms(seconds)
+    result.update(latency_ms_median=latency['median'], latency_ms_p90=latency['p90'],
+                  images_per_s=1e3 * batch / latency['median'], **memory)
+    if args.compare:
+        result['compare_hf'] = compare_hf(model, images, args.runs, args.warmup)
+    if args.onnx:   # exported from a fresh build: the timed model may be folded or compiled
+        session = onnx_session(build_model(cfg, device).eval(), size, device)
+        result['onnx'] = compare_onnx(session, model, images, args.amp, args.runs, args.warmup)
+    if args.breakdown:
+        counts = image_macs(meta_model(cfg), size)
+        result['breakdown'] = breakdown(model, images, counts, args.runs, args.warmup)
+    return result
+
+
+def config_paths(items: list) -> list:
+    """Config files from paths, folders (their *.yaml) and glob patterns, in the order given."""
+    paths = []
+    for item in items:
+        if Path(item).is_dir():
+            found = sorted(Path(item).glob('*.yaml'))
+        elif glob.has_magic(item):
+            found = sorted(Path(p) for p in glob.glob(item))
+        else:
+            found = [Path(item)]
+        if not found:
+            raise ConfigError(f"--all '{item}': no config files there")
+        paths.extend(found)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------- output
+
+def cell(value, fmt: str) -> str:
+    return '-' if value is None else format(value, fmt)
+
+
+def table(results: list) -> str:
+    columns = [('config', 'config', '', 36), ('model', 'model', '', 36), ('params (M)', 'params_m', '.3f', 10),
+               ('GMACs', 'gmacs', '.2f', 8), ('paper GMACs', 'gmacs_paper_convention', '.2f', 11)]
+    if 'latency_ms_median' in results[0]:
+        columns += [('median ms', 'latency_ms_median', '.2f', 10), ('p90 ms', 'latency_ms_p90', '.2f', 9),
+                    ('images/s', 'images_per_s', '.2f', 9), ('peak MB', 'peak_memory_mb', '.0f', 8),
+                    ('+runs MB', 'added_memory_mb', '.0f', 8)]
+    lines = ['  '.join(f'{title:<{width}}' if not fmt else f'{title:>{width}}' for title, _, fmt, width in columns)]
+    for result in results:
+        values = {**result, 'config': Path(result['config']).stem}
+        lines.append('  '.join(f'{values[key]:<{width}}' if not fmt else f'{cell(values[key], fmt):>{width}}'
+                               for _, key, fmt, width in columns))
+    return '\n'.join(lines)
+
+
+def header(results: list) -> str:
+    first = results[0]
+    size = 'x'.join(map(str, first['size']))
+    lines = [f'{size} input; GMACs = multiply-accumulates (FLOPs / 2) per image, every convolution and matmul '
+             'counted (torch FlopCounterMode); paper GMACs: OffSeg paper convention, without the attention and '
+             'Offset Learning matmuls']
+    if 'mode' in first:
+        options = ', '.join(name for name in ('fold_bn', 'channels_last', 'compile') if first.get(name))
+        lines.append(f"{first['mode']} on {first['device']}, batch {first['batch']}, {first['threads']} thread(s), "
+                     f"median of {first['runs']} runs after {first['warmup']} warm-up, amp {first['amp'] or 'off'}, "
+                     f"fast paths: {options or 'none'} (torch {torch.__version__})")
+    return '\n'.join(lines)
+
+
+def extras(result: dict) -> str:
+    """The comparison and breakdown sections of one result, if any."""
+    name, lines = Path(result['config']).stem, []
+    if 'compare_hf' in result:
+        r = result['compare_hf']
+        lines.append(f"{name} vs transformers SegformerForSemanticSegmentation, same weights, plain eager fp32: "
+                     f"max |logits diff| {r['max_abs_diff']:.2e}; ours {r['ours_ms']:.2f} ms, HF {r['hf_ms']:.2f} ms, "
+                     f"HF / ours {r['hf_over_ours']:.3f} (interleaved)")
+    if 'onnx' in result:
+        r = result['onnx']
+        lines.append(f"{name} eager vs ONNX Runtime: max |output diff| {r['max_abs_diff']:.2e}; eager "
+                     f"{r['eager_ms']:.2f} ms, ONNX Runtime {r['onnxruntime_ms']:.2f} ms, ONNX / eager "
+                     f"{r['onnx_over_eager']:.3f} (interleaved)")
+    if 'breakdown' in result:
+        lines.append(f"{name} breakdown (each part timed alone on its recorded inputs, interleaved with the model):")
+        lines.append(f"  {'part':<36}{'ms':>9}{'latency share':>15}{'MAC share':>11}{'ratio':>8}")
+        for part, r in result['breakdown'].items():
+            lines.append(f"  {part:<36}{r['latency_ms']:>9.2f}{r['latency_share']:>15.3f}{r['mac_share']:>11.3f}"
+                         f"{cell(r['latency_over_mac_share'], '.2f'):>8}")
+    return '\n'.join(lines)
+
+
+def flatten(result: dict, prefix: str = '') -> dict:
+    """Nested sections as dotted column names, for CSV."""
+    flat = {}
+    for key, value in result.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f'{prefix}{key}.'))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def write_csv(results: list, path: Path) -> None:
+    rows = [flatten(result) for result in results]
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with open(path, 'w', newline='') as file:
+        writer = csv.DictWriter(file, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# ------------------------------------------------------------------------------------------ main
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument('--config', help='YAML file of the model')
+    which.add_argument('--all', nargs='+', metavar='CFG',
+                       help='configs, folders of configs or glob patterns, measured into one table')
+    parser.add_argument('--set', nargs='+', default=[], action='extend', metavar='KEY=VALUE',
+                        help='override config values (applied to every config)')
+    parser.add_argument('--size', nargs=2, type=int, default=[512, 512], metavar=('H', 'W'))
+    parser.add_argument('--batch', type=int, help='images per call (default: 1 for infer, 2 for train, as '
+                        'BatchNorm needs more than one value per channel in training)')
+    parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
+    parser.add_argument('--mode', default='infer', choices=['infer', 'train'])
+    parser.add_argument('--threads', type=int, help='torch CPU threads (default: torch\'s choice)')
+    parser.add_argument('--runs', type=int, default=20, help='timed calls (default: 20)')
+    parser.add_argument('--warmup', type=int, default=3, help='untimed calls first (default: 3)')
+    parser.add_argument('--macs-only', action='store_true', help='parameters and GMACs only (meta device, no timing)')
+    parser.add_argument('--amp', choices=sorted(AMP_DTYPES), help='autocast dtype (default: float32)')
+    parser.add_argument('--channels-last', action='store_true', help='channels_last model and input')
+    parser.add_argument('--compile', action='store_true', help='torch.compile the model (infer; warm-up compiles)')
+    parser.add_argument('--no-fold-bn', dest='fold_bn', action='store_false',
+                        help='keep BatchNorm after convolutions (infer; default: folded where exact)')
+    parser.add_argument('--breakdown', action='store_true',
+                        help='latency and MAC shares of backbone, head and Offset Learning (infer)')
+    parser.add_argument('--compare', choices=['hf'], help="time transformers' SegFormer on the same weights (infer)")
+    parser.add_argument('--onnx', action='store_true', help='time the ONNX Runtime export beside eager (infer)')
+    parser.add_argument('--json', type=Path, help='write the results as JSON')
+    parser.add_argument('--csv', type=Path, help='write the results as CSV')
+    args = parser.parse_args(argv)
+    check_options(parser, args)
+    return args
+
+
+def check_options(parser, args) -> None:
+    """Combinations that cannot be measured as asked stop here, before anything is built."""
+    if args.runs < 1 or args.warmup < 0 or (args.batch is not None and args.batch < 1):
+        parser.error('--runs and --batch must be at least 1, --warmup at least 0')
+    infer_only = [flag for flag, on in (('--breakdown', args.breakdown), ('--compare', args.compare),
+                                        ('--onnx', args.onnx), ('--compile', args.compile)) if on]
+    if args.mode == 'train' and infer_only:
+        parser.error(f"{', '.join(infer_only)}: inference only (--mode infer)")
+    if args.macs_only and (infer_only or args.amp or args.channels_last):
+        parser.error('--macs-only measures no time: drop the timing options')
+    if args.compare and (args.channels_last or args.compile or args.amp):
+        parser.error('--compare hf runs both models in plain eager float32: drop --channels-last, --compile, --amp')
+    if args.breakdown and args.compile:
+        parser.error('--breakdown times the parts one by one, uncompiled: drop --compile')
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        parser.error('--device cuda: no CUDA device available')
+
+
+def main(argv=None) -> list:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    paths = config_paths(args.all) if args.all else [Path(args.config)]
+    results = []
+    for path in paths:
+        results.append(benchmark(path, args))
+    print(header(results))
+    print(table(results))
+    for section in filter(None, map(extras, results)):
+        print(section)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + '\n')
+    if args.csv:
+        write_csv(results, args.csv)
+    return results
+
+
+if __name__ == '__main__':
+    run_cli(main)
