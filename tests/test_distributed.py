@@ -4,6 +4,7 @@ The model has no batch statistics (MiT + the OffSeg head: LayerNorm and GroupNor
 dropout, and the data no ignored pixels, so two processes with half the batch each must take the
 same steps as one process with the whole batch.
 """
+import copy
 import os
 import re
 import signal
@@ -20,6 +21,7 @@ import torch
 
 import train
 from engine.checkpoint import load_checkpoint
+from engine.training import has_unused_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -141,3 +143,23 @@ def test_killed_run_resumes_with_the_same_losses(rectangles, tmp_path):
     assert losses == {k: expected[k] for k in losses}
     assert load_checkpoint(tmp_path / 'killed' / 'last.pth')['best'] == \
         load_checkpoint(tmp_path / 'reference' / 'last.pth')['best']
+
+
+def test_ddp_searches_for_unused_parameters_only_when_a_step_leaves_some_without_gradient():
+    class TwoBranches(torch.nn.Module):
+        def __init__(self, use_both: bool):
+            super().__init__()
+            self.use_both = use_both
+            self.a = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+            self.b = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x) if self.use_both else self.a(x)
+
+    model = TwoBranches(use_both=True)
+    before, rng = copy.deepcopy(model.state_dict()), torch.get_rng_state()
+    assert not has_unused_parameters(model, torch.device('cpu'))
+    assert has_unused_parameters(TwoBranches(use_both=False), torch.device('cpu'))
+    assert torch.equal(torch.get_rng_state(), rng)   # the probe leaves the model and the RNG as they were
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(p.grad is None for p in model.parameters())
