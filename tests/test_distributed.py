@@ -156,10 +156,10 @@ def test_ddp_searches_for_unused_parameters_only_when_a_step_leaves_some_without
         def forward(self, x):
             return self.a(x) + self.b(x) if self.use_both else self.a(x)
 
-    model = TwoBranches(use_both=True)
+    model, one_branch = TwoBranches(use_both=True), TwoBranches(use_both=False)
     before, rng = copy.deepcopy(model.state_dict()), torch.get_rng_state()
     assert not has_unused_parameters(model, torch.device('cpu'))
-    assert has_unused_parameters(TwoBranches(use_both=False), torch.device('cpu'))
+    assert has_unused_parameters(one_branch, torch.device('cpu'))
     assert torch.equal(torch.get_rng_state(), rng)   # the probe leaves the model and the RNG as they were
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert all(p.grad is None for p in model.parameters())
