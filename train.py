@@ -2,6 +2,8 @@
 
     python train.py --config configs/demo.yaml [--work-dir DIR] [--set train.max_iters=200 ...]
     torchrun --nproc_per_node=8 train.py --config configs/offseg_b.yaml
+    python train.py --config configs/demo.yaml --resume auto          # continue exactly after a stop or kill
+    python train.py --config configs/camvid.yaml --load-from CKPT     # fine-tune from a checkpoint's weights
 
 The factories below map the config to models; the rest of the file is the training loop.
 """
