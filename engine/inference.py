@@ -4,15 +4,24 @@ Every path returns logits at a requested output size (the label's, for scoring).
 padded to the crop size and run in batches; overlapping windows are averaged. Test-time
 augmentation averages softmax probabilities over scales and flips, as mmseg's TTA does.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 (B, 3, H, W) RGB -> float, normalised on whatever device the batch is on."""
-    mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    mean, std = channel_statistics(tuple(mean), tuple(std), images.device)
     return (images.float() - mean) / std
+
+
+@functools.lru_cache(maxsize=8)
+def channel_statistics(mean: tuple, std: tuple, device: torch.device) -> tuple:
+    """`mean` and `std` as (1, C, 1, 1) tensors on `device`, made once: built from Python lists on
+    every call, they would be a host-to-GPU copy, and a wait for the GPU, in each training step."""
+    return (torch.tensor(mean, device=device).view(1, -1, 1, 1),
+            torch.tensor(std, device=device).view(1, -1, 1, 1))
 
 
 def resize(x: torch.Tensor, size) -> torch.Tensor:
