@@ -17,9 +17,8 @@ and the ratios of the references to this repo's carafe. Outputs are checked agai
     python benchmarks/carafe.py [--variant s1] [--size 512 512] [--runs 10] [--warmup 2] [--device cpu]
 """
 import argparse
-import statistics
+import functools
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.backbones.efficientformer_v2 import EfficientFormerV2  # noqa: E402
 from models.heads import freqfusion  # noqa: E402
 from models.heads.offseg import OffSegHead  # noqa: E402
+from tools.benchmark import latency_ms, time_calls  # noqa: E402
 
 NEW_CHANNELS = {'s0': (32, 32, 64, 128), 's1': (32, 32, 64, 128), 's2': (32, 64, 128, 256), 'l': (32, 64, 128, 256)}
 """OffSegHead widths per backbone variant, as in configs/offseg_{t,b,l}.yaml."""
@@ -100,16 +100,6 @@ def peak_bytes(fn, args, device: torch.device) -> int:
     return peak
 
 
-def timed(fn, args, device: torch.device) -> float:
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn(*args)
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def describe(args) -> str:
     features, _, k, _, s = args
     _, c, h, w = features.shape
@@ -134,16 +124,11 @@ def main():
         for name, fn in IMPLEMENTATIONS.items():
             diff = max((fn(*call) - ref).abs().max().item() for call, ref in zip(calls, reference))
             print(f'{name}: max abs diff to this repo {diff:.2e}')
-        times = {name: [[] for _ in calls] for name in IMPLEMENTATIONS}
-        for round_ in range(args.warmup + args.runs):
-            for i, call in enumerate(calls):
-                for name, fn in IMPLEMENTATIONS.items():
-                    elapsed = timed(fn, call, device)
-                    if round_ >= args.warmup:
-                        times[name][i].append(elapsed)
+        times = time_calls({(name, i): functools.partial(fn, *call) for i, call in enumerate(calls)
+                            for name, fn in IMPLEMENTATIONS.items()}, args.runs, args.warmup, device)
         peaks = {name: [peak_bytes(fn, call, device) for call in calls] for name, fn in IMPLEMENTATIONS.items()}
 
-    medians = {name: [statistics.median(t) * 1e3 for t in per_call] for name, per_call in times.items()}
+    medians = {name: [latency_ms(times[name, i])['median'] for i in range(len(calls))] for name in IMPLEMENTATIONS}
     print(f'\n{len(calls)} carafe calls of one OffSeg head forward ({args.variant}, {args.size[0]}x{args.size[1]} '
           f'image, batch 1) on {args.device}, {args.threads} thread(s), median of {args.runs} runs after '
           f'{args.warmup} warm-up rounds (torch {torch.__version__})')

@@ -52,6 +52,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from engine import fast  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
 from engine.losses import SegmentationLoss  # noqa: E402
 from engine.optim import build_optimizer  # noqa: E402
@@ -228,9 +229,8 @@ def prepare(model, args):
     """The inference fast paths of engine/fast.py; a plain eager model when none is asked for."""
     if not (args.fold_bn or args.channels_last or args.compile):
         return model
-    from engine.fast import prepare_for_inference
-    return prepare_for_inference(model, channels_last=args.channels_last, fold_bn=args.fold_bn,
-                                 compile=args.compile)
+    return fast.prepare_for_inference(model, channels_last=args.channels_last, fold_bn=args.fold_bn,
+                                      compile=args.compile)
 
 
 # ----------------------------------------------------------------------------------- comparisons
@@ -515,10 +515,7 @@ def parse_args(argv=None):
     parser.add_argument('--warmup', type=int, default=3, help='untimed calls first (default: 3)')
     parser.add_argument('--macs-only', action='store_true', help='parameters and GMACs only (meta device, no timing)')
     parser.add_argument('--amp', choices=sorted(AMP_DTYPES), help='autocast dtype (default: float32)')
-    parser.add_argument('--channels-last', action='store_true', help='channels_last model and input')
-    parser.add_argument('--compile', action='store_true', help='torch.compile the model (infer; warm-up compiles)')
-    parser.add_argument('--no-fold-bn', dest='fold_bn', action='store_false',
-                        help='keep BatchNorm after convolutions (infer; default: folded where exact)')
+    fast.add_arguments(parser)  # --channels-last (model and input), --compile, --no-fold-bn: as evaluate.py
     parser.add_argument('--breakdown', action='store_true',
                         help='latency and MAC shares of backbone, head and Offset Learning (infer)')
     parser.add_argument('--compare', choices=['hf'], help="time transformers' SegFormer on the same weights (infer)")
