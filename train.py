@@ -97,13 +97,9 @@ def check_config(cfg: dict) -> None:
             check_kwargs(choose(section, cfg[section].get('type'), HEADS, source), kwargs, section, source)
     check_rules(cfg['train']['param_groups'], source)
     try:
-        check_loss_config(cfg['train']['loss'])
+        check_loss_config(cfg['train']['loss'], cfg['data']['num_classes'])
     except ConfigError as error:
         raise ConfigError(f'{source}: {error}') from None
-    class_weight = cfg['train']['loss']['class_weight']
-    if class_weight is not None and len(class_weight) != cfg['data']['num_classes']:
-        raise ConfigError(f"{source}: 'train.loss.class_weight' has {len(class_weight)} values for "
-                          f"data.num_classes {cfg['data']['num_classes']}")
     dataset = choose('data', cfg['data']['type'], DATASETS, source)
     check_kwargs(dataset, dataset_options(cfg['data']), 'data', source, provided=DATASET_ARGUMENTS,
                  suggest=DEFAULTS['data'])

@@ -147,8 +147,9 @@ class SegmentationLoss:
         return self.class_weight
 
 
-def check_loss_config(loss_cfg: dict) -> dict:
-    """`loss_cfg` itself, or a ConfigError naming the first key that cannot describe a loss."""
+def check_loss_config(loss_cfg: dict, num_classes: int = None) -> dict:
+    """`loss_cfg` itself, or a ConfigError naming the first key that cannot describe a loss (with
+    `num_classes`, also a class_weight of another length)."""
     for key, value in loss_cfg.items():
         if key not in DEFAULTS['train']['loss']:
             raise ConfigError(f"unknown key 'train.loss.{key}' (valid: {', '.join(DEFAULTS['train']['loss'])})")
@@ -159,6 +160,9 @@ def check_loss_config(loss_cfg: dict) -> dict:
     class_weight = loss_cfg.get('class_weight')
     if class_weight is not None and not (isinstance(class_weight, list) and all(map(is_number, class_weight))):
         raise ConfigError(f"'train.loss.class_weight' must be null or a list of numbers, got {class_weight!r}")
+    if class_weight is not None and num_classes is not None and len(class_weight) != num_classes:
+        raise ConfigError(f"'train.loss.class_weight' has {len(class_weight)} values for data.num_classes "
+                          f"{num_classes}")
     ohem = loss_cfg.get('ohem')
     if ohem is None:
         return loss_cfg
