@@ -101,15 +101,11 @@ def load_weights_from(model: nn.Module, path) -> list:
     number of classes) are left as initialised and reported. Returns the report lines."""
     state = read_state_dict(path)
     own = model.state_dict()
-    mismatched = sorted(k for k, v in state.items() if k in own and v.shape != own[k].shape)
-    if not any(k.startswith('backbone.') and k in own and k not in mismatched for k in state):
+    if not any(k.startswith('backbone.') and k in own and v.shape == own[k].shape for k, v in state.items()):
         raise CheckpointError(f"{path}: none of its backbone weights fit this model (a checkpoint of another "
                               "architecture? published files need tools/convert_checkpoint.py first)")
-    report = [f'{path}: {len(mismatched)} keys skipped, shapes differ from the model: ' + ', '.join(mismatched[:8])
-              ] if mismatched else []
-    state = {k: v for k, v in state.items() if k not in mismatched}
-    report += [f'{path}: {message}' for message in load_into(model, state, str(path))]
-    return [f'loaded weights from {path}'] + report
+    messages = load_into(model, state, str(path), skip_mismatched=True)
+    return [f'loaded weights from {path}'] + [f'{path}: {message}' for message in messages]
 
 
 def stop_if_not_finite(first_bad_iter: torch.Tensor, work_dir: Path) -> None:

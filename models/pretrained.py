@@ -51,19 +51,23 @@ def hf_config(path: str) -> Optional[dict]:
     return json.loads(config.read_text()) if config.is_file() else None
 
 
-def load_into(module: nn.Module, state: dict, source: str, strict: bool = False) -> list:
-    """Load what fits and refuse shape mismatches. Returns one line per kind of key problem (missing
-    from the checkpoint, unexpected in it); with `strict` (our own checkpoints) those are an error."""
+def load_into(module: nn.Module, state: dict, source: str, strict: bool = False,
+              skip_mismatched: bool = False) -> list:
+    """Load what fits and refuse shape mismatches (or, with `skip_mismatched`, as when fine-tuning on
+    other classes, leave those keys as initialised). Returns one line per kind of key problem (skipped,
+    missing from the checkpoint, unexpected in it); with `strict` (our own checkpoints) they are an error."""
     own = module.state_dict()
-    mismatched = [f'{k}: {tuple(v.shape)} in file, {tuple(own[k].shape)} in model'
-                  for k, v in state.items() if k in own and v.shape != own[k].shape]
-    if mismatched:
-        raise CheckpointError(f"{source}: shapes do not match the model (wrong variant?):\n  "
-                              + '\n  '.join(mismatched[:10]))
+    mismatched = sorted(k for k, v in state.items() if k in own and v.shape != own[k].shape)
+    if mismatched and not skip_mismatched:
+        raise CheckpointError(f"{source}: shapes do not match the model (wrong variant?):\n  " + '\n  '.join(
+            f'{k}: {tuple(state[k].shape)} in file, {tuple(own[k].shape)} in model' for k in mismatched[:10]))
+    state = {k: v for k, v in state.items() if k not in mismatched}
+    skipped = [f'{len(mismatched)} keys skipped, shapes differ from the model: ' + ', '.join(mismatched[:8])
+               ] if mismatched else []
     problems = [(kind, keys) for kind, keys in (('missing from', sorted(own.keys() - state.keys())),
                                                 ('unexpected in', sorted(state.keys() - own.keys()))) if keys]
-    messages = [f"{len(keys)} keys {kind} the checkpoint: " + ', '.join(keys[:8])
-                + (f' ... ({len(keys)} in all)' if len(keys) > 8 else '') for kind, keys in problems]
+    messages = skipped + [f"{len(keys)} keys {kind} the checkpoint: " + ', '.join(keys[:8])
+                          + (f' ... ({len(keys)} in all)' if len(keys) > 8 else '') for kind, keys in problems]
     if strict and messages:
         raise CheckpointError(f"{source} does not match the model (built from its config):\n  " + '\n  '.join(messages))
     module.load_state_dict(state, strict=False)
