@@ -18,9 +18,11 @@ from torch.utils.data import DataLoader, Subset
 from datasets.sampler import shard
 from engine import dist, fast
 from engine.checkpoint import load_checkpoint
-from engine.config import ConfigError
+from engine.cli import amp_dtype_for, config_for_checkpoint, number, run_cli
+from engine.data import build_dataset
 from engine.evaluation import evaluate
-from train import amp_dtype_for, build_dataset, config_for_checkpoint, create_model, load_model_weights, run_cli
+from models.weights import load_model_weights
+from train import create_model
 
 
 def parse_args(argv=None):
@@ -29,13 +31,21 @@ def parse_args(argv=None):
     parser.add_argument('--config', help="YAML to use instead of the checkpoint's stored config")
     parser.add_argument('--split', default='val', help='dataset split to score (default: val)')
     parser.add_argument('--mode', choices=['whole', 'slide'], help='inference mode (default: eval.mode)')
-    parser.add_argument('--scales', nargs='+', type=float, help='test scales for multi-scale inference')
+    parser.add_argument('--scales', nargs='+', type=number(float, 0.01), help='test scales for multi-scale inference')
     parser.add_argument('--flip', action='store_true', help='also average horizontally flipped predictions')
     parser.add_argument('--set', nargs='+', default=[], action='extend', metavar='KEY=VALUE')
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
     parser.add_argument('--work-dir', help='where the JSON goes (default: the checkpoint folder)')
     fast.add_arguments(parser)
     return parser.parse_args(argv)
+
+
+def cli_overrides(args) -> list:
+    """The command-line options as config overrides, so the config rules check them like any other value."""
+    overrides = [f'data.val.split={args.split}']
+    overrides += [f'eval.mode={args.mode}'] if args.mode else []
+    overrides += [f'eval.scales={args.scales}'] if args.scales else []
+    return overrides + (['eval.flip=true'] if args.flip else [])
 
 
 def format_table(results: dict, class_names: list) -> str:
@@ -49,13 +59,7 @@ def format_table(results: dict, class_names: list) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     checkpoint = load_checkpoint(args.checkpoint)
-    cfg = config_for_checkpoint(checkpoint, args.checkpoint, args.config, args.set)
-    cfg['data']['val']['split'] = args.split
-    cfg['eval'].update({k: v for k, v in (('mode', args.mode), ('scales', args.scales)) if v})
-    cfg['eval']['flip'] = cfg['eval']['flip'] or args.flip
-    if cfg['eval']['mode'] == 'slide' and not cfg['eval']['crop_size']:
-        raise ConfigError(f"{cfg['_source']}: slide inference needs eval.crop_size and eval.stride "
-                          "(e.g. --set eval.crop_size=[512,512] eval.stride=[341,341])")
+    cfg = config_for_checkpoint(checkpoint, args.checkpoint, args.config, [*args.set, *cli_overrides(args)])
 
     device, rank, world_size = dist.setup(args.device)
     dataset = build_dataset(cfg, 'val')

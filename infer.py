@@ -27,7 +27,9 @@ from datasets.transforms import Pipeline
 from engine import dist, fast
 from engine.checkpoint import load_checkpoint
 from engine.inference import infer_logits, inference_options, normalize
-from train import amp_dtype_for, config_for_checkpoint, create_model, load_model_weights, run_cli
+from engine.cli import amp_dtype_for, config_for_checkpoint, run_cli
+from models.weights import load_model_weights
+from train import create_model
 
 
 def parse_args(argv=None):
@@ -73,9 +75,8 @@ def save_prediction(prediction: np.ndarray, image: np.ndarray, palette: np.ndarr
 def main(argv=None) -> None:
     args = parse_args(argv)
     checkpoint = load_checkpoint(args.checkpoint)
-    cfg = config_for_checkpoint(checkpoint, args.checkpoint, args.config, args.set)
-    if args.mode:
-        cfg['eval']['mode'] = args.mode
+    mode = [f'eval.mode={args.mode}'] if args.mode else []
+    cfg = config_for_checkpoint(checkpoint, args.checkpoint, args.config, [*args.set, *mode])
     data = cfg['data']
     base, files = find_inputs(args.input)
     skipped = [f for f in files if f.suffix.lower() not in IMAGE_SUFFIXES]

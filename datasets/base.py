@@ -36,7 +36,9 @@ class DatasetWarning(UserWarning):
 
 
 def read_image(path: Path) -> np.ndarray:
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR_RGB)
+    """RGB pixels as stored: an EXIF orientation tag is not applied, as it is not to the label, so image
+    and label keep one size."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
     if image is None:
         raise DatasetError(f"cannot read image '{path}' (missing, corrupt or not an image)")
     return image

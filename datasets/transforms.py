@@ -5,10 +5,27 @@ labels with nearest neighbour, so no step ever mixes label ids. Images stay uint
 reaches the device, where `normalize` runs; colour changes are 256-entry lookup tables, which give
 exactly mmseg's float arithmetic at a fraction of its cost. All randomness comes from `rng`.
 """
+from typing import Annotated
+
 import cv2
 import numpy as np
+from annotated_types import Ge, Gt, Le, Len, Predicate
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
+
+
+def positive_numbers(values) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values)
+
+
+def an_increasing_pair(values) -> bool:
+    return positive_numbers(values) and values[0] <= values[1]
+
+
+# Argument types with their bounds, checked when the config is read (engine/config.py::check_kwargs).
+Size = Annotated[list, Len(2, 2), Predicate(positive_numbers)]
+FactorRange = Annotated[list, Len(2, 2), Predicate(an_increasing_pair)]
+Probability = Annotated[float, Ge(0), Le(1)]
 
 
 def rescale_size(height: int, width: int, scale) -> tuple:
@@ -31,7 +48,7 @@ class Resize:
     with keep_ratio false, to exactly `scale` (h, w). Labels keep their size (they are scored there)
     unless `resize_label`."""
 
-    def __init__(self, scale: list, keep_ratio: bool = True, resize_label: bool = False):
+    def __init__(self, scale: Size, keep_ratio: bool = True, resize_label: bool = False):
         self.scale, self.keep_ratio, self.resize_label = scale, keep_ratio, resize_label
 
     def __call__(self, image, label, rng):
@@ -44,7 +61,7 @@ class RandomResize:
     """mmseg's RandomResize: `scale` (long, short) times a ratio drawn from `ratio_range`, truncated to
     integers, then a keep-ratio rescale to fit it."""
 
-    def __init__(self, scale: list, ratio_range: list = (0.5, 2.0)):
+    def __init__(self, scale: Size, ratio_range: FactorRange = (0.5, 2.0)):
         self.scale, self.ratio_range = scale, ratio_range
 
     def __call__(self, image, label, rng):
@@ -58,7 +75,7 @@ class RandomCrop:
     is redrawn up to 10 times until at least two classes are present and none covers `cat_max_ratio`
     or more of the non-ignored pixels (mmseg). Where no window qualifies, the last one drawn is used."""
 
-    def __init__(self, size: list, cat_max_ratio: float = 1.0, ignore_index: int = 255):
+    def __init__(self, size: Size, cat_max_ratio: Annotated[float, Gt(0), Le(1)] = 1.0, ignore_index: int = 255):
         self.size, self.cat_max_ratio, self.ignore_index = tuple(size), cat_max_ratio, ignore_index
 
     def window(self, shape, rng):
@@ -84,7 +101,7 @@ class RandomCrop:
 class RandomFlip:
     """Horizontal flip with probability `prob` (OpenCV's flip: contiguous results for the steps after)."""
 
-    def __init__(self, prob: float = 0.5):
+    def __init__(self, prob: Probability = 0.5):
         self.prob = prob
 
     def __call__(self, image, label, rng):
@@ -115,8 +132,8 @@ class PhotoMetricDistortion:
     rounding of one HSV conversion.
     """
 
-    def __init__(self, brightness_delta: int = 32, contrast_range: list = (0.5, 1.5),
-                 saturation_range: list = (0.5, 1.5), hue_delta: int = 18):
+    def __init__(self, brightness_delta: Annotated[int, Ge(0), Le(255)] = 32, contrast_range: FactorRange = (0.5, 1.5),
+                 saturation_range: FactorRange = (0.5, 1.5), hue_delta: Annotated[int, Ge(0), Le(180)] = 18):
         self.brightness_delta, self.hue_delta = brightness_delta, hue_delta
         self.contrast_range, self.saturation_range = contrast_range, saturation_range
 
@@ -156,7 +173,7 @@ class Pad:
     normalises them, so the default `value` is the normalisation mean (data.mean, rounded), which
     normalises to ~0 just the same."""
 
-    def __init__(self, size: list, value: list = IMAGENET_MEAN, ignore_index: int = 255):
+    def __init__(self, size: Size, value: Annotated[list, Len(3, 3)] = IMAGENET_MEAN, ignore_index: int = 255):
         self.size, self.ignore_index = tuple(size), ignore_index
         self.value = tuple(int(round(v)) for v in value)
 

@@ -10,8 +10,10 @@ import difflib
 import inspect
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 
+import annotated_types as at
 import yaml
 
 
@@ -54,7 +56,7 @@ DEFAULTS = {
         'optimizer': {'type': 'adamw', 'lr': 6e-5, 'weight_decay': 0.01, 'betas': [0.9, 0.999], 'momentum': 0.9},
         'param_groups': {},
         'schedule': {'type': 'poly', 'power': 1.0, 'min_lr': 0.0, 'warmup_iters': 0, 'warmup_ratio': 1e-6},
-        'loss': {'class_weight': None, 'ce': 1.0, 'ohem': None, 'dice': 0.0, 'lovasz': 0.0},
+        'loss': {'class_weight': None, 'ce': 1.0, 'ohem': None, 'dice': 0.0, 'lovasz': 0.0, 'avg_non_ignore': True},
     },
     'eval': {'mode': 'whole', 'crop_size': None, 'stride': None, 'scales': [1.0], 'flip': False, 'size_divisor': 32},
     'output': {'work_dir': None},
@@ -64,7 +66,7 @@ DEFAULTS = {
 # Keys whose default is None, or whose values may take several types, and the types they accept.
 TYPES = {
     'backbone.type': (str,),
-    'backbone.pretrained': (str, type(None)),
+    'backbone.pretrained': (str, bool, type(None)),
     'head.type': (str,),
     'data.root': (str,),
     'data.num_classes': (int,),
@@ -84,6 +86,47 @@ TYPES = {
     'paper': (dict, type(None)),
 }
 
+
+@dataclass(frozen=True)
+class Each:
+    """Every item of a list is a number meeting `bounds` (annotated_types constraints)."""
+    bounds: tuple
+
+
+# The ranges of numeric keys, declared beside their defaults and types and checked with them (the
+# class options of backbones, heads, datasets and pipeline steps declare theirs with typing.Annotated).
+BOUNDS = {
+    'data.num_classes': (at.Ge(1),),
+    'data.mean': (at.Len(3, 3), Each((at.Ge(0), at.Le(255)))),
+    'data.std': (at.Len(3, 3), Each((at.Gt(0),))),
+    'data.workers': (at.Ge(0),),
+    'train.max_iters': (at.Ge(1),),
+    'train.batch_size': (at.Ge(1),),
+    'train.accum_steps': (at.Ge(1),),
+    'train.val_interval': (at.Ge(1),),
+    'train.log_interval': (at.Ge(1),),
+    'train.seed': (at.Ge(0),),
+    'train.grad_clip': (at.Gt(0),),
+    'train.ema_decay': (at.Gt(0), at.Lt(1)),
+    'train.keep_checkpoints': (at.Ge(0),),
+    'train.optimizer.lr': (at.Gt(0),),
+    'train.optimizer.weight_decay': (at.Ge(0),),
+    'train.optimizer.betas': (at.Len(2, 2), Each((at.Ge(0), at.Lt(1)))),
+    'train.optimizer.momentum': (at.Ge(0), at.Lt(1)),
+    'train.schedule.power': (at.Gt(0),),
+    'train.schedule.min_lr': (at.Ge(0), at.Le(1)),
+    'train.schedule.warmup_iters': (at.Ge(0),),
+    'train.schedule.warmup_ratio': (at.Gt(0), at.Le(1)),
+    'train.loss.class_weight': (at.Len(1), Each((at.Ge(0),))),
+    'train.loss.ce': (at.Ge(0),),
+    'train.loss.dice': (at.Ge(0),),
+    'train.loss.lovasz': (at.Ge(0),),
+    'eval.crop_size': (at.Len(2, 2), Each((at.Ge(1),))),
+    'eval.stride': (at.Len(2, 2), Each((at.Ge(1),))),
+    'eval.scales': (at.Len(1), Each((at.Gt(0),))),
+    'eval.size_divisor': (at.Ge(1),),
+}
+
 # Sections whose keys are free-form mappings (name substring -> options) rather than fixed keys.
 FREE_FORM = {'train.param_groups'}
 
@@ -98,25 +141,26 @@ CHOICES = {
 }
 
 
-def read_config(path: str, overrides=()) -> dict:
+def read_config(path: str, overrides=(), accepts=None) -> dict:
     """Read `path` with its `_base_` chain, apply `key=value` overrides, fill defaults, validate.
 
-    Model- and pipeline-specific keys are checked later by `check_kwargs` against the classes they name.
+    Model- and pipeline-specific keys are checked later by `check_kwargs` against the classes they name;
+    `accepts` (see `merge`) lets a change of a section's `type` drop the keys the new type does not take.
     """
-    return resolve(read_yaml(Path(path)), overrides, str(path))
+    return resolve(read_yaml(Path(path), accepts=accepts), overrides, str(path), accepts)
 
 
-def resolve(cfg: dict, overrides=(), source: str = 'config') -> dict:
+def resolve(cfg: dict, overrides=(), source: str = 'config', accepts=None) -> dict:
     """Overrides, then defaults, then validation, for a config already in memory (e.g. a checkpoint's)."""
     cfg = copy.deepcopy(cfg)
     for override in overrides:
-        merge(cfg, parse_override(override))
+        merge(cfg, translate(parse_override(override), f"--set '{override}'"), accepts)
     cfg = merge(copy.deepcopy(DEFAULTS), cfg)
     validate(cfg, DEFAULTS, source)
     return cfg
 
 
-def read_yaml(path: Path, seen=()) -> dict:
+def read_yaml(path: Path, seen=(), accepts=None) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' not found")
     if path.resolve() in seen:
@@ -127,21 +171,67 @@ def read_yaml(path: Path, seen=()) -> dict:
         raise ConfigError(f"{path}: not valid YAML ({error})") from error
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    translate(cfg, str(path))
     bases = cfg.pop('_base_', [])
     merged = {}
     for base in [bases] if isinstance(bases, str) else bases:
-        merge(merged, read_yaml(path.parent / base, seen + (path.resolve(),)))
-    return merge(merged, cfg)
+        merge(merged, read_yaml(path.parent / base, seen + (path.resolve(),), accepts), accepts)
+    return merge(merged, cfg, accepts)
 
 
-def merge(base: dict, update: dict) -> dict:
-    """Recursive merge into `base`: mappings merge key by key, anything else is replaced (later wins)."""
+def merge(base: dict, update: dict, accepts=None, prefix: str = '') -> dict:
+    """Recursive merge into `base`: mappings merge key by key, anything else is replaced (later wins).
+
+    A mapping with `_delete_: true` replaces the one below it instead of merging into it. A model section
+    that changes `type` (`--set head.type=segformer` over an `aspp` head) keeps only the keys that
+    `accepts(section, new_type)` names (the new class's arguments and the section's generic keys), so
+    that swapping a model part is one line; without `accepts`, or for a type it does not know, all stay.
+    """
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            merge(base[key], value)
+        below = base.get(key)
+        if isinstance(value, dict) and value.get('_delete_') is True:
+            base[key] = copy.deepcopy({k: v for k, v in value.items() if k != '_delete_'})
+        elif isinstance(value, dict) and isinstance(below, dict):
+            new_type = value.get('type', below.get('type'))
+            keep = accepts(prefix + key, new_type) if accepts and new_type != below.get('type') else None
+            if keep is not None:
+                base[key] = below = {k: v for k, v in below.items() if k in keep}
+            merge(below, value, accepts, prefix + key + '.')
         else:
             base[key] = copy.deepcopy(value)
     return base
+
+
+# SegHiero's vocabulary (its architecture guide), read as this repo's own: each YAML file and each
+# `--set` override is translated as it is read, before anything is merged, so the rest of the code
+# sees one vocabulary and checkpoints store it (the mapping is documented in configs/README.md):
+#     backbone: {type: segformer}      -> {type: mit}
+#     backbone: {variant: mit-b0}      -> {variant: b0}
+#     backbone: {depth: 101}           -> {variant: '101'}
+#     head: {proj_dim: 128}            -> {channels: 128}   (the head's width)
+# SegHiero's head names (aspp, segformer, ultrafast_segformer, extremely_fast_segformer) are ours already;
+# `backbone.pretrained: true` is resolved by engine.rules.pretrained_file.
+
+def translate(cfg: dict, source: str) -> dict:
+    """`cfg` (a whole config or an override, as a nested dict) with SegHiero's keys renamed, in place."""
+    backbone, head = cfg.get('backbone'), cfg.get('head')
+    if isinstance(backbone, dict):
+        if backbone.get('type') == 'segformer':
+            backbone['type'] = 'mit'
+        if isinstance(backbone.get('variant'), str) and backbone['variant'].startswith('mit-'):
+            backbone['variant'] = backbone['variant'].removeprefix('mit-')
+        rename(backbone, 'depth', 'variant', 'backbone', source, str)
+    if isinstance(head, dict):
+        rename(head, 'proj_dim', 'channels', 'head', source)
+    return cfg
+
+
+def rename(section: dict, alias: str, key: str, name: str, source: str, convert=lambda value: value) -> None:
+    if alias not in section:
+        return
+    if key in section:
+        raise ConfigError(f"{source}: '{name}.{alias}' and '{name}.{key}' say the same thing; give one")
+    section[key] = convert(section.pop(alias))
 
 
 def parse_override(text: str) -> dict:
@@ -170,6 +260,8 @@ def validate(cfg: dict, schema: dict, source: str, prefix: str = '') -> None:
         if value == REQUIRED:
             raise ConfigError(f"{source}: '{name}' is required")
         check_type(name, value, expected, source)
+        if name in BOUNDS and value is not None:
+            check_bounds(name, value, BOUNDS[name], source)
         if isinstance(expected, dict) and isinstance(value, dict) and name not in FREE_FORM:
             validate(value, expected, source, name + '.')
 
@@ -188,6 +280,48 @@ def check_type(name: str, value, default, source: str) -> None:
                           f"{did_you_mean(str(value), [str(c) for c in CHOICES[name]])}")
 
 
+def check_bounds(name: str, value, bounds, source: str) -> None:
+    """`value` meets every constraint of `bounds`, or a ConfigError saying which and what was given."""
+    for bound in bounds:
+        if not holds(value, bound):
+            raise ConfigError(f"{source}: '{name}' must be {describe_bound(bound)}, got {value!r}")
+
+
+def holds(value, bound) -> bool:
+    if isinstance(bound, Each):
+        return isinstance(value, (list, tuple)) and all(
+            is_number(item) and all(holds(item, b) for b in bound.bounds) for item in value)
+    if isinstance(bound, at.GroupedMetadata):
+        return all(holds(value, part) for part in bound)
+    if isinstance(bound, at.Predicate):
+        return bool(bound.func(value))
+    if isinstance(bound, (at.MinLen, at.MaxLen)):
+        return hasattr(value, '__len__') and (len(value) >= bound.min_length if isinstance(bound, at.MinLen)
+                                              else len(value) <= bound.max_length)
+    limit = {at.Gt: lambda: value > bound.gt, at.Ge: lambda: value >= bound.ge,
+             at.Lt: lambda: value < bound.lt, at.Le: lambda: value <= bound.le}
+    return is_number(value) and limit[type(bound)]()
+
+
+def describe_bound(bound) -> str:
+    if isinstance(bound, Each):
+        return 'a list of numbers, each ' + ' and '.join(describe_bound(b) for b in bound.bounds)
+    if isinstance(bound, at.Len):
+        exact = bound.min_length == bound.max_length
+        return (f'a list of {bound.min_length}' if exact else f'a list of at least {bound.min_length}') + \
+            (' items' if exact or bound.max_length is None else f' to {bound.max_length} items')
+    if isinstance(bound, at.Predicate):
+        return bound.func.__name__.replace('_', ' ')
+    for kind, attribute, symbol in ((at.Gt, 'gt', '>'), (at.Ge, 'ge', '>='), (at.Lt, 'lt', '<'), (at.Le, 'le', '<=')):
+        if isinstance(bound, kind):
+            return f'a number {symbol} {getattr(bound, attribute)}'
+    return ' and '.join(describe_bound(part) for part in bound)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def did_you_mean(word: str, options) -> str:
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ''
@@ -195,7 +329,7 @@ def did_you_mean(word: str, options) -> str:
 
 def choose(section: str, name, registry: dict, source: str):
     """The class `registry[name]`, or a ConfigError listing the valid names."""
-    if name not in registry:
+    if not isinstance(name, str) or name not in registry:
         raise ConfigError(f"{source}: '{section}.type' is '{name}'; valid: {', '.join(registry)}"
                           f"{did_you_mean(str(name), registry)}")
     return registry[name]
@@ -211,9 +345,25 @@ def check_kwargs(cls, kwargs: dict, section: str, source: str, provided=('in_cha
         if key not in params:
             raise ConfigError(f"{source}: unknown key '{section}.{key}' for {cls.__name__} (accepts: "
                               f"{', '.join(params) or 'nothing'}){did_you_mean(key, [*params, *suggest])}")
-        if key in hints and not matches(value, hints[key]):
-            raise ConfigError(f"{source}: '{section}.{key}' must be {describe(hints[key])}, "
+        hint, bounds = unannotated(hints.get(key))
+        if hint is not None and not matches(value, hint):
+            raise ConfigError(f"{source}: '{section}.{key}' must be {describe(hint)}, "
                               f"got {type(value).__name__} {value!r}")
+        if value is not None:
+            check_bounds(f'{section}.{key}', value, bounds, source)
+    missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in kwargs]
+    if missing:
+        raise ConfigError(f"{source}: '{section}' ({cls.__name__}) needs {', '.join(repr(n) for n in missing)}")
+
+
+def unannotated(hint) -> tuple:
+    """(the type, its constraints) of an annotation: `Annotated[float, Ge(0)]` -> (float, (Ge(0),))."""
+    if typing.get_origin(hint) is typing.Annotated:
+        return hint.__origin__, hint.__metadata__
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        parts = [unannotated(arg) for arg in typing.get_args(hint)]
+        return typing.Union[tuple(part for part, _ in parts)], tuple(b for _, bounds in parts for b in bounds)
+    return hint, ()
 
 
 def keyword_parameters(cls) -> tuple:
@@ -228,7 +378,7 @@ def keyword_parameters(cls) -> tuple:
         for name, param in signature.parameters.items():
             if name != 'self' and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
                 params.setdefault(name, param)
-        hints = {**typing.get_type_hints(init), **hints}
+        hints = {**typing.get_type_hints(init, include_extras=True), **hints}
         if all(p.kind != p.VAR_KEYWORD for p in signature.parameters.values()):
             break
     return params, hints

@@ -17,7 +17,8 @@ def evaluate(model, loader, num_classes: int, ignore_index: int, mean, std, eval
     model.eval()
     confusion = ConfusionMatrix(num_classes, ignore_index, device)
     options = inference_options(eval_cfg)
-    for images, labels in tqdm(loader, desc='eval', leave=False, disable=not progress, dynamic_ncols=True):
+    bar = tqdm(loader, desc='eval', leave=False, disable=None if progress else True, dynamic_ncols=True)
+    for images, labels in bar:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = infer_logits(model, normalize(images, mean, std), num_classes, labels.shape[-2:], **options)

@@ -34,39 +34,8 @@ def find_conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list:
     graph cannot see (a conv output read under no_grad or kept for a later call) is not supported.
     The global RNG state is restored afterwards (LightHam's NMF draws from it in eval).
     """
-    registered = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        registered.setdefault(id(module), []).append(name)
-    calls, hooks = {}, []
-
-    def record(name, module, inputs, output):      # each call: (the input's grad_fn, the output's grad_fn)
-        calls.setdefault(name, []).append((inputs[0].grad_fn, output.grad_fn))
-
-    for name, module in model.named_modules():
-        plain_conv = type(module) is nn.Conv2d
-        running_bn = isinstance(module, BATCH_NORMS) and not module.training and module.running_mean is not None
-        if (plain_conv or running_bn) and len(registered[id(module)]) == 1:
-            hooks.append(module.register_forward_hook(functools.partial(record, name)))
-    devices = [example.device] if example.device.type == 'cuda' else []
-    try:
-        with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.enable_grad():
-            output = model(example.detach().clone().requires_grad_())
-    finally:
-        for hook in hooks:
-            hook.remove()
-    outputs = output if isinstance(output, (list, tuple)) else [output]
-
-    edges, seen, stack = {}, set(), [t.grad_fn for t in outputs if t.grad_fn is not None]
-    while stack:                                   # count the edges into every node of the graph
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        for parent, _ in node.next_functions:
-            if parent is not None:
-                edges[parent] = edges.get(parent, 0) + 1
-                stack.append(parent)
-
+    calls, outputs = record_calls(model, example)
+    edges, seen = count_edges(outputs)
     producers = {}
     for name, records in calls.items():
         if type(model.get_submodule(name)) is nn.Conv2d and len(records) == 1 and records[0][1] is not None:
@@ -83,6 +52,47 @@ def find_conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list:
         if model.get_submodule(conv_name).out_channels == module.num_features:
             pairs.append((conv_name, name))
     return pairs
+
+
+def record_calls(model: nn.Module, example: torch.Tensor) -> tuple:
+    """({name: [(input grad_fn, output grad_fn) per call]} of the plain convs and running-statistics BNs
+    registered once, [output tensors]) of one forward of `example` with autograd on."""
+    registered = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        registered.setdefault(id(module), []).append(name)
+    calls, hooks = {}, []
+
+    def record(name, module, inputs, output):
+        calls.setdefault(name, []).append((inputs[0].grad_fn, output.grad_fn))
+
+    for name, module in model.named_modules():
+        plain_conv = type(module) is nn.Conv2d
+        running_bn = isinstance(module, BATCH_NORMS) and not module.training and module.running_mean is not None
+        if (plain_conv or running_bn) and len(registered[id(module)]) == 1:
+            hooks.append(module.register_forward_hook(functools.partial(record, name)))
+    devices = [example.device] if example.device.type == 'cuda' else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.enable_grad():
+            output = model(example.detach().clone().requires_grad_())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return calls, output if isinstance(output, (list, tuple)) else [output]
+
+
+def count_edges(outputs: list) -> tuple:
+    """({node: number of edges into it}, every node) of the autograd graph behind `outputs`."""
+    edges, seen, stack = {}, set(), [t.grad_fn for t in outputs if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for parent, _ in node.next_functions:
+            if parent is not None:
+                edges[parent] = edges.get(parent, 0) + 1
+                stack.append(parent)
+    return edges, seen
 
 
 def fold_conv_bn(model: nn.Module, example: torch.Tensor = None) -> int:

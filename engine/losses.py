@@ -7,7 +7,7 @@ Every term runs in float32 with autocast off, so the loss is the same under AMP.
 import torch
 import torch.nn.functional as F
 
-from .config import DEFAULTS, ConfigError
+from .config import DEFAULTS, ConfigError, is_number
 
 TERMS = ('ce', 'dice', 'lovasz')
 OHEM_DEFAULTS = {'thresh': 0.7, 'min_kept': 100000}
@@ -40,15 +40,20 @@ def ohem_keep(nll: torch.Tensor, valid: torch.Tensor, thresh, min_kept: int) -> 
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, class_weight=None,
-                  ohem=None) -> torch.Tensor:
-    """Mean of -log p(true class) over valid (and, with OHEM, kept) pixels, weighted per class as
-    F.cross_entropy(weight=...) does: sum(w_y * nll) / sum(w_y). 0 when no pixel counts."""
+                  ohem=None, avg_non_ignore: bool = True) -> torch.Tensor:
+    """-log p(true class) of the valid (and, with OHEM, kept) pixels, weighted per class w_y.
+
+    `avg_non_ignore` true: their mean as F.cross_entropy(weight=...) takes it, sum(w_y * nll) / sum(w_y)
+    (0 when no pixel counts). False: mmseg's CrossEntropyLoss default, sum(w_y * nll) over the number of
+    all pixels, ignored ones included, as the published recipes trained."""
     nll = F.cross_entropy(logits, target, reduction='none')
     weight = valid.float() if class_weight is None else class_weight[target] * valid
     if ohem is not None:
         # Without a threshold mmseg ranks pixels by the loss itself, class weights included.
         hardness = nll if ohem['thresh'] is not None or class_weight is None else nll * weight
         weight = weight * ohem_keep(hardness.detach(), valid, **ohem)
+    if not avg_non_ignore:
+        return (nll * weight).sum() / nll.numel()
     return (nll * weight).sum() / weight.sum().clamp(min=torch.finfo(weight.dtype).tiny)
 
 
@@ -92,7 +97,8 @@ def lovasz_softmax(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tens
 
 class SegmentationLoss:
     """The weighted sum of the terms of `loss_cfg` (the `train.loss` section: `ce`, `dice`, `lovasz`
-    weights, `class_weight` and `ohem` for the cross-entropy); missing keys take their defaults.
+    weights, `class_weight`, `ohem` and `avg_non_ignore` for the cross-entropy); missing keys take
+    their defaults.
 
     Called on logits (B, K, h, w), or [logits, aux_logits], and labels (B, H, W); the auxiliary
     head's loss is the same sum times `aux_weight`. `terms()` also returns each weighted term.
@@ -105,6 +111,7 @@ class SegmentationLoss:
         self.class_weight = None if cfg['class_weight'] is None else torch.tensor(cfg['class_weight'],
                                                                                    dtype=torch.float32)
         self.ohem = None if cfg['ohem'] is None else {**OHEM_DEFAULTS, **cfg['ohem']}
+        self.avg_non_ignore = cfg['avg_non_ignore']
 
     def __call__(self, outputs, labels: torch.Tensor) -> torch.Tensor:
         return self.terms(outputs, labels)['loss']
@@ -130,7 +137,8 @@ class SegmentationLoss:
             target = torch.where(valid, labels, 0).long()
             terms = {}
             if 'ce' in self.weights:
-                terms['ce'] = cross_entropy(logits, target, valid, self.class_weight_on(logits), self.ohem)
+                terms['ce'] = cross_entropy(logits, target, valid, self.class_weight_on(logits), self.ohem,
+                                            self.avg_non_ignore)
             if 'dice' in self.weights:
                 terms['dice'] = dice_loss(logits, target, valid)
             if 'lovasz' in self.weights:
@@ -163,14 +171,18 @@ def check_loss_config(loss_cfg: dict, num_classes: int = None) -> dict:
     if class_weight is not None and num_classes is not None and len(class_weight) != num_classes:
         raise ConfigError(f"'train.loss.class_weight' has {len(class_weight)} values for data.num_classes "
                           f"{num_classes}")
-    ohem = loss_cfg.get('ohem')
-    if ohem is None:
-        return loss_cfg
+    if loss_cfg.get('ohem') is not None:
+        check_ohem_config(loss_cfg)
+    return loss_cfg
+
+
+def check_ohem_config(loss_cfg: dict) -> None:
+    ohem = loss_cfg['ohem']
     if not isinstance(ohem, dict):
         raise ConfigError(f"'train.loss.ohem' must be null or a mapping {OHEM_DEFAULTS}, got {ohem!r}")
     if not loss_cfg.get('ce', DEFAULTS['train']['loss']['ce']):
         raise ConfigError("'train.loss.ohem' selects pixels for the cross-entropy, but 'train.loss.ce' is 0")
-    for key, value in ohem.items():
+    for key in ohem:
         if key not in OHEM_DEFAULTS:
             raise ConfigError(f"unknown key 'train.loss.ohem.{key}' (valid: {', '.join(OHEM_DEFAULTS)})")
     thresh, min_kept = ohem.get('thresh', OHEM_DEFAULTS['thresh']), ohem.get('min_kept', OHEM_DEFAULTS['min_kept'])
@@ -178,8 +190,4 @@ def check_loss_config(loss_cfg: dict, num_classes: int = None) -> dict:
         raise ConfigError(f"'train.loss.ohem.thresh' must be null or a probability in [0, 1], got {thresh!r}")
     if not (isinstance(min_kept, int) and not isinstance(min_kept, bool) and min_kept > 0):
         raise ConfigError(f"'train.loss.ohem.min_kept' must be a positive integer, got {min_kept!r}")
-    return loss_cfg
 
-
-def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

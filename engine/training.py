@@ -1,16 +1,28 @@
-"""The pieces of train.py's loop that are not the loop itself: logging, batch arithmetic, RNG state,
-the DDP unused-parameter probe, fine-tuning initialisation and the NaN stop."""
+"""The rooms of train.py's loop: the training state a checkpoint holds, one optimisation step, the
+progress meter, validation with checkpointing, logging, batch arithmetic and the DDP unused-parameter probe."""
+import contextlib
 import copy
+import logging
 import math
+import time
+import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from models.pretrained import CheckpointError, load_into, read_state_dict
+from models.weights import load_model_weights
 
+from . import dist
+from .checkpoint import save_checkpoint, save_iteration_checkpoint
 from .config import ConfigError
+from .evaluation import evaluate
+from .inference import normalize
+
+# Loggers whose records (weight-loading reports, resume fallbacks) also belong in train.log.
+LIBRARY_LOGGERS = ('models', 'engine')
 
 
 class Logger:
@@ -23,49 +35,83 @@ class Logger:
             work_dir.mkdir(parents=True, exist_ok=True)
             self.file = open(work_dir / 'train.log', 'a')
             self.writer = SummaryWriter(str(work_dir / 'tensorboard'))
+            self.handler = ForwardTo(self)
+            for name in LIBRARY_LOGGERS:
+                logging.getLogger(name).addHandler(self.handler)
+                logging.getLogger(name).setLevel(logging.INFO)
+                logging.getLogger(name).propagate = False  # printed here once, not again by the CLI's handler
+            self.show_warning, warnings.showwarning = warnings.showwarning, self.warning
 
     def __call__(self, message: str) -> None:
         if self.file:
             tqdm.write(message)
-            self.file.write(message + '\n')
+            stamp = time.strftime('%Y-%m-%d %H:%M:%S')
+            self.file.write(''.join(f'{stamp}  {line}\n' for line in message.splitlines()))
             self.file.flush()
+
+    def __enter__(self) -> 'Logger':
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def scalars(self, step: int, values: dict) -> None:
         if self.writer:
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, step)
 
+    def warning(self, message, category, filename, lineno, file=None, line=None) -> None:
+        """Python warnings during the run (e.g. weights that did not all fit) go to train.log too."""
+        self(f'warning: {message}')
+
     def close(self) -> None:
         if self.file:
+            warnings.showwarning = self.show_warning
+            for name in LIBRARY_LOGGERS:
+                logging.getLogger(name).removeHandler(self.handler)
+                logging.getLogger(name).propagate = True
             self.file.close()
             self.writer.close()
 
 
-def log_validation(log: Logger, iteration: int, name: str, results: dict, best: tuple, class_names: list) -> None:
+def progress_bar(**options) -> tqdm:
+    """A tqdm bar on the main process, shown only on a terminal: under nohup, Slurm or tee the log's
+    periodic lines are the progress, not a stream of carriage returns."""
+    return tqdm(dynamic_ncols=True, disable=None if dist.is_main() else True, **options)
+
+
+class ForwardTo(logging.Handler):
+    """Library log records, as lines of a Logger."""
+
+    def __init__(self, log: Logger):
+        super().__init__(logging.INFO)
+        self.log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.log(('warning: ' if record.levelno >= logging.WARNING else '') + record.getMessage())
+
+
+def log_validation(log: Logger, iteration: int, name: str, results: dict, best: 'Best', class_names: list) -> None:
     """One line and the scalars (`val/*` for the model, `val_ema/*` for its moving average)."""
     label, prefix = ('', 'val') if name == 'model' else (' (EMA)', 'val_ema')
+    if math.isnan(results['mIoU']):
+        log(f"iter {iteration}{label}: no valid label pixel in the validation set (every label is "
+            "data.ignore_index?): nothing to score")
+        return
     log(f"iter {iteration}{label}: mIoU {results['mIoU']:.2f}  mAcc {results['mAcc']:.2f}  "
-        f"aAcc {results['aAcc']:.2f}  (best {best[0]:.2f} at {best[1]})")
+        f"aAcc {results['aAcc']:.2f}  (best {best.miou:.2f} at {best.iteration})")
     log.scalars(iteration, {f'{prefix}/{k}': results[k] for k in ('mIoU', 'mAcc', 'aAcc')})
     log.scalars(iteration, {f'{prefix}/IoU/{c}': iou for c, iou in zip(class_names, results['IoU'])
                             if not math.isnan(iou)})
 
 
-def per_process_batch(cfg: dict, world_size: int) -> int:
+def per_process_batch(train_cfg: dict, world_size: int, source: str) -> int:
     """Images per forward on each process: the global `train.batch_size` over processes and accumulation steps."""
-    batch, steps = cfg['train']['batch_size'], cfg['train']['accum_steps']
+    batch, steps = train_cfg['batch_size'], train_cfg['accum_steps']
     if steps < 1 or batch % (world_size * steps):
-        raise ConfigError(f"{cfg['_source']}: train.batch_size {batch} (global) does not divide into {world_size} "
+        raise ConfigError(f"{source}: train.batch_size {batch} (global) does not divide into {world_size} "
                           f"process(es) x {steps} accumulation step(s) (train.accum_steps)")
     return batch // (world_size * steps)
-
-
-def resume_path(resume, work_dir: Path):
-    """The checkpoint to resume from: the given path, or with 'auto' work_dir/last.pth if the run has one."""
-    if resume != 'auto':
-        return resume
-    last = work_dir / 'last.pth'
-    return last if last.is_file() else None
 
 
 def get_rng_state() -> dict:
@@ -95,21 +141,162 @@ def has_unused_parameters(model: nn.Module, device: torch.device, size: int = 12
     return any(p.requires_grad and p.grad is None for p in probe.parameters())
 
 
-def load_weights_from(model: nn.Module, path) -> list:
-    """Fine-tuning initialisation from a checkpoint of this repo (train.py or tools/convert_checkpoint.py):
-    what fits is loaded; missing, unexpected and shape-mismatched keys (e.g. a classifier for another
-    number of classes) are left as initialised and reported. Returns the report lines."""
-    state = read_state_dict(path)
-    own = model.state_dict()
-    if not any(k.startswith('backbone.') and k in own and v.shape == own[k].shape for k, v in state.items()):
-        raise CheckpointError(f"{path}: none of its backbone weights fit this model (a checkpoint of another "
-                              "architecture? published files need tools/convert_checkpoint.py first)")
-    messages = load_into(model, state, str(path), skip_mismatched=True)
-    return [f'loaded weights from {path}'] + [f'{path}: {message}' for message in messages]
+@dataclass
+class Best:
+    """The best validation so far of the model or of its moving average."""
+    miou: float = -1.0
+    iteration: int = 0
 
 
-def stop_if_not_finite(first_bad_iter: torch.Tensor, work_dir: Path) -> None:
-    """Raise if the loss went NaN/Inf at some iteration (a host sync: call it at log/checkpoint time only)."""
-    if first_bad_iter.item() >= 0:
-        raise FloatingPointError(f'loss became NaN/Inf at iteration {first_bad_iter.item()}; stopping '
-                                 f'(last good checkpoint: {work_dir / "last.pth"})')
+class TrainState:
+    """Everything a resumed run needs to continue exactly: model, EMA, optimizer, schedule, loss scaler,
+    iteration, best validations and every process's RNG. Both checkpoint kinds come from here: the
+    whole state (`iter_*.pth`, `last.pth`) and the weights of the best validation (`best*.pth`)."""
+
+    def __init__(self, config: dict, model: nn.Module, optimizer, scheduler, scaler, ema=None):
+        self.config, self.model, self.ema = config, model, ema
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
+        self.iteration = 0
+        self.best = {'model': Best(), 'ema': Best()}
+        self.rng = []
+
+    def candidates(self):
+        """(name, module) of what is validated: the model, and its moving average if there is one."""
+        yield 'model', self.model
+        if self.ema is not None:
+            yield 'ema', self.ema.module
+
+    def state_dict(self) -> dict:
+        """The whole state; a collective call (it gathers every process's RNG state)."""
+        return {'model': self.model.state_dict(), 'ema': self.ema.state_dict() if self.ema else None,
+                'config': self.config, 'iteration': self.iteration, 'optimizer': self.optimizer.state_dict(),
+                'scheduler': self.scheduler.state_dict(), 'scaler': self.scaler.state_dict(),
+                'best': {name: asdict(best) for name, best in self.best.items()},
+                'rng': dist.all_gather(get_rng_state())}
+
+    def load_state_dict(self, checkpoint: dict, source: str) -> None:
+        load_model_weights(self.model, checkpoint, source)
+        self.optimizer.load_state_dict(checkpoint['optimizer'])
+        self.scheduler.load_state_dict(checkpoint['scheduler'])
+        self.scaler.load_state_dict(checkpoint['scaler'])
+        if self.ema and checkpoint.get('ema'):
+            self.ema.load_state_dict(checkpoint['ema'])
+        self.iteration, self.rng = checkpoint['iteration'], checkpoint['rng']
+        self.best.update({name: Best(**best) for name, best in checkpoint['best'].items()})
+
+    def best_checkpoint(self, name: str, module: nn.Module) -> dict:
+        return {'model': module.state_dict(), 'config': self.config, 'iteration': self.iteration,
+                'miou': self.best[name].miou}
+
+    def seed_processes(self, seed: int, rank: int, world_size: int) -> None:
+        """Restore this process's RNG as it was saved, or (a fresh run, or a resume on another number of
+        processes) start per-process randomness (dropout, drop path) anew. Call it after the data loader
+        has drawn its worker base seed."""
+        if len(self.rng) == world_size:
+            set_rng_state(self.rng[rank])
+        else:
+            torch.manual_seed(seed + rank + self.iteration)
+
+
+class Batches:
+    """The training stream: (images, labels) on the device, images normalised and in the model's memory layout."""
+
+    def __init__(self, loader, device: torch.device, mean, std, memory_format=torch.contiguous_format):
+        self.batches = iter(loader)  # draws the workers' base seed from the global RNG
+        self.device, self.mean, self.std, self.memory_format = device, mean, std, memory_format
+
+    def __next__(self) -> tuple:
+        images, labels = next(self.batches)
+        images = normalize(images.to(self.device, non_blocking=True), self.mean, self.std)
+        return images.contiguous(memory_format=self.memory_format), labels.to(self.device, non_blocking=True)
+
+
+def train_step(train_model: nn.Module, state: TrainState, criterion, batches: Batches, accum_steps: int = 1,
+               amp_dtype=None, grad_clip=None) -> dict:
+    """One optimisation step over `accum_steps` micro-batches; returns the loss terms, averaged over the
+    micro-batches and left on the device (no host sync). DDP synchronises gradients on the last one only."""
+    optimizer, scaler = state.optimizer, state.scaler
+    optimizer.zero_grad(set_to_none=True)
+    terms_sum = {}
+    for step in range(accum_steps):
+        images, labels = next(batches)
+        accumulating = step < accum_steps - 1 and isinstance(train_model, nn.parallel.DistributedDataParallel)
+        with train_model.no_sync() if accumulating else contextlib.nullcontext():
+            with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                outputs = train_model(images)
+            terms = criterion.terms(outputs, labels)
+            scaler.scale(terms['loss'] / accum_steps).backward()
+        for name, value in terms.items():
+            terms_sum[name] = terms_sum.get(name, 0) + value.detach() / accum_steps
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(state.model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    state.scheduler.step()
+    if state.ema is not None:
+        state.ema.update_parameters(state.model)
+    state.iteration += 1
+    return terms_sum
+
+
+class ProgressMeter:
+    """Loss terms summed on the device between log lines, the first iteration whose loss was not finite,
+    and the training speed (time spent validating excluded)."""
+
+    def __init__(self, device: torch.device, batch_size: int):
+        self.batch_size = batch_size
+        self.first_bad_iter = torch.full((), -1, device=device)
+        self.running, self.iterations = {}, 0
+        self.start, self.excluded = time.perf_counter(), 0.0
+
+    def add(self, iteration: int, terms: dict) -> None:
+        for name, value in terms.items():
+            self.running[name] = self.running.get(name, 0) + value
+        self.first_bad_iter = torch.where((self.first_bad_iter < 0) & ~torch.isfinite(terms['loss']), iteration,
+                                          self.first_bad_iter)
+        self.iterations += 1
+
+    def check_finite(self, work_dir: Path) -> None:
+        """Raise if the loss went NaN/Inf at some iteration (a host sync: at log and checkpoint time only)."""
+        if self.first_bad_iter.item() >= 0:
+            raise FloatingPointError(f'loss became NaN/Inf at iteration {self.first_bad_iter.item()}; stopping '
+                                     f'(last good checkpoint: {work_dir / "last.pth"})')
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (validation, checkpointing) does not count towards the training speed."""
+        start = time.perf_counter()
+        yield
+        self.excluded += time.perf_counter() - start
+
+    def take(self) -> tuple:
+        """({term: mean over processes and iterations}, images/s) since the last call, and start anew."""
+        means = {name: value.item() / self.iterations for name, value in dist.mean_over_processes(self.running).items()}
+        speed = self.iterations * self.batch_size / (time.perf_counter() - self.start - self.excluded)
+        self.running, self.iterations = {}, 0
+        self.start, self.excluded = time.perf_counter(), 0.0
+        return means, speed
+
+
+def validate_and_checkpoint(state: TrainState, val_loader, cfg: dict, device, amp_dtype, log: Logger,
+                            work_dir: Path) -> None:
+    """Score the model (and its EMA) on the validation set, write `best*.pth` when one improved, then the
+    iteration checkpoint (rank 0 writes; every process takes part)."""
+    data = cfg['data']
+    for name, module in state.candidates():
+        results = evaluate(module, val_loader, data['num_classes'], data['ignore_index'], data['mean'], data['std'],
+                           cfg['eval'], device, amp_dtype, progress=dist.is_main())
+        improved = results['mIoU'] > state.best[name].miou
+        if improved:
+            state.best[name] = Best(results['mIoU'], state.iteration)
+        log_validation(log, state.iteration, name, results, state.best[name], data['class_names'])
+        if improved and dist.is_main():
+            save_checkpoint(state.best_checkpoint(name, module), work_dir / BEST_FILES[name])
+    checkpoint = state.state_dict()
+    if dist.is_main():
+        save_iteration_checkpoint(checkpoint, work_dir, cfg['train']['keep_checkpoints'])
+    dist.barrier()
+
+
+BEST_FILES = {'model': 'best.pth', 'ema': 'best_ema.pth'}

@@ -15,6 +15,25 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 torch.set_num_threads(1)
 
 
+TINY = """
+    backbone: {{type: resnet, variant: 18}}
+    head: {{type: aspp, channels: 16, dilations: [1, 2], c1_channels: 8}}
+    data:
+      type: demo
+      root: {root}
+      num_classes: 5
+      workers: 0
+      train:
+        pipeline:
+          - {{type: random_resize, scale: [128, 128], ratio_range: [0.5, 1.0]}}
+          - {{type: random_crop, size: [64, 64]}}
+          - {{type: random_flip}}
+          - {{type: pad, size: [64, 64]}}
+    train: {{max_iters: 6, batch_size: 4, val_interval: 3, log_interval: 2}}
+"""
+"""A tiny ResNet-18 + DeepLabV3+ run on the demo scenes; `.format(root=...)` gives its YAML."""
+
+
 def load_vector(name: str) -> dict:
     """A reference vector from ../shared/vectors with its bf16 weights cast to float32; skips if absent."""
     path = VECTORS / f'{name}.pt'

@@ -1,7 +1,7 @@
 """Every registered backbone family: parameter counts, forward shapes of every variant, and pretrained
 weights loaded offline through the config (`backbone.pretrained`), including the error cases.
 
-Only the tiny variants run by default; set SEG_TEST_ALL_VARIANTS=1 to run the forward test on all of them.
+Only the tiny variants run by default; `pytest -m large` runs the forward test on the others.
 """
 import os
 import re
@@ -19,14 +19,13 @@ import yaml
 from safetensors.torch import save_file
 from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
-import models.pretrained
+import models.weights
 import train
 from engine.config import ConfigError
 from models.backbones import BACKBONES
-from models.pretrained import CheckpointError
+from models.weights import CheckpointError
 from train import create_backbone, get_backbone_channels, load_config
 
-ALL_VARIANTS = os.environ.get('SEG_TEST_ALL_VARIANTS') == '1'
 VARIANTS = {family: tuple(sys.modules[cls.__module__].VARIANTS) for family, cls in BACKBONES.items()}
 """Each family's variants, read from its module's `VARIANTS` table."""
 TINY = {'resnet': ('18',), 'convnext': ('tiny',), 'mit': ('b0',), 'mscan': ('t',), 'efficientformerv2': ('s0', 's1')}
@@ -36,10 +35,9 @@ SIZES = [(64, 64), (96, 128)]
 
 
 def variants(families=tuple(BACKBONES)):
-    """(family, variant) parameters; all but the tiny ones are skipped unless SEG_TEST_ALL_VARIANTS=1."""
-    skip = pytest.mark.skipif(not ALL_VARIANTS, reason='larger variant: set SEG_TEST_ALL_VARIANTS=1 to run it')
+    """(family, variant) parameters; all but the tiny ones are marked `large` (deselected by default)."""
     return [pytest.param(family, variant, id=f'{family}-{variant}',
-                         marks=() if variant in TINY.get(family, ()) else skip)
+                         marks=() if variant in TINY.get(family, ()) else pytest.mark.large)
             for family in families for variant in VARIANTS[family]]
 
 
@@ -90,7 +88,7 @@ def no_hub(monkeypatch):
 
 RESNET_FULL_PARAMS_M = {'18': 11.69, '34': 21.80, '50': 25.56, '50c': 25.58, '50d': 25.58,
                         '101': 44.55, '101d': 44.57, '152': 60.19}
-"""architectures.md 5: timm's ResNets with their ImageNet classifier (no published number for 101c)."""
+"""timm's ResNets with their ImageNet classifier (no published number for 101c)."""
 
 
 @pytest.mark.parametrize('variant', RESNET_FULL_PARAMS_M)
@@ -311,7 +309,7 @@ def test_pretrained_file_gone_after_validation_fails_naming_it_before_any_weight
     cfg = yaml_config(tmp_path, {'type': 'resnet', 'variant': 18, 'pretrained': str(missing)})
     missing.unlink()
     loads = []
-    monkeypatch.setattr(models.pretrained, 'load_into', lambda *args, **kwargs: loads.append(args))
+    monkeypatch.setattr(models.weights, 'load_into', lambda *args, **kwargs: loads.append(args))
     with pytest.raises(CheckpointError, match=re.escape(str(missing))):
         create_backbone(cfg)
     assert not loads
@@ -361,5 +359,5 @@ def test_backbone_channels_do_not_read_the_weights(family, variant, tmp_path, mo
         raise AssertionError('get_backbone_channels loaded pretrained weights')
 
     monkeypatch.setattr(train, 'load_pretrained', fail)
-    monkeypatch.setattr(models.pretrained, 'read_state_dict', fail)
+    monkeypatch.setattr(models.weights, 'read_state_dict', fail)
     assert get_backbone_channels(cfg) == BACKBONES[family](variant).out_channels

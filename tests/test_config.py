@@ -9,7 +9,8 @@ import pytest
 from conftest import ROOT
 from datasets import DatasetError
 from engine.config import ConfigError, parse_override
-from train import build_dataset, load_config
+from engine.data import build_dataset
+from engine.rules import load_config
 
 
 def write(path, text):

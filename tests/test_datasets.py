@@ -16,7 +16,8 @@ from datasets import (DATASETS, CamVid, DatasetError, DatasetWarning, DemoScenes
 from datasets.sampler import TrainSampler, shard
 from datasets.voc import voc_palette
 from engine.config import ConfigError
-from train import build_dataset, load_config
+from engine.data import build_dataset
+from engine.rules import load_config
 
 
 def make_folder(root, names=('a', 'b'), size=(12, 16), label_value=1, image_suffix='.jpg'):

@@ -10,7 +10,9 @@ pytest.importorskip('onnxruntime')
 from engine.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from test_fast import FAMILIES, tiny_config, tiny_model  # noqa: E402
 from tools import export_onnx  # noqa: E402
-from train import config_for_checkpoint, create_model, load_model_weights, stored_config  # noqa: E402
+from engine.cli import config_for_checkpoint  # noqa: E402
+from models.weights import load_model_weights  # noqa: E402
+from train import create_model  # noqa: E402
 
 SIZES = [(64, 64), (96, 128)]
 
@@ -20,7 +22,7 @@ def test_onnx_runtime_matches_pytorch_at_two_sizes(family, tmp_path, capsys):
     import onnx
 
     path = tmp_path / 'tiny.pth'
-    save_checkpoint({'model': tiny_model(family).state_dict(), 'config': stored_config(tiny_config(family))}, path)
+    save_checkpoint({'model': tiny_model(family).state_dict(), 'config': tiny_config(family)}, path)
     output = tmp_path / 'tiny.onnx'
     export_onnx.main(['--checkpoint', str(path), '--output', str(output), '--size', '64', '64', '--check'])
     printed = capsys.readouterr().out

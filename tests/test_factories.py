@@ -5,15 +5,15 @@ import torch
 from engine.config import resolve
 from models import OffsetLearning
 from models.heads.classifier import PixelClassifier
-from train import check_config, create_backbone, create_head, create_model, get_backbone_channels
+from engine.rules import check_config
+from train import create_backbone, create_head, create_model, get_backbone_channels
 
 
 def config(backbone: dict, head: dict, aux_head=None, num_classes: int = 7) -> dict:
     cfg = resolve({'backbone': backbone, 'head': head, 'aux_head': aux_head,
                    'data': {'type': 'demo', 'root': 'unused', 'num_classes': num_classes},
                    'train': {'max_iters': 1, 'batch_size': 1}})
-    cfg['_source'] = 'test'
-    check_config(cfg)
+    check_config(cfg, 'test')
     return cfg
 
 

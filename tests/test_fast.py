@@ -29,7 +29,6 @@ def tiny_config(family: str) -> dict:
     backbone, head = FAMILIES[family]
     cfg = resolve({'backbone': backbone, 'head': head, 'data': {'type': 'demo', 'root': 'data/demo', 'num_classes': 5},
                    'train': {'max_iters': 1, 'batch_size': 1}}, [], source=f'{family} (test)')
-    cfg['_source'] = f'{family} (test)'
     return cfg
 
 

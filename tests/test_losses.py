@@ -224,3 +224,16 @@ def test_class_weight_length_is_checked_against_the_logits():
 
 def test_missing_ohem_keys_take_their_defaults():
     assert SegmentationLoss(IGNORE, {'ohem': {}}).ohem == {'thresh': 0.7, 'min_kept': 100000}
+
+
+def test_avg_non_ignore_false_averages_over_all_pixels_as_mmseg():
+    """mmseg's CrossEntropyLoss default: the ignored pixels count in the denominator as zeros, and
+    class weights scale each pixel's loss without renormalising."""
+    logits, labels = random_batch()
+    weight = torch.tensor([1.0, 2.0, 0.5, 3.0])
+    nll = F.cross_entropy(logits, labels, weight=weight, ignore_index=IGNORE, reduction='sum')
+    expected = (nll / labels.numel()).item()
+    assert loss_of(logits, labels, class_weight=weight.tolist(), avg_non_ignore=False) == pytest.approx(expected,
+                                                                                                      rel=1e-6)
+    assert loss_of(logits, labels, avg_non_ignore=True) == pytest.approx(
+        F.cross_entropy(logits, labels, ignore_index=IGNORE).item(), rel=1e-6)

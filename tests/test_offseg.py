@@ -9,7 +9,7 @@ from conftest import assert_close_to_reference, load_vector
 from models.backbones.efficientformer_v2 import EfficientFormerV2
 from models.heads.freqfusion import carafe
 from models.heads.offseg import OffSegHead
-from models.pretrained import load_pretrained
+from models.weights import load_pretrained
 
 CONV_SEG_150 = 38_550
 """Parameters of mmseg's unused `conv_seg` (256 -> 150, 1x1) that published OffSeg counts include."""
@@ -138,7 +138,7 @@ def test_published_backbone_weights_round_trip(tmp_path):
     model = EfficientFormerV2('s0')
     with warnings.catch_warnings():
         warnings.simplefilter('error')              # any missing or unexpected key fails the test
-        load_pretrained(model, str(path), EfficientFormerV2.convert_checkpoint)
+        load_pretrained(model, str(path))
     loaded = model.state_dict()
     assert not any(k.endswith(('attention_biases', 'attention_bias_idxs', 'attention_bias_idxs_seg')) for k in loaded)
     for key, value in loaded.items():

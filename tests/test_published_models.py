@@ -16,7 +16,10 @@ from engine.config import resolve
 from models import OffsetLearning
 from models.heads import HEADS
 from tools.convert_checkpoint import convert
-from train import check_config, config_for_checkpoint, create_model, load_config, load_model_weights
+from engine.cli import config_for_checkpoint
+from engine.rules import check_config, load_config
+from models.weights import load_model_weights
+from train import create_model
 
 CONFIGS = sorted((ROOT / 'configs').glob('*.yaml'))
 NO_WEIGHTS = ['backbone.pretrained=null']   # the configs name ImageNet files users download themselves
@@ -83,8 +86,7 @@ def test_every_backbone_head_pair_runs_and_backpropagates(backbone, head):
                        'head': {'type': head, 'offset_learning': offset_learning},
                        'data': {'type': 'demo', 'root': 'unused', 'num_classes': 5},
                        'train': {'max_iters': 1, 'batch_size': 2}})
-        cfg['_source'] = 'test'
-        check_config(cfg)
+        check_config(cfg, 'test')
         torch.manual_seed(0)
         model = create_model(cfg).train()
         logits = model(torch.randn(2, 3, height, width))
@@ -154,3 +156,8 @@ def test_a_hugging_face_segformer_folder_converts_to_the_same_logits(tmp_path):
     images = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         assert torch.allclose(model(images), hf(pixel_values=images).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize('path', [p for p in CONFIGS if p.stem not in ('demo', 'camvid')], ids=lambda p: p.stem)
+def test_published_recipes_average_the_cross_entropy_over_all_pixels_as_mmseg(path):
+    assert load_config(path, NO_WEIGHTS)['train']['loss']['avg_non_ignore'] is False

@@ -14,7 +14,7 @@ from models.backbones.convnext import ConvNeXt
 from models.backbones.mit import MiT
 from models.heads.segformer import (MLP_HEAD_CHANNELS, ExtremelyFastSegFormerHead, SegFormerHead,
                                     SegFormerMLPHead, UltraFastSegFormerHead)
-from models.pretrained import load_pretrained
+from models.weights import load_pretrained
 
 B0_CHANNELS = [32, 64, 160, 256]
 CONV_SEG_150 = 38_550
@@ -29,11 +29,11 @@ def split(state, prefix):
     return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
 
 
-def strict_load(module, path, convert):
+def strict_load(module, path, part='backbone'):
     """load_pretrained, failing on any missing or unexpected key instead of warning."""
     with warnings.catch_warnings():
         warnings.simplefilter('error')
-        load_pretrained(module, str(path), convert)
+        load_pretrained(module, str(path), part)
 
 
 # --- (a) published reference vectors ------------------------------------------------------------
@@ -61,13 +61,13 @@ def test_segformer_b0_matches_published_code(name, offset_learning):
 # --- (b) parameter counts -----------------------------------------------------------------------
 
 MIT_PARAMS_M = {'b0': 3.319, 'b1': 13.151, 'b2': 24.196, 'b3': 44.072, 'b4': 60.843, 'b5': 81.443}
-"""architectures.md 3.2, encoder only."""
+"""MiT encoders alone, as the SegFormer paper counts them."""
 OL_PARAMS_M = {'b1': 13.887, 'b2': 24.932, 'b3': 44.807, 'b4': 61.578, 'b5': 82.178}
-"""offseg.md 4.1, SegFormer + OL with 150 classes, including the unused conv_seg."""
+"""The OffSeg paper's SegFormer + OL with 150 classes, including the unused conv_seg."""
 MLP_PARAMS_M = {'b0': 3.753, 'b1': 13.716, 'b2': 27.462, 'b3': 47.338, 'b4': 64.108, 'b5': 84.709}
-"""architectures.md 3.4, HF SegformerForSemanticSegmentation with 150 classes."""
+"""HF SegformerForSemanticSegmentation with 150 classes."""
 CONVNEXT_PARAMS_M = {'tiny': 27.82, 'small': 49.45, 'base': 87.56, 'large': 196.23, 'xlarge': 348.14}
-"""architectures.md 5, timm features-only."""
+"""timm ConvNeXt, features-only."""
 
 
 def build_on_meta(variant, head=None, **head_args):
@@ -92,7 +92,7 @@ def test_segformer_b0_parameter_counts_are_exact():
 
 @pytest.mark.parametrize('variant', OL_PARAMS_M)
 def test_segformer_offset_learning_parameter_count(variant):
-    # offseg.md gives B2 as 24.932 M; ours is 24,931,458 (+ conv_seg), forced by the B2 encoder
+    # the published count for B2 is 24.932 M; ours is 24,931,458 (+ conv_seg), forced by the B2 encoder
     # (24.196 M, as published) plus the head that B1 shares (13.887 M, as published), so the
     # tolerance is one unit of the last published digit.
     backbone, head = build_on_meta(variant, SegFormerHead, offset_learning=True)
@@ -218,7 +218,7 @@ def stage_plus_one(template):
 
 
 def to_official(ours):
-    """Our MiT keys in NVlabs naming (architectures.md 3.5 table), plus its ImageNet classifier."""
+    """Our MiT keys in NVlabs naming (`mit_b*.pth`), plus its ImageNet classifier."""
     state = {k.removeprefix('segformer.'): v for k, v in ours.items()}
     for suffix in ('weight', 'bias'):
         state = fuse_rows(state, [f'attention.k_proj.{suffix}', f'attention.v_proj.{suffix}'], f'attn.kv.{suffix}')
@@ -268,7 +268,7 @@ def test_mit_checkpoint_round_trip(naming, tmp_path):
         assert {k: v.shape for k, v in saved['state_dict'].items() if k.startswith('backbone.')} == published
     torch.save(saved, tmp_path / 'mit.pth')
     target = MiT('b0')
-    strict_load(target, tmp_path / 'mit.pth', MiT.convert_checkpoint)
+    strict_load(target, tmp_path / 'mit.pth')
     for key, value in target.state_dict().items():
         assert torch.equal(value, source[key]), key
 
@@ -307,8 +307,8 @@ def test_hf_segformer_folder_gives_hf_logits(version, tmp_path):
     assert all(torch.equal(v, state[k]) for k, v in reread.state_dict().items())
 
     backbone, head = MiT('b0').eval(), SegFormerMLPHead(B0_CHANNELS, 19).eval()
-    strict_load(backbone, tmp_path, MiT.convert_checkpoint)
-    strict_load(head, tmp_path, SegFormerMLPHead.convert_checkpoint)
+    strict_load(backbone, tmp_path)
+    strict_load(head, tmp_path, 'head')
     x = torch.randn(1, 3, 96, 128)
     with torch.no_grad():
         reference = hf(pixel_values=x).logits
@@ -332,7 +332,7 @@ def test_convnext_checkpoint_round_trip(naming, tmp_path):
     source = randomized(timm.create_model('convnext_tiny'))
     torch.save(naming(source), tmp_path / 'convnext.pth')
     target = ConvNeXt('tiny')
-    strict_load(target, tmp_path / 'convnext.pth', ConvNeXt.convert_checkpoint)
+    strict_load(target, tmp_path / 'convnext.pth')
     for key, value in target.body.state_dict().items():
         assert torch.equal(value, source[re.sub(r'^(stem|stages)_(\d+)\.', r'\1.\2.', key)]), key
     for norm in target.norms:    # ImageNet checkpoints have no output norms: fresh ones

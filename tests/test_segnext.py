@@ -7,7 +7,7 @@ import torch
 from conftest import assert_close_to_reference, load_vector
 from models.backbones.mscan import MSCAN
 from models.heads.ham import NMF2D, LightHamHead
-from models.pretrained import load_pretrained
+from models.weights import load_pretrained
 
 TINY_CHANNELS = [32, 64, 160, 256]
 
@@ -153,6 +153,6 @@ def test_official_imagenet_weights_load(tmp_path):
     target = MSCAN('t')
     with warnings.catch_warnings():
         warnings.simplefilter('error')  # a missing or unexpected key fails the test
-        load_pretrained(target, str(tmp_path / 'mscan_t.pth'), MSCAN.convert_checkpoint)
+        load_pretrained(target, str(tmp_path / 'mscan_t.pth'))
     for key, value in source.state_dict().items():
         assert torch.equal(target.state_dict()[key], value), key

@@ -59,11 +59,13 @@ from engine.optim import build_optimizer  # noqa: E402
 from models import OffsetLearning  # noqa: E402
 from models.backbones.efficientformer_v2 import Attention4D, Attention4DDownsample  # noqa: E402
 from models.backbones.mit import LAYER_NORM_EPS, MiT  # noqa: E402
-from models.convert import convert_model_state  # noqa: E402
 from models.heads.classifier import PixelClassifier  # noqa: E402
 from models.heads.offseg import OffSegHead  # noqa: E402
 from models.heads.segformer import SegFormerMLPHead  # noqa: E402
-from train import AMP_DTYPES, create_model, load_config, run_cli  # noqa: E402
+from models.weights import convert_model_state  # noqa: E402
+from engine.cli import AMP_DTYPES, number, run_cli  # noqa: E402
+from engine.rules import load_config  # noqa: E402
+from train import create_model  # noqa: E402
 
 RANDOM_WEIGHTS = 'backbone.pretrained=null'
 
@@ -235,12 +237,12 @@ def prepare(model, args):
 
 # ----------------------------------------------------------------------------------- comparisons
 
-def check_hf_comparable(model, cfg: dict) -> None:
+def check_hf_comparable(model, cfg: dict, source: str) -> None:
     """transformers' SegformerForSemanticSegmentation is MiT + the official All-MLP head + a 1x1 classifier."""
     if not (isinstance(model.backbone, MiT) and type(model.head) is SegFormerMLPHead
             and isinstance(model.head.classifier, PixelClassifier)):
         raise ConfigError(
-            f"{cfg['_source']}: --compare hf needs backbone.type=mit with head.type=segformer_mlp (the official "
+            f"{source}: --compare hf needs backbone.type=mit with head.type=segformer_mlp (the official "
             f"All-MLP head, without Offset Learning), which is what transformers' SegformerForSemanticSegmentation "
             f"implements; this config has {describe(model, cfg)}. mmseg's head (head.type=segformer) differs from "
             f"it: add --set head.type=segformer_mlp")
@@ -367,7 +369,7 @@ def benchmark(path: Path, args) -> dict:
     """Every figure asked for by `args` for one config."""
     cfg = random_weights_config(path, args.set)
     if args.compare:
-        check_hf_comparable(meta_model(cfg), cfg)
+        check_hf_comparable(meta_model(cfg), cfg, path)
     size = tuple(args.size)
     result = {'config': str(path), **size_figures(cfg, size), 'size': list(size)}
     if args.macs_only:
@@ -505,14 +507,14 @@ def parse_args(argv=None):
                        help='configs, folders of configs or glob patterns, measured into one table')
     parser.add_argument('--set', nargs='+', default=[], action='extend', metavar='KEY=VALUE',
                         help='override config values (applied to every config)')
-    parser.add_argument('--size', nargs=2, type=int, default=[512, 512], metavar=('H', 'W'))
-    parser.add_argument('--batch', type=int, help='images per call (default: 1 for infer, 2 for train, as '
+    parser.add_argument('--size', nargs=2, type=number(int, 32), default=[512, 512], metavar=('H', 'W'))
+    parser.add_argument('--batch', type=number(int, 1), help='images per call (default: 1 for infer, 2 for train, as '
                         'BatchNorm needs more than one value per channel in training)')
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     parser.add_argument('--mode', default='infer', choices=['infer', 'train'])
-    parser.add_argument('--threads', type=int, help='torch CPU threads (default: torch\'s choice)')
-    parser.add_argument('--runs', type=int, default=20, help='timed calls (default: 20)')
-    parser.add_argument('--warmup', type=int, default=3, help='untimed calls first (default: 3)')
+    parser.add_argument('--threads', type=number(int, 1), help='torch CPU threads (default: torch\'s choice)')
+    parser.add_argument('--runs', type=number(int, 1), default=20, help='timed calls (default: 20)')
+    parser.add_argument('--warmup', type=number(int, 0), default=3, help='untimed calls first (default: 3)')
     parser.add_argument('--macs-only', action='store_true', help='parameters and GMACs only (meta device, no timing)')
     parser.add_argument('--amp', choices=sorted(AMP_DTYPES), help='autocast dtype (default: float32)')
     fast.add_arguments(parser)  # --channels-last (model and input), --compile, --no-fold-bn: as evaluate.py

@@ -18,23 +18,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine.checkpoint import save_checkpoint  # noqa: E402
-from models.convert import convert_model_state  # noqa: E402
-from models.pretrained import load_into, read_state_dict  # noqa: E402
-from train import create_model, load_config, run_cli, stored_config  # noqa: E402
+from engine.cli import run_cli  # noqa: E402
+from engine.rules import load_config  # noqa: E402
+from models.weights import convert_model_state, load_into, read_state_dict  # noqa: E402
+from train import create_model  # noqa: E402
 
 
 def convert(source: str, target: str, config: str, overrides=()) -> list:
     """Write `target`; returns the report lines (keys that did not fit)."""
-    cfg = load_config(config, overrides)
-    cfg['backbone']['pretrained'] = None          # the weights come from `source`
+    cfg = load_config(config, [*overrides, 'backbone.pretrained=null'])  # the weights come from `source`
     model = create_model(cfg)
     converted, unclaimed = convert_model_state(model, read_state_dict(source))
-    report = load_into(model, converted, source)
+    report = load_into(model, converted, source).problems()
     if unclaimed:
         report.append(f'{len(unclaimed)} keys belong to no part of the model and were not used: '
                       + ', '.join(unclaimed[:8]) + (' ...' if len(unclaimed) > 8 else ''))
-    save_checkpoint({'model': model.state_dict(), 'config': stored_config(cfg),
-                     'converted_from': str(source)}, Path(target))
+    save_checkpoint({'model': model.state_dict(), 'config': cfg, 'converted_from': str(source)}, Path(target))
     return report
 
 

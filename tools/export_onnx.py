@@ -41,7 +41,9 @@ sys.path.insert(0, str(ROOT))
 from engine.checkpoint import load_checkpoint  # noqa: E402
 from engine.fast import prepare_for_inference  # noqa: E402
 from models.heads.ham import Hamburger  # noqa: E402
-from train import config_for_checkpoint, create_model, load_model_weights, run_cli  # noqa: E402
+from engine.cli import config_for_checkpoint, number, run_cli  # noqa: E402
+from models.weights import load_model_weights  # noqa: E402
+from train import create_model  # noqa: E402
 
 DEFAULT_OPSET = 17
 EXPORTER_NOTICES = ('You are using the legacy TorchScript-based ONNX export|The feature will be removed'
@@ -112,9 +114,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--checkpoint', required=True)
     parser.add_argument('--output', required=True, help='the .onnx file to write')
-    parser.add_argument('--size', nargs=2, type=int, default=[512, 512], metavar=('H', 'W'),
+    parser.add_argument('--size', nargs=2, type=number(int, 32), default=[512, 512], metavar=('H', 'W'),
                         help='tracing example size (default 512 512); the graph takes any size the model does')
-    parser.add_argument('--opset', type=int, default=DEFAULT_OPSET, help=f'ONNX opset (default {DEFAULT_OPSET})')
+    parser.add_argument('--opset', type=number(int, 7), default=DEFAULT_OPSET, help=f'ONNX opset (default {DEFAULT_OPSET})')
     parser.add_argument('--check', action='store_true',
                         help='compare ONNX Runtime with PyTorch at --size and at (H+32, W+64)')
     parser.add_argument('--config', help="YAML to use instead of the checkpoint's stored config")

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models import BACKBONES, OffsetLearning  # noqa: E402
-from train import create_model, load_config  # noqa: E402
+from engine.rules import load_config  # noqa: E402
+from train import create_model  # noqa: E402
 
 BEGIN, END = '<!-- model_table: begin -->', '<!-- model_table: end -->'
 CONFIGS = ROOT / 'configs'

@@ -6,6 +6,7 @@ one channels-first LayerNorm (eps 1e-6) to each output; so do we (`norms`). Imag
 do not have them, so they start as a fresh LayerNorm would.
 """
 import re
+from typing import NamedTuple
 
 import timm
 import torch
@@ -13,7 +14,8 @@ from timm.layers import LayerNorm2d
 from timm.models.convnext import checkpoint_filter_fn
 from torch import nn
 
-from ..pretrained import CheckpointError
+from ..weights import CheckpointError
+from .variants import lookup
 
 
 class ConvNeXt(nn.Module):
@@ -25,8 +27,7 @@ class ConvNeXt(nn.Module):
 
     def __init__(self, variant: str = 'tiny', drop_path_rate: float = 0.0, checkpointing: bool = False):
         super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f"ConvNeXt variant '{variant}' unknown; expected one of {', '.join(VARIANTS)}")
+        lookup('ConvNeXt', VARIANTS, variant)
         self.body = timm.create_model(f'convnext_{variant}', pretrained=False, features_only=True,
                                       out_indices=(0, 1, 2, 3), drop_path_rate=drop_path_rate)
         self.body.set_grad_checkpointing(checkpointing)
@@ -56,7 +57,7 @@ class ConvNeXt(nn.Module):
                 continue
             key = re.sub(r'^norm(\d)\.', r'norms.\1.', key)
             converted[re.sub(r'^(stem|stages)\.(\d+)\.', r'body.\1_\2.', key)] = value
-        for i, width in enumerate(VARIANTS[variant][1]):
+        for i, width in enumerate(VARIANTS[variant].dims):
             converted.setdefault(f'norms.{i}.weight', torch.ones(width))
             converted.setdefault(f'norms.{i}.bias', torch.zeros(width))
         return converted
@@ -66,18 +67,23 @@ def _variant_of(state: dict) -> str:
     """The variant with the checkpoint's stem width and stage-3 depth, in FB or timm naming."""
     stem = state.get('stem.0.weight', state.get('downsample_layers.0.0.weight'))
     depth = len({m[1] for key in state if (m := re.match(r'stages\.2\.(?:blocks\.)?(\d+)\.', key))})
-    for variant, (depths, dims) in VARIANTS.items():
-        if stem is not None and (stem.shape[0], depth) == (dims[0], depths[2]):
-            return variant
+    for name, variant in VARIANTS.items():
+        if stem is not None and (stem.shape[0], depth) == (variant.dims[0], variant.depths[2]):
+            return name
     raise CheckpointError('not a ConvNeXt checkpoint: no stem weight of a known width '
-                          f"({', '.join(f'{v}: {d[0]}' for v, (_, d) in VARIANTS.items())}) "
+                          f"({', '.join(f'{name}: {v.dims[0]}' for name, v in VARIANTS.items())}) "
                           'with the matching stage-3 depth')
 
 
-VARIANTS = {  # name: (depths, dims), as timm's convnext_{name}
-    'tiny': ((3, 3, 9, 3), (96, 192, 384, 768)),
-    'small': ((3, 3, 27, 3), (96, 192, 384, 768)),
-    'base': ((3, 3, 27, 3), (128, 256, 512, 1024)),
-    'large': ((3, 3, 27, 3), (192, 384, 768, 1536)),
-    'xlarge': ((3, 3, 27, 3), (256, 512, 1024, 2048)),
+class Variant(NamedTuple):
+    depths: tuple  # blocks per stage
+    dims: tuple    # channels per stage
+
+
+VARIANTS = {  # as timm's convnext_{name}
+    'tiny': Variant(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768)),
+    'small': Variant(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768)),
+    'base': Variant(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024)),
+    'large': Variant(depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536)),
+    'xlarge': Variant(depths=(3, 3, 27, 3), dims=(256, 512, 1024, 2048)),
 }

@@ -16,12 +16,15 @@ Input sizes: the stride-2 attention of stage 2 halves the stride-16 grid and dou
 ceil(H/16) and ceil(W/16) must be even (any multiple of 32 works); other sizes raise a ValueError.
 """
 import math
+from typing import NamedTuple
 
 import torch
 from timm.layers import DropPath
 from torch import nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from .variants import lookup
 
 NUM_HEADS = 8
 
@@ -235,9 +238,7 @@ class EfficientFormerV2(nn.Module):
     def __init__(self, variant: str = 's1', drop_path_rate: float | None = None, checkpointing: bool = False,
                  resolution: int = 512):
         super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f"EfficientFormerV2 variant '{variant}' unknown; expected one of {', '.join(VARIANTS)}")
-        widths, ratios, vit_num, published_rate = VARIANTS[variant]
+        widths, ratios, vit_num, published_rate = lookup('EfficientFormerV2', VARIANTS, variant)
         drop_path_rate = published_rate if drop_path_rate is None else drop_path_rate
         self.out_channels = list(widths)
         self.strides = [4, 8, 16, 32]
@@ -312,13 +313,19 @@ class EfficientFormerV2(nn.Module):
         return converted
 
 
+class Variant(NamedTuple):
+    widths: tuple          # channels per stage
+    mlp_ratios: tuple      # MLP expansion of every block, per stage
+    vit_num: int           # attention blocks at the end of stages 2 and 3
+    drop_path_rate: float  # the published rate
+
+
 VARIANTS = {
-    # variant: (stage widths, MLP expansion ratio of every block per stage, attention blocks at the end
-    #           of stages 2 and 3 (`vit_num`), published drop_path_rate)
-    's0': ((32, 48, 96, 176), ((4,) * 2, (4,) * 2, (4, 3, 3, 3, 4, 4), (4, 3, 3, 4)), 2, 0.0),
-    's1': ((32, 48, 120, 224), ((4,) * 3, (4,) * 3, (4, 4, 3, 3, 3, 3, 4, 4, 4), (4, 4, 3, 3, 4, 4)), 2, 0.0),
-    's2': ((32, 64, 144, 288), ((4,) * 4, (4,) * 4, (4, 4, 3, 3, 3, 3, 3, 3, 4, 4, 4, 4), (4, 4, 3, 3, 3, 3, 4, 4)),
-           4, 0.02),
-    'l': ((40, 80, 192, 384), ((4,) * 5, (4,) * 5, (4, 4, 4, 4, 3, 3, 3, 3, 3, 3, 3, 4, 4, 4, 4),
-                               (4, 4, 4, 3, 3, 3, 3, 4, 4, 4)), 6, 0.1),
+    's0': Variant((32, 48, 96, 176), ((4,) * 2, (4,) * 2, (4, 3, 3, 3, 4, 4), (4, 3, 3, 4)), 2, 0.0),
+    's1': Variant((32, 48, 120, 224), ((4,) * 3, (4,) * 3, (4, 4, 3, 3, 3, 3, 4, 4, 4), (4, 4, 3, 3, 4, 4)), 2, 0.0),
+    's2': Variant((32, 64, 144, 288),
+                  ((4,) * 4, (4,) * 4, (4, 4, 3, 3, 3, 3, 3, 3, 4, 4, 4, 4), (4, 4, 3, 3, 3, 3, 4, 4)), 4, 0.02),
+    'l': Variant((40, 80, 192, 384),
+                 ((4,) * 5, (4,) * 5, (4, 4, 4, 4, 3, 3, 3, 3, 3, 3, 3, 4, 4, 4, 4), (4, 4, 4, 3, 3, 3, 3, 4, 4, 4)),
+                 6, 0.1),
 }

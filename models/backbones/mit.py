@@ -8,10 +8,13 @@ our keys are HF 5.x's under `segformer.`; `convert_checkpoint` maps mmseg, offic
 HF 4.x names onto them.
 """
 import re
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from transformers import SegformerConfig, SegformerModel
+
+from .variants import lookup
 
 LAYER_NORM_EPS = 1e-6
 """mmseg's MiT (`norm_cfg=dict(type='LN', eps=1e-6)`), which trained the OffSeg and model-zoo weights,
@@ -25,17 +28,15 @@ class MiT(nn.Module):
 
     def __init__(self, variant: str = 'b0', drop_path_rate: float = 0.1, checkpointing: bool = False):
         super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f"MiT variant '{variant}' unknown; expected one of {', '.join(VARIANTS)}")
-        hidden_sizes, depths = VARIANTS[variant]
-        config = SegformerConfig(hidden_sizes=hidden_sizes, depths=depths, drop_path_rate=drop_path_rate)
+        spec = lookup('MiT', VARIANTS, variant)
+        config = SegformerConfig(hidden_sizes=spec.hidden_sizes, depths=spec.depths, drop_path_rate=drop_path_rate)
         self.segformer = SegformerModel(config)
         for module in self.segformer.modules():
             if isinstance(module, nn.LayerNorm):
                 module.eps = LAYER_NORM_EPS
         if checkpointing:
             self.segformer.activation_checkpointing_enable()
-        self.out_channels = list(hidden_sizes)
+        self.out_channels = list(spec.hidden_sizes)
         self.strides = [4, 8, 16, 32]
 
     def forward(self, x: torch.Tensor) -> list:
@@ -54,11 +55,12 @@ class MiT(nn.Module):
         The four namings share no key, so one ordered list of renames serves them all. Fused
         projections are split by rows (mmseg's `in_proj` = [q; k; v], NVlabs' `kv` = [k; v]) and
         mmseg's 1x1-conv FFN weights become Linear weights. Heads (`head.`, `classifier.`,
-        `decode_head.`, `auxiliary_head.`) are dropped; a `backbone.` or `segformer.` prefix is read.
+        Called by models.weights with the backbone part only (HF keys keep their `segformer.` prefix);
+        the ImageNet classifiers (`head.`, `classifier.`) are dropped.
         """
         renamed = {}
         for key, value in state.items():
-            key = key.removeprefix('backbone.').removeprefix('segformer.')
+            key = key.removeprefix('segformer.')
             if key.startswith(DROPPED):
                 continue
             for pattern, replacement in RENAMES:
@@ -78,7 +80,7 @@ def _stage(template: str):
     return lambda match: template.format(int(match[1]) - 1, *match.groups()[1:])
 
 
-DROPPED = ('head.', 'classifier.', 'decode_head.', 'auxiliary_head.')
+DROPPED = ('head.', 'classifier.')
 
 RENAMES = [
     # mmseg: layers.{i}.0 = patch embed, layers.{i}.1.{j} = blocks, layers.{i}.2 = stage norm
@@ -129,11 +131,16 @@ SPLITS = {
 }
 
 # All variants: heads (1, 2, 5, 8), reduction ratios (8, 4, 2, 1), MLP ratio 4, patches (7, 3, 3, 3).
-VARIANTS = {  # name: (hidden_sizes, depths)
-    'b0': ((32, 64, 160, 256), (2, 2, 2, 2)),
-    'b1': ((64, 128, 320, 512), (2, 2, 2, 2)),
-    'b2': ((64, 128, 320, 512), (3, 4, 6, 3)),
-    'b3': ((64, 128, 320, 512), (3, 4, 18, 3)),
-    'b4': ((64, 128, 320, 512), (3, 8, 27, 3)),
-    'b5': ((64, 128, 320, 512), (3, 6, 40, 3)),
+class Variant(NamedTuple):
+    hidden_sizes: tuple  # channels per stage
+    depths: tuple        # blocks per stage
+
+
+VARIANTS = {
+    'b0': Variant(hidden_sizes=(32, 64, 160, 256), depths=(2, 2, 2, 2)),
+    'b1': Variant(hidden_sizes=(64, 128, 320, 512), depths=(2, 2, 2, 2)),
+    'b2': Variant(hidden_sizes=(64, 128, 320, 512), depths=(3, 4, 6, 3)),
+    'b3': Variant(hidden_sizes=(64, 128, 320, 512), depths=(3, 4, 18, 3)),
+    'b4': Variant(hidden_sizes=(64, 128, 320, 512), depths=(3, 8, 27, 3)),
+    'b5': Variant(hidden_sizes=(64, 128, 320, 512), depths=(3, 6, 40, 3)),
 }

@@ -12,11 +12,14 @@ SyncBN behaviour. Keys are mmseg 1.x's (`mlp.dwconv.weight`); the official Image
 that conv once more (`mlp.dwconv.dwconv.weight`), which `convert_checkpoint` undoes.
 """
 import math
+from typing import NamedTuple
 
 import torch
 from timm.layers import DropPath
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from .variants import lookup
 
 
 def depthwise_conv(dim: int, kernel: tuple) -> nn.Conv2d:
@@ -132,9 +135,7 @@ class MSCAN(nn.Module):
 
     def __init__(self, variant: str = 't', drop_path_rate: float | None = None, checkpointing: bool = False):
         super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f"MSCAN variant '{variant}' unknown; expected one of {', '.join(VARIANTS)}")
-        dims, depths, published_rate = VARIANTS[variant]
+        dims, depths, published_rate = lookup('MSCAN', VARIANTS, variant)
         rate = published_rate if drop_path_rate is None else drop_path_rate
         # linear stochastic-depth ramp over all blocks; on the CPU so that it also works under a meta device
         rates = torch.linspace(0, rate, sum(depths), device='cpu').tolist()
@@ -188,10 +189,15 @@ class MSCAN(nn.Module):
 MLP_RATIOS = (8, 8, 4, 4)
 """MLP expansion per stage, the same for every variant."""
 
+class Variant(NamedTuple):
+    dims: tuple            # embed dims = channels per stage
+    depths: tuple          # blocks per stage
+    drop_path_rate: float  # the published rate
+
+
 VARIANTS = {
-    # variant: (embed dims = stage channels, blocks per stage, published drop_path_rate)
-    't': ((32, 64, 160, 256), (3, 3, 5, 2), 0.1),
-    's': ((64, 128, 320, 512), (2, 2, 4, 2), 0.1),
-    'b': ((64, 128, 320, 512), (3, 3, 12, 3), 0.1),
-    'l': ((64, 128, 320, 512), (3, 5, 27, 3), 0.3),
+    't': Variant(dims=(32, 64, 160, 256), depths=(3, 3, 5, 2), drop_path_rate=0.1),
+    's': Variant(dims=(64, 128, 320, 512), depths=(2, 2, 4, 2), drop_path_rate=0.1),
+    'b': Variant(dims=(64, 128, 320, 512), depths=(3, 3, 12, 3), drop_path_rate=0.1),
+    'l': Variant(dims=(64, 128, 320, 512), depths=(3, 5, 27, 3), drop_path_rate=0.3),
 }

@@ -4,9 +4,13 @@ timm's ResNet exposes 5 feature levels (the stem first), so the four stages are 
 `output_stride` 8 or 16 dilates the last stages (DeepLab "D8"/"D16"); the deep-stem variants
 `50c`/`101c` are mmseg's ResNetV1c, `50d`/`101d` add average-pool shortcuts.
 """
+from typing import NamedTuple
+
 import timm
 import torch
 from torch import nn
+
+from .variants import lookup
 
 
 class ResNet(nn.Module):
@@ -15,12 +19,10 @@ class ResNet(nn.Module):
     def __init__(self, variant: str | int = '50', output_stride: int = 32, drop_path_rate: float = 0.0,
                  checkpointing: bool = False):
         super().__init__()
-        variant = str(variant)
-        if variant not in VARIANTS:
-            raise ValueError(f"ResNet variant '{variant}' unknown; expected one of {', '.join(VARIANTS)}")
+        spec = lookup('ResNet', VARIANTS, str(variant))
         if output_stride not in (8, 16, 32):
             raise ValueError(f'ResNet output_stride must be 8, 16 or 32, got {output_stride}')
-        self.body = timm.create_model(f'resnet{variant}', pretrained=False, features_only=True,
+        self.body = timm.create_model(spec.timm_name, pretrained=False, features_only=True,
                                       out_indices=(1, 2, 3, 4), output_stride=output_stride,
                                       drop_path_rate=drop_path_rate)
         self.body.set_grad_checkpointing(checkpointing)
@@ -36,4 +38,8 @@ class ResNet(nn.Module):
         return {f'body.{k}': v for k, v in state.items() if not k.startswith('fc.')}
 
 
-VARIANTS = ('18', '34', '50', '50c', '50d', '101', '101c', '101d', '152')
+class Variant(NamedTuple):
+    timm_name: str
+
+
+VARIANTS = {name: Variant(f'resnet{name}') for name in ('18', '34', '50', '50c', '50d', '101', '101c', '101d', '152')}

@@ -1,13 +1,14 @@
 """Heads: list of backbone maps -> logits. Every head takes `offset_learning` to swap its classifier."""
-from .aspp import ASPPHead, DeepLabV3PlusHead
+from .deeplab import DeepLabV3Head, DeepLabV3PlusHead
 from .fcn import FCNHead
 from .ham import LightHamHead
 from .offseg import OffSegHead
 from .segformer import ExtremelyFastSegFormerHead, SegFormerHead, SegFormerMLPHead, UltraFastSegFormerHead
 
 HEADS = {
-    'aspp': DeepLabV3PlusHead,
-    'deeplabv3': ASPPHead,
+    'deeplabv3plus': DeepLabV3PlusHead,
+    'aspp': DeepLabV3PlusHead,  # SegHiero's name for it
+    'deeplabv3': DeepLabV3Head,
     'segformer': SegFormerHead,
     'segformer_mlp': SegFormerMLPHead,
     'ultrafast_segformer': UltraFastSegFormerHead,

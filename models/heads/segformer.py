@@ -48,7 +48,7 @@ class SegFormerHead(nn.Module):
     @staticmethod
     def convert_checkpoint(state: dict) -> dict:
         """mmseg head keys (`convs.{i}.conv/bn`, `fusion_conv`: already ours) and its classifier -> ours."""
-        return convert_classifier_keys(_head_keys(state))
+        return convert_classifier_keys(state)
 
 
 class UltraFastSegFormerHead(SegFormerHead):
@@ -120,20 +120,13 @@ class SegFormerMLPHead(nn.Module):
         it is dropped.
         """
         converted = {}
-        for key, value in _head_keys(state).items():
+        for key, value in state.items():
             if key.startswith('conv_seg.'):
                 continue
             for pattern, replacement in MLP_HEAD_RENAMES:
                 key = re.sub(pattern, replacement, key)
             converted[key] = value
         return converted
-
-
-def _head_keys(state: dict) -> dict:
-    """The `decode_head.` part of a whole-model checkpoint, unprefixed; a head-only state as it is."""
-    if any(key.startswith('decode_head.') for key in state):
-        return {k.removeprefix('decode_head.'): v for k, v in state.items() if k.startswith('decode_head.')}
-    return state
 
 
 MLP_HEAD_RENAMES = [

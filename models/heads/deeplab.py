@@ -13,7 +13,7 @@ from .classifier import build_classifier, convert_classifier_keys
 from .layers import ConvModule, DepthwiseSeparableConvModule, resize
 
 
-class ASPPHead(nn.Module):
+class DeepLabV3Head(nn.Module):
     """DeepLabV3: logits at the deepest map's stride."""
 
     def __init__(self, in_channels: list, num_classes: int, channels: int = 512, dilations: list = (1, 12, 24, 36),
@@ -40,7 +40,7 @@ class ASPPHead(nn.Module):
         return self.classifier(self.pyramid(features[-1]))
 
 
-class DeepLabV3PlusHead(ASPPHead):
+class DeepLabV3PlusHead(DeepLabV3Head):
     """DeepLabV3+ (mmseg `DepthwiseSeparableASPPHead`): logits at the stride-4 map's resolution."""
 
     def __init__(self, in_channels: list, num_classes: int, channels: int = 512, dilations: list = (1, 12, 24, 36),

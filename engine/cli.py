@@ -1,0 +1,57 @@
+"""What every command-line script shares: one error line instead of a traceback, the config a
+checkpoint was trained with, and the autocast dtype of a run."""
+import argparse
+import logging
+import sys
+
+import torch
+
+from datasets import DatasetError
+from models.weights import CheckpointError
+
+from .config import ConfigError, resolve
+from .rules import accepted_keys, check_config, load_config
+
+AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def run_cli(main_fn) -> None:
+    """Bad input (config, data, checkpoint) ends with one clear line and exit code 2, not a traceback.
+    Weight-loading reports (models.weights) go to stderr as `note:` lines."""
+    logging.basicConfig(level=logging.INFO, format='note: %(message)s', stream=sys.stderr)
+    try:
+        main_fn()
+    except (ConfigError, DatasetError, CheckpointError) as error:
+        print(f'error: {error}', file=sys.stderr)
+        sys.exit(2)
+
+
+def number(kind=int, low=None, high=None):
+    """An argparse `type` for a number in [low, high]: a value outside is a usage error (exit code 2)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got '{text}'")
+        if (low is not None and value < low) or (high is not None and value > high):
+            span = f'>= {low}' if high is None else f'in [{low}, {high}]'
+            raise argparse.ArgumentTypeError(f'must be {span}, got {text}')
+        return value
+    return parse
+
+
+def config_for_checkpoint(checkpoint: dict, checkpoint_path, config_path=None, overrides=()) -> dict:
+    """The run's config: `config_path` if given, else the one stored in the checkpoint; then overrides."""
+    if config_path:
+        return load_config(config_path, overrides)
+    if not checkpoint.get('config'):
+        raise ConfigError(f"{checkpoint_path} stores no config: pass the YAML the model was trained with, --config FILE")
+    source = f'{checkpoint_path} (stored config)'
+    cfg = resolve(checkpoint['config'], overrides, source, accepted_keys)
+    check_config(cfg, source)
+    return cfg
+
+
+def amp_dtype_for(cfg: dict, device: torch.device):
+    """The autocast dtype of `train.amp` on CUDA; None (full float32) on CPU or with AMP off."""
+    return AMP_DTYPES.get(cfg['train']['amp']) if device.type == 'cuda' else None

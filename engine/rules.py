@@ -1,0 +1,163 @@
+"""Every rule a config must meet, checked in one place before anything is built.
+
+`engine/config.py` checks the shape of the config (known keys, types, choices); `check_config` adds
+what needs the classes the config names: the keyword arguments of backbones, heads, datasets and
+pipeline steps against their signatures, the loss and parameter-group rules, files that must exist
+and combinations that cannot run. Every failure is a `ConfigError` naming the file and the key.
+"""
+import functools
+import json
+from pathlib import Path
+
+import torch
+
+from datasets import DATASETS
+from datasets.transforms import TRANSFORMS, Pipeline
+from models import BACKBONES, HEADS
+
+from .config import DEFAULTS, ConfigError, check_kwargs, choose, keyword_parameters, read_config
+from .data import DATASET_ARGUMENTS, dataset_options
+from .losses import check_loss_config
+from .optim import check_rules
+
+PRETRAINED_DIR = Path('pretrained')
+
+PRETRAINED_FILES = {  # `backbone.pretrained: true`: the official ImageNet file, under its published name
+    'resnet': 'resnet{variant}.pth',
+    'convnext': 'convnext_{variant}.pth',
+    'mit': 'mit_{variant}.pth',
+    'mscan': 'mscan_{variant}.pth',
+    'efficientformerv2': 'eformer_{variant}_450.pth',
+}
+
+# Keys of a model section that are not constructor arguments.
+NOT_ARGUMENTS = {'backbone': ('type', 'pretrained'), 'head': ('type', 'loss_weight'), 'aux_head': ('type', 'loss_weight')}
+
+
+def section_kwargs(cfg: dict, section: str) -> dict:
+    """The constructor arguments of a model section (`backbone`, `head`, `aux_head`)."""
+    return {k: v for k, v in cfg[section].items() if k not in NOT_ARGUMENTS[section]}
+
+
+def pretrained_file(backbone: dict, source: str = 'config'):
+    """The weights `backbone.pretrained` names: its path, or for `true` the conventional local file of the
+    variant under pretrained/ (never downloaded); None for none."""
+    pretrained = backbone['pretrained']
+    if pretrained is not True:
+        return pretrained or None
+    if backbone['type'] not in PRETRAINED_FILES:
+        raise ConfigError(f"{source}: backbone.pretrained: true has no conventional file for "
+                          f"'{backbone['type']}'; give the path of the weights")
+    variant = backbone.get('variant', keyword_parameters(BACKBONES[backbone['type']])[0]['variant'].default)
+    return str(PRETRAINED_DIR / PRETRAINED_FILES[backbone['type']].format(variant=variant))
+
+
+def load_config(path, overrides=()) -> dict:
+    """The resolved config of `path` (with `_base_` files and `key=value` overrides), fully checked."""
+    cfg = read_config(path, overrides, accepted_keys)
+    check_config(cfg, str(path))
+    return cfg
+
+
+MODEL_SECTIONS = {'backbone': BACKBONES, 'head': HEADS, 'aux_head': HEADS}
+
+
+def accepted_keys(section: str, type_name):
+    """The keys a model section of `type_name` takes (its class's arguments and the section's generic
+    keys), or None where that is not known (another section, or an unknown type, reported later)."""
+    registry = MODEL_SECTIONS.get(section)
+    if registry is None or not isinstance(type_name, str) or type_name not in registry:
+        return None
+    return {*keyword_parameters(registry[type_name])[0], *NOT_ARGUMENTS[section]}
+
+
+def check_config(cfg: dict, source: str) -> None:
+    """All rules of a resolved config; `source` (the file, or a checkpoint's stored config) is named in errors."""
+    check_data(cfg, source)
+    check_model(cfg, source)
+    check_training(cfg, source)
+    check_evaluation(cfg['eval'], source)
+
+
+def check_model(cfg: dict, source: str) -> None:
+    check_kwargs(choose('backbone', cfg['backbone']['type'], BACKBONES, source), section_kwargs(cfg, 'backbone'),
+                 'backbone', source)
+    pretrained = pretrained_file(cfg['backbone'], source)
+    if pretrained and not Path(pretrained).expanduser().exists():
+        raise ConfigError(f"{source}: backbone.pretrained '{pretrained}' not found (a local file or folder is "
+                          "expected; nothing is downloaded; --set backbone.pretrained=null trains from scratch)")
+    for section in ('head', 'aux_head'):
+        if cfg[section]:
+            check_kwargs(choose(section, cfg[section].get('type'), HEADS, source), section_kwargs(cfg, section),
+                         section, source)
+    sections = {name: cfg[name] for name in ('backbone', 'head', 'aux_head')}
+    problem = model_problem(json.dumps(sections, sort_keys=True), cfg['data']['num_classes'], input_size(cfg))
+    if problem:
+        raise ConfigError(f'{source}: {problem}')
+
+
+def input_size(cfg: dict) -> tuple:
+    """The training crop (the first `random_crop` of the pipeline), else 512 x 512."""
+    crops = [step['size'] for step in cfg['data']['train']['pipeline'] if step.get('type') == 'random_crop']
+    return tuple(crops[0]) if crops else (512, 512)
+
+
+@functools.lru_cache(maxsize=256)
+def model_problem(sections: str, num_classes: int, size: tuple):
+    """Why the model cannot be built or run on a (1, 3, *size) batch, or None. Built and run on the meta
+    device (shapes only: no memory, no arithmetic), so an unknown variant, an `in_index` out of range or
+    a backbone whose strides the head cannot take fail when the config is read, not after the data scan."""
+    sections = json.loads(sections)
+    section = 'backbone'
+    try:
+        with torch.device('meta'):
+            backbone = BACKBONES[sections['backbone']['type']](**section_kwargs(sections, 'backbone')).eval()
+            heads = {}
+            for section in ('head', 'aux_head'):
+                if sections[section]:
+                    cls = HEADS[sections[section]['type']]
+                    heads[section] = cls(backbone.out_channels, num_classes, **section_kwargs(sections, section)).eval()
+            section = 'backbone'
+            features = backbone(torch.empty(1, 3, *size))
+            for section, head in heads.items():
+                head(features)
+    except NotImplementedError:
+        return None  # an operation without a meta kernel: nothing can be concluded
+    except (ValueError, TypeError, IndexError, RuntimeError) as error:
+        return f"{section} ({sections[section]['type']}) cannot be built or run with this config: {error}"
+    return None
+
+
+def check_training(cfg: dict, source: str) -> None:
+    check_rules(cfg['train']['param_groups'], source)
+    try:
+        check_loss_config(cfg['train']['loss'], cfg['data']['num_classes'])
+    except ConfigError as error:
+        raise ConfigError(f'{source}: {error}') from None
+
+
+def check_data(cfg: dict, source: str) -> None:
+    dataset = choose('data', cfg['data']['type'], DATASETS, source)
+    check_kwargs(dataset, dataset_options(cfg['data']), 'data', source, provided=DATASET_ARGUMENTS,
+                 suggest=DEFAULTS['data'])
+    for split in ('train', 'val'):
+        for i, step in enumerate(cfg['data'][split]['pipeline']):
+            where = f'data.{split}.pipeline[{i}]'
+            if not isinstance(step, dict):
+                raise ConfigError(f"{source}: '{where}' must be a mapping with a 'type'")
+            cls = choose(where, step.get('type'), TRANSFORMS, source)
+            check_kwargs(cls, {k: v for k, v in step.items() if k != 'type'}, where, source, ('ignore_index',))
+        try:
+            Pipeline(cfg['data'][split]['pipeline'], cfg['data']['ignore_index'], cfg['data']['mean'])
+        except (ValueError, TypeError) as error:
+            raise ConfigError(f"{source}: data.{split}.pipeline: {error}") from None
+    ignore, classes = cfg['data']['ignore_index'], cfg['data']['num_classes']
+    if 0 <= ignore < classes:
+        raise ConfigError(f"{source}: data.ignore_index {ignore} is a class id (data.num_classes {classes}); "
+                          "labels of that class would be ignored (mmseg uses 255)")
+
+
+def check_evaluation(eval_cfg: dict, source: str) -> None:
+    if eval_cfg['mode'] == 'slide' and not (eval_cfg['crop_size'] and eval_cfg['stride']):
+        raise ConfigError(f"{source}: eval.mode 'slide' needs eval.crop_size and eval.stride "
+                          "(e.g. --set eval.crop_size=[512,512] eval.stride=[341,341])")
