@@ -29,8 +29,11 @@ from engine.evaluation import evaluate
 from engine.inference import normalize
 from engine.losses import SegmentationLoss, check_loss_config
 from engine.optim import build_optimizer, build_scheduler, check_rules
-from engine.training import (Logger, count_params, get_rng_state, has_unused_parameters, load_weights_from,
-                             log_validation, per_process_batch, resume_path, set_rng_state, stop_if_not_finite)
+from engine.outputs import OutputError
+from engine.training import (FirstSamples, Logger, count_params, get_rng_state, has_unused_parameters,
+                             load_weights_from, log_resources, log_validation, per_process_batch, resume_path,
+                             set_rng_state, stop_if_not_finite)
+from engine.visualize import ClassStyle
 from models import BACKBONES, HEADS, Segmentor
 from models.pretrained import CheckpointError, load_into, load_pretrained
 
@@ -250,6 +253,7 @@ def main(argv=None) -> None:
     if dist.is_main():
         work_dir.mkdir(parents=True, exist_ok=True)
         dump_config(stored_config(cfg), work_dir / 'config.yaml')
+        log.text('config', (work_dir / 'config.yaml').read_text())
         remove_partial_writes(work_dir)
     split = f"{world_size} x {micro_batch}" + (f" x {accum_steps} steps" if accum_steps > 1 else '')
     log(f"{cfg['backbone']['type']} + {cfg['head']['type']}: {count_params(model) / 1e6:.3f}M parameters; "
@@ -313,16 +317,18 @@ def main(argv=None) -> None:
 
         if iteration % train_cfg['val_interval'] == 0 or iteration == train_cfg['max_iters']:
             stop_if_not_finite(first_bad_iter, work_dir)  # never checkpoint a broken state
+            log_resources(log, iteration, optimizer, device)
             for name, candidate in (('model', model), ('ema', ema and ema.module)):
                 if candidate is None:
                     continue
+                shown = FirstSamples()
                 results = evaluate(candidate, val_loader, data_cfg['num_classes'], data_cfg['ignore_index'],
                                    data_cfg['mean'], data_cfg['std'], cfg['eval'], device, amp_dtype,
-                                   progress=dist.is_main())
+                                   progress=dist.is_main(), on_sample=shown)
                 improved = results['mIoU'] > best[name][0]
                 if improved:
                     best[name] = (results['mIoU'], iteration)
-                log_validation(log, iteration, name, results, best[name], data_cfg['class_names'])
+                log_validation(log, iteration, name, results, best[name], ClassStyle.of(val_set), shown.samples)
                 if improved and dist.is_main():
                     best_state = {'model': candidate.state_dict(), 'config': stored_config(cfg),
                                   'iteration': iteration, 'miou': results['mIoU']}
@@ -341,10 +347,11 @@ def main(argv=None) -> None:
 # ------------------------------------------------------------------------------------------ helpers
 
 def run_cli(main_fn) -> None:
-    """Bad input (config, data, checkpoint) ends with one clear line and exit code 2, not a traceback."""
+    """Bad input (config, data, checkpoint) or an output that must not or cannot be written ends with one
+    clear line and exit code 2, not a traceback."""
     try:
         main_fn()
-    except (ConfigError, DatasetError, CheckpointError) as error:
+    except (ConfigError, DatasetError, CheckpointError, OutputError) as error:
         print(f'error: {error}', file=sys.stderr)
         sys.exit(2)
 

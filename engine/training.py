@@ -2,6 +2,8 @@
 the DDP unused-parameter probe, fine-tuning initialisation and the NaN stop."""
 import copy
 import math
+import resource
+import sys
 from pathlib import Path
 
 import torch
@@ -11,6 +13,9 @@ from tqdm import tqdm
 from models.pretrained import CheckpointError, load_into, read_state_dict
 
 from .config import ConfigError
+from .visualize import ClassStyle, confusion_heatmap, iou_chart, side_by_side
+
+SHOWN_IMAGES = 4  # validation images drawn into TensorBoard at each validation: the first ones, always the same
 
 
 class Logger:
@@ -35,20 +40,64 @@ class Logger:
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, step)
 
+    def images(self, step: int, draw) -> None:
+        """The pictures {tag: RGB (H, W, 3) uint8} that `draw()` returns; drawn only where they are logged."""
+        if self.writer:
+            for tag, image in draw().items():
+                self.writer.add_image(tag, image, step, dataformats='HWC')
+
+    def text(self, tag: str, text: str) -> None:
+        """Preformatted text (TensorBoard renders Markdown: indenting keeps it verbatim)."""
+        if self.writer:
+            self.writer.add_text(tag, '\n'.join('    ' + line for line in text.splitlines()))
+
     def close(self) -> None:
         if self.file:
             self.file.close()
             self.writer.close()
 
 
-def log_validation(log: Logger, iteration: int, name: str, results: dict, best: tuple, class_names: list) -> None:
-    """One line and the scalars (`val/*` for the model, `val_ema/*` for its moving average)."""
+class FirstSamples:
+    """An `on_sample` hook for `evaluate` that keeps the first `count` samples: the images shown in TensorBoard."""
+
+    def __init__(self, count: int = SHOWN_IMAGES):
+        self.count, self.samples = count, []
+
+    def __call__(self, position: int, image, label, prediction) -> None:
+        if position < self.count:
+            self.samples.append((image, label, prediction))
+
+
+def log_validation(log: Logger, iteration: int, name: str, results: dict, best: tuple, style: ClassStyle,
+                   samples=()) -> None:
+    """One line, the scalars (`val/*` for the model, `val_ema/*` for its moving average), and as
+    images the per-class IoU, the confusion matrix and `samples` (image | ground truth | prediction)."""
     label, prefix = ('', 'val') if name == 'model' else (' (EMA)', 'val_ema')
     log(f"iter {iteration}{label}: mIoU {results['mIoU']:.2f}  mAcc {results['mAcc']:.2f}  "
         f"aAcc {results['aAcc']:.2f}  (best {best[0]:.2f} at {best[1]})")
     log.scalars(iteration, {f'{prefix}/{k}': results[k] for k in ('mIoU', 'mAcc', 'aAcc')})
-    log.scalars(iteration, {f'{prefix}/IoU/{c}': iou for c, iou in zip(class_names, results['IoU'])
+    log.scalars(iteration, {f'{prefix}/IoU/{c}': iou for c, iou in zip(style.names, results['IoU'])
                             if not math.isnan(iou)})
+    log.images(iteration, lambda: {
+        f'{prefix}/IoU_chart': iou_chart(results['IoU'], style),
+        f'{prefix}/confusion': confusion_heatmap(results['confusion'], style),
+        **{f'{prefix}/prediction_{i}': side_by_side(*sample, style) for i, sample in enumerate(samples)}})
+
+
+def log_resources(log: Logger, iteration: int, optimizer, device: torch.device) -> None:
+    """The learning rate of every parameter group (named by its train.param_groups rule) and the peak memory."""
+    # A group restored from a checkpoint written before groups had names goes by its index.
+    rates = {f"lr/{group.get('name', i)}": group['lr'] for i, group in enumerate(optimizer.param_groups)}
+    log.scalars(iteration, {**rates, **peak_memory(device)})
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak memory so far, MiB. On CUDA the high-water mark of tensor memory allocated on the device; on
+    CPU that of the process's resident set (ru_maxrss: this process, not its data-loader workers)."""
+    if device.type == 'cuda':
+        return {'memory/peak_cuda_allocated_mib': torch.cuda.max_memory_allocated(device) / 2 ** 20}
+    kib_or_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB elsewhere
+    return {'memory/peak_rss_mib': kib_or_bytes / (2 ** 20 if sys.platform == 'darwin' else 2 ** 10)}
 
 
 def per_process_batch(cfg: dict, world_size: int) -> int:
