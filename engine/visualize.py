@@ -15,7 +15,7 @@ FONT, FONT_SCALE = cv2.FONT_HERSHEY_SIMPLEX, 0.45
 ROW = 20        # height of a legend or caption row, pixels
 SWATCH = 12     # side of a legend colour square
 GAP = 14        # space after each legend entry
-WHITE, BLACK = (255, 255, 255), (0, 0, 0)
+BLACK = (0, 0, 0)
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,7 @@ def legend(class_ids, style: ClassStyle, width: int, ignored: bool = False) -> n
     for x, y, name, swatch in placed:
         top = y + (ROW - SWATCH) // 2
         strip[top:top + SWATCH, x:x + SWATCH] = swatch
+        cv2.rectangle(strip, (x, top), (x + SWATCH - 1, top + SWATCH - 1), BLACK, 1)  # light colours on white
         put_text(strip, name, x + SWATCH + 4, y)
     return strip
 
