@@ -113,7 +113,7 @@ def write_class_key(output: Path, style: ClassStyle) -> None:
     """legend.png and classes.json: which colour is which class, for every class."""
     classes = [{'id': i, 'name': name, 'color': style.palette[i].tolist()} for i, name in enumerate(style.names)]
     write_image(output / 'legend.png', legend(range(len(style.names)), style, LEGEND_WIDTH))
-    write_bytes(output / 'classes.json', json.dumps(classes, indent=1).encode())
+    write_bytes(output / 'classes.json', ('[\n' + ',\n'.join(json.dumps(c) for c in classes) + '\n]\n').encode())
 
 
 def main(argv=None) -> None:
