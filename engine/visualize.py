@@ -40,8 +40,8 @@ def hatch(shape: tuple) -> np.ndarray:
 
 def overlay(image: np.ndarray, ids: np.ndarray, style: ClassStyle, opacity: float = 0.5) -> np.ndarray:
     """`image` with the colours of the class ids `ids` (H, W) blended in at `opacity`, ignored pixels
-    hatched, and the borders between regions drawn in white: blended at half weight, dark class
-    colours (CamVid's car, pedestrian) would otherwise read as shadows."""
+    hatched, and the borders between regions drawn in white: blended at about half weight, dark
+    class colours (CamVid's car, pedestrian) would otherwise read as shadows."""
     ignored = ids == style.ignore_index
     colours = style.palette[np.where(ignored, 0, ids)]
     blended = cv2.addWeighted(image, 1 - opacity, colours, opacity, 0)
