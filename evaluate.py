@@ -1,12 +1,15 @@
-"""Score a checkpoint: mIoU, mAcc, aAcc and a per-class table on the console and as JSON.
+"""Score a checkpoint: mIoU, mAcc, aAcc and a per-class table on the console and as JSON, with a
+per-class IoU bar chart and a confusion-matrix heat map (PNG) beside the JSON.
 
     python evaluate.py --checkpoint work_dirs/demo/best.pth [--split val] [--mode whole|slide]
                        [--scales 0.75 1.0 1.25] [--flip] [--config CFG] [--set KEY=VALUE ...]
-                       [--channels-last] [--compile] [--no-fold-bn]
+                       [--show-dir DIR [--show-limit N]] [--channels-last] [--compile] [--no-fold-bn]
 
 The model and data come from the config stored in the checkpoint (or --config). Predictions are
-resized to each label's original size before scoring. Runs under torchrun as well. The model runs
-with its conv+BN pairs folded (engine/fast.py): the same results up to float rounding.
+resized to each label's original size before scoring. --show-dir writes, for each evaluated image
+(or the first N), image | ground truth | prediction side by side with a legend of the classes in
+view; ignored pixels are hatched. Runs under torchrun as well. The model runs with its conv+BN
+pairs folded (engine/fast.py): the same results up to float rounding.
 """
 import argparse
 import json
@@ -21,6 +24,8 @@ from engine.checkpoint import load_checkpoint
 from engine.cli import amp_dtype_for, config_for_checkpoint, number, run_cli
 from engine.data import build_dataset
 from engine.evaluation import evaluate
+from engine.outputs import write_bytes, write_image
+from engine.visualize import ClassStyle, confusion_heatmap, iou_chart, side_by_side
 from models.weights import load_model_weights
 from train import create_model
 
@@ -35,7 +40,9 @@ def parse_args(argv=None):
     parser.add_argument('--flip', action='store_true', help='also average horizontally flipped predictions')
     parser.add_argument('--set', nargs='+', default=[], action='extend', metavar='KEY=VALUE')
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
-    parser.add_argument('--work-dir', help='where the JSON goes (default: the checkpoint folder)')
+    parser.add_argument('--work-dir', help='where the JSON and charts go (default: the checkpoint folder)')
+    parser.add_argument('--show-dir', help='folder for image | ground truth | prediction pictures')
+    parser.add_argument('--show-limit', type=number(int, 1), help='pictures of the first N images only (default: all)')
     fast.add_arguments(parser)
     return parser.parse_args(argv)
 
@@ -56,6 +63,20 @@ def format_table(results: dict, class_names: list) -> str:
     return '\n'.join(lines)
 
 
+class ShowPredictions:
+    """An `on_sample` hook for `evaluate`: the picture of each of the first `limit` images of the dataset
+    into `folder`, named by dataset position and image name."""
+
+    def __init__(self, folder: Path, subset: Subset, limit, style: ClassStyle):
+        self.folder, self.subset, self.limit, self.style = folder, subset, limit, style
+
+    def __call__(self, position: int, image, label, prediction) -> None:
+        index = self.subset.indices[position]
+        if self.limit is None or index < self.limit:
+            name = Path(self.subset.dataset.samples[index][0]).stem
+            write_image(self.folder / f'{index:05d}_{name}.png', side_by_side(image, label, prediction, self.style))
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     checkpoint = load_checkpoint(args.checkpoint)
@@ -63,25 +84,30 @@ def main(argv=None) -> None:
 
     device, rank, world_size = dist.setup(args.device)
     dataset = build_dataset(cfg, 'val')
-    loader = DataLoader(Subset(dataset, shard(len(dataset), rank, world_size)), batch_size=1,
-                        num_workers=cfg['data']['workers'], pin_memory=device.type == 'cuda')
+    subset = Subset(dataset, shard(len(dataset), rank, world_size))
+    loader = DataLoader(subset, batch_size=1, num_workers=cfg['data']['workers'], pin_memory=device.type == 'cuda')
+    style = ClassStyle.of(dataset)
+    show = ShowPredictions(Path(args.show_dir), subset, args.show_limit, style) if args.show_dir else None
     model = create_model(cfg)
     load_model_weights(model, checkpoint, args.checkpoint)
     model = fast.prepare_for_inference(model.to(device), args.channels_last, args.fold_bn, args.compile)
     data = cfg['data']
     amp_dtype = amp_dtype_for(cfg, device)
     results = evaluate(model, loader, data['num_classes'], data['ignore_index'], data['mean'], data['std'],
-                       cfg['eval'], device, amp_dtype, progress=dist.is_main())
+                       cfg['eval'], device, amp_dtype, progress=dist.is_main(), on_sample=show)
+    confusion = results.pop('confusion')
     if dist.is_main():
         print(format_table(results, dataset.class_names))
         work_dir = Path(args.work_dir or Path(args.checkpoint).parent)
-        work_dir.mkdir(parents=True, exist_ok=True)
         output = work_dir / f"eval_{args.split}_{cfg['eval']['mode']}.json"
         per_class = {k: [None if math.isnan(x) else x for x in results[k]] for k in ('IoU', 'Acc')}
         record = {'checkpoint': str(args.checkpoint), 'split': args.split, 'eval': cfg['eval'],
                   'classes': dataset.class_names, **results, **per_class}
-        output.write_text(json.dumps(record, indent=2, allow_nan=False))
-        print(f'results written to {output}')
+        write_bytes(output, json.dumps(record, indent=2, allow_nan=False).encode())
+        write_image(output.with_name(output.stem + '_iou.png'), iou_chart(results['IoU'], style))
+        write_image(output.with_name(output.stem + '_confusion.png'), confusion_heatmap(confusion, style))
+        print(f'results written to {output} (charts: {output.stem}_iou.png, {output.stem}_confusion.png)'
+              + (f'; pictures in {args.show_dir}' if args.show_dir else ''))
     dist.cleanup()
 
 

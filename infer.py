@@ -1,35 +1,43 @@
-"""Predict images with a checkpoint: for each image, class ids, a colour map and an overlay.
+"""Predict images with a checkpoint: for each image, its class ids (in colour) and an overlay.
 
     python infer.py --checkpoint work_dirs/demo/best.pth --input photos/ --output predictions/
     python infer.py --checkpoint best.pth --input 'data/**/*.jpg' --output out/ --mode slide
 
 --input is a file, a folder (searched recursively) or a glob. For `<dir>/<name>.<ext>` it writes
-`<output>/<dir>/<name>.png` (class ids), `<name>_color.png` (dataset palette) and
-`<name>_overlay.jpg` (colours blended on the image), keeping relative folders. Non-images are
-skipped with a warning; unreadable images are reported and skipped. Images of equal size share a batch.
---channels-last, --compile and --no-fold-bn choose the fast paths of engine/fast.py (conv+BN
-folding is on by default).
+`<output>/<dir>/<name>.png`, the class ids as a palette-mode PNG (viewers show the class colours;
+`np.asarray(PIL.Image.open(f))` gives the ids), and `<name>_overlay.jpg` (or .png, --overlay-format:
+the colours blended on the image at --opacity), keeping relative folders; `<output>/legend.png` and
+`<output>/classes.json` (id, name, colour of each class) say which colour is which class.
+Nothing is written if an output file would be one of the inputs or two inputs would share an output
+file (`a.jpg` and `a.png`). Non-images are skipped with a warning; unreadable images are reported and
+skipped. Images of equal size share a batch. --channels-last, --compile and --no-fold-bn choose the
+fast paths of engine/fast.py (conv+BN folding is on by default).
 """
 import argparse
 import glob
+import json
+import os
 import sys
 from itertools import groupby
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from datasets import DATASETS
-from datasets.base import IMAGE_SUFFIXES, DatasetError, read_image, resolve_palette
+from datasets.base import IMAGE_SUFFIXES, DatasetError, read_image, resolve_class_names, resolve_palette
 from datasets.transforms import Pipeline
 from engine import dist, fast
 from engine.checkpoint import load_checkpoint
 from engine.inference import infer_logits, inference_options, normalize
-from engine.cli import amp_dtype_for, config_for_checkpoint, run_cli
+from engine.cli import amp_dtype_for, config_for_checkpoint, number, run_cli
+from engine.outputs import OutputError, write_bytes, write_class_ids, write_image
+from engine.visualize import ClassStyle, legend, overlay
 from models.weights import load_model_weights
 from train import create_model
+
+LEGEND_WIDTH = 640
 
 
 def parse_args(argv=None):
@@ -39,8 +47,9 @@ def parse_args(argv=None):
     parser.add_argument('--output', required=True, help='folder for the predictions')
     parser.add_argument('--config', help="YAML to use instead of the checkpoint's stored config")
     parser.add_argument('--mode', choices=['whole', 'slide'], help='inference mode (default: eval.mode)')
-    parser.add_argument('--batch-size', type=int, default=4, help='images per forward when sizes match')
-    parser.add_argument('--opacity', type=float, default=0.5, help='colour weight in the overlay')
+    parser.add_argument('--batch-size', type=number(int, 1), default=4, help='images per forward when sizes match (>= 1)')
+    parser.add_argument('--opacity', type=number(float, 0, 1), default=0.5, help='colour weight in the overlay, 0 to 1')
+    parser.add_argument('--overlay-format', choices=['jpg', 'png'], default='jpg', help='file type of the overlays')
     parser.add_argument('--set', nargs='+', default=[], action='extend', metavar='KEY=VALUE')
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
     fast.add_arguments(parser)
@@ -61,15 +70,44 @@ def find_inputs(pattern: str) -> tuple:
     return Path(*path.parts[:magic]) if magic else Path('.'), matches
 
 
-def save_prediction(prediction: np.ndarray, image: np.ndarray, palette: np.ndarray, target: Path,
-                    opacity: float) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    ids = prediction.astype(np.uint8 if prediction.max() < 256 else np.uint16)
-    colour = palette[prediction]
-    overlay = (image * (1 - opacity) + colour * opacity).astype(np.uint8)
-    cv2.imwrite(str(target.with_name(target.name + '.png')), ids)
-    cv2.imwrite(str(target.with_name(target.name + '_color.png')), cv2.cvtColor(colour, cv2.COLOR_RGB2BGR))
-    cv2.imwrite(str(target.with_name(target.name + '_overlay.jpg')), cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
+def plan_outputs(base: Path, images: list, output: Path, overlay_format: str) -> dict:
+    """{image: (class-id file, overlay file)} under `output`, keeping the folders relative to `base`."""
+    plan = {}
+    for path in images:
+        target = output / path.relative_to(base).with_suffix('')
+        plan[path] = (target.with_name(f'{target.name}.png'),
+                      target.with_name(f'{target.name}_overlay.{overlay_format}'))
+    return plan
+
+
+def check_outputs(plan: dict, shared: dict, inputs: list) -> None:
+    """Before anything is written: no output file may be an input (the same file, also through a link
+    or another spelling of its path), and no two inputs may be written to the same file, nor to one of
+    the `shared` files ({file: what it holds})."""
+    written_by = dict(shared)
+    for source, files in plan.items():
+        for file in files:
+            if file in written_by:
+                raise OutputError(f"{written_by[file]} and '{source}' would both be written to '{file}'; rename "
+                                  "one, or predict them into separate --output folders")
+            written_by[file] = f"'{source}'"
+    input_files = {file_identity(path) for path in inputs}
+    for file in written_by:
+        if file.exists() and file_identity(file) in input_files:
+            raise OutputError(f"'{file}' is one of the inputs and would be overwritten; choose an --output "
+                              "folder apart from the inputs")
+
+
+def file_identity(path: Path) -> tuple:
+    status = os.stat(path)
+    return status.st_dev, status.st_ino
+
+
+def write_class_key(output: Path, style: ClassStyle) -> None:
+    """legend.png and classes.json: which colour is which class, for every class."""
+    classes = [{'id': i, 'name': name, 'color': style.palette[i].tolist()} for i, name in enumerate(style.names)]
+    write_image(output / 'legend.png', legend(range(len(style.names)), style, LEGEND_WIDTH))
+    write_bytes(output / 'classes.json', ('[\n' + ',\n'.join(json.dumps(c) for c in classes) + '\n]\n').encode())
 
 
 def main(argv=None) -> None:
@@ -83,17 +121,23 @@ def main(argv=None) -> None:
     for path in skipped:
         print(f'warning: skipping {path} (not an image file)', file=sys.stderr)
     images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
+    output = Path(args.output)
+    plan = plan_outputs(base, images, output, args.overlay_format)
+    check_outputs(plan, {output / 'legend.png': 'the legend', output / 'classes.json': 'the class list'}, files)
 
     device, _, _ = dist.setup(args.device)
     model = create_model(cfg)
     load_model_weights(model, checkpoint, args.checkpoint)
     model = fast.prepare_for_inference(model.to(device), args.channels_last, args.fold_bn, args.compile)
     amp_dtype = amp_dtype_for(cfg, device)
-    palette = resolve_palette(DATASETS[data['type']], data['num_classes'], data['palette'])
+    dataset_class = DATASETS[data['type']]
+    style = ClassStyle(resolve_class_names(dataset_class, data['num_classes'], data['class_names']),
+                       resolve_palette(dataset_class, data['num_classes'], data['palette']), data['ignore_index'])
+    write_class_key(output, style)
     pipeline = Pipeline(data['val']['pipeline'], data['ignore_index'], data['mean'])
     options = inference_options(cfg['eval'])
     failed = []
-    with tqdm(total=len(images), desc='infer', dynamic_ncols=True) as bar:
+    with tqdm(total=len(images), desc='infer', dynamic_ncols=True, disable=None) as bar:
         for start in range(0, len(images), args.batch_size):
             loaded = []
             for path in images[start:start + args.batch_size]:
@@ -114,8 +158,9 @@ def main(argv=None) -> None:
                     logits = infer_logits(model, normalize(batch, data['mean'], data['std']), data['num_classes'],
                                           group[0][1].shape[:2], **options)
                 for (path, original, _), prediction in zip(group, logits.argmax(1).cpu().numpy()):
-                    target = Path(args.output) / path.relative_to(base).with_suffix('')
-                    save_prediction(prediction, original, palette, target, args.opacity)
+                    ids_file, overlay_file = plan[path]
+                    write_class_ids(ids_file, prediction, style.palette)
+                    write_image(overlay_file, overlay(original, prediction, style, args.opacity))
                     bar.update()
     done = len(images) - len(failed)
     print(f'{done} images predicted into {args.output}; {len(skipped)} non-images skipped, '

@@ -28,6 +28,7 @@ from engine.data import build_dataset
 from engine.losses import SegmentationLoss
 from engine.optim import build_optimizer, build_scheduler
 from engine.rules import load_config, pretrained_file, section_kwargs
+from engine.visualize import ClassStyle
 from engine.training import (Batches, Logger, ProgressMeter, TrainState, count_params, has_unused_parameters,
                              per_process_batch, progress_bar, train_step, validate_and_checkpoint)
 from models import BACKBONES, HEADS, Segmentor
@@ -158,9 +159,10 @@ def wrap_for_processes(model: nn.Module, run: Run, find_unused: bool) -> nn.Modu
                                                find_unused_parameters=find_unused)
 
 
-def prepare_work_dir(run: Run, stored: dict) -> None:
+def prepare_work_dir(run: Run, stored: dict, log: Logger) -> None:
     if dist.is_main():
         dump_config(stored, run.work_dir / 'config.yaml')
+        log.text('config', (run.work_dir / 'config.yaml').read_text())
         remove_partial_writes(run.work_dir)
 
 
@@ -219,8 +221,9 @@ def fit(args, cfg: dict, run: Run, log: Logger) -> None:
     train_model = wrap_for_processes(state.model, run, find_unused)
     criterion = SegmentationLoss(data_cfg['ignore_index'], train_cfg['loss'],
                                  (cfg['aux_head'] or {}).get('loss_weight', 0.4))
-    prepare_work_dir(run, stored)
+    prepare_work_dir(run, stored, log)
     log(describe_run(cfg, run, state, groups_table, train_set, val_set, find_unused))
+    style = ClassStyle.of(val_set)
 
     train_model.train()
     meter, max_iters = ProgressMeter(run.device, train_cfg['batch_size']), train_cfg['max_iters']
@@ -236,7 +239,8 @@ def fit(args, cfg: dict, run: Run, log: Logger) -> None:
             if due(state.iteration, train_cfg['val_interval'], max_iters):
                 meter.check_finite(run.work_dir)  # never checkpoint a broken state
                 with meter.paused():
-                    validate_and_checkpoint(state, val_loader, stored, run.device, run.amp_dtype, log, run.work_dir)
+                    validate_and_checkpoint(state, val_loader, stored, run.device, run.amp_dtype, log, run.work_dir,
+                                            style)
     log(closing_line(state, run.work_dir))
 
 

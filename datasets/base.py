@@ -82,7 +82,7 @@ class SegmentationDataset(Dataset):
         self.root, self.split, self.num_classes = Path(root), split, num_classes
         self.ignore_index, self.seed, self.on_invalid = ignore_index, seed, on_invalid
         self.reduce_zero_label = reduce_zero_label or self.REDUCE_ZERO_LABEL
-        self.class_names = list(class_names or self.CLASS_NAMES or [str(i) for i in range(num_classes)])
+        self.class_names = resolve_class_names(type(self), num_classes, class_names)
         self.check_arguments(class_names, palette)
         self.palette = resolve_palette(type(self), num_classes, palette)
         self.pipeline = Pipeline(list(pipeline), ignore_index, mean)
@@ -288,12 +288,22 @@ def is_color(value) -> bool:
             and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 256 for c in value))
 
 
+def resolve_class_names(dataset_class, num_classes: int, class_names: list = None) -> list:
+    """The names a dataset's classes go by: the configured ones, else the dataset's own, else '0', '1', ..."""
+    return list(class_names or dataset_class.CLASS_NAMES or [str(i) for i in range(num_classes)])
+
+
 def resolve_palette(dataset_class, num_classes: int, palette: list = None) -> np.ndarray:
     """The colours a dataset draws its classes in: the configured ones, else the dataset's own, else generated."""
     return np.array(palette or dataset_class.PALETTE or default_palette(num_classes), dtype=np.uint8)
 
 
 def default_palette(num_classes: int) -> list:
-    """Distinct colours for datasets without a conventional palette (deterministic)."""
-    rng = np.random.default_rng(3)
-    return rng.integers(0, 256, size=(num_classes, 3)).tolist()
+    """Colours for datasets without a conventional palette: hues a golden angle apart (neighbouring ids
+    far apart on the colour wheel, however many classes), saturated and bright enough to read on a
+    photo, with saturation and brightness cycling through a few levels so that hues that come round
+    again still differ."""
+    ids = np.arange(num_classes)
+    hsv = np.stack([ids * 360 * 0.381966 % 360, 1 - ids % 3 * 0.2, 1 - ids % 2 * 0.25], axis=-1)
+    rgb = cv2.cvtColor(hsv[None].astype(np.float32), cv2.COLOR_HSV2RGB)[0]
+    return np.rint(rgb * 255).astype(int).tolist()

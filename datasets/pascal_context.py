@@ -6,8 +6,9 @@
 
 The label PNGs are those written by mmseg's pascal_context converter: the 59 selected classes as
 1..59 and 0 for everything else. The 59-class setting applies reduce_zero_label (0 -> ignore,
-k -> k - 1), always. The palette is generated.
+k -> k - 1), always. The palette is mmseg's: ADE20K's colours 1..59 (its 60-class setting uses 0..59).
 """
+from .ade20k import ADE20K
 from .base import SegmentationDataset
 
 
@@ -18,6 +19,7 @@ class PascalContext59(SegmentationDataset):
                    'keyboard', 'light', 'motorbike', 'mountain', 'mouse', 'person', 'plate', 'platform',
                    'pottedplant', 'road', 'rock', 'sheep', 'shelves', 'sidewalk', 'sign', 'sky', 'snow', 'sofa',
                    'table', 'track', 'train', 'tree', 'truck', 'tvmonitor', 'wall', 'water', 'window', 'wood']
+    PALETTE = ADE20K.PALETTE[1:60]
     IMAGE_DIR, LABEL_DIR = 'JPEGImages', 'SegmentationClassContext'
     IMAGE_SUFFIX = '.jpg'
     SPLIT_FILE = 'ImageSets/SegmentationContext/{split}.txt'

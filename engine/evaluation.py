@@ -8,21 +8,28 @@ from .metrics import ConfusionMatrix
 
 @torch.inference_mode()
 def evaluate(model, loader, num_classes: int, ignore_index: int, mean, std, eval_cfg: dict, device,
-             amp_dtype=None, progress: bool = True) -> dict:
-    """Run the configured inference over `loader` (batch 1: sizes differ) and return mIoU/mAcc/aAcc.
+             amp_dtype=None, progress: bool = True, on_sample=None) -> dict:
+    """Run the configured inference over `loader` (batch 1: sizes differ) and return mIoU/mAcc/aAcc,
+    the per-class scores and the summed `confusion` matrix (num_classes, num_classes) on the CPU.
 
     Under torch.distributed each process scores its own share and the matrices are summed.
+    `on_sample(position, image, label, prediction)`, if given, sees each image of this process's
+    loader as it is scored: the (3, h, w) uint8 image as fed to the model, and the label and the
+    prediction (H, W) at the label's size, on the device (for pictures: engine/visualize.py).
     """
     was_training = model.training
     model.eval()
     confusion = ConfusionMatrix(num_classes, ignore_index, device)
     options = inference_options(eval_cfg)
-    bar = tqdm(loader, desc='eval', leave=False, disable=None if progress else True, dynamic_ncols=True)
-    for images, labels in bar:
+    batches = tqdm(loader, desc='eval', leave=False, disable=None if progress else True, dynamic_ncols=True)
+    for position, (images, labels) in enumerate(batches):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = infer_logits(model, normalize(images, mean, std), num_classes, labels.shape[-2:], **options)
-        confusion.update(logits.argmax(dim=1), labels)
+        predictions = logits.argmax(dim=1)
+        confusion.update(predictions, labels)
+        if on_sample:
+            on_sample(position, images[0], labels[0], predictions[0])
     confusion.all_reduce()
     model.train(was_training)
-    return confusion.compute()
+    return {**confusion.compute(), 'confusion': confusion.matrix.cpu()}

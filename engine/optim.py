@@ -25,7 +25,8 @@ def build_optimizer(model: torch.nn.Module, optimizer_cfg: dict, rules: dict):
             continue
         rule = group_rule(name, rules)
         options = rules.get(rule, {})
-        group = groups.setdefault(rule, {'params': [], 'lr': lr * options.get('lr_mult', 1.0),
+        group = groups.setdefault(rule, {'params': [], 'name': rule or 'default',
+                                         'lr': lr * options.get('lr_mult', 1.0),
                                          'weight_decay': weight_decay * options.get('decay_mult', 1.0)})
         group['params'].append(param)
     params = list(groups.values())

@@ -4,6 +4,8 @@ import contextlib
 import copy
 import logging
 import math
+import resource
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -20,9 +22,12 @@ from .checkpoint import save_checkpoint, save_iteration_checkpoint
 from .config import ConfigError
 from .evaluation import evaluate
 from .inference import normalize
+from .visualize import ClassStyle, confusion_heatmap, iou_chart, side_by_side
 
 # Loggers whose records (weight-loading reports, resume fallbacks) also belong in train.log.
 LIBRARY_LOGGERS = ('models', 'engine')
+
+SHOWN_IMAGES = 4  # validation images drawn into TensorBoard at each validation: the first ones, always the same
 
 
 class Logger:
@@ -60,6 +65,17 @@ class Logger:
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, step)
 
+    def images(self, step: int, draw) -> None:
+        """The pictures {tag: RGB (H, W, 3) uint8} that `draw()` returns; drawn only where they are logged."""
+        if self.writer:
+            for tag, image in draw().items():
+                self.writer.add_image(tag, image, step, dataformats='HWC')
+
+    def text(self, tag: str, text: str) -> None:
+        """Preformatted text (TensorBoard renders Markdown: indenting keeps it verbatim)."""
+        if self.writer:
+            self.writer.add_text(tag, '\n'.join('    ' + line for line in text.splitlines()))
+
     def warning(self, message, category, filename, lineno, file=None, line=None) -> None:
         """Python warnings during the run (e.g. weights that did not all fit) go to train.log too."""
         self(f'warning: {message}')
@@ -91,8 +107,21 @@ class ForwardTo(logging.Handler):
         self.log(('warning: ' if record.levelno >= logging.WARNING else '') + record.getMessage())
 
 
-def log_validation(log: Logger, iteration: int, name: str, results: dict, best: 'Best', class_names: list) -> None:
-    """One line and the scalars (`val/*` for the model, `val_ema/*` for its moving average)."""
+class FirstSamples:
+    """An `on_sample` hook for `evaluate` that keeps the first `count` samples: the images shown in TensorBoard."""
+
+    def __init__(self, count: int = SHOWN_IMAGES):
+        self.count, self.samples = count, []
+
+    def __call__(self, position: int, image, label, prediction) -> None:
+        if position < self.count:
+            self.samples.append((image, label, prediction))
+
+
+def log_validation(log: Logger, iteration: int, name: str, results: dict, best: 'Best', style: ClassStyle,
+                   samples=()) -> None:
+    """One line, the scalars (`val/*` for the model, `val_ema/*` for its moving average), and as
+    images the per-class IoU, the confusion matrix and `samples` (image | ground truth | prediction)."""
     label, prefix = ('', 'val') if name == 'model' else (' (EMA)', 'val_ema')
     if math.isnan(results['mIoU']):
         log(f"iter {iteration}{label}: no valid label pixel in the validation set (every label is "
@@ -101,8 +130,28 @@ def log_validation(log: Logger, iteration: int, name: str, results: dict, best: 
     log(f"iter {iteration}{label}: mIoU {results['mIoU']:.2f}  mAcc {results['mAcc']:.2f}  "
         f"aAcc {results['aAcc']:.2f}  (best {best.miou:.2f} at {best.iteration})")
     log.scalars(iteration, {f'{prefix}/{k}': results[k] for k in ('mIoU', 'mAcc', 'aAcc')})
-    log.scalars(iteration, {f'{prefix}/IoU/{c}': iou for c, iou in zip(class_names, results['IoU'])
+    log.scalars(iteration, {f'{prefix}/IoU/{c}': iou for c, iou in zip(style.names, results['IoU'])
                             if not math.isnan(iou)})
+    log.images(iteration, lambda: {
+        f'{prefix}/IoU_chart': iou_chart(results['IoU'], style),
+        f'{prefix}/confusion': confusion_heatmap(results['confusion'], style),
+        **{f'{prefix}/prediction_{i}': side_by_side(*sample, style) for i, sample in enumerate(samples)}})
+
+
+def log_resources(log: Logger, iteration: int, optimizer, device: torch.device) -> None:
+    """The learning rate of every parameter group (named by its train.param_groups rule) and the peak memory."""
+    # A group restored from a checkpoint written before groups had names goes by its index.
+    rates = {f"lr/{group.get('name', i)}": group['lr'] for i, group in enumerate(optimizer.param_groups)}
+    log.scalars(iteration, {**rates, **peak_memory(device)})
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak memory so far, MiB. On CUDA the high-water mark of tensor memory allocated on the device; on
+    CPU that of the process's resident set (ru_maxrss: this process, not its data-loader workers)."""
+    if device.type == 'cuda':
+        return {'memory/peak_cuda_allocated_mib': torch.cuda.max_memory_allocated(device) / 2 ** 20}
+    kib_or_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB elsewhere
+    return {'memory/peak_rss_mib': kib_or_bytes / (2 ** 20 if sys.platform == 'darwin' else 2 ** 10)}
 
 
 def per_process_batch(train_cfg: dict, world_size: int, source: str) -> int:
@@ -280,17 +329,20 @@ class ProgressMeter:
 
 
 def validate_and_checkpoint(state: TrainState, val_loader, cfg: dict, device, amp_dtype, log: Logger,
-                            work_dir: Path) -> None:
-    """Score the model (and its EMA) on the validation set, write `best*.pth` when one improved, then the
-    iteration checkpoint (rank 0 writes; every process takes part)."""
+                            work_dir: Path, style: ClassStyle) -> None:
+    """Score the model (and its EMA) on the validation set, log the scores and pictures (classes drawn
+    in `style`), write `best*.pth` when one improved, then the iteration checkpoint (rank 0 writes;
+    every process takes part)."""
     data = cfg['data']
+    log_resources(log, state.iteration, state.optimizer, device)
     for name, module in state.candidates():
+        shown = FirstSamples()
         results = evaluate(module, val_loader, data['num_classes'], data['ignore_index'], data['mean'], data['std'],
-                           cfg['eval'], device, amp_dtype, progress=dist.is_main())
+                           cfg['eval'], device, amp_dtype, progress=dist.is_main(), on_sample=shown)
         improved = results['mIoU'] > state.best[name].miou
         if improved:
             state.best[name] = Best(results['mIoU'], state.iteration)
-        log_validation(log, state.iteration, name, results, state.best[name], data['class_names'])
+        log_validation(log, state.iteration, name, results, state.best[name], style, shown.samples)
         if improved and dist.is_main():
             save_checkpoint(state.best_checkpoint(name, module), work_dir / BEST_FILES[name])
     checkpoint = state.state_dict()

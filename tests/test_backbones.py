@@ -3,7 +3,6 @@ weights loaded offline through the config (`backbone.pretrained`), including the
 
 Only the tiny variants run by default; `pytest -m large` runs the forward test on the others.
 """
-import os
 import re
 import socket
 import sys
