@@ -1,0 +1,169 @@
+"""Mask2Former(+OL): the reference vectors, the published parameter counts, deformable attention against
+a naive loop, Offset Learning for masks against the published order of operations, semantic inference."""
+import itertools
+import math
+
+import pytest
+import torch
+
+from conftest import assert_close_to_reference, load_vector
+from models import OffsetLearningMask, Segmentor
+from models.backbones.swin import Swin
+from models.convert import convert_model_state
+from models.heads.deformable_attention import multi_scale_deformable_attention
+from models.heads.mask2former import Mask2FormerHead, semantic_logits, sine_position_encoding
+
+SWIN_T_CHANNELS = [96, 192, 384, 768]
+
+
+def count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize('offset_learning, total', [(False, 47_439_633), (True, 47_570_705)])
+def test_parameter_counts_are_the_papers(offset_learning, total):
+    """Paper Table 5: 47.4M and 47.6M; the OL part is exactly 2·256²."""
+    with torch.device('meta'):
+        head = Mask2FormerHead(SWIN_T_CHANNELS, 150, offset_learning=offset_learning)
+        backbone = Swin('tiny')
+    assert count(head.pixel_decoder) == 5_421_504
+    assert count(backbone) + count(head) == total
+    if offset_learning:
+        assert count(head.offset_learning) == 131_072
+
+
+@pytest.fixture(scope='module')
+def reference():
+    """The OL vector file with the backbone file's weights merged in, and our model loaded from them
+    through the whole-model converter (as tools/convert_checkpoint.py does)."""
+    backbone_file, data = load_vector('mask2former_swin_t_backbone'), load_vector('mask2former_swin_t_ol')
+    model = Segmentor(Swin('tiny'), Mask2FormerHead(SWIN_T_CHANNELS, 150, offset_learning=True)).eval()
+    converted, unclaimed = convert_model_state(model, {**backbone_file['state_dict'], **data['state_dict']})
+    assert not unclaimed
+    model.load_state_dict(converted, strict=True)
+    return model, data
+
+
+def test_ol_vector_logits_and_predictions(reference):
+    model, data = reference
+    used_masks = []
+    hooks = [layer.register_forward_pre_hook(lambda module, args: used_masks.append(args[4]))
+             for layer in model.head.decoder_layers]
+    with torch.no_grad():
+        features = model.backbone(data['input'])
+        predictions = model.head.predictions(features)
+        logits = model(data['input'])
+    for hook in hooks:
+        hook.remove()
+    assert_close_to_reference(logits, data['logits'], 'logits')
+    assert_close_to_reference(predictions['cls_scores'][-1], data['cls_scores'], 'cls_scores')
+    assert_close_to_reference(predictions['mask_preds'][-1], data['mask_preds'], 'mask_preds')
+    assert_close_to_reference(torch.stack(predictions['cls_scores']), data['all_cls_scores'], 'all_cls_scores')
+    assert len(used_masks) == 2 * 9
+    for layer, (ours, ref) in enumerate(zip(used_masks, data['attn_masks'])):
+        heads = ours.view(2, 8, 100, -1)
+        assert (heads == heads[:, :1]).all(), f'layer {layer}: the mask differs between heads'
+        assert torch.equal(heads[:, 0], ref), f'layer {layer}: {(heads[:, 0] != ref).sum()} entries differ'
+
+
+def test_ol_vector_pixel_decoder(reference):
+    model, data = reference
+    with torch.no_grad():
+        mask_features, memories = model.head.pixel_decoder(data['features'])
+    assert_close_to_reference(mask_features, data['mask_features'], 'mask_features')
+    for level, (ours, ref) in enumerate(zip(memories, data['pixel_decoder_outs'])):
+        assert_close_to_reference(ours, ref, f'pixel_decoder_outs[{level}]')
+
+
+def test_training_mode_returns_every_prediction_point():
+    torch.manual_seed(0)
+    head = Mask2FormerHead([16, 32, 64, 128], 5, channels=64, num_queries=7, num_decoder_layers=3,
+                           num_encoder_layers=1, encoder_ffn_channels=64, decoder_ffn_channels=64)
+    features = [torch.randn(2, c, 64 // s, 64 // s) for c, s in zip([16, 32, 64, 128], [4, 8, 16, 32])]
+    outputs = head.train()(features)
+    assert len(outputs['cls_scores']) == len(outputs['mask_preds']) == 4
+    assert outputs['cls_scores'][0].shape == (2, 7, 6) and outputs['mask_preds'][0].shape == (2, 7, 16, 16)
+    assert head.eval()(features).shape == (2, 5, 16, 16)
+
+
+def naive_deformable_attention(value, shapes, locations, weights):
+    """Bilinear sampling written out per point: pixel (i, j) has its centre at ((j+0.5)/w, (i+0.5)/h),
+    neighbours outside the map count as zero."""
+    batch, _, heads, dim = value.shape
+    _, queries, _, levels, points, _ = locations.shape
+    starts = [0] + list(itertools.accumulate(h * w for h, w in shapes))
+    out = torch.zeros(batch, queries, heads, dim, dtype=value.dtype)
+    for b, q, m, lvl, p in itertools.product(range(batch), range(queries), range(heads), range(levels), range(points)):
+        h, w = shapes[lvl]
+        x, y = locations[b, q, m, lvl, p].tolist()
+        x, y = x * w - 0.5, y * h - 0.5
+        x0, y0 = math.floor(x), math.floor(y)
+        for yy, xx in itertools.product((y0, y0 + 1), (x0, x0 + 1)):
+            if 0 <= yy < h and 0 <= xx < w:
+                bilinear = (1 - abs(x - xx)) * (1 - abs(y - yy))
+                out[b, q, m] += weights[b, q, m, lvl, p] * bilinear * value[b, starts[lvl] + yy * w + xx, m]
+    return out.flatten(2)
+
+
+def test_deformable_attention_matches_naive_loop():
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(2, 3), (4, 5), (3, 1)]
+    value = torch.randn(2, sum(h * w for h, w in shapes), 2, 3, generator=gen, dtype=torch.float64)
+    locations = torch.rand(2, 4, 2, 3, 2, 2, generator=gen, dtype=torch.float64) * 1.4 - 0.2   # some outside
+    weights = torch.rand(2, 4, 2, 3, 2, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(multi_scale_deformable_attention(value, shapes, locations, weights),
+                               naive_deformable_attention(value, shapes, locations, weights))
+
+
+def test_offset_learning_mask_matches_published_order():
+    """The reassociated module against §2.3 as published: E' = E + P_c(softmax_HW(A)·F),
+    F' = F + P_f(softmax_Q(A)ᵀ·E), masks E'·F'ᵀ."""
+    torch.manual_seed(0)
+    module = OffsetLearningMask(16)
+    for weight in (module.cls_offset_proj.weight, module.feat_offset_proj.weight):
+        torch.nn.init.normal_(weight, std=0.3)
+    embed, features = torch.randn(2, 5, 16), torch.randn(2, 16, 3, 4)
+    pixels = features.flatten(2).transpose(1, 2)                                 # F: (B, HW, C)
+    attn = (pixels @ embed.transpose(1, 2)).transpose(1, 2)                      # A: (B, Q, HW)
+    aligned = embed + module.cls_offset_proj(attn.softmax(-1) @ pixels)
+    moved = pixels + module.feat_offset_proj(attn.softmax(1).transpose(1, 2) @ embed)
+    expected = torch.einsum('bqc,bchw->bqhw', aligned, moved.transpose(1, 2).reshape(2, 16, 3, 4))
+    with torch.no_grad():
+        torch.testing.assert_close(module(embed, features), expected)
+    assert count(module) == 2 * 16 * 16
+
+
+def test_semantic_logits_by_hand():
+    """Two queries, two classes + no object: class k at a pixel = Σ_q p_q(k) · sigmoid(mask_q)."""
+    cls_scores = torch.tensor([[[math.log(3), 0.0, 0.0], [0.0, 0.0, math.log(2)]]])   # p = (.6 .2 .2), (.25 .25 .5)
+    mask_preds = torch.tensor([[[[0.0]], [[math.log(3)]]]])                           # sigmoid 0.5, 0.75
+    expected = torch.tensor([[[[0.6 * 0.5 + 0.25 * 0.75]], [[0.2 * 0.5 + 0.25 * 0.75]]]])
+    torch.testing.assert_close(semantic_logits(cls_scores, mask_preds), expected)
+
+
+def test_sine_position_encoding_by_hand():
+    """Rows first, then columns; channel 2m = sin, 2m+1 = cos, both at frequency 10000^(2m/half)."""
+    encoding = sine_position_encoding(2, 3, 8).view(2, 3, 8)
+    row_angle = 2 / (2 + 1e-6) * 2 * math.pi                                          # row 2 of 2
+    col_angle = 1 / (3 + 1e-6) * 2 * math.pi                                          # column 1 of 3
+    torch.testing.assert_close(encoding[1, 0, :4], torch.tensor([math.sin(row_angle), math.cos(row_angle),
+                                                                 math.sin(row_angle / 100), math.cos(row_angle / 100)]))
+    torch.testing.assert_close(encoding[1, 0, 4:], torch.tensor([math.sin(col_angle), math.cos(col_angle),
+                                                                 math.sin(col_angle / 100), math.cos(col_angle / 100)]))
+
+
+def test_a_query_whose_mask_blocks_everything_attends_everywhere():
+    """mmdet's fix: an all-True attention-mask row is cleared before the layer uses it."""
+    torch.manual_seed(0)
+    head = Mask2FormerHead([16, 32, 64, 128], 3, channels=32, num_queries=2, num_decoder_layers=1,
+                           num_encoder_layers=1, encoder_ffn_channels=32, decoder_ffn_channels=32).eval()
+    with torch.no_grad():
+        for layer, value in ((head.mask_embed[4], -1.0), (head.pixel_decoder.mask_feature, 1.0)):
+            layer.weight.zero_()
+            layer.bias.fill_(value)                    # every mask logit -C: every key blocked
+    seen = []
+    head.decoder_layers[0].register_forward_pre_hook(lambda module, args: seen.append(args[4]))
+    features = [torch.rand(1, c, 64 // s, 64 // s) for c, s in zip([16, 32, 64, 128], [4, 8, 16, 32])]
+    with torch.no_grad():
+        logits = head(features)
+    assert not seen[0].any() and torch.isfinite(logits).all()
