@@ -45,9 +45,8 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def pairwise_mask_costs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """(Q, P) predicted point logits, (G, P) target points -> (Q, G): MASK_WEIGHT · mean BCE +
     DICE_WEIGHT · Dice of every prediction against every target."""
-    positive = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction='none')
-    negative = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction='none')
-    bce = (positive @ targets.T + negative @ (1 - targets).T) / logits.shape[1]
+    # BCE(x, t) = softplus(x) - x·t, so the mean over points of every pair is one matrix product.
+    bce = (F.softplus(logits).sum(-1)[:, None] - logits @ targets.T) / logits.shape[1]
     probs = logits.sigmoid()
     dice = 1 - (2 * probs @ targets.T + 1) / (probs.sum(-1)[:, None] + targets.sum(-1)[None] + 1)
     return MASK_WEIGHT * bce + DICE_WEIGHT * dice

@@ -6,12 +6,19 @@ import math
 import pytest
 import torch
 
-from conftest import assert_close_to_reference, load_vector
-from models import OffsetLearningMask, Segmentor
+from conftest import ROOT, assert_close_to_reference, load_vector
+from engine.checkpoint import load_checkpoint
+from engine.config import resolve
+from engine.losses import SegmentationLoss
+from engine.optim import group_rule
+from models import OffsetLearningMask
+from models.backbones import BACKBONES
 from models.backbones.swin import Swin
-from models.convert import convert_model_state
 from models.heads.deformable_attention import multi_scale_deformable_attention
 from models.heads.mask2former import Mask2FormerHead, semantic_logits, sine_position_encoding
+from tools.convert_checkpoint import convert
+from train import check_config, config_for_checkpoint, create_model, load_config, load_model_weights
+from test_published_models import TINY_BACKBONES
 
 SWIN_T_CHANNELS = [96, 192, 384, 768]
 
@@ -33,14 +40,20 @@ def test_parameter_counts_are_the_papers(offset_learning, total):
 
 
 @pytest.fixture(scope='module')
-def reference():
-    """The OL vector file with the backbone file's weights merged in, and our model loaded from them
-    through the whole-model converter (as tools/convert_checkpoint.py does)."""
+def reference(tmp_path_factory):
+    """The OL vector's two state_dict halves saved as one mmseg checkpoint, converted by
+    tools/convert_checkpoint.py with configs/mask2former_swin_t_ol.yaml (every key must fit), and
+    loaded strictly into create_model(its config)."""
     backbone_file, data = load_vector('mask2former_swin_t_backbone'), load_vector('mask2former_swin_t_ol')
-    model = Segmentor(Swin('tiny'), Mask2FormerHead(SWIN_T_CHANNELS, 150, offset_learning=True)).eval()
-    converted, unclaimed = convert_model_state(model, {**backbone_file['state_dict'], **data['state_dict']})
-    assert not unclaimed
-    model.load_state_dict(converted, strict=True)
+    folder = tmp_path_factory.mktemp('mask2former')
+    source, target = folder / 'mmseg.pth', folder / 'ours.pth'
+    torch.save({'state_dict': {**backbone_file['state_dict'], **data['state_dict']}, 'meta': {}}, source)
+    report = convert(str(source), str(target), str(ROOT / 'configs' / 'mask2former_swin_t_ol.yaml'),
+                     ['backbone.pretrained=null'])
+    assert report == [], report
+    checkpoint = load_checkpoint(target)
+    model = create_model(config_for_checkpoint(checkpoint, target)).eval()
+    load_model_weights(model, checkpoint, str(target))
     return model, data
 
 
@@ -73,6 +86,33 @@ def test_ol_vector_pixel_decoder(reference):
     assert_close_to_reference(mask_features, data['mask_features'], 'mask_features')
     for level, (ours, ref) in enumerate(zip(memories, data['pixel_decoder_outs'])):
         assert_close_to_reference(ours, ref, f'pixel_decoder_outs[{level}]')
+
+
+SMALL_HEAD = {'type': 'mask2former', 'channels': 64, 'num_queries': 7, 'num_decoder_layers': 3,
+              'num_encoder_layers': 1, 'encoder_ffn_channels': 64, 'decoder_ffn_channels': 64}
+
+
+@pytest.mark.parametrize('offset_learning', [False, True])
+@pytest.mark.parametrize('backbone', sorted(BACKBONES))
+def test_every_backbone_pairs_with_mask2former(backbone, offset_learning):
+    """A small head on each family's tiny variant: the set-prediction loss reaches the first backbone
+    layer, the class and mask embeddings and OL; eval gives semantic logits at stride 4."""
+    cfg = resolve({'backbone': {'type': backbone, 'variant': TINY_BACKBONES[backbone]},
+                   'head': {**SMALL_HEAD, 'offset_learning': offset_learning},
+                   'data': {'type': 'demo', 'root': 'unused', 'num_classes': 5},
+                   'train': {'max_iters': 1, 'batch_size': 2}})
+    cfg['_source'] = 'test'
+    check_config(cfg)
+    torch.manual_seed(0)
+    model = create_model(cfg).train()
+    outputs = model(torch.randn(2, 3, 64, 96))
+    SegmentationLoss(255, {}).terms(outputs, torch.randint(0, 5, (2, 64, 96)))['loss'].backward()
+    head = model.head
+    checked = [next(model.parameters()), *head.cls_embed.parameters(), *head.mask_embed.parameters(),
+               *(head.offset_learning.parameters() if offset_learning else ())]
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in checked)
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 64, 96)).shape == (1, 5, 16, 24)
 
 
 def test_training_mode_returns_every_prediction_point():
@@ -167,3 +207,21 @@ def test_a_query_whose_mask_blocks_everything_attends_everywhere():
     with torch.no_grad():
         logits = head(features)
     assert not seen[0].any() and torch.isfinite(logits).all()
+
+
+def test_published_recipe_parameter_groups():
+    """Backbone lr x0.1; no decay on any LayerNorm/GroupNorm, the relative-position tables and the query and
+    level embeddings; decay on everything else (mmseg's Mask2Former optimizer with norm_decay_mult 0)."""
+    cfg = load_config(ROOT / 'configs' / 'mask2former_swin_t_ol.yaml', ['backbone.pretrained=null'])
+    rules = cfg['train']['param_groups']
+    with torch.device('meta'):
+        model = create_model(cfg)
+    no_decay = {f'{name}.{p}' for name, module in model.named_modules()
+                if isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm)) for p in ('weight', 'bias')}
+    no_decay |= {name for name, _ in model.named_parameters()
+                 if name.endswith(('relative_position_bias_table', 'query_embed.weight', 'query_feat.weight',
+                                   'level_embed.weight'))}
+    for name, _ in model.named_parameters():
+        options = rules.get(group_rule(name, rules), {})
+        assert options.get('lr_mult', 1.0) == (0.1 if name.startswith('backbone.') else 1.0), name
+        assert options.get('decay_mult', 1.0) == (0.0 if name in no_decay else 1.0), name
