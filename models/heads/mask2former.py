@@ -149,7 +149,9 @@ class MaskedAttentionDecoderLayer(nn.Module):
 
 
 class Mask2FormerHead(nn.Module):
-    """List of 4 backbone maps -> semantic logits (B, num_classes, H/4, W/4) in eval mode, the
+    """mmseg's `Mask2FormerHead` (+ OL): semantic logits at stride 4 in eval, all predictions in training.
+
+    List of 4 backbone maps -> semantic logits (B, num_classes, H/4, W/4) in eval mode, the
     predictions of every point (see the module docstring) in training mode.
 
     The published ADE20K model: channels 256, 100 queries, 9 decoder layers (3 rounds over the
@@ -192,8 +194,9 @@ class Mask2FormerHead(nn.Module):
         shapes = [tuple(m.shape[-2:]) for m in memories]
         keys = [m.flatten(2).transpose(1, 2) + self.level_embed.weight[i] for i, m in enumerate(memories)]
         key_pos = [sine_position_encoding(h, w, channels, mask_features.device)[None] for h, w in shapes]
-        query = self.query_feat.weight.expand(batch, -1, -1)
-        query_pos = self.query_embed.weight.expand(batch, -1, -1)
+        # Copies, not views, of the embeddings: under no_grad a view of a parameter trips FlopCounterMode.
+        query = self.query_feat.weight.repeat(batch, 1, 1)
+        query_pos = self.query_embed.weight.repeat(batch, 1, 1)
         cls_score, mask_pred, attn_mask = self.predict(query, mask_features, shapes[0])
         cls_scores, mask_preds = [cls_score], [mask_pred]
         for i, layer in enumerate(self.decoder_layers):
