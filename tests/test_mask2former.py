@@ -225,3 +225,30 @@ def test_published_recipe_parameter_groups():
         options = rules.get(group_rule(name, rules), {})
         assert options.get('lr_mult', 1.0) == (0.1 if name.startswith('backbone.') else 1.0), name
         assert options.get('decay_mult', 1.0) == (0.0 if name in no_decay else 1.0), name
+
+
+def test_deformable_attention_samples_half_precision_values_in_float32():
+    """Under autocast the values come in half precision and the locations in float32: no dtype clash,
+    and the result is the float32 computation on the rounded values."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(4, 4), (2, 2)]
+    value = torch.randn(1, 20, 2, 3, generator=gen).bfloat16()
+    locations = torch.rand(1, 5, 2, 2, 3, 2, generator=gen)
+    weights = torch.rand(1, 5, 2, 2, 3, generator=gen)
+    torch.testing.assert_close(multi_scale_deformable_attention(value, shapes, locations, weights),
+                               multi_scale_deformable_attention(value.float(), shapes, locations, weights))
+
+
+def test_training_step_under_bfloat16_autocast():
+    """The CUDA AMP path's dtype mixing, exercised with CPU autocast: forward in bf16, the loss in float32."""
+    torch.manual_seed(0)
+    head = Mask2FormerHead([16, 32, 64, 128], 5, **{k: v for k, v in SMALL_HEAD.items() if k != 'type'},
+                           offset_learning=True).train()
+    features = [torch.randn(2, c, 64 // s, 64 // s) for c, s in zip([16, 32, 64, 128], [4, 8, 16, 32])]
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        outputs = head(features)
+    assert outputs['mask_preds'][-1].dtype == torch.bfloat16
+    terms = SegmentationLoss(255, {}).terms(outputs, torch.randint(0, 5, (2, 64, 64)))
+    assert terms['loss'].dtype == torch.float32 and torch.isfinite(terms['loss'])
+    terms['loss'].backward()
+    assert all(torch.isfinite(p.grad).all() for p in head.parameters() if p.grad is not None)

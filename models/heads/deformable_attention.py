@@ -24,11 +24,14 @@ def multi_scale_deformable_attention(value: torch.Tensor, spatial_shapes: list, 
     """
     batch, _, heads, dim = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
-    grids = 2 * sampling_locations - 1
+    # Sampled in float32 at least: under autocast the values arrive in half precision, the locations in
+    # float32, and half-precision locations would be off by a fraction of a pixel on large maps.
+    dtype = torch.promote_types(value.dtype, torch.float32)
+    grids = 2 * sampling_locations.to(dtype) - 1
     samples = []
     for level, (values, (height, width)) in enumerate(zip(value.split([h * w for h, w in spatial_shapes], dim=1),
                                                           spatial_shapes)):
-        values = values.flatten(2).transpose(1, 2).reshape(batch * heads, dim, height, width)
+        values = values.flatten(2).transpose(1, 2).reshape(batch * heads, dim, height, width).to(dtype)
         grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)                    # (B·heads, Q, points, 2)
         samples.append(F.grid_sample(values, grid, mode='bilinear', padding_mode='zeros', align_corners=False))
     samples = torch.stack(samples, dim=-2).flatten(-2)                                  # (B·heads, D, Q, L·P)
