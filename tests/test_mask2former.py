@@ -252,3 +252,20 @@ def test_training_step_under_bfloat16_autocast():
     assert terms['loss'].dtype == torch.float32 and torch.isfinite(terms['loss'])
     terms['loss'].backward()
     assert all(torch.isfinite(p.grad).all() for p in head.parameters() if p.grad is not None)
+
+
+def test_plain_mmseg_checkpoint_converts_and_extra_keys_are_listed(tmp_path):
+    """The plain head's keys (the OL file without the two OL matrices) fit configs/mask2former_swin_t.yaml
+    exactly; the OL matrices offered to the plain model are reported, not dropped silently."""
+    backbone_file, data = load_vector('mask2former_swin_t_backbone'), load_vector('mask2former_swin_t_ol')
+    state = {**backbone_file['state_dict'], **data['state_dict']}
+    plain = {k: v for k, v in state.items() if '.offset_learning.' not in k}
+    config = str(ROOT / 'configs' / 'mask2former_swin_t.yaml')
+    reports = {}
+    for name, checkpoint in (('plain', plain), ('ol', state)):
+        torch.save({'state_dict': checkpoint}, tmp_path / f'{name}.pth')
+        reports[name] = convert(str(tmp_path / f'{name}.pth'), str(tmp_path / f'{name}_ours.pth'), config,
+                                ['backbone.pretrained=null'])
+    assert reports['plain'] == []
+    assert len(reports['ol']) == 1
+    assert reports['ol'][0].startswith('2 keys unexpected in the checkpoint: head.offset_learning.')
