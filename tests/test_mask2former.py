@@ -8,7 +8,6 @@ import torch
 
 from conftest import ROOT, assert_close_to_reference, load_vector
 from engine.checkpoint import load_checkpoint
-from engine.config import resolve
 from engine.losses import SegmentationLoss
 from engine.optim import group_rule
 from models import OffsetLearningMask
@@ -17,8 +16,8 @@ from models.backbones.swin import Swin
 from models.heads.deformable_attention import multi_scale_deformable_attention
 from models.heads.mask2former import Mask2FormerHead, semantic_logits, sine_position_encoding
 from tools.convert_checkpoint import convert
-from train import check_config, config_for_checkpoint, create_model, load_config, load_model_weights
-from test_published_models import TINY_BACKBONES
+from train import config_for_checkpoint, create_model, load_config, load_model_weights
+from test_published_models import pair_model
 
 SWIN_T_CHANNELS = [96, 192, 384, 768]
 
@@ -97,14 +96,7 @@ SMALL_HEAD = {'type': 'mask2former', 'channels': 64, 'num_queries': 7, 'num_deco
 def test_every_backbone_pairs_with_mask2former(backbone, offset_learning):
     """A small head on each family's tiny variant: the set-prediction loss reaches the first backbone
     layer, the class and mask embeddings and OL; eval gives semantic logits at stride 4."""
-    cfg = resolve({'backbone': {'type': backbone, 'variant': TINY_BACKBONES[backbone]},
-                   'head': {**SMALL_HEAD, 'offset_learning': offset_learning},
-                   'data': {'type': 'demo', 'root': 'unused', 'num_classes': 5},
-                   'train': {'max_iters': 1, 'batch_size': 2}})
-    cfg['_source'] = 'test'
-    check_config(cfg)
-    torch.manual_seed(0)
-    model = create_model(cfg).train()
+    model = pair_model(backbone, {**SMALL_HEAD, 'offset_learning': offset_learning})
     outputs = model(torch.randn(2, 3, 64, 96))
     SegmentationLoss(255, {}).terms(outputs, torch.randint(0, 5, (2, 64, 96)))['loss'].backward()
     head = model.head

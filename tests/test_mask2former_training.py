@@ -2,37 +2,26 @@
 SegmentationLoss, grad clipping, an EMA), exact resume, evaluate.py, and the loss falling."""
 import json
 import re
-import shutil
 import subprocess
 import sys
 import textwrap
 
 import pytest
-import torch
 
 import evaluate
 import train
 from engine.checkpoint import load_checkpoint
-from engine.inference import normalize
-from engine.losses import SegmentationLoss
-from engine.optim import build_optimizer
 from test_distributed import REPO, environment, logged, write_rectangles
+from test_end_to_end import TINY_DATA, assert_resume_continues_exactly, losses_on_a_tiny_batch, train_tiny
 
-TINY = """
-    backbone: {{type: resnet, variant: 18}}
+HEAD = """
     head: {{type: mask2former, channels: 32, num_queries: 8, num_decoder_layers: 3, num_encoder_layers: 1,
             encoder_ffn_channels: 64, decoder_ffn_channels: 64, offset_learning: true}}
-    data:
-      type: demo
-      root: {root}
-      num_classes: 5
-      workers: 0
-      train:
-        pipeline:
-          - {{type: random_choice_resize, short_edges: [64, 96, 128]}}
-          - {{type: random_crop, size: [64, 64]}}
-          - {{type: random_flip}}
-          - {{type: pad, size: [64, 64]}}
+"""
+"""A small Mask2Former+OL head, in both runs' configs."""
+
+TINY = """
+    backbone: {{type: resnet, variant: 18}}""" + HEAD + TINY_DATA + """\
     train: {{max_iters: 6, batch_size: 4, val_interval: 3, log_interval: 1, grad_clip: 0.01, ema_decay: 0.5,
              optimizer: {{type: adamw, lr: 1.0e-3, weight_decay: 0.05}}}}
 """
@@ -40,11 +29,7 @@ TINY = """
 
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp('mask2former_run')
-    config = folder / 'tiny.yaml'
-    config.write_text(textwrap.dedent(TINY.format(root=folder / 'demo')))
-    train.main(['--config', str(config), '--work-dir', str(folder / 'work'), '--device', 'cpu'])
-    return folder
+    return train_tiny(tmp_path_factory.mktemp('mask2former_run'), TINY)
 
 
 def test_training_logs_the_set_prediction_terms_and_saves_model_and_ema(run):
@@ -60,14 +45,7 @@ def test_training_logs_the_set_prediction_terms_and_saves_model_and_ema(run):
 
 def test_resuming_continues_exactly(run):
     """The random matching and training points replay from the checkpointed RNG state."""
-    resumed = run / 'resumed'
-    resumed.mkdir()
-    shutil.copy(run / 'work' / 'iter_000003.pth', resumed / 'last.pth')
-    train.main(['--config', str(run / 'tiny.yaml'), '--work-dir', str(resumed), '--device', 'cpu',
-                '--resume', 'auto'])
-    expected, actual = load_checkpoint(run / 'work' / 'last.pth'), load_checkpoint(resumed / 'last.pth')
-    for key, value in expected['model'].items():
-        assert torch.allclose(actual['model'][key].float(), value.float(), rtol=1e-5, atol=1e-6), key
+    assert_resume_continues_exactly(run)
 
 
 def test_evaluate_scores_the_best_checkpoint(run):
@@ -78,29 +56,12 @@ def test_evaluate_scores_the_best_checkpoint(run):
 
 
 def test_a_few_steps_lower_the_loss_on_a_tiny_batch(run):
-    cfg = train.config_for_checkpoint(load_checkpoint(run / 'work' / 'last.pth'), 'last.pth')
-    dataset = train.build_dataset(cfg, 'val')
-    images, labels = map(torch.stack, zip(*(dataset[i] for i in range(4))))
-    images = normalize(images, cfg['data']['mean'], cfg['data']['std'])
-    torch.manual_seed(0)
-    model = train.create_model(cfg).train()
-    optimizer, _ = build_optimizer(model, cfg['train']['optimizer'], {})
-    criterion = SegmentationLoss(255, cfg['train']['loss'])
-    losses = []
-    for _ in range(15):
-        loss = criterion(model(images), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = losses_on_a_tiny_batch(run, steps=15, lr=1e-3)
     assert losses[-1] < 0.7 * losses[0], losses
 
 
 DISTRIBUTED = """
-    backbone: {{type: mit, variant: b0, drop_path_rate: 0.0}}
-    head: {{type: mask2former, channels: 32, num_queries: 8, num_decoder_layers: 3, num_encoder_layers: 1,
-            encoder_ffn_channels: 64, decoder_ffn_channels: 64, offset_learning: true}}
-    data:
+    backbone: {{type: mit, variant: b0, drop_path_rate: 0.0}}""" + HEAD + """    data:
       type: folder
       root: {root}
       num_classes: 3

@@ -81,8 +81,9 @@ def test_official_imagenet_file_converts_with_fresh_output_norms():
 
 def test_wrong_relative_position_index_is_refused():
     state = official_imagenet_state(Swin('tiny'))
-    state['layers.1.blocks.0.attn.relative_position_index'] = state['layers.1.blocks.0.attn.relative_position_index'].flip(0)
-    with pytest.raises(ValueError, match='layers.1.blocks.0.attn.relative_position_index'):
+    key = 'layers.1.blocks.0.attn.relative_position_index'
+    state[key] = state[key].flip(0)
+    with pytest.raises(ValueError, match=key):
         Swin.convert_checkpoint(state)
 
 

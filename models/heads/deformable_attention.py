@@ -83,8 +83,9 @@ class MultiScaleDeformableAttention(nn.Module):
         weights = self.attention_weights(with_pos).view(*shape[:3], -1).softmax(-1).view(shape)
         # Offsets are in pixels of each level. Divided size by size, not by a tensor of the sizes, so that
         # an ONNX trace keeps them as the input's shape rather than constants.
-        offsets = torch.stack([torch.stack([offsets[:, :, :, level, :, 0] / width, offsets[:, :, :, level, :, 1] / height],
-                                           dim=-1) for level, (height, width) in enumerate(spatial_shapes)], dim=3)
+        offsets = torch.stack([torch.stack([offsets[:, :, :, level, :, 0] / width,
+                                            offsets[:, :, :, level, :, 1] / height], dim=-1)
+                               for level, (height, width) in enumerate(spatial_shapes)], dim=3)
         locations = reference_points[:, :, None, :, None, :] + offsets
         output = multi_scale_deformable_attention(value, spatial_shapes, locations, weights)
         return self.output_proj(output) + query
