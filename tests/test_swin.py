@@ -5,7 +5,9 @@ from timm.models.swin_transformer import PatchMerging
 from torch import nn
 
 from conftest import assert_close_to_reference, load_vector
+from models import Segmentor
 from models.backbones.swin import Swin
+from models.heads.segformer import SegFormerHead
 
 
 def count(module: nn.Module) -> int:
@@ -93,3 +95,13 @@ def test_any_input_size_pads_like_mmseg():
     with torch.no_grad():
         features = backbone(torch.randn(1, 3, 70, 99))
     assert [tuple(f.shape[-2:]) for f in features] == [(18, 25), (9, 13), (5, 7), (3, 4)]
+
+
+def test_onnx_export_keeps_the_window_padding_dynamic(tmp_path):
+    """Traced at 64x64, the graph pads, shifts and masks windows for other sizes too, odd ones included."""
+    pytest.importorskip('onnxruntime')
+    from tools import export_onnx
+    torch.manual_seed(0)
+    model = Segmentor(Swin('tiny'), SegFormerHead([96, 192, 384, 768], 5, channels=32)).eval()
+    path = export_onnx.export(model, tmp_path / 'swin.onnx', size=(64, 64))
+    assert max(export_onnx.check(path, model, [(64, 64), (96, 128), (70, 99)], batch=2)) < 1e-4
