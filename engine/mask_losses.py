@@ -63,7 +63,8 @@ def match(cls_scores: list, mask_preds: list, targets: list, num_points: int) ->
     """Hungarian matching of every prediction point and image: [[(query indices, target indices)]].
 
     cls_scores [(B, Q, K+1)], mask_preds [(B, Q, h, w)] per point; targets [(classes, masks)] per image.
-    All costs go to the CPU together, in one transfer.
+    All costs go to the CPU together, in one transfer. Non-finite costs (a diverged model) become
+    large finite ones, so that matching still runs and the training loop reports the non-finite loss.
     """
     costs = []
     with torch.no_grad():
@@ -77,7 +78,7 @@ def match(cls_scores: list, mask_preds: list, targets: list, num_points: int) ->
                 target = point_sample(target_masks, points.expand(len(target_masks), -1, -1))
                 class_cost = -CLASS_WEIGHT * scores.softmax(-1)[:, classes]
                 costs.append(class_cost + pairwise_mask_costs(predicted, target))
-        flat = torch.cat([c.flatten() for c in costs]).cpu()
+        flat = torch.cat([c.flatten() for c in costs]).cpu().nan_to_num(nan=1e8, posinf=1e8, neginf=-1e8)
     assignments = []
     for cost, shape in zip(flat.split([c.numel() for c in costs]), [c.shape for c in costs]):
         rows, cols = linear_sum_assignment(cost.view(shape).numpy())

@@ -99,3 +99,11 @@ def test_segmentation_loss_sends_a_dict_of_predictions_to_the_set_loss():
     terms = SegmentationLoss(IGNORE, {'ce': 1.0}).terms(outputs, labels)
     assert set(terms) == {'loss', 'mask_cls', 'mask_bce', 'mask_dice'}
     torch.testing.assert_close(terms['loss'], terms['mask_cls'] + terms['mask_bce'] + terms['mask_dice'])
+
+
+def test_non_finite_predictions_give_a_non_finite_loss_not_a_matching_error():
+    """scipy refuses NaN costs; the loss must still come out (NaN), for train.py's non-finite check."""
+    labels = torch.tensor([[[0, 1], [1, 1]]])
+    outputs = {'cls_scores': [torch.full((1, 2, 3), float('nan'))], 'mask_preds': [torch.zeros(1, 2, 2, 2)]}
+    terms = MaskClassificationLoss(IGNORE, num_points=16).terms(outputs, labels)
+    assert not torch.isfinite(terms['mask_cls'])
