@@ -58,9 +58,10 @@ def reference(tmp_path_factory):
 
 def test_ol_vector_logits_and_predictions(reference):
     model, data = reference
-    used_masks = []
+    used_masks, queries = [], []
     hooks = [layer.register_forward_pre_hook(lambda module, args: used_masks.append(args[4]))
              for layer in model.head.decoder_layers]
+    hooks.append(model.head.post_norm.register_forward_pre_hook(lambda module, args: queries.append(args[0])))
     with torch.no_grad():
         features = model.backbone(data['input'])
         predictions = model.head.predictions(features)
@@ -71,6 +72,7 @@ def test_ol_vector_logits_and_predictions(reference):
     assert_close_to_reference(predictions['cls_scores'][-1], data['cls_scores'], 'cls_scores')
     assert_close_to_reference(predictions['mask_preds'][-1], data['mask_preds'], 'mask_preds')
     assert_close_to_reference(torch.stack(predictions['cls_scores']), data['all_cls_scores'], 'all_cls_scores')
+    assert_close_to_reference(torch.stack(queries[:10]), data['decoder_queries'], 'decoder_queries')
     assert len(used_masks) == 2 * 9
     for layer, (ours, ref) in enumerate(zip(used_masks, data['attn_masks'])):
         heads = ours.view(2, 8, 100, -1)
