@@ -8,6 +8,7 @@ import torch
 
 from conftest import ROOT, assert_close_to_reference, load_vector
 from engine.checkpoint import load_checkpoint
+from engine.inference import infer_logits
 from engine.losses import SegmentationLoss
 from engine.optim import group_rule
 from models import OffsetLearningMask
@@ -263,3 +264,16 @@ def test_plain_mmseg_checkpoint_converts_and_extra_keys_are_listed(tmp_path):
     assert reports['plain'] == []
     assert len(reports['ol']) == 1
     assert reports['ol'][0].startswith('2 keys unexpected in the checkpoint: head.offset_learning.')
+
+
+def test_whole_and_slide_inference_take_the_semantic_logits():
+    """engine/inference.py unchanged: whole, one full-size window and overlapping windows."""
+    model = pair_model('resnet', {**SMALL_HEAD, 'offset_learning': True}).eval()
+    images = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        expected = torch.nn.functional.interpolate(model(images), size=(64, 96), mode='bilinear')
+        torch.testing.assert_close(infer_logits(model, images, 5), expected)
+        one_window = infer_logits(model, images, 5, mode='slide', crop_size=(64, 96), stride=(64, 96))
+        torch.testing.assert_close(one_window, expected)
+        windows = infer_logits(model, images, 5, mode='slide', crop_size=(64, 64), stride=(32, 32))
+    assert windows.shape == (1, 5, 64, 96) and torch.isfinite(windows).all()
