@@ -70,6 +70,22 @@ class RandomResize:
         return resize_pair(image, label, size)
 
 
+class RandomChoiceResize:
+    """mmseg's RandomChoiceResize of ResizeShortestEdge (the Mask2Former recipe): the short edge becomes
+    one of `short_edges`, drawn uniformly, the long edge follows the aspect ratio unless that exceeds
+    `max_size`, which then bounds it; rounded half up, then mmseg's keep-ratio rescale to that size."""
+
+    def __init__(self, short_edges: list, max_size: int = 2048):
+        self.short_edges, self.max_size = short_edges, max_size
+
+    def __call__(self, image, label, rng):
+        height, width = image.shape[:2]
+        short_edge = self.short_edges[rng.integers(len(self.short_edges))]
+        factor = min(short_edge / min(height, width), self.max_size / max(height, width))
+        size = rescale_size(height, width, [int(height * factor + 0.5), int(width * factor + 0.5)])
+        return resize_pair(image, label, size)
+
+
 class RandomCrop:
     """Random crop of `size` (h, w), smaller where the image is; with `cat_max_ratio` < 1 the window
     is redrawn up to 10 times until at least two classes are present and none covers `cat_max_ratio`
@@ -188,6 +204,7 @@ class Pad:
 TRANSFORMS = {
     'resize': Resize,
     'random_resize': RandomResize,
+    'random_choice_resize': RandomChoiceResize,
     'random_crop': RandomCrop,
     'random_flip': RandomFlip,
     'photometric': PhotoMetricDistortion,

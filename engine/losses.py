@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import DEFAULTS, ConfigError, is_number
+from .mask_losses import MaskClassificationLoss
 
 TERMS = ('ce', 'dice', 'lovasz')
 OHEM_DEFAULTS = {'thresh': 0.7, 'min_kept': 100000}
@@ -102,6 +103,8 @@ class SegmentationLoss:
 
     Called on logits (B, K, h, w), or [logits, aux_logits], and labels (B, H, W); the auxiliary
     head's loss is the same sum times `aux_weight`. `terms()` also returns each weighted term.
+    A head that returns a dict of predictions (mask classification: Mask2Former) gets the
+    set-prediction loss of `engine/mask_losses.py` with its published weights instead.
     """
 
     def __init__(self, ignore_index: int, loss_cfg: dict, aux_weight: float = 0.4):
@@ -112,6 +115,7 @@ class SegmentationLoss:
                                                                                    dtype=torch.float32)
         self.ohem = None if cfg['ohem'] is None else {**OHEM_DEFAULTS, **cfg['ohem']}
         self.avg_non_ignore = cfg['avg_non_ignore']
+        self.mask_classification = MaskClassificationLoss(ignore_index)
 
     def __call__(self, outputs, labels: torch.Tensor) -> torch.Tensor:
         return self.terms(outputs, labels)['loss']
@@ -121,13 +125,19 @@ class SegmentationLoss:
         'aux_ce'/...: the auxiliary head's (detached, for logging; they add up to 'loss')}."""
         outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
         terms, total = {}, 0
-        for i, logits in enumerate(outputs):
+        for i, output in enumerate(outputs):
             weight, prefix = (1.0, '') if i == 0 else (self.aux_weight, 'aux_')
-            for name, value in self.head_terms(logits, labels).items():
-                value = weight * self.weights[name] * value
+            for name, value in self.weighted_terms(output, labels).items():
+                value = weight * value
                 terms[prefix + name] = value.detach()
                 total = total + value
         return {'loss': total, **terms}
+
+    def weighted_terms(self, output, labels: torch.Tensor) -> dict:
+        """One head's terms times their weights: a dict of mask predictions gets the set-prediction loss."""
+        if isinstance(output, dict):
+            return self.mask_classification.terms(output, labels)
+        return {name: self.weights[name] * value for name, value in self.head_terms(output, labels).items()}
 
     def head_terms(self, logits: torch.Tensor, labels: torch.Tensor) -> dict:
         """The unweighted terms of one head's logits."""

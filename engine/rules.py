@@ -28,6 +28,7 @@ PRETRAINED_FILES = {  # `backbone.pretrained: true`: the official ImageNet file,
     'mit': 'mit_{variant}.pth',
     'mscan': 'mscan_{variant}.pth',
     'efficientformerv2': 'eformer_{variant}_450.pth',
+    'swin': 'swin_{variant}_patch4_window7_224.pth',
 }
 
 # Keys of a model section that are not constructor arguments.

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 from tqdm import tqdm
 
 from models.weights import load_model_weights
@@ -184,9 +185,8 @@ def has_unused_parameters(model: nn.Module, device: torch.device, size: int = 12
     with a random batch of two, so the model's weights, BN statistics and the RNG streams are untouched."""
     probe = copy.deepcopy(model).train()
     with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
-        outputs = probe(torch.randn(2, 3, size, size, device=device))
-        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-        sum(output.float().mean() for output in outputs).backward()
+        outputs = probe(torch.randn(2, 3, size, size, device=device))   # logits, [logits, aux], or a dict of lists
+        sum(output.float().mean() for output in tree_leaves(outputs)).backward()
     return any(p.requires_grad and p.grad is None for p in probe.parameters())
 
 

@@ -46,5 +46,37 @@ class OffsetLearning(nn.Module):
         return masks.transpose(1, 2).reshape(b, -1, h, w)
 
 
+class OffsetLearningMask(nn.Module):
+    """Offset Learning for mask classification (Mask2Former+OL, `Offset_Learning_Mask`).
+
+    The queries' mask embeddings take the place of the class embedding: from A = E·Fᵀ (queries E
+    (Q, C) against pixel features F (HW, C), no scaling) the queries move by ΔE = softmax_HW(A)·F·P_clsᵀ
+    and the pixels by ΔF = softmax_Q(A)ᵀ·E·P_featᵀ (a softmax over the queries), and the masks are
+    (E+ΔE)·(F+ΔF)ᵀ. No class embedding and no LayerNorm: 2·C² parameters.
+
+    mask_embed (B, Q, C), mask_features (B, C, H, W) -> mask logits (B, Q, H, W).
+    """
+
+    def __init__(self, embed_dims: int = 256, init_std: float = 0.02):
+        super().__init__()
+        self.cls_offset_proj = nn.Linear(embed_dims, embed_dims, bias=False)
+        self.feat_offset_proj = nn.Linear(embed_dims, embed_dims, bias=False)
+        for weight in (self.cls_offset_proj.weight, self.feat_offset_proj.weight):
+            nn.init.trunc_normal_(weight, std=init_std)
+
+    def forward(self, mask_embed: torch.Tensor, mask_features: torch.Tensor) -> torch.Tensor:
+        """Reassociated as in `OffsetLearning`: (E+ΔE)·ΔFᵀ = ((E+ΔE)·P_feat·Eᵀ)·softmax_Q(A), a (Q, Q)
+        matrix times the attention, so ΔF (HW, C) and its HW·C² projection are never formed."""
+        b, c, h, w = mask_features.shape
+        feats = mask_features.flatten(2)                                          # Fᵀ: (B, C, HW)
+        attn = mask_embed @ feats                                                 # A: (B, Q, HW)
+        aligned = mask_embed + self.cls_offset_proj(attn.softmax(dim=-1) @ feats.transpose(1, 2))   # E + ΔE
+        mixing = F.linear(aligned, self.feat_offset_proj.weight.t()) @ mask_embed.transpose(1, 2)  # (B, Q, Q)
+        masks = torch.baddbmm(mixing @ attn.softmax(dim=1), aligned, feats)       # (B, Q, HW)
+        return masks.view(b, -1, h, w)
+
+
 Offset_Learning = OffsetLearning
 """The published class name, for code ported from the OffSeg repository."""
+Offset_Learning_Mask = OffsetLearningMask
+"""The published name of the Mask2Former variant."""

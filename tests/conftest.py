@@ -15,9 +15,7 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 torch.set_num_threads(1)
 
 
-TINY = """
-    backbone: {{type: resnet, variant: 18}}
-    head: {{type: aspp, channels: 16, dilations: [1, 2], c1_channels: 8}}
+TINY_DATA = """
     data:
       type: demo
       root: {root}
@@ -29,6 +27,12 @@ TINY = """
           - {{type: random_crop, size: [64, 64]}}
           - {{type: random_flip}}
           - {{type: pad, size: [64, 64]}}
+"""
+"""The generated scenes at 64x64, for tiny runs of any model."""
+
+TINY = """
+    backbone: {{type: resnet, variant: 18}}
+    head: {{type: aspp, channels: 16, dilations: [1, 2], c1_channels: 8}}""" + TINY_DATA + """\
     train: {{max_iters: 6, batch_size: 4, val_interval: 3, log_interval: 2}}
 """
 """A tiny ResNet-18 + DeepLabV3+ run on the demo scenes; `.format(root=...)` gives its YAML."""

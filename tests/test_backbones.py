@@ -27,7 +27,8 @@ from train import create_backbone, get_backbone_channels, load_config
 
 VARIANTS = {family: tuple(sys.modules[cls.__module__].VARIANTS) for family, cls in BACKBONES.items()}
 """Each family's variants, read from its module's `VARIANTS` table."""
-TINY = {'resnet': ('18',), 'convnext': ('tiny',), 'mit': ('b0',), 'mscan': ('t',), 'efficientformerv2': ('s0', 's1')}
+TINY = {'resnet': ('18',), 'convnext': ('tiny',), 'mit': ('b0',), 'mscan': ('t',), 'efficientformerv2': ('s0', 's1'),
+        'swin': ('tiny',)}
 """The variants cheap enough for every test run."""
 SIZES = [(64, 64), (96, 128)]
 """Multiples of 32: every family gives exactly side / stride here (at other sizes they round differently)."""

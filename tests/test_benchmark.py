@@ -86,17 +86,21 @@ def test_inference_latency_json(tmp_path):
     assert result['images_per_s'] == pytest.approx(1e3 / result['latency_ms_median'])
 
 
-def test_training_step_latency(tmp_path):
-    [result] = run(tmp_path, '--config', ROOT / 'configs' / 'segformer_b0.yaml', *TINY, '--mode', 'train')
+@pytest.mark.parametrize('name', ['segformer_b0', 'mask2former_camvid'])   # per-pixel and set-prediction losses
+def test_training_step_latency(tmp_path, name):
+    [result] = run(tmp_path, '--config', ROOT / 'configs' / f'{name}.yaml', *TINY, '--mode', 'train')
     assert result['mode'] == 'train' and result['batch'] == 2 and result['latency_ms_median'] > 0
 
 
-def test_breakdown_reports_offset_learning_and_head_shares(tmp_path):
-    [result] = run(tmp_path, '--config', ROOT / 'configs' / 'offseg_t.yaml', *TINY, '--no-fold-bn', '--breakdown')
+@pytest.mark.parametrize('name, offset_learning', [('offseg_t', 'head.classifier'),
+                                                    ('mask2former_camvid', 'head.offset_learning')])
+def test_breakdown_reports_offset_learning_and_head_shares(tmp_path, name, offset_learning):
+    [result] = run(tmp_path, '--config', ROOT / 'configs' / f'{name}.yaml', *TINY, '--no-fold-bn', '--breakdown')
     parts = result['breakdown']
-    assert set(parts) == {'backbone', 'head', 'offset learning (head.classifier)'}
+    label = f'offset learning ({offset_learning})'
+    assert set(parts) == {'backbone', 'head', label}
     assert parts['backbone']['mac_share'] + parts['head']['mac_share'] == pytest.approx(1)
-    assert 0 < parts['offset learning (head.classifier)']['mac_share'] < parts['head']['mac_share']
+    assert 0 < parts[label]['mac_share'] < parts['head']['mac_share']
     assert all(part['latency_share'] > 0 for part in parts.values())
 
 

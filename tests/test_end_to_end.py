@@ -24,17 +24,21 @@ from engine.cli import config_for_checkpoint
 from engine.data import build_dataset
 from models.weights import CheckpointError, load_model_weights, load_weights_from
 
-from conftest import TINY
+from conftest import TINY, TINY_DATA
+
+def train_tiny(folder, config_template: str):
+    """Train `config_template` (with {root}: the demo data under `folder`) as folder/tiny.yaml into folder/work."""
+    config = folder / 'tiny.yaml'
+    config.write_text(textwrap.dedent(config_template.format(root=folder / 'demo')))
+    train.main(['--config', str(config), '--work-dir', str(folder / 'work'), '--device', 'cpu'])
+    return folder
+
 
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):
     """Train the tiny config once; the tests below inspect what it left behind (iter_000003.pth is the
     resume test's starting point)."""
-    folder = tmp_path_factory.mktemp('run')
-    config = folder / 'tiny.yaml'
-    config.write_text(textwrap.dedent(TINY.format(root=folder / 'demo')))
-    train.main(['--config', str(config), '--work-dir', str(folder / 'work'), '--device', 'cpu'])
-    return folder
+    return train_tiny(tmp_path_factory.mktemp('run'), TINY)
 
 
 def test_training_writes_checkpoints_logs_and_config(run, capsys):
@@ -104,27 +108,35 @@ def test_infer_writes_ids_colours_and_overlays_and_survives_bad_files(run, tmp_p
                     '--output', str(output)])
 
 
-def test_a_few_steps_lower_the_loss_on_a_tiny_batch(run):
+def losses_on_a_tiny_batch(run, steps: int, lr: float) -> list:
+    """The loss before each of `steps` AdamW steps (at `lr`) of a fresh model of the run's config on 4
+    validation images."""
     cfg = config_for_checkpoint(load_checkpoint(run / 'work' / 'last.pth'), 'last.pth')
     dataset = build_dataset(cfg, 'val')
     images, labels = map(torch.stack, zip(*(dataset[i] for i in range(4))))
     images = normalize(images, cfg['data']['mean'], cfg['data']['std'])
     torch.manual_seed(0)
     model = train.create_model(cfg).train()
-    optimizer, _ = build_optimizer(model, {**cfg['train']['optimizer'], 'lr': 1e-2}, {})
+    optimizer, _ = build_optimizer(model, {**cfg['train']['optimizer'], 'lr': lr}, {})
     criterion = SegmentationLoss(255, cfg['train']['loss'])
     losses = []
-    for _ in range(12):
+    for _ in range(steps):
         loss = criterion(model(images), labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+    return losses
+
+
+def test_a_few_steps_lower_the_loss_on_a_tiny_batch(run):
+    losses = losses_on_a_tiny_batch(run, steps=12, lr=1e-2)
     assert losses[-1] < 0.6 * losses[0], losses
 
 
-def test_resuming_continues_exactly(run):
-    """Resume the iteration-3 checkpoint: the weights at iteration 6 equal the uninterrupted run's."""
+def assert_resume_continues_exactly(run) -> None:
+    """Resume the run's iteration-3 checkpoint: the weights and best scores at iteration 6 equal the
+    uninterrupted run's."""
     resumed = run / 'resumed'
     resumed.mkdir()
     shutil.copy(run / 'work' / 'iter_000003.pth', resumed / 'last.pth')
@@ -135,6 +147,10 @@ def test_resuming_continues_exactly(run):
     for key, value in expected['model'].items():
         assert torch.allclose(actual['model'][key].float(), value.float(), rtol=1e-5, atol=1e-6), key
     assert actual['best'] == expected['best']
+
+
+def test_resuming_continues_exactly(run):
+    assert_resume_continues_exactly(run)
 
 
 def test_fine_tuning_with_load_from_and_an_ema(run, tmp_path):

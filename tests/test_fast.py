@@ -21,6 +21,10 @@ FAMILIES = {
                        {'type': 'ham', 'channels': 32, 'ham_channels': 32, 'md_r': 4, 'nmf_seed': 0}),
     'efficientformerv2_offseg': ({'type': 'efficientformerv2', 'variant': 's0'},    # FreqFusion + Offset Learning
                                  {'type': 'offseg', 'channels': 32}),
+    'resnet_mask2former_ol': ({'type': 'resnet', 'variant': '18'},
+                              {'type': 'mask2former', 'channels': 32, 'num_queries': 8, 'num_decoder_layers': 3,
+                               'num_encoder_layers': 1, 'encoder_ffn_channels': 64, 'decoder_ffn_channels': 64,
+                               'offset_learning': True}),
 }
 """One small model per backbone family and head type, 5 classes."""
 

@@ -8,8 +8,8 @@ from torch.utils.data import DataLoader
 
 from datasets import SegmentationDataset
 from datasets.sampler import TrainSampler
-from datasets.transforms import (IMAGENET_MEAN, Pad, PhotoMetricDistortion, Pipeline, RandomCrop, RandomResize,
-                                 rescale_size)
+from datasets.transforms import (IMAGENET_MEAN, Pad, PhotoMetricDistortion, Pipeline, RandomChoiceResize,
+                                 RandomCrop, RandomResize, rescale_size)
 
 COLOURS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48]], np.uint8)
 GEOMETRIC = [
@@ -74,6 +74,17 @@ def test_random_resize_follows_mmseg_target_scale_and_keep_ratio():
         factor = min(long / 683, short / 512)
         assert out_image.shape[:2] == out_label.shape == (int(512 * factor + 0.5), int(683 * factor + 0.5))
     assert rescale_size(360, 480, [2048, 512]) == (512, 683)     # CamVid at the ADE scale: short side 512
+
+
+def test_random_choice_resize_sets_the_short_edge_within_the_long_edge_limit():
+    """Mask2Former's ADE20K recipe: short edge one of the listed sizes, long edge at most max_size."""
+    image, label = np.zeros((512, 683, 3), np.uint8), np.zeros((512, 683), np.uint8)
+    sizes = {RandomChoiceResize([256, 1024])(image, label, np.random.default_rng(seed))[0].shape[:2]
+             for seed in range(20)}
+    assert sizes == {(256, 342), (1024, 1366)}                  # 683 / 2 = 341.5, rounded half up
+    tall = np.zeros((100, 1000, 3), np.uint8)
+    out_image, out_label = RandomChoiceResize([512], max_size=2048)(tall, tall[..., 0], np.random.default_rng(0))
+    assert out_image.shape[:2] == out_label.shape == (205, 2048)   # short 512 would make the long edge 5120
 
 
 def cat_ratio(label: np.ndarray, ignore: int = 255) -> tuple:

@@ -19,7 +19,7 @@ from datasets import DATASETS
 from datasets.base import default_palette
 from engine.outputs import write_class_ids
 from engine.visualize import ROW, ClassStyle, side_by_side
-from test_end_to_end import TINY
+from conftest import TINY
 
 DEMO = DATASETS['demo']
 SIZE = 128  # the demo's images are 128 x 128

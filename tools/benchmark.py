@@ -56,7 +56,7 @@ from engine import fast  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
 from engine.losses import SegmentationLoss  # noqa: E402
 from engine.optim import build_optimizer  # noqa: E402
-from models import OffsetLearning  # noqa: E402
+from models import OffsetLearning, OffsetLearningMask  # noqa: E402
 from models.backbones.efficientformer_v2 import Attention4D, Attention4DDownsample  # noqa: E402
 from models.backbones.mit import LAYER_NORM_EPS, MiT  # noqa: E402
 from models.heads.classifier import PixelClassifier  # noqa: E402
@@ -73,6 +73,9 @@ PAPER_OMITS_MATMULS = {OffSegHead: (Attention4D, Attention4DDownsample, OffsetLe
 """Head class -> modules whose matmuls its paper's GFLOPs leave out. The OffSeg paper's figures
 (5.3 / 10.3 / 17.1 G at 512x512) equal a count without the EfficientFormerV2 attention and Offset
 Learning matmuls; every other paper here counts all operations."""
+
+OFFSET_LEARNING = (OffsetLearning, OffsetLearningMask)
+"""Offset Learning as a classifier, and its Mask2Former form (both reported and timed as OL)."""
 
 
 # --------------------------------------------------------------------------------------- counting
@@ -120,7 +123,7 @@ def paper_convention_macs(model: torch.nn.Module, counts: dict):
 
 def describe(model: torch.nn.Module, cfg: dict) -> str:
     backbone = f"{cfg['backbone']['type']} {cfg['backbone'].get('variant', '')}".strip()
-    uses_ol = any(isinstance(m, OffsetLearning) for m in model.head.modules())
+    uses_ol = any(isinstance(m, OFFSET_LEARNING) for m in model.head.modules())
     return f"{backbone} + {cfg['head']['type']}" + (' + OL' if uses_ol else '')
 
 
@@ -328,7 +331,7 @@ def breakdown(model, images: torch.Tensor, counts: dict, runs: int, warmup: int)
     """
     parts = {'backbone': 'backbone', 'head': 'head'}
     parts.update({f'offset learning ({name})': name for name, module in model.named_modules()
-                  if isinstance(module, OffsetLearning)})
+                  if isinstance(module, OFFSET_LEARNING)})
     inputs, hooks = {}, []
     for label, path in parts.items():
         def record(module, args, kwargs, label=label):

@@ -3,12 +3,13 @@
     python tools/convert_checkpoint.py segformer_b0_ade.pth work_dirs/segformer_b0.pth --config configs/segformer_b0.yaml
     python tools/convert_checkpoint.py hf_segformer_folder/ out.pth --config configs/segformer_b0_mlp.yaml
 
-SRC is an mmseg / OffSeg checkpoint (SegFormer(+OL), SegNeXt(+OL), OffSeg, DeepLab), an official
-ImageNet backbone file (MiT `mit_b*.pth`, MSCAN `mscan_*.pth`, EfficientFormerV2 `eformer_*.pth`)
-or a Hugging Face SegFormer folder. The model is built from --config; every part is converted by
-its own key map. Keys that do not fit are listed, never dropped silently; the one documented
-exception is the unused `conv_seg` of the published Offset Learning heads. Parts the file does not
-hold (the head, for an ImageNet backbone file) keep their fresh initialisation and are listed.
+SRC is an mmseg / OffSeg checkpoint (SegFormer(+OL), SegNeXt(+OL), OffSeg, Mask2Former(+OL), DeepLab),
+an official ImageNet backbone file (MiT `mit_b*.pth`, MSCAN `mscan_*.pth`, EfficientFormerV2
+`eformer_*.pth`, Swin `swin_*_patch4_window7_224.pth`) or a Hugging Face SegFormer folder. The
+model is built from --config; every part is converted by its own key map. Keys that do not fit are
+listed, never dropped silently; the one documented exception is the unused `conv_seg` of the
+published Offset Learning heads. Parts the file does not hold (the head, for an ImageNet backbone
+file) keep their fresh initialisation and are listed.
 """
 import argparse
 import sys

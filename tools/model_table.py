@@ -51,7 +51,7 @@ def describe(path: Path) -> dict:
         model = create_model(cfg).eval()
         logits = model(torch.empty(1, 3, 512, 512))
     params = count(model)
-    classifier = model.head.classifier
+    classifier = getattr(model.head, 'classifier', None)   # mask classification (Mask2Former) has none
     if isinstance(classifier, OffsetLearning):
         channels, classes = classifier.cls_repr.shape[2], classifier.cls_repr.shape[1]
         with_conv_seg = params + channels * classes + classes

@@ -4,6 +4,7 @@ from .efficientformer_v2 import EfficientFormerV2
 from .mit import MiT
 from .mscan import MSCAN
 from .resnet import ResNet
+from .swin import Swin
 
 BACKBONES = {
     'resnet': ResNet,
@@ -11,4 +12,5 @@ BACKBONES = {
     'mit': MiT,
     'mscan': MSCAN,
     'efficientformerv2': EfficientFormerV2,
+    'swin': Swin,
 }

@@ -2,6 +2,7 @@
 from .deeplab import DeepLabV3Head, DeepLabV3PlusHead
 from .fcn import FCNHead
 from .ham import LightHamHead
+from .mask2former import Mask2FormerHead
 from .offseg import OffSegHead
 from .segformer import ExtremelyFastSegFormerHead, SegFormerHead, SegFormerMLPHead, UltraFastSegFormerHead
 
@@ -16,4 +17,5 @@ HEADS = {
     'ham': LightHamHead,
     'offseg': OffSegHead,
     'fcn': FCNHead,
+    'mask2former': Mask2FormerHead,
 }

@@ -6,13 +6,14 @@ NORMS = {'bn': lambda c: nn.BatchNorm2d(c), 'gn': lambda c: nn.GroupNorm(32, c)}
 
 
 class ConvModule(nn.Module):
-    """conv -> norm ('bn' or 'gn', stored under that name) -> ReLU; the conv has a bias only without a norm."""
+    """conv -> norm ('bn' or 'gn', stored under that name) -> ReLU; by default the conv has a bias only
+    without a norm (`bias` says otherwise, as some published heads do)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, norm: str = 'bn',
-                 act: bool = True, dilation: int = 1, groups: int = 1, stride: int = 1):
+                 act: bool = True, dilation: int = 1, groups: int = 1, stride: int = 1, bias: bool = None):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding=dilation * (kernel_size // 2),
-                              dilation=dilation, groups=groups, bias=norm is None)
+                              dilation=dilation, groups=groups, bias=norm is None if bias is None else bias)
         self.norm_name = norm
         if norm is not None:
             self.add_module(norm, NORMS[norm](out_channels))
