@@ -24,7 +24,7 @@ from engine.cli import config_for_checkpoint
 from engine.data import build_dataset
 from models.weights import CheckpointError, load_model_weights, load_weights_from
 
-from conftest import TINY, TINY_DATA
+from conftest import TINY
 
 def train_tiny(folder, config_template: str):
     """Train `config_template` (with {root}: the demo data under `folder`) as folder/tiny.yaml into folder/work."""
