@@ -11,7 +11,6 @@ resized to each label's original size before scoring. --show-dir writes, for eac
 view; ignored pixels are hatched. Runs under torchrun as well. The model runs with its conv+BN
 pairs folded (engine/fast.py): the same results up to float rounding.
 """
-import argparse
 import json
 import math
 from pathlib import Path
@@ -21,7 +20,7 @@ from torch.utils.data import DataLoader, Subset
 from datasets.sampler import shard
 from engine import dist, fast
 from engine.checkpoint import load_checkpoint
-from engine.cli import amp_dtype_for, config_for_checkpoint, number, run_cli
+from engine.cli import ArgumentParser, amp_dtype_for, config_for_checkpoint, number, run_cli
 from engine.data import build_dataset
 from engine.evaluation import evaluate
 from engine.outputs import write_bytes, write_image
@@ -31,7 +30,7 @@ from train import create_model
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__doc__)
     parser.add_argument('--checkpoint', required=True)
     parser.add_argument('--config', help="YAML to use instead of the checkpoint's stored config")
     parser.add_argument('--split', default='val', help='dataset split to score (default: val)')

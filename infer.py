@@ -13,7 +13,6 @@ file (`a.jpg` and `a.png`). Non-images are skipped with a warning; unreadable im
 skipped. Images of equal size share a batch. --channels-last, --compile and --no-fold-bn choose the
 fast paths of engine/fast.py (conv+BN folding is on by default).
 """
-import argparse
 import glob
 import json
 import os
@@ -31,7 +30,7 @@ from datasets.transforms import Pipeline
 from engine import dist, fast
 from engine.checkpoint import load_checkpoint
 from engine.inference import infer_logits, inference_options, normalize
-from engine.cli import amp_dtype_for, config_for_checkpoint, number, run_cli
+from engine.cli import ArgumentParser, amp_dtype_for, config_for_checkpoint, number, run_cli
 from engine.outputs import OutputError, write_bytes, write_class_ids, write_image
 from engine.visualize import ClassStyle, legend, overlay
 from models.weights import load_model_weights
@@ -41,7 +40,7 @@ LEGEND_WIDTH = 640
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__doc__)
     parser.add_argument('--checkpoint', required=True)
     parser.add_argument('--input', required=True, help='image file, folder or glob pattern')
     parser.add_argument('--output', required=True, help='folder for the predictions')

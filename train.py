@@ -7,7 +7,6 @@
 
 The factories below map the config to models; the rest of the file is the training loop.
 """
-import argparse
 import contextlib
 import copy
 import datetime
@@ -22,7 +21,7 @@ from torch.utils.data import DataLoader, Subset
 from datasets.sampler import TrainSampler, shard
 from engine import dist
 from engine.checkpoint import claim_work_dir, remove_partial_writes, resume_checkpoint
-from engine.cli import amp_dtype_for, run_cli
+from engine.cli import ArgumentParser, amp_dtype_for, run_cli
 from engine.config import choose, dump_config
 from engine.data import build_dataset
 from engine.losses import SegmentationLoss
@@ -70,7 +69,7 @@ def create_model(cfg: dict) -> Segmentor:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__doc__)
     parser.add_argument('--config', required=True, help='YAML file describing the run')
     parser.add_argument('--work-dir', help='where logs and checkpoints go (default: output.work_dir)')
     parser.add_argument('--set', nargs='+', default=[], action='extend', metavar='KEY=VALUE',

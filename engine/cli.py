@@ -29,6 +29,16 @@ def run_cli(main_fn) -> None:
         sys.exit(2)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the scripts: the module docstring as help, and a usage error as one line (exit code 2)."""
+
+    def __init__(self, doc: str):
+        super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def error(self, message: str):
+        self.exit(2, f'error: {message} (see --help)\n')
+
+
 def number(kind=int, low=None, high=None):
     """An argparse `type` for a number in [low, high]: a value outside is a usage error (exit code 2)."""
     def parse(text: str):

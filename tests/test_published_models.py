@@ -6,6 +6,7 @@ import json
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 import torch
 
 import evaluate
@@ -122,7 +123,7 @@ def test_a_converted_published_checkpoint_works_in_evaluate_and_infer(tmp_path, 
     assert len(results['IoU']) == 150 and 0 <= results['aAcc'] <= 100
     infer.main(['--checkpoint', str(checkpoint), '--input', str(root / 'images'), '--output', str(tmp_path / 'out'),
                 *overrides])
-    ids = cv2.imread(str(tmp_path / 'out' / 'validation' / 'ADE_val_00000001.png'), cv2.IMREAD_UNCHANGED)
+    ids = np.asarray(Image.open(tmp_path / 'out' / 'validation' / 'ADE_val_00000001.png'))  # palette PNG: indices
     assert ids.shape == (64, 96) and ids.max() < 150
     assert '2 images predicted' in capsys.readouterr().out
 
@@ -165,6 +166,8 @@ def test_a_hugging_face_segformer_folder_converts_to_the_same_logits(tmp_path):
         assert torch.allclose(model(images), hf(pixel_values=images).logits, atol=1e-5)
 
 
-@pytest.mark.parametrize('path', [p for p in CONFIGS if p.stem not in ('demo', 'camvid')], ids=lambda p: p.stem)
+@pytest.mark.parametrize('path', [p for p in CONFIGS if p.stem not in ('demo', 'camvid')
+                                  and not p.stem.startswith('mask2former')], ids=lambda p: p.stem)
 def test_published_recipes_average_the_cross_entropy_over_all_pixels_as_mmseg(path):
+    """(Mask2Former trains with its own set-prediction loss, which has no such choice.)"""
     assert load_config(path, NO_WEIGHTS)['train']['loss']['avg_non_ignore'] is False

@@ -216,14 +216,14 @@ def test_infer_reports_a_read_only_output_folder(run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize('option, value, message', [
-    ('--opacity', '1.5', '--opacity must be in [0, 1], got 1.5'),
-    ('--opacity', '-0.1', '--opacity must be in [0, 1], got -0.1'),
-    ('--batch-size', '0', '--batch-size must be at least 1, got 0'),
+    ('--opacity', '1.5', 'argument --opacity: must be in [0, 1], got 1.5'),
+    ('--opacity', '-0.1', 'argument --opacity: must be in [0, 1], got -0.1'),
+    ('--batch-size', '0', 'argument --batch-size: must be >= 1, got 0'),
 ])
 def test_infer_options_are_range_checked(run, tmp_path, capsys, option, value, message):
     write_inputs(tmp_path / 'in', run)
     before = snapshot(tmp_path)
     error = refused(['--checkpoint', str(run / 'work' / 'best.pth'), '--input', str(tmp_path / 'in'),
                      '--output', str(tmp_path / 'out'), option, value], capsys)
-    assert error == f'error: {message}'
+    assert error == f'error: {message} (see --help)'
     assert snapshot(tmp_path) == before

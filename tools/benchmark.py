@@ -31,7 +31,6 @@ What the numbers are:
 Models get random weights (backbone.pretrained=null unless --set says otherwise): speed and size
 do not depend on the values.
 """
-import argparse
 import contextlib
 import copy
 import csv
@@ -63,7 +62,7 @@ from models.heads.classifier import PixelClassifier  # noqa: E402
 from models.heads.offseg import OffSegHead  # noqa: E402
 from models.heads.segformer import SegFormerMLPHead  # noqa: E402
 from models.weights import convert_model_state  # noqa: E402
-from engine.cli import AMP_DTYPES, number, run_cli  # noqa: E402
+from engine.cli import AMP_DTYPES, ArgumentParser, number, run_cli  # noqa: E402
 from engine.rules import load_config  # noqa: E402
 from train import create_model  # noqa: E402
 
@@ -503,7 +502,7 @@ def write_csv(results: list, path: Path) -> None:
 # ------------------------------------------------------------------------------------------ main
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__doc__)
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument('--config', help='YAML file of the model')
     which.add_argument('--all', nargs='+', metavar='CFG',

@@ -11,7 +11,6 @@ listed, never dropped silently; the one documented exception is the unused `conv
 published Offset Learning heads. Parts the file does not hold (the head, for an ImageNet backbone
 file) keep their fresh initialisation and are listed.
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine.checkpoint import save_checkpoint  # noqa: E402
-from engine.cli import run_cli  # noqa: E402
+from engine.cli import ArgumentParser, run_cli  # noqa: E402
 from engine.rules import load_config  # noqa: E402
 from models.weights import convert_model_state, load_into, read_state_dict  # noqa: E402
 from train import create_model  # noqa: E402
@@ -39,7 +38,7 @@ def convert(source: str, target: str, config: str, overrides=()) -> list:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__doc__)
     parser.add_argument('source', help='published checkpoint file or Hugging Face folder')
     parser.add_argument('target', help='output checkpoint (.pth)')
     parser.add_argument('--config', required=True, help='YAML describing the model the weights belong to')

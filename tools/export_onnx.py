@@ -24,7 +24,6 @@ image of a batch, so the ONNX model is deterministic and at batch 1 equals PyTor
 the `onnx` package, and exports these models in seconds. --check runs ONNX Runtime (`onnxruntime`)
 at the export size and at a second size against the PyTorch model and prints the max abs differences.
 """
-import argparse
 import copy
 import json
 import sys
@@ -41,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from engine.checkpoint import load_checkpoint  # noqa: E402
 from engine.fast import prepare_for_inference  # noqa: E402
 from models.heads.ham import Hamburger  # noqa: E402
-from engine.cli import config_for_checkpoint, number, run_cli  # noqa: E402
+from engine.cli import ArgumentParser, config_for_checkpoint, number, run_cli  # noqa: E402
 from models.weights import load_model_weights  # noqa: E402
 from train import create_model  # noqa: E402
 
@@ -111,7 +110,7 @@ def check(path, model: torch.nn.Module, sizes, batch: int = 1) -> list:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__doc__)
     parser.add_argument('--checkpoint', required=True)
     parser.add_argument('--output', required=True, help='the .onnx file to write')
     parser.add_argument('--size', nargs=2, type=number(int, 32), default=[512, 512], metavar=('H', 'W'),

@@ -8,7 +8,6 @@ output stride comes from a meta forward at 512x512. Paper numbers come from each
 section. Papers count the unused `conv_seg` classifier that mmseg builds beside Offset Learning;
 our heads do not build it, so both counts are shown.
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models import BACKBONES, OffsetLearning  # noqa: E402
+from engine.cli import ArgumentParser  # noqa: E402
 from engine.rules import load_config  # noqa: E402
 from train import create_model  # noqa: E402
 
@@ -86,7 +86,7 @@ def tables() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__doc__)
     parser.add_argument('--write', action='store_true', help='rewrite the tables in ARCHITECTURES.md')
     args = parser.parse_args()
     text = tables()
