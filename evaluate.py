@@ -11,6 +11,7 @@ resized to each label's original size before scoring. --show-dir writes, for eac
 view; ignored pixels are hatched. Runs under torchrun as well. The model runs with its conv+BN
 pairs folded (engine/fast.py): the same results up to float rounding.
 """
+
 import json
 import math
 from pathlib import Path
@@ -55,10 +56,10 @@ def cli_overrides(args) -> list:
 
 
 def format_table(results: dict, class_names: list) -> str:
-    lines = [f"{'class':<20}{'IoU':>8}{'Acc':>8}"]
+    lines = [f'{"class":<20}{"IoU":>8}{"Acc":>8}']
     for name, iou, acc in zip(class_names, results['IoU'], results['Acc']):
-        lines.append(f"{name:<20}{iou:>8.2f}{acc:>8.2f}" if not math.isnan(iou) else f"{name:<20}{'-':>8}{'-':>8}")
-    lines.append(f"mIoU {results['mIoU']:.2f}   mAcc {results['mAcc']:.2f}   aAcc {results['aAcc']:.2f}")
+        lines.append(f'{name:<20}{iou:>8.2f}{acc:>8.2f}' if not math.isnan(iou) else f'{name:<20}{"-":>8}{"-":>8}')
+    lines.append(f'mIoU {results["mIoU"]:.2f}   mAcc {results["mAcc"]:.2f}   aAcc {results["aAcc"]:.2f}')
     return '\n'.join(lines)
 
 
@@ -92,21 +93,40 @@ def main(argv=None) -> None:
     model = fast.prepare_for_inference(model.to(device), args.channels_last, args.fold_bn, args.compile)
     data = cfg['data']
     amp_dtype = amp_dtype_for(cfg, device)
-    results = evaluate(model, loader, data['num_classes'], data['ignore_index'], data['mean'], data['std'],
-                       cfg['eval'], device, amp_dtype, progress=dist.is_main(), on_sample=show)
+    results = evaluate(
+        model,
+        loader,
+        data['num_classes'],
+        data['ignore_index'],
+        data['mean'],
+        data['std'],
+        cfg['eval'],
+        device,
+        amp_dtype,
+        progress=dist.is_main(),
+        on_sample=show,
+    )
     confusion = results.pop('confusion')
     if dist.is_main():
         print(format_table(results, dataset.class_names))
         work_dir = Path(args.work_dir or Path(args.checkpoint).parent)
-        output = work_dir / f"eval_{args.split}_{cfg['eval']['mode']}.json"
+        output = work_dir / f'eval_{args.split}_{cfg["eval"]["mode"]}.json'
         per_class = {k: [None if math.isnan(x) else x for x in results[k]] for k in ('IoU', 'Acc')}
-        record = {'checkpoint': str(args.checkpoint), 'split': args.split, 'eval': cfg['eval'],
-                  'classes': dataset.class_names, **results, **per_class}
+        record = {
+            'checkpoint': str(args.checkpoint),
+            'split': args.split,
+            'eval': cfg['eval'],
+            'classes': dataset.class_names,
+            **results,
+            **per_class,
+        }
         write_bytes(output, json.dumps(record, indent=2, allow_nan=False).encode())
         write_image(output.with_name(output.stem + '_iou.png'), iou_chart(results['IoU'], style))
         write_image(output.with_name(output.stem + '_confusion.png'), confusion_heatmap(confusion, style))
-        print(f'results written to {output} (charts: {output.stem}_iou.png, {output.stem}_confusion.png)'
-              + (f'; pictures in {args.show_dir}' if args.show_dir else ''))
+        print(
+            f'results written to {output} (charts: {output.stem}_iou.png, {output.stem}_confusion.png)'
+            + (f'; pictures in {args.show_dir}' if args.show_dir else '')
+        )
     dist.cleanup()
 
 

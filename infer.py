@@ -13,6 +13,7 @@ file (`a.jpg` and `a.png`). Non-images are skipped with a warning; unreadable im
 skipped. Images of equal size share a batch. --channels-last, --compile and --no-fold-bn choose the
 fast paths of engine/fast.py (conv+BN folding is on by default).
 """
+
 import glob
 import json
 import os
@@ -29,8 +30,8 @@ from datasets.base import IMAGE_SUFFIXES, DatasetError, read_image, resolve_clas
 from datasets.transforms import Pipeline
 from engine import dist, fast
 from engine.checkpoint import load_checkpoint
-from engine.inference import infer_logits, inference_options, normalize
 from engine.cli import ArgumentParser, amp_dtype_for, config_for_checkpoint, number, run_cli
+from engine.inference import infer_logits, inference_options, normalize
 from engine.outputs import OutputError, write_bytes, write_class_ids, write_image
 from engine.visualize import ClassStyle, legend, overlay
 from models.weights import load_model_weights
@@ -46,7 +47,9 @@ def parse_args(argv=None):
     parser.add_argument('--output', required=True, help='folder for the predictions')
     parser.add_argument('--config', help="YAML to use instead of the checkpoint's stored config")
     parser.add_argument('--mode', choices=['whole', 'slide'], help='inference mode (default: eval.mode)')
-    parser.add_argument('--batch-size', type=number(int, 1), default=4, help='images per forward when sizes match (>= 1)')
+    parser.add_argument(
+        '--batch-size', type=number(int, 1), default=4, help='images per forward when sizes match (>= 1)'
+    )
     parser.add_argument('--opacity', type=number(float, 0, 1), default=0.5, help='colour weight in the overlay, 0 to 1')
     parser.add_argument('--overlay-format', choices=['jpg', 'png'], default='jpg', help='file type of the overlays')
     parser.add_argument('--set', nargs='+', default=[], action='extend', metavar='KEY=VALUE')
@@ -74,8 +77,10 @@ def plan_outputs(base: Path, images: list, output: Path, overlay_format: str) ->
     plan = {}
     for path in images:
         target = output / path.relative_to(base).with_suffix('')
-        plan[path] = (target.with_name(f'{target.name}.png'),
-                      target.with_name(f'{target.name}_overlay.{overlay_format}'))
+        plan[path] = (
+            target.with_name(f'{target.name}.png'),
+            target.with_name(f'{target.name}_overlay.{overlay_format}'),
+        )
     return plan
 
 
@@ -87,14 +92,18 @@ def check_outputs(plan: dict, shared: dict, inputs: list) -> None:
     for source, files in plan.items():
         for file in files:
             if file in written_by:
-                raise OutputError(f"{written_by[file]} and '{source}' would both be written to '{file}'; rename "
-                                  "one, or predict them into separate --output folders")
+                raise OutputError(
+                    f"{written_by[file]} and '{source}' would both be written to '{file}'; rename "
+                    'one, or predict them into separate --output folders'
+                )
             written_by[file] = f"'{source}'"
     input_files = {file_identity(path) for path in inputs}
     for file in written_by:
         if file.exists() and file_identity(file) in input_files:
-            raise OutputError(f"'{file}' is one of the inputs and would be overwritten; choose an --output "
-                              "folder apart from the inputs")
+            raise OutputError(
+                f"'{file}' is one of the inputs and would be overwritten; choose an --output "
+                'folder apart from the inputs'
+            )
 
 
 def file_identity(path: Path) -> tuple:
@@ -130,8 +139,11 @@ def main(argv=None) -> None:
     model = fast.prepare_for_inference(model.to(device), args.channels_last, args.fold_bn, args.compile)
     amp_dtype = amp_dtype_for(cfg, device)
     dataset_class = DATASETS[data['type']]
-    style = ClassStyle(resolve_class_names(dataset_class, data['num_classes'], data['class_names']),
-                       resolve_palette(dataset_class, data['num_classes'], data['palette']), data['ignore_index'])
+    style = ClassStyle(
+        resolve_class_names(dataset_class, data['num_classes'], data['class_names']),
+        resolve_palette(dataset_class, data['num_classes'], data['palette']),
+        data['ignore_index'],
+    )
     write_class_key(output, style)
     pipeline = Pipeline(data['val']['pipeline'], data['ignore_index'], data['mean'])
     options = inference_options(cfg['eval'])
@@ -139,7 +151,7 @@ def main(argv=None) -> None:
     with tqdm(total=len(images), desc='infer', dynamic_ncols=True, disable=None) as bar:
         for start in range(0, len(images), args.batch_size):
             loaded = []
-            for path in images[start:start + args.batch_size]:
+            for path in images[start : start + args.batch_size]:
                 try:
                     original = read_image(path)
                 except DatasetError as error:
@@ -149,21 +161,29 @@ def main(argv=None) -> None:
                     continue
                 resized, _ = pipeline(original, None, np.random.default_rng(0))
                 loaded.append((path, original, resized))
-            for _, group in groupby(sorted(loaded, key=lambda x: (x[1].shape, x[2].shape)),
-                                    key=lambda x: (x[1].shape, x[2].shape)):
+            for _, group in groupby(
+                sorted(loaded, key=lambda x: (x[1].shape, x[2].shape)), key=lambda x: (x[1].shape, x[2].shape)
+            ):
                 group = list(group)
                 batch = torch.from_numpy(np.stack([r.transpose(2, 0, 1) for _, _, r in group])).to(device)
-                with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = infer_logits(model, normalize(batch, data['mean'], data['std']), data['num_classes'],
-                                          group[0][1].shape[:2], **options)
+                with (
+                    torch.inference_mode(),
+                    torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
+                ):
+                    logits = infer_logits(
+                        model,
+                        normalize(batch, data['mean'], data['std']),
+                        data['num_classes'],
+                        group[0][1].shape[:2],
+                        **options,
+                    )
                 for (path, original, _), prediction in zip(group, logits.argmax(1).cpu().numpy()):
                     ids_file, overlay_file = plan[path]
                     write_class_ids(ids_file, prediction, style.palette)
                     write_image(overlay_file, overlay(original, prediction, style, args.opacity))
                     bar.update()
     done = len(images) - len(failed)
-    print(f'{done} images predicted into {args.output}; {len(skipped)} non-images skipped, '
-          f'{len(failed)} unreadable')
+    print(f'{done} images predicted into {args.output}; {len(skipped)} non-images skipped, {len(failed)} unreadable')
     dist.cleanup()
 
 

@@ -7,6 +7,7 @@
 
 The factories below map the config to models; the rest of the file is the training loop.
 """
+
 import contextlib
 import copy
 import datetime
@@ -27,9 +28,19 @@ from engine.data import build_dataset
 from engine.losses import SegmentationLoss
 from engine.optim import build_optimizer, build_scheduler
 from engine.rules import load_config, pretrained_file, section_kwargs
+from engine.training import (
+    Batches,
+    Logger,
+    ProgressMeter,
+    TrainState,
+    count_params,
+    has_unused_parameters,
+    per_process_batch,
+    progress_bar,
+    train_step,
+    validate_and_checkpoint,
+)
 from engine.visualize import ClassStyle
-from engine.training import (Batches, Logger, ProgressMeter, TrainState, count_params, has_unused_parameters,
-                             per_process_batch, progress_bar, train_step, validate_and_checkpoint)
 from models import BACKBONES, HEADS, Segmentor
 from models.weights import load_pretrained, load_weights_from
 
@@ -37,6 +48,7 @@ __all__ = ['load_config', 'create_backbone', 'get_backbone_channels', 'create_he
 
 
 # ----------------------------------------------------------------------------------------- factories
+
 
 def create_backbone(cfg: dict) -> nn.Module:
     """The backbone named by `backbone.type`, with `backbone.pretrained` weights loaded if given."""
@@ -72,22 +84,38 @@ def parse_args(argv=None):
     parser = ArgumentParser(__doc__)
     parser.add_argument('--config', required=True, help='YAML file describing the run')
     parser.add_argument('--work-dir', help='where logs and checkpoints go (default: output.work_dir)')
-    parser.add_argument('--set', nargs='+', default=[], action='extend', metavar='KEY=VALUE',
-                        help='override config values, e.g. --set train.max_iters=200 head.type=aspp')
+    parser.add_argument(
+        '--set',
+        nargs='+',
+        default=[],
+        action='extend',
+        metavar='KEY=VALUE',
+        help='override config values, e.g. --set train.max_iters=200 head.type=aspp',
+    )
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
-    parser.add_argument('--resume', metavar='CKPT|auto',
-                        help="continue a run exactly from a checkpoint ('auto': work_dir/last.pth if there is one)")
-    parser.add_argument('--overwrite', action='store_true',
-                        help="start afresh in a work dir that holds another run's checkpoints (deletes them)")
-    parser.add_argument('--load-from', metavar='CKPT',
-                        help='initialise the weights from a checkpoint (fine-tuning: a fresh optimizer and schedule; '
-                             'ignored when resuming)')
+    parser.add_argument(
+        '--resume',
+        metavar='CKPT|auto',
+        help="continue a run exactly from a checkpoint ('auto': work_dir/last.pth if there is one)",
+    )
+    parser.add_argument(
+        '--overwrite',
+        action='store_true',
+        help="start afresh in a work dir that holds another run's checkpoints (deletes them)",
+    )
+    parser.add_argument(
+        '--load-from',
+        metavar='CKPT',
+        help='initialise the weights from a checkpoint (fine-tuning: a fresh optimizer and schedule; '
+        'ignored when resuming)',
+    )
     return parser.parse_args(argv)
 
 
 @dataclass
 class Run:
     """Where and how this process trains."""
+
     work_dir: Path
     device: torch.device
     rank: int
@@ -101,9 +129,15 @@ def start_run(args, cfg: dict) -> Run:
     """Work dir, device and processes (torchrun's environment), and each process's share of the batch."""
     work_dir = Path(args.work_dir or cfg['output']['work_dir'] or Path('work_dirs') / Path(args.config).stem)
     device, rank, world_size = dist.setup(args.device)
-    return Run(work_dir, device, rank, world_size, per_process_batch(cfg['train'], world_size, args.config),
-               amp_dtype_for(cfg, device),
-               torch.channels_last if cfg['train']['channels_last'] else torch.contiguous_format)
+    return Run(
+        work_dir,
+        device,
+        rank,
+        world_size,
+        per_process_batch(cfg['train'], world_size, args.config),
+        amp_dtype_for(cfg, device),
+        torch.channels_last if cfg['train']['channels_last'] else torch.contiguous_format,
+    )
 
 
 def run_config(cfg: dict, run: Run, train_set) -> dict:
@@ -132,19 +166,26 @@ def build_train_state(cfg: dict, run: Run, model: nn.Module) -> tuple:
     optimizer, groups_table = build_optimizer(model, train_cfg['optimizer'], train_cfg['param_groups'])
     scheduler = build_scheduler(optimizer, train_cfg['max_iters'], train_cfg['schedule'])
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp_dtype == torch.float16)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(train_cfg['ema_decay']), use_buffers=True) \
-        if train_cfg['ema_decay'] else None
+    ema = (
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(train_cfg['ema_decay']), use_buffers=True)
+        if train_cfg['ema_decay']
+        else None
+    )
     return TrainState(cfg, model, optimizer, scheduler, scaler, ema), groups_table
 
 
 def build_loaders(cfg: dict, run: Run, train_set, val_set, start_iter: int) -> tuple:
     """The training loader (resumable: it skips the samples of the first `start_iter` iterations) and
     this process's shard of the validation set."""
-    options = dict(num_workers=cfg['data']['workers'], pin_memory=run.device.type == 'cuda',
-                   persistent_workers=cfg['data']['workers'] > 0)
+    options = dict(
+        num_workers=cfg['data']['workers'],
+        pin_memory=run.device.type == 'cuda',
+        persistent_workers=cfg['data']['workers'] > 0,
+    )
     samples_per_iter = run.micro_batch * cfg['train']['accum_steps']
-    sampler = TrainSampler(len(train_set), cfg['train']['seed'], run.rank, run.world_size,
-                           start=start_iter * samples_per_iter)
+    sampler = TrainSampler(
+        len(train_set), cfg['train']['seed'], run.rank, run.world_size, start=start_iter * samples_per_iter
+    )
     train_loader = DataLoader(train_set, batch_size=run.micro_batch, sampler=sampler, **options)
     val_loader = DataLoader(Subset(val_set, shard(len(val_set), run.rank, run.world_size)), batch_size=1, **options)
     return train_loader, val_loader
@@ -154,8 +195,9 @@ def wrap_for_processes(model: nn.Module, run: Run, find_unused: bool) -> nn.Modu
     """The module the step runs: the model itself, or DDP around it under torchrun."""
     if run.world_size == 1:
         return model
-    return nn.parallel.DistributedDataParallel(model, device_ids=[run.device] if run.device.type == 'cuda' else None,
-                                               find_unused_parameters=find_unused)
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[run.device] if run.device.type == 'cuda' else None, find_unused_parameters=find_unused
+    )
 
 
 def prepare_work_dir(run: Run, stored: dict, log: Logger) -> None:
@@ -165,14 +207,18 @@ def prepare_work_dir(run: Run, stored: dict, log: Logger) -> None:
         remove_partial_writes(run.work_dir)
 
 
-def describe_run(cfg: dict, run: Run, state: TrainState, groups_table: str, train_set, val_set,
-                 find_unused: bool) -> str:
+def describe_run(
+    cfg: dict, run: Run, state: TrainState, groups_table: str, train_set, val_set, find_unused: bool
+) -> str:
     accum_steps = cfg['train']['accum_steps']
-    split = f"{run.world_size} x {run.micro_batch}" + (f" x {accum_steps} steps" if accum_steps > 1 else '')
-    return (f"{cfg['backbone']['type']} + {cfg['head']['type']}: {count_params(state.model) / 1e6:.3f}M parameters; "
-            f"{len(train_set)} train / {len(val_set)} val images; {run.world_size} process(es) on {run.device}; "
-            f"batch {cfg['train']['batch_size']} = {split}" + ('; DDP finds unused parameters' if find_unused else '')
-            + f"\nparameter groups:\n{groups_table}")
+    split = f'{run.world_size} x {run.micro_batch}' + (f' x {accum_steps} steps' if accum_steps > 1 else '')
+    return (
+        f'{cfg["backbone"]["type"]} + {cfg["head"]["type"]}: {count_params(state.model) / 1e6:.3f}M parameters; '
+        f'{len(train_set)} train / {len(val_set)} val images; {run.world_size} process(es) on {run.device}; '
+        f'batch {cfg["train"]["batch_size"]} = {split}'
+        + ('; DDP finds unused parameters' if find_unused else '')
+        + f'\nparameter groups:\n{groups_table}'
+    )
 
 
 def log_progress(log: Logger, meter: ProgressMeter, state: TrainState, max_iters: int, bar) -> None:
@@ -180,11 +226,15 @@ def log_progress(log: Logger, meter: ProgressMeter, state: TrainState, max_iters
     means, speed = meter.take()
     lr = state.optimizer.param_groups[0]['lr']
     eta = datetime.timedelta(seconds=round((max_iters - state.iteration) * meter.batch_size / speed))
-    bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f'{lr:.3g}')
-    log(f"iter {state.iteration}/{max_iters}: " + '  '.join(f'{k} {v:.6f}' for k, v in means.items())
-        + f'  lr {lr:.4g}  {speed:.1f} images/s  eta {eta}')
-    log.scalars(state.iteration, {**{f'train/{k}': v for k, v in means.items()}, 'train/lr': lr,
-                                  'train/images_per_s': speed})
+    bar.set_postfix(loss=f'{means["loss"]:.4f}', lr=f'{lr:.3g}')
+    log(
+        f'iter {state.iteration}/{max_iters}: '
+        + '  '.join(f'{k} {v:.6f}' for k, v in means.items())
+        + f'  lr {lr:.4g}  {speed:.1f} images/s  eta {eta}'
+    )
+    log.scalars(
+        state.iteration, {**{f'train/{k}': v for k, v in means.items()}, 'train/lr': lr, 'train/images_per_s': speed}
+    )
 
 
 def due(iteration: int, interval: int, max_iters: int) -> bool:
@@ -218,8 +268,9 @@ def fit(args, cfg: dict, run: Run, log: Logger) -> None:
     batches = Batches(train_loader, run.device, data_cfg['mean'], data_cfg['std'], run.memory_format)
     state.seed_processes(train_cfg['seed'], run.rank, run.world_size)  # after the loader drew its base seed
     train_model = wrap_for_processes(state.model, run, find_unused)
-    criterion = SegmentationLoss(data_cfg['ignore_index'], train_cfg['loss'],
-                                 (cfg['aux_head'] or {}).get('loss_weight', 0.4))
+    criterion = SegmentationLoss(
+        data_cfg['ignore_index'], train_cfg['loss'], (cfg['aux_head'] or {}).get('loss_weight', 0.4)
+    )
     prepare_work_dir(run, stored, log)
     log(describe_run(cfg, run, state, groups_table, train_set, val_set, find_unused))
     style = ClassStyle.of(val_set)
@@ -228,8 +279,9 @@ def fit(args, cfg: dict, run: Run, log: Logger) -> None:
     meter, max_iters = ProgressMeter(run.device, train_cfg['batch_size']), train_cfg['max_iters']
     with progress_bar(total=max_iters, initial=state.iteration, desc='train') as bar:
         while state.iteration < max_iters:
-            terms = train_step(train_model, state, criterion, batches, train_cfg['accum_steps'], run.amp_dtype,
-                               train_cfg['grad_clip'])
+            terms = train_step(
+                train_model, state, criterion, batches, train_cfg['accum_steps'], run.amp_dtype, train_cfg['grad_clip']
+            )
             meter.add(state.iteration, terms)
             bar.update()
             if due(state.iteration, train_cfg['log_interval'], max_iters):
@@ -238,8 +290,9 @@ def fit(args, cfg: dict, run: Run, log: Logger) -> None:
             if due(state.iteration, train_cfg['val_interval'], max_iters):
                 meter.check_finite(run.work_dir)  # never checkpoint a broken state
                 with meter.paused():
-                    validate_and_checkpoint(state, val_loader, stored, run.device, run.amp_dtype, log, run.work_dir,
-                                            style)
+                    validate_and_checkpoint(
+                        state, val_loader, stored, run.device, run.amp_dtype, log, run.work_dir, style
+                    )
     log(closing_line(state, run.work_dir))
 
 
@@ -247,9 +300,11 @@ def closing_line(state: TrainState, work_dir: Path) -> str:
     """What the run leaves behind, naming only checkpoints that were written."""
     best = state.best['model']
     if best.iteration:
-        return f"done: best mIoU {best.miou:.2f} at iteration {best.iteration}; checkpoint {work_dir / 'best.pth'}"
-    return (f"done: no validation gave an mIoU (no valid label pixel in the validation set?), so no best.pth; "
-            f"last checkpoint {work_dir / 'last.pth'}")
+        return f'done: best mIoU {best.miou:.2f} at iteration {best.iteration}; checkpoint {work_dir / "best.pth"}'
+    return (
+        f'done: no validation gave an mIoU (no valid label pixel in the validation set?), so no best.pth; '
+        f'last checkpoint {work_dir / "last.pth"}'
+    )
 
 
 if __name__ == '__main__':

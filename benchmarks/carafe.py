@@ -16,6 +16,7 @@ and the ratios of the references to this repo's carafe. Outputs are checked agai
 
     python benchmarks/carafe.py [--variant s1] [--size 512 512] [--runs 10] [--warmup 2] [--device cpu]
 """
+
 import argparse
 import functools
 import sys
@@ -53,12 +54,15 @@ def interleaved_carafe(features, masks, kernel_size: int, group_size: int, scale
     out = features.new_zeros(n, g, c // g, h, s, w, s)
     for i in range(k):
         for j in range(k):
-            out.addcmul_(padded[:, :, :, i:i + h, :, j:j + w], masks[:, :, i * k + j:i * k + j + 1])
+            out.addcmul_(padded[:, :, :, i : i + h, :, j : j + w], masks[:, :, i * k + j : i * k + j + 1])
     return out.reshape(n, c, h * s, w * s)
 
 
-IMPLEMENTATIONS = {'materialised': materialised_carafe, 'interleaved taps': interleaved_carafe,
-                   'this repo': freqfusion.carafe}
+IMPLEMENTATIONS = {
+    'materialised': materialised_carafe,
+    'interleaved taps': interleaved_carafe,
+    'this repo': freqfusion.carafe,
+}
 
 
 def recorded_calls(variant: str, size: tuple, device: torch.device) -> list:
@@ -124,19 +128,31 @@ def main():
         for name, fn in IMPLEMENTATIONS.items():
             diff = max((fn(*call) - ref).abs().max().item() for call, ref in zip(calls, reference))
             print(f'{name}: max abs diff to this repo {diff:.2e}')
-        times = time_calls({(name, i): functools.partial(fn, *call) for i, call in enumerate(calls)
-                            for name, fn in IMPLEMENTATIONS.items()}, args.runs, args.warmup, device)
+        times = time_calls(
+            {
+                (name, i): functools.partial(fn, *call)
+                for i, call in enumerate(calls)
+                for name, fn in IMPLEMENTATIONS.items()
+            },
+            args.runs,
+            args.warmup,
+            device,
+        )
         peaks = {name: [peak_bytes(fn, call, device) for call in calls] for name, fn in IMPLEMENTATIONS.items()}
 
     medians = {name: [latency_ms(times[name, i])['median'] for i in range(len(calls))] for name in IMPLEMENTATIONS}
-    print(f'\n{len(calls)} carafe calls of one OffSeg head forward ({args.variant}, {args.size[0]}x{args.size[1]} '
-          f'image, batch 1) on {args.device}, {args.threads} thread(s), median of {args.runs} runs after '
-          f'{args.warmup} warm-up rounds (torch {torch.__version__})')
+    print(
+        f'\n{len(calls)} carafe calls of one OffSeg head forward ({args.variant}, {args.size[0]}x{args.size[1]} '
+        f'image, batch 1) on {args.device}, {args.threads} thread(s), median of {args.runs} runs after '
+        f'{args.warmup} warm-up rounds (torch {torch.__version__})'
+    )
     names = list(IMPLEMENTATIONS)
-    print(f"{'call':24}" + ''.join(f'{n + " ms":>20}{n + " MiB":>22}' for n in names))
-    rows = [(describe(call), [medians[n][i] for n in names], [peaks[n][i] / 2 ** 20 for n in names])
-            for i, call in enumerate(calls)]
-    rows.append(('total time / max peak', [sum(medians[n]) for n in names], [max(peaks[n]) / 2 ** 20 for n in names]))
+    print(f'{"call":24}' + ''.join(f'{n + " ms":>20}{n + " MiB":>22}' for n in names))
+    rows = [
+        (describe(call), [medians[n][i] for n in names], [peaks[n][i] / 2**20 for n in names])
+        for i, call in enumerate(calls)
+    ]
+    rows.append(('total time / max peak', [sum(medians[n]) for n in names], [max(peaks[n]) / 2**20 for n in names]))
     for label, ms, mib in rows:
         print(f'{label:24}' + ''.join(f'{t:>20.2f}{m:>22.1f}' for t, m in zip(ms, mib)))
     ours_ms, ours_mib = rows[-1][1][-1], rows[-1][2][-1]

@@ -10,6 +10,7 @@ to (2048, 512)). The per-step table shows where the time goes.
 
     python benchmarks/data_pipeline.py [--samples 200] [--camvid ../shared/data/camvid]
 """
+
 import argparse
 import sys
 import tempfile
@@ -98,12 +99,14 @@ def main():
                 if stage == 'train':
                     breakdowns[name] = step_times(dataset, args.samples)
 
-    print(f'one worker: 1 OpenCV thread, 1 torch thread; {args.samples} samples per row '
-          f'(OpenCV {cv2.__version__}, numpy {np.__version__})')
-    print(f"{'input':<18}{'pipeline':<10}{'images/s':>10}{'ms/image':>10}")
+    print(
+        f'one worker: 1 OpenCV thread, 1 torch thread; {args.samples} samples per row '
+        f'(OpenCV {cv2.__version__}, numpy {np.__version__})'
+    )
+    print(f'{"input":<18}{"pipeline":<10}{"images/s":>10}{"ms/image":>10}')
     for name, stage, speed in rows:
         print(f'{name:<18}{stage:<10}{speed:>10.1f}{1000 / speed:>10.2f}')
-    print(f"\ntrain pipeline, ms per step{'':<6}" + ''.join(f'{name:>18}' for name in breakdowns))
+    print(f'\ntrain pipeline, ms per step{"":<6}' + ''.join(f'{name:>18}' for name in breakdowns))
     for step in next(iter(breakdowns.values())):
         print(f'{step:<33}' + ''.join(f'{times[step]:>18.2f}' for times in breakdowns.values()))
 

@@ -6,6 +6,7 @@ the same run. MACs count convolutions and matmuls only (torch FlopCounterMode / 
 
     python benchmarks/segformer_heads.py [--runs 30] [--warmup 3] [--size 512] [--classes 150]
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -14,8 +15,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.backbones.mit import MiT  # noqa: E402
-from models.heads.segformer import (ExtremelyFastSegFormerHead, SegFormerHead, SegFormerMLPHead,  # noqa: E402
-                                    UltraFastSegFormerHead)
+from models.heads.segformer import (
+    ExtremelyFastSegFormerHead,
+    SegFormerHead,
+    SegFormerMLPHead,  # noqa: E402
+    UltraFastSegFormerHead,
+)
 from tools.benchmark import count_macs, latency_ms, module_macs, time_calls  # noqa: E402
 
 
@@ -43,9 +48,11 @@ def main():
         times = time_calls(calls, args.runs, args.warmup, torch.device('cpu'))
         counted = {name: module_macs(count_macs(head, features), '') for name, head in heads.items()}
 
-    print(f'MiT-B0 features of a {args.size}x{args.size} image, batch 1, {args.classes} classes, '
-          f'1 thread, median of {args.runs} runs after {args.warmup} warm-up rounds (torch {torch.__version__})')
-    print(f"{'head':36} {'params':>9} {'GMACs':>7} {'median ms':>10} {'vs full':>8}")
+    print(
+        f'MiT-B0 features of a {args.size}x{args.size} image, batch 1, {args.classes} classes, '
+        f'1 thread, median of {args.runs} runs after {args.warmup} warm-up rounds (torch {torch.__version__})'
+    )
+    print(f'{"head":36} {"params":>9} {"GMACs":>7} {"median ms":>10} {"vs full":>8}')
     full = latency_ms(times['SegFormerHead (full, mmseg)'])['median']
     for name, head in heads.items():
         median = latency_ms(times[name])['median']

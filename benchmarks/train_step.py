@@ -12,6 +12,7 @@ process's peak RSS, on CUDA of torch.cuda.max_memory_allocated.
     python benchmarks/train_step.py [--configs configs/segformer_b0.yaml configs/segnext_t.yaml ...]
                                     [--reference segformer_b0] [--size 512 512] [--batch 2] [--runs 5]
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -19,8 +20,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools.benchmark import (build_model, latency_ms, peak_memory, random_weights_config,  # noqa: E402
-                             time_calls, train_call)
+from tools.benchmark import (
+    build_model,
+    latency_ms,
+    peak_memory,
+    random_weights_config,  # noqa: E402
+    time_calls,
+    train_call,
+)
 
 CONFIGS = ['configs/segformer_b0.yaml', 'configs/segnext_t.yaml', 'configs/offseg_t.yaml']
 
@@ -61,15 +68,19 @@ def main():
     medians = {name: latency_ms(seconds)['median'] for name, seconds in times.items()}
     peaks = {name: step_memory(call, device) for name, call in calls.items()}
 
-    print(f"training step on {device}, batch {args.batch} of {args.size[0]}x{args.size[1]}, {args.threads} "
-          f"thread(s), amp {args.amp or 'off'}, median of {args.runs} rounds after {args.warmup} warm-up "
-          f"(torch {torch.__version__})")
-    print(f"{'config':<28}{'ms/step':>10}{'images/s':>10}{'vs ref':>8}{'step MB':>9}{'vs ref':>8}")
+    print(
+        f'training step on {device}, batch {args.batch} of {args.size[0]}x{args.size[1]}, {args.threads} '
+        f'thread(s), amp {args.amp or "off"}, median of {args.runs} rounds after {args.warmup} warm-up '
+        f'(torch {torch.__version__})'
+    )
+    print(f'{"config":<28}{"ms/step":>10}{"images/s":>10}{"vs ref":>8}{"step MB":>9}{"vs ref":>8}')
     for name in names:
         speed = 1e3 * args.batch / medians[name]
         ref_speed = 1e3 * args.batch / medians[reference]
-        print(f'{name:<28}{medians[name]:>10.1f}{speed:>10.2f}{speed / ref_speed:>8.2f}'
-              f'{peaks[name]:>9.0f}{peaks[name] / peaks[reference]:>8.2f}')
+        print(
+            f'{name:<28}{medians[name]:>10.1f}{speed:>10.2f}{speed / ref_speed:>8.2f}'
+            f'{peaks[name]:>9.0f}{peaks[name] / peaks[reference]:>8.2f}'
+        )
 
 
 if __name__ == '__main__':

@@ -1,6 +1,7 @@
 """Datasets: each reads its on-disk layout and yields (uint8 image (3,H,W), int64 label (H,W)).
 
 `DATASETS` maps `data.type` to the class; see datasets/README.md for each one's expected layout."""
+
 import cv2
 
 # OpenCV's own thread pool does not survive fork(): a data-loader worker forked from a process whose

@@ -7,6 +7,7 @@ default layout is mmseg's: `root/images/<split>/x.jpg` + `root/annotations/<spli
 name (extensions may differ). Samples come out as a uint8 (3, H, W) RGB image and an int64 (H, W)
 label of train ids; normalisation happens on the device.
 """
+
 import hashlib
 import json
 import os
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .labels import ColorTable, LABEL_VALUES, describe_code, id_table, read_raw_label
+from .labels import LABEL_VALUES, ColorTable, describe_code, id_table, read_raw_label
 from .scan import scan
 from .transforms import IMAGENET_MEAN, Pipeline
 
@@ -48,6 +49,7 @@ def read_image(path: Path) -> np.ndarray:
 class Source:
     """Where pairs of a split come from: folders relative to the root and, optionally, a text file
     (relative to the root) listing the names to use, one a line."""
+
     image_dir: str
     label_dir: str
     split_file: str = None
@@ -62,23 +64,35 @@ class SegmentationDataset(Dataset):
     the scan's result is kept (None: scan on every start).
     """
 
-    CLASS_NAMES = None           # one name per class; None: '0', '1', ... unless data.class_names
-    PALETTE = None               # RGB per class; None: generated
+    CLASS_NAMES = None  # one name per class; None: '0', '1', ... unless data.class_names
+    PALETTE = None  # RGB per class; None: generated
     IMAGE_DIR, LABEL_DIR = 'images/{split}', 'annotations/{split}'
-    IMAGE_SUFFIX = None          # None: any image extension, which may differ from the label's
+    IMAGE_SUFFIX = None  # None: any image extension, which may differ from the label's
     LABEL_SUFFIX = '.png'
-    SPLIT_FILE = None            # e.g. 'ImageSets/Segmentation/{split}.txt'
-    SPLIT_DIRS = {}              # config split name -> its name on disk, e.g. {'train': 'training'}
-    OTHER_LABEL_SUFFIXES = ()    # files in the label folder that are not these labels (converted copies)
-    LABEL_MAP = None             # {raw value: train id}
-    UNLISTED_IGNORED = False     # raw values LABEL_MAP does not list become ignore (else they stay)
-    REDUCE_ZERO_LABEL = False    # the dataset's own convention, applied whatever data.reduce_zero_label says
-    VOID_VALUES = ()             # raw values that mean "unlabelled" in this format: become the ignore index
-    LABEL_COLORS = None          # {value: [r, g, b]} for colour-image labels
+    SPLIT_FILE = None  # e.g. 'ImageSets/Segmentation/{split}.txt'
+    SPLIT_DIRS = {}  # config split name -> its name on disk, e.g. {'train': 'training'}
+    OTHER_LABEL_SUFFIXES = ()  # files in the label folder that are not these labels (converted copies)
+    LABEL_MAP = None  # {raw value: train id}
+    UNLISTED_IGNORED = False  # raw values LABEL_MAP does not list become ignore (else they stay)
+    REDUCE_ZERO_LABEL = False  # the dataset's own convention, applied whatever data.reduce_zero_label says
+    VOID_VALUES = ()  # raw values that mean "unlabelled" in this format: become the ignore index
+    LABEL_COLORS = None  # {value: [r, g, b]} for colour-image labels
 
-    def __init__(self, root: str, split: str, num_classes: int, pipeline: list = (), ignore_index: int = 255,
-                 reduce_zero_label: bool = False, class_names: list = None, palette: list = None, seed: int = 0,
-                 mean: list = IMAGENET_MEAN, on_invalid: str = 'error', cache_dir: str | None = None):
+    def __init__(
+        self,
+        root: str,
+        split: str,
+        num_classes: int,
+        pipeline: list = (),
+        ignore_index: int = 255,
+        reduce_zero_label: bool = False,
+        class_names: list = None,
+        palette: list = None,
+        seed: int = 0,
+        mean: list = IMAGENET_MEAN,
+        on_invalid: str = 'error',
+        cache_dir: str | None = None,
+    ):
         self.root, self.split, self.num_classes = Path(root), split, num_classes
         self.ignore_index, self.seed, self.on_invalid = ignore_index, seed, on_invalid
         self.reduce_zero_label = reduce_zero_label or self.REDUCE_ZERO_LABEL
@@ -87,8 +101,9 @@ class SegmentationDataset(Dataset):
         self.palette = resolve_palette(type(self), num_classes, palette)
         self.pipeline = Pipeline(list(pipeline), ignore_index, mean)
         self.colors = ColorTable(self.LABEL_COLORS) if self.LABEL_COLORS else None
-        self.ids = id_table(ignore_index, self.LABEL_MAP, self.UNLISTED_IGNORED, self.reduce_zero_label,
-                            self.VOID_VALUES)
+        self.ids = id_table(
+            ignore_index, self.LABEL_MAP, self.UNLISTED_IGNORED, self.reduce_zero_label, self.VOID_VALUES
+        )
         self.table = self.ids.astype(np.uint8 if max(num_classes - 1, ignore_index) < 256 else np.uint16)
         self.sources = self.layout(self.SPLIT_DIRS.get(split, split))
         pairs, problems, unpaired = self.find_pairs()
@@ -112,23 +127,32 @@ class SegmentationDataset(Dataset):
         if self.on_invalid not in ('error', 'skip'):
             raise DatasetError(f"data.on_invalid must be 'error' or 'skip', got {self.on_invalid!r}")
         if not 0 <= self.ignore_index < LABEL_VALUES:
-            raise DatasetError(f"data.ignore_index must be in [0, {LABEL_VALUES}), got {self.ignore_index}")
+            raise DatasetError(f'data.ignore_index must be in [0, {LABEL_VALUES}), got {self.ignore_index}')
         if self.ignore_index < n:
-            raise DatasetError(f"data.ignore_index {self.ignore_index} is also a class id (data.num_classes is "
-                               f"{n}); use a value >= num_classes, e.g. 255")
+            raise DatasetError(
+                f'data.ignore_index {self.ignore_index} is also a class id (data.num_classes is '
+                f'{n}); use a value >= num_classes, e.g. 255'
+            )
         if self.CLASS_NAMES and not class_names and len(self.CLASS_NAMES) != n:
-            raise DatasetError(f"data.num_classes is {n} but {name} has {len(self.CLASS_NAMES)} classes; the "
-                               f"model's classifier is sized by data.num_classes, so set it to "
-                               f"{len(self.CLASS_NAMES)}")
+            raise DatasetError(
+                f'data.num_classes is {n} but {name} has {len(self.CLASS_NAMES)} classes; the '
+                f"model's classifier is sized by data.num_classes, so set it to "
+                f'{len(self.CLASS_NAMES)}'
+            )
         if len(self.class_names) != n:
-            raise DatasetError(f"data.class_names has {len(self.class_names)} names for data.num_classes {n}")
+            raise DatasetError(f'data.class_names has {len(self.class_names)} names for data.num_classes {n}')
         if palette and (len(palette) < n or not all(is_color(c) for c in palette)):
-            raise DatasetError(f"data.palette must give an [r, g, b] colour (0-255) for each of the {n} classes")
+            raise DatasetError(f'data.palette must give an [r, g, b] colour (0-255) for each of the {n} classes')
 
     def layout(self, split: str) -> list:
         """The Sources of `split` (its name on disk); VOC's train_aug overrides this to combine two."""
-        return [Source(self.IMAGE_DIR.format(split=split), self.LABEL_DIR.format(split=split),
-                       self.SPLIT_FILE and self.SPLIT_FILE.format(split=split))]
+        return [
+            Source(
+                self.IMAGE_DIR.format(split=split),
+                self.LABEL_DIR.format(split=split),
+                self.SPLIT_FILE and self.SPLIT_FILE.format(split=split),
+            )
+        ]
 
     def find_pairs(self) -> tuple:
         """(pairs, problems, unpaired): pairs sorted by name within each source; a name found in an
@@ -148,27 +172,32 @@ class SegmentationDataset(Dataset):
             if not folder.is_dir():
                 raise DatasetError(f"data folder '{folder}' not found (data.root is '{self.root}')")
         image_suffixes = (self.IMAGE_SUFFIX,) if self.IMAGE_SUFFIX else IMAGE_SUFFIXES
-        images, doubles = list_files(image_dir, image_suffixes,
-                                     (self.LABEL_SUFFIX,) if image_dir == label_dir else ())
+        images, doubles = list_files(image_dir, image_suffixes, (self.LABEL_SUFFIX,) if image_dir == label_dir else ())
         labels, _ = list_files(label_dir, (self.LABEL_SUFFIX,), self.OTHER_LABEL_SUFFIXES)
         if not images:
             raise DatasetError(f"no images ({' or '.join(image_suffixes)}) in '{image_dir}'")
-        problems = [f"'{image_dir}' has several images named {key}.*: pairing by name is ambiguous"
-                    for key in sorted(set(doubles))]
+        problems = [
+            f"'{image_dir}' has several images named {key}.*: pairing by name is ambiguous"
+            for key in sorted(set(doubles))
+        ]
         if source.split_file:
             names = read_split_file(self.root / source.split_file)
             missing = [name for name in names if name not in images or name not in labels]
             if missing:
-                problems.append(f"'{self.root / source.split_file}' lists {len(names)} names; {len(missing)} without "
-                                f"an image in '{image_dir}' or a label in '{label_dir}', e.g. "
-                                f"{examples(missing, images)}")
+                problems.append(
+                    f"'{self.root / source.split_file}' lists {len(names)} names; {len(missing)} without "
+                    f"an image in '{image_dir}' or a label in '{label_dir}', e.g. "
+                    f'{examples(missing, images)}'
+                )
             keys = [name for name in names if name in images and name in labels]
             unpaired = len(missing)
         else:
             unmatched = sorted(images.keys() ^ labels.keys())
             if unmatched:
-                problems.append(f"'{image_dir}' has {len(images)} images and '{label_dir}' {len(labels)} labels; "
-                                f"{len(unmatched)} without a partner, e.g. {examples(unmatched, images)}")
+                problems.append(
+                    f"'{image_dir}' has {len(images)} images and '{label_dir}' {len(labels)} labels; "
+                    f'{len(unmatched)} without a partner, e.g. {examples(unmatched, images)}'
+                )
             keys = sorted(images.keys() & labels.keys())
             unpaired = len(unmatched)
         keys = [key for key in keys if key not in doubles]
@@ -178,8 +207,15 @@ class SegmentationDataset(Dataset):
         """One file per (root, split, layout); the scan checks inside it that the files are unchanged."""
         if not cache_dir:
             return None
-        layout = json.dumps([str(self.root.resolve()), [astuple(s) for s in self.sources], self.IMAGE_SUFFIX,
-                             self.LABEL_SUFFIX, self.OTHER_LABEL_SUFFIXES])
+        layout = json.dumps(
+            [
+                str(self.root.resolve()),
+                [astuple(s) for s in self.sources],
+                self.IMAGE_SUFFIX,
+                self.LABEL_SUFFIX,
+                self.OTHER_LABEL_SUFFIXES,
+            ]
+        )
         return Path(cache_dir) / f'{self.split}-{hashlib.sha1(layout.encode()).hexdigest()[:12]}.json'
 
     def check_record(self, pair: tuple, record) -> str:
@@ -191,15 +227,19 @@ class SegmentationDataset(Dataset):
         if self.colors is not None:
             unknown = values[~self.colors.known(values)]
             if len(unknown):
-                return (f"label '{label_path}' has colours {', '.join(describe_code(c) for c in unknown[:10])} "
-                        f"that data.label_colors does not list")
+                return (
+                    f"label '{label_path}' has colours {', '.join(describe_code(c) for c in unknown[:10])} "
+                    f'that data.label_colors does not list'
+                )
             values = self.colors.lookup(values)
         ids = self.ids[values]
         bad = (ids >= self.num_classes) & (ids != self.ignore_index)
         if bad.any():
             mapped = '' if np.array_equal(ids, values) else f' (train ids {ids[bad][:10].tolist()} after mapping)'
-            return (f"label '{label_path}' has values {values[bad][:10].tolist()}{mapped} outside "
-                    f"[0, {self.num_classes}) and not the ignore index {self.ignore_index}")
+            return (
+                f"label '{label_path}' has values {values[bad][:10].tolist()}{mapped} outside "
+                f'[0, {self.num_classes}) and not the ignore index {self.ignore_index}'
+            )
         known = ids < self.num_classes
         np.add.at(self.class_pixels, ids[known], counts[known])
         self.ignored_pixels += int(counts[~known].sum())
@@ -208,16 +248,23 @@ class SegmentationDataset(Dataset):
     def report(self, problems: list, total: int) -> None:
         """Stop with every problem named, or (on_invalid: skip) warn and go on without those pairs."""
         if problems:
-            listed = problems[:MAX_LISTED] + ([f'... and {len(problems) - MAX_LISTED} more']
-                                             if len(problems) > MAX_LISTED else [])
+            listed = problems[:MAX_LISTED] + (
+                [f'... and {len(problems) - MAX_LISTED} more'] if len(problems) > MAX_LISTED else []
+            )
             detail = listed[0] if len(problems) == 1 else '\n  ' + '\n  '.join(listed)
             if self.on_invalid == 'error':
-                raise DatasetError(f"{self.where}: {detail}\n(fix the files, or set data.on_invalid: skip to "
-                                   f"leave such pairs out with a warning)")
-            warnings.warn(f"{self.where}: left out {total - len(self.samples)} of {total} pairs "
-                          f"(data.on_invalid: skip): {detail}", DatasetWarning, stacklevel=3)
+                raise DatasetError(
+                    f'{self.where}: {detail}\n(fix the files, or set data.on_invalid: skip to '
+                    f'leave such pairs out with a warning)'
+                )
+            warnings.warn(
+                f'{self.where}: left out {total - len(self.samples)} of {total} pairs '
+                f'(data.on_invalid: skip): {detail}',
+                DatasetWarning,
+                stacklevel=3,
+            )
         if not self.samples:
-            raise DatasetError(f"{self.where}: no usable image/label pairs")
+            raise DatasetError(f'{self.where}: no usable image/label pairs')
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -231,8 +278,10 @@ class SegmentationDataset(Dataset):
         if self.colors is not None:
             label = self.colors.decode(label)
         if image.shape[:2] != label.shape[:2]:
-            raise DatasetError(f"size mismatch: image '{image_path}' is {image.shape[1]}x{image.shape[0]}, "
-                               f"label '{label_path}' is {label.shape[1]}x{label.shape[0]}")
+            raise DatasetError(
+                f"size mismatch: image '{image_path}' is {image.shape[1]}x{image.shape[0]}, "
+                f"label '{label_path}' is {label.shape[1]}x{label.shape[0]}"
+            )
         return image, self.train_ids(label)
 
     def train_ids(self, label: np.ndarray) -> np.ndarray:
@@ -263,7 +312,7 @@ def list_files(folder: Path, suffixes, exclude=()) -> tuple:
             suffix = next((s for s in suffixes if lower.endswith(s.lower())), None)
             if suffix is None or name.startswith('.') or any(lower.endswith(e.lower()) for e in exclude):
                 continue
-            key = os.path.normpath(os.path.join(relative, name[:-len(suffix)]))
+            key = os.path.normpath(os.path.join(relative, name[: -len(suffix)]))
             if key in files:
                 doubles.append(key)
             files[key] = Path(directory) / name
@@ -280,12 +329,15 @@ def read_split_file(path: Path) -> list:
 
 
 def examples(keys: list, images: dict) -> str:
-    return ', '.join(f"{key} (no {'label' if key in images else 'image'})" for key in keys[:5])
+    return ', '.join(f'{key} (no {"label" if key in images else "image"})' for key in keys[:5])
 
 
 def is_color(value) -> bool:
-    return (isinstance(value, (list, tuple)) and len(value) == 3
-            and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 256 for c in value))
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) == 3
+        and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 256 for c in value)
+    )
 
 
 def resolve_class_names(dataset_class, num_classes: int, class_names: list = None) -> list:

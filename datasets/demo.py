@@ -4,6 +4,7 @@ Each class has its own texture (stripe orientation and period, or checks) and sh
 colours, positions and sizes; a thin band on every shape's outline is labelled ignore (255), like
 the void borders of Pascal VOC. Generated once into `root` on first use, deterministic from `seed`.
 """
+
 import os
 import shutil
 import tempfile
@@ -85,8 +86,11 @@ def generate(root: Path, seed: int = 0) -> None:
             (staging / sub / split).mkdir(parents=True)
         for i in range(count):
             image, label = scene(rng)
-            cv2.imwrite(str(staging / 'images' / split / f'{i:04d}.jpg'), cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
-                        [cv2.IMWRITE_JPEG_QUALITY, 95])
+            cv2.imwrite(
+                str(staging / 'images' / split / f'{i:04d}.jpg'),
+                cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
+                [cv2.IMWRITE_JPEG_QUALITY, 95],
+            )
             cv2.imwrite(str(staging / 'annotations' / split / f'{i:04d}.png'), label)
     try:
         os.rename(staging, root)

@@ -15,16 +15,26 @@ Grey 8/16-bit PNGs hold class ids; palette-mode PNGs are read as their indices. 
 labels are colour images: each colour becomes its value, and label_map and reduce_zero_label then
 apply as for any label; a colour missing from the table is reported by the scan.
 """
+
 from .base import DatasetError, SegmentationDataset, is_color
 from .labels import LABEL_VALUES
 
 
 class FolderDataset(SegmentationDataset):
-
-    def __init__(self, root: str, split: str, num_classes: int, image_dir: str = 'images/{split}',
-                 label_dir: str = 'annotations/{split}', image_suffix: str | None = None, label_suffix: str = '.png',
-                 split_file: str | None = None, label_map: dict | None = None,
-                 label_colors: dict | list | None = None, **kwargs):
+    def __init__(
+        self,
+        root: str,
+        split: str,
+        num_classes: int,
+        image_dir: str = 'images/{split}',
+        label_dir: str = 'annotations/{split}',
+        image_suffix: str | None = None,
+        label_suffix: str = '.png',
+        split_file: str | None = None,
+        label_map: dict | None = None,
+        label_colors: dict | list | None = None,
+        **kwargs,
+    ):
         self.IMAGE_DIR, self.LABEL_DIR, self.SPLIT_FILE = image_dir, label_dir, split_file
         self.IMAGE_SUFFIX, self.LABEL_SUFFIX = image_suffix, label_suffix
         self.LABEL_MAP = check_label_map(label_map, num_classes, kwargs.get('ignore_index', 255))
@@ -37,10 +47,12 @@ def check_label_map(label_map, num_classes: int, ignore_index: int):
         return None
     for raw, train_id in label_map.items():
         if not (isinstance(raw, int) and 0 <= raw < LABEL_VALUES):
-            raise DatasetError(f"data.label_map: key {raw!r} is not a label value (an integer in [0, {LABEL_VALUES}))")
+            raise DatasetError(f'data.label_map: key {raw!r} is not a label value (an integer in [0, {LABEL_VALUES}))')
         if not (isinstance(train_id, int) and (0 <= train_id < num_classes or train_id == ignore_index)):
-            raise DatasetError(f"data.label_map: {raw} -> {train_id!r}; expected a train id in [0, {num_classes}) "
-                               f"or the ignore index {ignore_index}")
+            raise DatasetError(
+                f'data.label_map: {raw} -> {train_id!r}; expected a train id in [0, {num_classes}) '
+                f'or the ignore index {ignore_index}'
+            )
     return label_map
 
 
@@ -51,6 +63,7 @@ def check_label_colors(label_colors):
     colors = dict(enumerate(label_colors)) if isinstance(label_colors, list) else label_colors
     for value, rgb in colors.items():
         if not (isinstance(value, int) and 0 <= value < LABEL_VALUES) or not is_color(rgb):
-            raise DatasetError(f"data.label_colors: {value!r}: {rgb!r}; expected a label value and an [r, g, b] "
-                               "colour (0-255)")
+            raise DatasetError(
+                f'data.label_colors: {value!r}: {rgb!r}; expected a label value and an [r, g, b] colour (0-255)'
+            )
     return colors

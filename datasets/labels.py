@@ -5,6 +5,7 @@ palette-mode PNG (Pascal VOC), or colours in an RGB PNG. Raw values become train
 lookup table covering every 8- and 16-bit value (`id_table`), applied in a single lookup per label.
 Colour labels are first turned into values by a colour table (`ColorTable`).
 """
+
 from pathlib import Path
 
 import cv2
@@ -72,8 +73,13 @@ def describe_code(code: int) -> str:
     return f'({code >> 16}, {(code >> 8) & 255}, {code & 255})'
 
 
-def id_table(ignore_index: int, label_map: dict = None, unlisted_ignored: bool = False,
-             reduce_zero_label: bool = False, void_values=()) -> np.ndarray:
+def id_table(
+    ignore_index: int,
+    label_map: dict = None,
+    unlisted_ignored: bool = False,
+    reduce_zero_label: bool = False,
+    void_values=(),
+) -> np.ndarray:
     """Train id (int64) of every raw value 0..LABEL_VALUES-1, in this order:
 
     1. `label_map` {raw: id}; values it does not list stay as they are, or become ignore when

@@ -1,4 +1,5 @@
 """Sampling for iteration-based training and for distributed evaluation."""
+
 import itertools
 
 import torch

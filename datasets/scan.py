@@ -7,6 +7,7 @@ as 0xRRGGBB, for colour labels), or why a file could not be read. Whether a reco
 so changing num_classes, label_map or ignore_index needs no rescan. The cache is valid while every
 file keeps its path, size and modification time.
 """
+
 import hashlib
 import json
 import os
@@ -21,17 +22,17 @@ from tqdm import tqdm
 
 from .labels import pack_colors, read_raw_label
 
-FORMAT = 1          # bump when the record layout changes: old caches are then rescanned
+FORMAT = 1  # bump when the record layout changes: old caches are then rescanned
 EXIF_ORIENTATION = 0x0112
 
 
 @dataclass
 class Record:
-    image_size: tuple = None     # (h, w) as OpenCV decodes it; None if the image is unreadable
+    image_size: tuple = None  # (h, w) as OpenCV decodes it; None if the image is unreadable
     label_size: tuple = None
-    values: np.ndarray = None    # raw label values (or colour codes) present, ascending
-    counts: np.ndarray = None    # pixels of each
-    error: str = None            # why the pair cannot be used, naming the file
+    values: np.ndarray = None  # raw label values (or colour codes) present, ascending
+    counts: np.ndarray = None  # pixels of each
+    error: str = None  # why the pair cannot be used, naming the file
 
 
 def image_size(path: Path) -> tuple:
@@ -53,12 +54,16 @@ def scan_pair(pair: tuple, colors: bool) -> Record:
     if label is None:
         return Record(size, error=f"cannot read label '{label_path}' (missing, corrupt or not an image)")
     if not colors and label.ndim != 2:
-        return Record(size, error=f"label '{label_path}' has {label.shape[2]} channels; expected single-channel "
-                                  "class ids (palette PNGs are read as their indices; for RGB colour labels set "
-                                  "data.label_colors)")
+        return Record(
+            size,
+            error=f"label '{label_path}' has {label.shape[2]} channels; expected single-channel "
+            'class ids (palette PNGs are read as their indices; for RGB colour labels set '
+            'data.label_colors)',
+        )
     if label.dtype not in (np.uint8, np.uint16):
-        return Record(size, error=f"label '{label_path}' holds {label.dtype} values; expected 8- or 16-bit "
-                                  "integer class ids")
+        return Record(
+            size, error=f"label '{label_path}' holds {label.dtype} values; expected 8- or 16-bit integer class ids"
+        )
     if colors:
         values, counts = np.unique(pack_colors(label), return_counts=True)
     else:
@@ -87,8 +92,17 @@ def scan(pairs: list, colors: bool, cache_file: Path = None, desc: str = 'scan')
     if cached is not None and len(cached) == len(pairs):
         return cached
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        records = list(tqdm(pool.map(lambda pair: scan_pair(pair, colors), pairs), total=len(pairs), desc=desc,
-                            unit='pair', delay=2, leave=False, disable=None))
+        records = list(
+            tqdm(
+                pool.map(lambda pair: scan_pair(pair, colors), pairs),
+                total=len(pairs),
+                desc=desc,
+                unit='pair',
+                delay=2,
+                leave=False,
+                disable=None,
+            )
+        )
     if cache_file is not None:
         write_cache(cache_file, key, records)
     return records
@@ -103,14 +117,30 @@ def read_cache(cache_file: Path, key: str):
         return None
     if content.get('fingerprint') != key:
         return None
-    return [Record(tuple(i) if i else None, tuple(l) if l else None, np.array(v, np.int64), np.array(c, np.int64), e)
-            for i, l, v, c, e in content['records']]
+    return [
+        Record(
+            tuple(image) if image else None,
+            tuple(label) if label else None,
+            np.array(values, np.int64),
+            np.array(counts, np.int64),
+            error,
+        )
+        for image, label, values, counts, error in content['records']
+    ]
 
 
 def write_cache(cache_file: Path, key: str, records: list) -> None:
     """Written to a temporary file and renamed into place, so a reader never sees half a cache."""
-    rows = [[r.image_size, r.label_size, [] if r.values is None else r.values.tolist(),
-             [] if r.counts is None else r.counts.tolist(), r.error] for r in records]
+    rows = [
+        [
+            r.image_size,
+            r.label_size,
+            [] if r.values is None else r.values.tolist(),
+            [] if r.counts is None else r.counts.tolist(),
+            r.error,
+        ]
+        for r in records
+    ]
     partial = cache_file.with_name(f'{cache_file.name}.{os.getpid()}.tmp')
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ labels with nearest neighbour, so no step ever mixes label ids. Images stay uint
 reaches the device, where `normalize` runs; colour changes are 256-entry lookup tables, which give
 exactly mmseg's float arithmetic at a fraction of its cost. All randomness comes from `rng`.
 """
+
 from typing import Annotated
 
 import cv2
@@ -148,8 +149,13 @@ class PhotoMetricDistortion:
     rounding of one HSV conversion.
     """
 
-    def __init__(self, brightness_delta: Annotated[int, Ge(0), Le(255)] = 32, contrast_range: FactorRange = (0.5, 1.5),
-                 saturation_range: FactorRange = (0.5, 1.5), hue_delta: Annotated[int, Ge(0), Le(180)] = 18):
+    def __init__(
+        self,
+        brightness_delta: Annotated[int, Ge(0), Le(255)] = 32,
+        contrast_range: FactorRange = (0.5, 1.5),
+        saturation_range: FactorRange = (0.5, 1.5),
+        hue_delta: Annotated[int, Ge(0), Le(180)] = 18,
+    ):
         self.brightness_delta, self.hue_delta = brightness_delta, hue_delta
         self.contrast_range, self.saturation_range = contrast_range, saturation_range
 
@@ -176,8 +182,9 @@ class PhotoMetricDistortion:
             hue = ((np.arange(256) + rng.integers(-self.hue_delta, self.hue_delta)) % 180).astype(np.uint8)
         if saturation is not IDENTITY or hue is not IDENTITY:
             hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
-            image = cv2.cvtColor(cv2.LUT(hsv, np.stack([hue, saturation, IDENTITY], axis=-1)[:, None]),
-                                 cv2.COLOR_HSV2RGB)
+            image = cv2.cvtColor(
+                cv2.LUT(hsv, np.stack([hue, saturation, IDENTITY], axis=-1)[:, None]), cv2.COLOR_HSV2RGB
+            )
         if not contrast_first:
             image = apply_table(image, self.contrast(rng))
         return image, label

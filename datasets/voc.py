@@ -9,6 +9,7 @@ colours). Split `train_aug` is mmseg's 10,582-image training set: train.txt with
 then the SBD images of aug.txt with SegmentationClassAug (grey PNGs from mmseg's voc_aug converter);
 a name in both lists is used once, with its SegmentationClass label.
 """
+
 from .base import SegmentationDataset, Source
 
 
@@ -27,9 +28,29 @@ def voc_palette(count: int) -> list:
 
 
 class PascalVOC(SegmentationDataset):
-    CLASS_NAMES = ['background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair',
-                   'cow', 'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant', 'sheep', 'sofa',
-                   'train', 'tvmonitor']
+    CLASS_NAMES = [
+        'background',
+        'aeroplane',
+        'bicycle',
+        'bird',
+        'boat',
+        'bottle',
+        'bus',
+        'car',
+        'cat',
+        'chair',
+        'cow',
+        'diningtable',
+        'dog',
+        'horse',
+        'motorbike',
+        'person',
+        'pottedplant',
+        'sheep',
+        'sofa',
+        'train',
+        'tvmonitor',
+    ]
     PALETTE = voc_palette(21)
     IMAGE_DIR, LABEL_DIR = 'JPEGImages', 'SegmentationClass'
     IMAGE_SUFFIX = '.jpg'
@@ -39,5 +60,7 @@ class PascalVOC(SegmentationDataset):
     def layout(self, split: str) -> list:
         if split != 'train_aug':
             return super().layout(split)
-        return [Source('JPEGImages', 'SegmentationClass', 'ImageSets/Segmentation/train.txt'),
-                Source('JPEGImages', 'SegmentationClassAug', 'ImageSets/Segmentation/aug.txt')]
+        return [
+            Source('JPEGImages', 'SegmentationClass', 'ImageSets/Segmentation/train.txt'),
+            Source('JPEGImages', 'SegmentationClassAug', 'ImageSets/Segmentation/aug.txt'),
+        ]

@@ -3,6 +3,7 @@
 A training run keeps `iter_NNNNNN.pth` files (the last few), `last.pth` (a hard link to the newest,
 so it costs no disk) and `best.pth`.
 """
+
 import errno
 import fcntl
 import logging
@@ -25,7 +26,7 @@ def save_checkpoint(state: dict, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(prefix=f'.{path.name}.', dir=path.parent)
     except OSError as error:
-        raise CheckpointError(f"cannot write {path}: {error.strerror or error}") from error
+        raise CheckpointError(f'cannot write {path}: {error.strerror or error}') from error
     try:
         with os.fdopen(handle, 'wb') as file:
             torch.save(state, file)
@@ -36,14 +37,16 @@ def save_checkpoint(state: dict, path: Path) -> None:
         Path(temporary).unlink(missing_ok=True)
         if isinstance(error, OSError):
             reason = 'no space left on device' if error.errno == errno.ENOSPC else error.strerror or str(error)
-            raise CheckpointError(f"cannot write {path}: {reason} (the checkpoints written before are intact)") from error
+            raise CheckpointError(
+                f'cannot write {path}: {reason} (the checkpoints written before are intact)'
+            ) from error
         raise
 
 
 def save_iteration_checkpoint(state: dict, work_dir: Path, keep: int = 3) -> Path:
     """`iter_NNNNNN.pth`, then `last.pth` pointed at it, then all but the newest `keep` iteration files
     deleted (0: keep all). Each step leaves a complete checkpoint behind if the run dies right after it."""
-    path = work_dir / f"iter_{state['iteration']:06d}.pth"
+    path = work_dir / f'iter_{state["iteration"]:06d}.pth'
     save_checkpoint(state, path)
     replace_with_link(path, work_dir / 'last.pth')
     if keep > 0:
@@ -91,18 +94,21 @@ def claim_work_dir(work_dir: Path, resuming: bool, overwrite: bool):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.close()
-        raise CheckpointError(f"{work_dir} is in use by another training run; wait for it or pick another "
-                              "--work-dir") from None
+        raise CheckpointError(
+            f'{work_dir} is in use by another training run; wait for it or pick another --work-dir'
+        ) from None
     existing = run_checkpoints(work_dir)
     if existing and not resuming:
         if not overwrite:
             lock.close()
-            raise CheckpointError(f"{work_dir} already holds a run's checkpoints ({', '.join(p.name for p in existing[:4])}"
-                                  f"{' ...' if len(existing) > 4 else ''}): continue it with --resume auto, or start "
-                                  "afresh with --overwrite (which deletes them)")
+            raise CheckpointError(
+                f"{work_dir} already holds a run's checkpoints ({', '.join(p.name for p in existing[:4])}"
+                f'{" ..." if len(existing) > 4 else ""}): continue it with --resume auto, or start '
+                'afresh with --overwrite (which deletes them)'
+            )
         for path in existing:
             path.unlink()
-        log.warning(f"--overwrite: removed {len(existing)} checkpoints of an earlier run in {work_dir}")
+        log.warning(f'--overwrite: removed {len(existing)} checkpoints of an earlier run in {work_dir}')
     return lock
 
 
@@ -121,10 +127,11 @@ def load_checkpoint(path) -> dict:
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as error:
         reason = str(error).split('. ')[0]  # torch's refusals of pickled code run on for a paragraph
-        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({reason})") from error
+        raise CheckpointError(f'{path}: cannot be read as a checkpoint ({reason})') from error
     if not isinstance(checkpoint, dict) or 'model' not in checkpoint:
-        raise CheckpointError(f"{path}: expected a dict with 'model' (a checkpoint written by "
-                              "train.py or tools/convert_checkpoint.py)")
+        raise CheckpointError(
+            f"{path}: expected a dict with 'model' (a checkpoint written by train.py or tools/convert_checkpoint.py)"
+        )
     return checkpoint
 
 
@@ -148,13 +155,15 @@ def resume_checkpoint(resume, work_dir: Path) -> tuple:
             log.warning(f'{error}; trying an older checkpoint')
     if resume == 'auto':
         return None, None
-    raise CheckpointError(f"--resume {folder}: the folder holds no intact training checkpoint (last.pth or iter_*.pth)")
+    raise CheckpointError(f'--resume {folder}: the folder holds no intact training checkpoint (last.pth or iter_*.pth)')
 
 
 def training_checkpoint(path: Path) -> dict:
     """A checkpoint with the whole training state (train.py's last.pth / iter_*.pth), not weights only."""
     checkpoint = load_checkpoint(path)
     if not {'optimizer', 'scheduler', 'iteration', 'rng'} <= checkpoint.keys():
-        raise CheckpointError(f"{path} holds model weights only, not a training state to resume (use a run's "
-                              f"last.pth or iter_*.pth); to start a new run from these weights: --load-from {path}")
+        raise CheckpointError(
+            f"{path} holds model weights only, not a training state to resume (use a run's "
+            f'last.pth or iter_*.pth); to start a new run from these weights: --load-from {path}'
+        )
     return checkpoint

@@ -1,5 +1,6 @@
 """What every command-line script shares: one error line instead of a traceback, the config a
 checkpoint was trained with, and the autocast dtype of a run."""
+
 import argparse
 import logging
 import sys
@@ -9,9 +10,8 @@ import torch
 from datasets import DatasetError
 from models.weights import CheckpointError
 
-from .outputs import OutputError
-
 from .config import ConfigError, resolve
+from .outputs import OutputError
 from .rules import accepted_keys, check_config, load_config
 
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -41,6 +41,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def number(kind=int, low=None, high=None):
     """An argparse `type` for a number in [low, high]: a value outside is a usage error (exit code 2)."""
+
     def parse(text: str):
         try:
             value = kind(text)
@@ -50,6 +51,7 @@ def number(kind=int, low=None, high=None):
             span = f'>= {low}' if high is None else f'in [{low}, {high}]'
             raise argparse.ArgumentTypeError(f'must be {span}, got {text}')
         return value
+
     return parse
 
 
@@ -58,7 +60,9 @@ def config_for_checkpoint(checkpoint: dict, checkpoint_path, config_path=None, o
     if config_path:
         return load_config(config_path, overrides)
     if not checkpoint.get('config'):
-        raise ConfigError(f"{checkpoint_path} stores no config: pass the YAML the model was trained with, --config FILE")
+        raise ConfigError(
+            f'{checkpoint_path} stores no config: pass the YAML the model was trained with, --config FILE'
+        )
     source = f'{checkpoint_path} (stored config)'
     cfg = resolve(checkpoint['config'], overrides, source, accepted_keys)
     check_config(cfg, source)

@@ -5,6 +5,7 @@ sections (`backbone`, `head`, `aux_head`) and pipeline steps take the keyword ar
 they name, checked against its signature, and so do the `data` keys beyond the generic ones (a
 dataset's own options). Any mistake raises `ConfigError` naming the key and file.
 """
+
 import copy
 import difflib
 import inspect
@@ -90,6 +91,7 @@ TYPES = {
 @dataclass(frozen=True)
 class Each:
     """Every item of a list is a number meeting `bounds` (annotated_types constraints)."""
+
     bounds: tuple
 
 
@@ -164,13 +166,13 @@ def read_yaml(path: Path, seen=(), accepts=None) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' not found")
     if path.resolve() in seen:
-        raise ConfigError(f"{path}: _base_ includes itself in a cycle")
+        raise ConfigError(f'{path}: _base_ includes itself in a cycle')
     try:
         cfg = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error})") from error
+        raise ConfigError(f'{path}: not valid YAML ({error})') from error
     if not isinstance(cfg, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        raise ConfigError(f'{path}: expected a mapping of sections at the top level')
     translate(cfg, str(path))
     bases = cfg.pop('_base_', [])
     merged = {}
@@ -211,6 +213,7 @@ def merge(base: dict, update: dict, accepts=None, prefix: str = '') -> dict:
 #     head: {proj_dim: 128}            -> {channels: 128}   (the head's width)
 # SegHiero's head names (aspp, segformer, ultrafast_segformer, extremely_fast_segformer) are ours already;
 # `backbone.pretrained: true` is resolved by engine.rules.pretrained_file.
+
 
 def translate(cfg: dict, source: str) -> dict:
     """`cfg` (a whole config or an override, as a nested dict) with SegHiero's keys renamed, in place."""
@@ -276,8 +279,10 @@ def check_type(name: str, value, default, source: str) -> None:
         names = ' or '.join('null' if t is type(None) else t.__name__ for t in allowed)
         raise ConfigError(f"{source}: '{name}' must be {names}, got {type(value).__name__} {value!r}")
     if name in CHOICES and value not in CHOICES[name]:
-        raise ConfigError(f"{source}: '{name}' must be one of {list(CHOICES[name])}, got {value!r}"
-                          f"{did_you_mean(str(value), [str(c) for c in CHOICES[name]])}")
+        raise ConfigError(
+            f"{source}: '{name}' must be one of {list(CHOICES[name])}, got {value!r}"
+            f'{did_you_mean(str(value), [str(c) for c in CHOICES[name]])}'
+        )
 
 
 def check_bounds(name: str, value, bounds, source: str) -> None:
@@ -290,16 +295,22 @@ def check_bounds(name: str, value, bounds, source: str) -> None:
 def holds(value, bound) -> bool:
     if isinstance(bound, Each):
         return isinstance(value, (list, tuple)) and all(
-            is_number(item) and all(holds(item, b) for b in bound.bounds) for item in value)
+            is_number(item) and all(holds(item, b) for b in bound.bounds) for item in value
+        )
     if isinstance(bound, at.GroupedMetadata):
         return all(holds(value, part) for part in bound)
     if isinstance(bound, at.Predicate):
         return bool(bound.func(value))
     if isinstance(bound, (at.MinLen, at.MaxLen)):
-        return hasattr(value, '__len__') and (len(value) >= bound.min_length if isinstance(bound, at.MinLen)
-                                              else len(value) <= bound.max_length)
-    limit = {at.Gt: lambda: value > bound.gt, at.Ge: lambda: value >= bound.ge,
-             at.Lt: lambda: value < bound.lt, at.Le: lambda: value <= bound.le}
+        return hasattr(value, '__len__') and (
+            len(value) >= bound.min_length if isinstance(bound, at.MinLen) else len(value) <= bound.max_length
+        )
+    limit = {
+        at.Gt: lambda: value > bound.gt,
+        at.Ge: lambda: value >= bound.ge,
+        at.Lt: lambda: value < bound.lt,
+        at.Le: lambda: value <= bound.le,
+    }
     return is_number(value) and limit[type(bound)]()
 
 
@@ -308,8 +319,9 @@ def describe_bound(bound) -> str:
         return 'a list of numbers, each ' + ' and '.join(describe_bound(b) for b in bound.bounds)
     if isinstance(bound, at.Len):
         exact = bound.min_length == bound.max_length
-        return (f'a list of {bound.min_length}' if exact else f'a list of at least {bound.min_length}') + \
-            (' items' if exact or bound.max_length is None else f' to {bound.max_length} items')
+        return (f'a list of {bound.min_length}' if exact else f'a list of at least {bound.min_length}') + (
+            ' items' if exact or bound.max_length is None else f' to {bound.max_length} items'
+        )
     if isinstance(bound, at.Predicate):
         return bound.func.__name__.replace('_', ' ')
     for kind, attribute, symbol in ((at.Gt, 'gt', '>'), (at.Ge, 'ge', '>='), (at.Lt, 'lt', '<'), (at.Le, 'le', '<=')):
@@ -330,25 +342,30 @@ def did_you_mean(word: str, options) -> str:
 def choose(section: str, name, registry: dict, source: str):
     """The class `registry[name]`, or a ConfigError listing the valid names."""
     if not isinstance(name, str) or name not in registry:
-        raise ConfigError(f"{source}: '{section}.type' is '{name}'; valid: {', '.join(registry)}"
-                          f"{did_you_mean(str(name), registry)}")
+        raise ConfigError(
+            f"{source}: '{section}.type' is '{name}'; valid: {', '.join(registry)}{did_you_mean(str(name), registry)}"
+        )
     return registry[name]
 
 
-def check_kwargs(cls, kwargs: dict, section: str, source: str, provided=('in_channels', 'num_classes'),
-                 suggest=()) -> None:
+def check_kwargs(
+    cls, kwargs: dict, section: str, source: str, provided=('in_channels', 'num_classes'), suggest=()
+) -> None:
     """Check YAML keys against `cls.__init__`: names (with a did-you-mean, also among the section's
     other valid keys `suggest`) and annotated types."""
     params, hints = keyword_parameters(cls)
     params = {n: p for n, p in params.items() if n not in provided}
     for key, value in kwargs.items():
         if key not in params:
-            raise ConfigError(f"{source}: unknown key '{section}.{key}' for {cls.__name__} (accepts: "
-                              f"{', '.join(params) or 'nothing'}){did_you_mean(key, [*params, *suggest])}")
+            raise ConfigError(
+                f"{source}: unknown key '{section}.{key}' for {cls.__name__} (accepts: "
+                f'{", ".join(params) or "nothing"}){did_you_mean(key, [*params, *suggest])}'
+            )
         hint, bounds = unannotated(hints.get(key))
         if hint is not None and not matches(value, hint):
-            raise ConfigError(f"{source}: '{section}.{key}' must be {describe(hint)}, "
-                              f"got {type(value).__name__} {value!r}")
+            raise ConfigError(
+                f"{source}: '{section}.{key}' must be {describe(hint)}, got {type(value).__name__} {value!r}"
+            )
         if value is not None:
             check_bounds(f'{section}.{key}', value, bounds, source)
     missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in kwargs]

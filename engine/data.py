@@ -1,4 +1,5 @@
 """Datasets from the `data` section of a config."""
+
 from pathlib import Path
 
 from datasets import DATASETS
@@ -8,8 +9,18 @@ from .config import DEFAULTS
 
 # Dataset arguments that build_dataset fills from the generic `data` keys; the other keys of `data`
 # that are not in DEFAULTS are the dataset's own options (label_map, on_invalid, ...).
-DATASET_ARGUMENTS = ('root', 'split', 'num_classes', 'pipeline', 'ignore_index', 'reduce_zero_label',
-                     'class_names', 'palette', 'seed', 'mean')
+DATASET_ARGUMENTS = (
+    'root',
+    'split',
+    'num_classes',
+    'pipeline',
+    'ignore_index',
+    'reduce_zero_label',
+    'class_names',
+    'palette',
+    'seed',
+    'mean',
+)
 
 
 def dataset_options(data: dict) -> dict:
@@ -27,10 +38,18 @@ def build_dataset(cfg: dict, split: str, work_dir=None):
     if not dist.is_main():
         dist.barrier()
     dataset = DATASETS[data['type']](
-        data['root'], data[split]['split'], data['num_classes'], pipeline=data[split]['pipeline'],
-        ignore_index=data['ignore_index'], reduce_zero_label=data['reduce_zero_label'],
-        class_names=data['class_names'], palette=data['palette'], seed=cfg['train']['seed'], mean=data['mean'],
-        **options)
+        data['root'],
+        data[split]['split'],
+        data['num_classes'],
+        pipeline=data[split]['pipeline'],
+        ignore_index=data['ignore_index'],
+        reduce_zero_label=data['reduce_zero_label'],
+        class_names=data['class_names'],
+        palette=data['palette'],
+        seed=cfg['train']['seed'],
+        mean=data['mean'],
+        **options,
+    )
     if dist.is_main():
         dist.barrier()
     return dataset

@@ -1,4 +1,5 @@
 """torchrun plumbing: one process per device, set up from the environment torchrun provides."""
+
 import os
 
 import torch

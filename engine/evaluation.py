@@ -1,4 +1,5 @@
 """Score a model on a dataset: predictions resized to each label's original size, confusion on the device."""
+
 import torch
 from tqdm import tqdm
 
@@ -7,8 +8,19 @@ from .metrics import ConfusionMatrix
 
 
 @torch.inference_mode()
-def evaluate(model, loader, num_classes: int, ignore_index: int, mean, std, eval_cfg: dict, device,
-             amp_dtype=None, progress: bool = True, on_sample=None) -> dict:
+def evaluate(
+    model,
+    loader,
+    num_classes: int,
+    ignore_index: int,
+    mean,
+    std,
+    eval_cfg: dict,
+    device,
+    amp_dtype=None,
+    progress: bool = True,
+    on_sample=None,
+) -> dict:
     """Run the configured inference over `loader` (batch 1: sizes differ) and return mIoU/mAcc/aAcc,
     the per-class scores and the summed `confusion` matrix (num_classes, num_classes) on the CPU.
 

@@ -5,6 +5,7 @@ in (a training model, or one whose state_dict becomes a checkpoint) is never cha
 the prepared model's state_dict: folding replaces each folded BatchNorm by an Identity (its keys
 disappear) and gives the convs new weights and biases.
 """
+
 import copy
 import functools
 
@@ -107,8 +108,13 @@ def fold_conv_bn(model: nn.Module, example: torch.Tensor = None) -> int:
     return len(pairs)
 
 
-def prepare_for_inference(model: nn.Module, channels_last: bool = False, fold_bn: bool = True,
-                          compile: bool = False, example: torch.Tensor = None) -> nn.Module:
+def prepare_for_inference(
+    model: nn.Module,
+    channels_last: bool = False,
+    fold_bn: bool = True,
+    compile: bool = False,
+    example: torch.Tensor = None,
+) -> nn.Module:
     """A copy of `model` in eval mode, made faster for inference; `model` itself is left as it was.
 
     - fold_bn: conv+BN pairs folded where that is exact (`fold_conv_bn`; `example`, on the model's
@@ -131,10 +137,20 @@ def prepare_for_inference(model: nn.Module, channels_last: bool = False, fold_bn
 
 def add_arguments(parser) -> None:
     """The switches of evaluate.py and infer.py for `prepare_for_inference`: BN folding on by default."""
-    parser.add_argument('--channels-last', action='store_true',
-                        help='run the model in channels_last (NHWC) memory order, often faster on GPUs')
-    parser.add_argument('--compile', action='store_true',
-                        help='torch.compile the model: a slow first batch, and recompiles for new input sizes')
-    parser.add_argument('--no-fold-bn', dest='fold_bn', action='store_false',
-                        help='keep BatchNorms apart (by default each one applied to a conv output alone is folded '
-                             'into that conv: the same results up to float rounding)')
+    parser.add_argument(
+        '--channels-last',
+        action='store_true',
+        help='run the model in channels_last (NHWC) memory order, often faster on GPUs',
+    )
+    parser.add_argument(
+        '--compile',
+        action='store_true',
+        help='torch.compile the model: a slow first batch, and recompiles for new input sizes',
+    )
+    parser.add_argument(
+        '--no-fold-bn',
+        dest='fold_bn',
+        action='store_false',
+        help='keep BatchNorms apart (by default each one applied to a conv output alone is folded '
+        'into that conv: the same results up to float rounding)',
+    )

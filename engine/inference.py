@@ -4,6 +4,7 @@ Every path returns logits at a requested output size (the label's, for scoring).
 padded to the crop size and run in batches; overlapping windows are averaged. Test-time
 augmentation averages softmax probabilities over scales and flips, as mmseg's TTA does.
 """
+
 import functools
 
 import torch
@@ -20,8 +21,7 @@ def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
 def channel_statistics(mean: tuple, std: tuple, device: torch.device) -> tuple:
     """`mean` and `std` as (1, C, 1, 1) tensors on `device`, made once: built from Python lists on
     every call, they would be a host-to-GPU copy, and a wait for the GPU, in each training step."""
-    return (torch.tensor(mean, device=device).view(1, -1, 1, 1),
-            torch.tensor(std, device=device).view(1, -1, 1, 1))
+    return (torch.tensor(mean, device=device).view(1, -1, 1, 1), torch.tensor(std, device=device).view(1, -1, 1, 1))
 
 
 def resize(x: torch.Tensor, size) -> torch.Tensor:
@@ -52,12 +52,16 @@ def slide(model, images: torch.Tensor, crop_size, stride, num_classes: int, wind
     total = images.new_zeros(batch, num_classes, height, width)
     count = images.new_zeros(1, 1, height, width)
     for start in range(0, len(windows), window_batch):
-        chunk = windows[start:start + window_batch]
-        crops = torch.cat([F.pad(images[..., y1:y2, x1:x2], (0, crop_w - (x2 - x1), 0, crop_h - (y2 - y1)))
-                           for y1, y2, x1, x2 in chunk])
+        chunk = windows[start : start + window_batch]
+        crops = torch.cat(
+            [
+                F.pad(images[..., y1:y2, x1:x2], (0, crop_w - (x2 - x1), 0, crop_h - (y2 - y1)))
+                for y1, y2, x1, x2 in chunk
+            ]
+        )
         logits = resize(model(crops), (crop_h, crop_w)).split(batch)
         for (y1, y2, x1, x2), window_logits in zip(chunk, logits):
-            total[..., y1:y2, x1:x2] += window_logits[..., :y2 - y1, :x2 - x1]
+            total[..., y1:y2, x1:x2] += window_logits[..., : y2 - y1, : x2 - x1]
             count[..., y1:y2, x1:x2] += 1
     return total / count
 
@@ -67,8 +71,18 @@ def inference_options(eval_cfg: dict) -> dict:
     return {k: eval_cfg[k] for k in ('mode', 'crop_size', 'stride', 'scales', 'flip', 'size_divisor')}
 
 
-def infer_logits(model, images: torch.Tensor, num_classes: int, out_size=None, mode: str = 'whole',
-                 crop_size=None, stride=None, scales=(1.0,), flip: bool = False, size_divisor: int = 32):
+def infer_logits(
+    model,
+    images: torch.Tensor,
+    num_classes: int,
+    out_size=None,
+    mode: str = 'whole',
+    crop_size=None,
+    stride=None,
+    scales=(1.0,),
+    flip: bool = False,
+    size_divisor: int = 32,
+):
     """Logits (or averaged probabilities under TTA) of normalised `images`, resized to `out_size`."""
     out_size = tuple(out_size or images.shape[-2:])
     height, width = images.shape[-2:]
@@ -76,7 +90,7 @@ def infer_logits(model, images: torch.Tensor, num_classes: int, out_size=None, m
     for scale in scales:
         # Sizes round half up, as mmcv's rescale does (Python's round() would send 2.5 to 2).
         scaled = images if scale == 1 else resize(images, (int(height * scale + 0.5), int(width * scale + 0.5)))
-        for flipped in ((False, True) if flip else (False,)):
+        for flipped in (False, True) if flip else (False,):
             batch = scaled.flip(-1) if flipped else scaled
             if mode == 'slide':
                 logits = slide(model, batch, crop_size, stride, num_classes)

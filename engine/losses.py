@@ -4,6 +4,7 @@
 Every term runs in float32 with autocast off, so the loss is the same under AMP. Pixels labelled
 `ignore_index` take no part in any term.
 """
+
 import torch
 import torch.nn.functional as F
 
@@ -40,8 +41,14 @@ def ohem_keep(nll: torch.Tensor, valid: torch.Tensor, thresh, min_kept: int) -> 
         return valid & (prob < threshold)
 
 
-def cross_entropy(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, class_weight=None,
-                  ohem=None, avg_non_ignore: bool = True) -> torch.Tensor:
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    valid: torch.Tensor,
+    class_weight=None,
+    ohem=None,
+    avg_non_ignore: bool = True,
+) -> torch.Tensor:
     """-log p(true class) of the valid (and, with OHEM, kept) pixels, weighted per class w_y.
 
     `avg_non_ignore` true: their mean as F.cross_entropy(weight=...) takes it, sum(w_y * nll) / sum(w_y)
@@ -111,8 +118,9 @@ class SegmentationLoss:
         cfg = {**DEFAULTS['train']['loss'], **check_loss_config(loss_cfg)}
         self.ignore_index, self.aux_weight = ignore_index, aux_weight
         self.weights = {name: float(cfg[name]) for name in TERMS if cfg[name]}
-        self.class_weight = None if cfg['class_weight'] is None else torch.tensor(cfg['class_weight'],
-                                                                                   dtype=torch.float32)
+        self.class_weight = (
+            None if cfg['class_weight'] is None else torch.tensor(cfg['class_weight'], dtype=torch.float32)
+        )
         self.ohem = None if cfg['ohem'] is None else {**OHEM_DEFAULTS, **cfg['ohem']}
         self.avg_non_ignore = cfg['avg_non_ignore']
         self.mask_classification = MaskClassificationLoss(ignore_index)
@@ -147,8 +155,9 @@ class SegmentationLoss:
             target = torch.where(valid, labels, 0).long()
             terms = {}
             if 'ce' in self.weights:
-                terms['ce'] = cross_entropy(logits, target, valid, self.class_weight_on(logits), self.ohem,
-                                            self.avg_non_ignore)
+                terms['ce'] = cross_entropy(
+                    logits, target, valid, self.class_weight_on(logits), self.ohem, self.avg_non_ignore
+                )
             if 'dice' in self.weights:
                 terms['dice'] = dice_loss(logits, target, valid)
             if 'lovasz' in self.weights:
@@ -159,8 +168,9 @@ class SegmentationLoss:
         if self.class_weight is None:
             return None
         if len(self.class_weight) != logits.shape[1]:
-            raise ConfigError(f"'train.loss.class_weight' has {len(self.class_weight)} values for "
-                              f"{logits.shape[1]} classes")
+            raise ConfigError(
+                f"'train.loss.class_weight' has {len(self.class_weight)} values for {logits.shape[1]} classes"
+            )
         self.class_weight = self.class_weight.to(logits.device)  # copied to the device once, then reused
         return self.class_weight
 
@@ -174,13 +184,14 @@ def check_loss_config(loss_cfg: dict, num_classes: int = None) -> dict:
         if key in TERMS and not (is_number(value) and value >= 0):
             raise ConfigError(f"'train.loss.{key}' must be a weight >= 0, got {value!r}")
     if not any(loss_cfg.get(name, DEFAULTS['train']['loss'][name]) for name in TERMS):
-        raise ConfigError(f"train.loss: at least one of {', '.join(TERMS)} must have a weight > 0")
+        raise ConfigError(f'train.loss: at least one of {", ".join(TERMS)} must have a weight > 0')
     class_weight = loss_cfg.get('class_weight')
     if class_weight is not None and not (isinstance(class_weight, list) and all(map(is_number, class_weight))):
         raise ConfigError(f"'train.loss.class_weight' must be null or a list of numbers, got {class_weight!r}")
     if class_weight is not None and num_classes is not None and len(class_weight) != num_classes:
-        raise ConfigError(f"'train.loss.class_weight' has {len(class_weight)} values for data.num_classes "
-                          f"{num_classes}")
+        raise ConfigError(
+            f"'train.loss.class_weight' has {len(class_weight)} values for data.num_classes {num_classes}"
+        )
     if loss_cfg.get('ohem') is not None:
         check_ohem_config(loss_cfg)
     return loss_cfg
@@ -200,4 +211,3 @@ def check_ohem_config(loss_cfg: dict) -> None:
         raise ConfigError(f"'train.loss.ohem.thresh' must be null or a probability in [0, 1], got {thresh!r}")
     if not (isinstance(min_kept, int) and not isinstance(min_kept, bool) and min_kept > 0):
         raise ConfigError(f"'train.loss.ohem.min_kept' must be a positive integer, got {min_kept!r}")
-

@@ -7,6 +7,7 @@ one to one to these masks (Hungarian, on class + mask BCE + Dice costs over rand
 queries learn their mask (BCE and Dice on points chosen where the prediction is most uncertain) and
 their class, unmatched ones the "no object" class. Weights: class CE 2 (no object 0.1), BCE 5, Dice 5.
 """
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -22,8 +23,12 @@ def point_sample(masks: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(masks[:, None], 2 * points[:, :, None] - 1, align_corners=False)[:, 0, :, 0]
 
 
-def uncertain_points(mask_logits: torch.Tensor, num_points: int, oversample_ratio: float = OVERSAMPLE_RATIO,
-                     importance_ratio: float = IMPORTANCE_SAMPLE_RATIO) -> torch.Tensor:
+def uncertain_points(
+    mask_logits: torch.Tensor,
+    num_points: int,
+    oversample_ratio: float = OVERSAMPLE_RATIO,
+    importance_ratio: float = IMPORTANCE_SAMPLE_RATIO,
+) -> torch.Tensor:
     """PointRend's training points for mask logits (N, H, W) -> (N, num_points, 2): of
     oversample_ratio·num_points random points, the importance_ratio·num_points with logits closest
     to 0, then uniformly random points for the rest."""
@@ -32,8 +37,13 @@ def uncertain_points(mask_logits: torch.Tensor, num_points: int, oversample_rati
     uncertainty = -point_sample(mask_logits, candidates).abs()
     num_uncertain = int(importance_ratio * num_points)
     chosen = uncertainty.topk(num_uncertain, dim=1).indices
-    return torch.cat([candidates.gather(1, chosen[..., None].expand(-1, -1, 2)),
-                      torch.rand(count, num_points - num_uncertain, 2, device=device)], dim=1)
+    return torch.cat(
+        [
+            candidates.gather(1, chosen[..., None].expand(-1, -1, 2)),
+            torch.rand(count, num_points - num_uncertain, 2, device=device),
+        ],
+        dim=1,
+    )
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -73,7 +83,7 @@ def match(cls_scores: list, mask_preds: list, targets: list, num_points: int) ->
                 if len(classes) == 0:
                     costs.append(scores.new_zeros(len(scores), 0))
                     continue
-                points = torch.rand(1, num_points, 2, device=masks.device)   # the same points for all masks
+                points = torch.rand(1, num_points, 2, device=masks.device)  # the same points for all masks
                 predicted = point_sample(masks, points.expand(len(masks), -1, -1))
                 target = point_sample(target_masks, points.expand(len(target_masks), -1, -1))
                 class_cost = -CLASS_WEIGHT * scores.softmax(-1)[:, classes]
@@ -84,7 +94,7 @@ def match(cls_scores: list, mask_preds: list, targets: list, num_points: int) ->
         rows, cols = linear_sum_assignment(cost.view(shape).numpy())
         assignments.append((torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)))
     batch = len(targets)
-    return [assignments[i:i + batch] for i in range(0, len(assignments), batch)]
+    return [assignments[i : i + batch] for i in range(0, len(assignments), batch)]
 
 
 def mean_over_processes(count: torch.Tensor) -> torch.Tensor:
@@ -113,8 +123,9 @@ class MaskClassificationLoss:
             num_masks = mean_over_processes(labels.new_tensor(sum(len(c) for c, _ in targets), dtype=torch.float32))
             num_masks = num_masks.clamp(min=1)
             terms = {'mask_cls': 0, 'mask_bce': 0, 'mask_dice': 0}
-            for point_cls, point_masks, assignment in zip(cls_scores, mask_preds,
-                                                          match(cls_scores, mask_preds, targets, self.num_points)):
+            for point_cls, point_masks, assignment in zip(
+                cls_scores, mask_preds, match(cls_scores, mask_preds, targets, self.num_points)
+            ):
                 for name, value in self.point_terms(point_cls, point_masks, targets, assignment, num_masks).items():
                     terms[name] = terms[name] + value
         return terms
@@ -131,10 +142,11 @@ class MaskClassificationLoss:
             matched_targets.append(masks[indices])
         class_weight = cls_scores.new_ones(num_classes + 1)
         class_weight[-1] = NO_OBJECT_WEIGHT
-        terms = {'mask_cls': CLASS_WEIGHT * F.cross_entropy(cls_scores.flatten(0, 1), labels.flatten(),
-                                                            weight=class_weight)}
+        terms = {
+            'mask_cls': CLASS_WEIGHT * F.cross_entropy(cls_scores.flatten(0, 1), labels.flatten(), weight=class_weight)
+        }
         preds = torch.cat(matched_preds)
-        if len(preds) == 0:   # no target mask in the batch: zero mask terms that still reach the graph
+        if len(preds) == 0:  # no target mask in the batch: zero mask terms that still reach the graph
             return {**terms, 'mask_bce': preds.sum(), 'mask_dice': preds.sum()}
         with torch.no_grad():
             points = uncertain_points(preds, self.num_points)

@@ -3,6 +3,7 @@
 Pixels whose label is the ignore index are excluded. A class absent from both prediction and label
 has an undefined IoU (NaN) and is left out of the means.
 """
+
 import torch
 
 
@@ -17,7 +18,7 @@ class ConfusionMatrix:
             raise ValueError(f'prediction {tuple(prediction.shape)} and label {tuple(label.shape)} differ in size')
         valid = label != self.ignore_index
         index = label[valid].long() * self.num_classes + prediction[valid].long()
-        self.matrix += torch.bincount(index, minlength=self.num_classes ** 2).view(self.num_classes, -1)
+        self.matrix += torch.bincount(index, minlength=self.num_classes**2).view(self.num_classes, -1)
 
     def all_reduce(self) -> None:
         """Sum the matrices of all processes (distributed evaluation)."""

@@ -1,4 +1,5 @@
 """Optimizer with parameter groups from name-substring rules, and iteration-based LR schedules."""
+
 import math
 
 import torch
@@ -25,19 +26,27 @@ def build_optimizer(model: torch.nn.Module, optimizer_cfg: dict, rules: dict):
             continue
         rule = group_rule(name, rules)
         options = rules.get(rule, {})
-        group = groups.setdefault(rule, {'params': [], 'name': rule or 'default',
-                                         'lr': lr * options.get('lr_mult', 1.0),
-                                         'weight_decay': weight_decay * options.get('decay_mult', 1.0)})
+        group = groups.setdefault(
+            rule,
+            {
+                'params': [],
+                'name': rule or 'default',
+                'lr': lr * options.get('lr_mult', 1.0),
+                'weight_decay': weight_decay * options.get('decay_mult', 1.0),
+            },
+        )
         group['params'].append(param)
     params = list(groups.values())
     if optimizer_cfg['type'] == 'sgd':
         optimizer = torch.optim.SGD(params, lr=lr, momentum=optimizer_cfg['momentum'], weight_decay=weight_decay)
     else:
         optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(optimizer_cfg['betas']), weight_decay=weight_decay)
-    table = [f"{'rule':<16}{'lr':>10}{'decay':>10}{'tensors':>9}{'params':>12}"]
+    table = [f'{"rule":<16}{"lr":>10}{"decay":>10}{"tensors":>9}{"params":>12}']
     for rule, group in groups.items():
-        table.append(f"{rule or '(default)':<16}{group['lr']:>10.3g}{group['weight_decay']:>10.3g}"
-                     f"{len(group['params']):>9}{sum(p.numel() for p in group['params']):>12,}")
+        table.append(
+            f'{rule or "(default)":<16}{group["lr"]:>10.3g}{group["weight_decay"]:>10.3g}'
+            f'{len(group["params"]):>9}{sum(p.numel() for p in group["params"]):>12,}'
+        )
     return optimizer, '\n'.join(table)
 
 
@@ -46,8 +55,9 @@ def check_rules(rules: dict, source: str = 'config') -> None:
     for key, options in rules.items():
         rule = f'train.param_groups.{key}'
         if not isinstance(options, dict):
-            raise ConfigError(f"{source}: '{rule}' must be a mapping of {' and/or '.join(RULE_OPTIONS)}, "
-                              f"got {options!r}")
+            raise ConfigError(
+                f"{source}: '{rule}' must be a mapping of {' and/or '.join(RULE_OPTIONS)}, got {options!r}"
+            )
         for option, value in options.items():
             if option not in RULE_OPTIONS:
                 raise ConfigError(f"{source}: unknown key '{rule}.{option}' (valid: {', '.join(RULE_OPTIONS)})")

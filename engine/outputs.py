@@ -4,6 +4,7 @@ OpenCV's imwrite reports a failed write (read-only folder, full disk) only by re
 writes through its own file handling; here images are encoded in memory and written by Python, so
 the operating system's reason ("Permission denied", "No space left on device") reaches the user.
 """
+
 import io
 from pathlib import Path
 

@@ -5,6 +5,7 @@ what needs the classes the config names: the keyword arguments of backbones, hea
 pipeline steps against their signatures, the loss and parameter-group rules, files that must exist
 and combinations that cannot run. Every failure is a `ConfigError` naming the file and the key.
 """
+
 import functools
 import json
 from pathlib import Path
@@ -32,7 +33,11 @@ PRETRAINED_FILES = {  # `backbone.pretrained: true`: the official ImageNet file,
 }
 
 # Keys of a model section that are not constructor arguments.
-NOT_ARGUMENTS = {'backbone': ('type', 'pretrained'), 'head': ('type', 'loss_weight'), 'aux_head': ('type', 'loss_weight')}
+NOT_ARGUMENTS = {
+    'backbone': ('type', 'pretrained'),
+    'head': ('type', 'loss_weight'),
+    'aux_head': ('type', 'loss_weight'),
+}
 
 
 def section_kwargs(cfg: dict, section: str) -> dict:
@@ -47,8 +52,10 @@ def pretrained_file(backbone: dict, source: str = 'config'):
     if pretrained is not True:
         return pretrained or None
     if backbone['type'] not in PRETRAINED_FILES:
-        raise ConfigError(f"{source}: backbone.pretrained: true has no conventional file for "
-                          f"'{backbone['type']}'; give the path of the weights")
+        raise ConfigError(
+            f'{source}: backbone.pretrained: true has no conventional file for '
+            f"'{backbone['type']}'; give the path of the weights"
+        )
     variant = backbone.get('variant', keyword_parameters(BACKBONES[backbone['type']])[0]['variant'].default)
     return str(PRETRAINED_DIR / PRETRAINED_FILES[backbone['type']].format(variant=variant))
 
@@ -81,16 +88,23 @@ def check_config(cfg: dict, source: str) -> None:
 
 
 def check_model(cfg: dict, source: str) -> None:
-    check_kwargs(choose('backbone', cfg['backbone']['type'], BACKBONES, source), section_kwargs(cfg, 'backbone'),
-                 'backbone', source)
+    check_kwargs(
+        choose('backbone', cfg['backbone']['type'], BACKBONES, source),
+        section_kwargs(cfg, 'backbone'),
+        'backbone',
+        source,
+    )
     pretrained = pretrained_file(cfg['backbone'], source)
     if pretrained and not Path(pretrained).expanduser().exists():
-        raise ConfigError(f"{source}: backbone.pretrained '{pretrained}' not found (a local file or folder is "
-                          "expected; nothing is downloaded; --set backbone.pretrained=null trains from scratch)")
+        raise ConfigError(
+            f"{source}: backbone.pretrained '{pretrained}' not found (a local file or folder is "
+            'expected; nothing is downloaded; --set backbone.pretrained=null trains from scratch)'
+        )
     for section in ('head', 'aux_head'):
         if cfg[section]:
-            check_kwargs(choose(section, cfg[section].get('type'), HEADS, source), section_kwargs(cfg, section),
-                         section, source)
+            check_kwargs(
+                choose(section, cfg[section].get('type'), HEADS, source), section_kwargs(cfg, section), section, source
+            )
     sections = {name: cfg[name] for name in ('backbone', 'head', 'aux_head')}
     problem = model_problem(json.dumps(sections, sort_keys=True), cfg['data']['num_classes'], input_size(cfg))
     if problem:
@@ -125,7 +139,7 @@ def model_problem(sections: str, num_classes: int, size: tuple):
     except NotImplementedError:
         return None  # an operation without a meta kernel: nothing can be concluded
     except (ValueError, TypeError, IndexError, RuntimeError) as error:
-        return f"{section} ({sections[section]['type']}) cannot be built or run with this config: {error}"
+        return f'{section} ({sections[section]["type"]}) cannot be built or run with this config: {error}'
     return None
 
 
@@ -139,8 +153,9 @@ def check_training(cfg: dict, source: str) -> None:
 
 def check_data(cfg: dict, source: str) -> None:
     dataset = choose('data', cfg['data']['type'], DATASETS, source)
-    check_kwargs(dataset, dataset_options(cfg['data']), 'data', source, provided=DATASET_ARGUMENTS,
-                 suggest=DEFAULTS['data'])
+    check_kwargs(
+        dataset, dataset_options(cfg['data']), 'data', source, provided=DATASET_ARGUMENTS, suggest=DEFAULTS['data']
+    )
     for split in ('train', 'val'):
         for i, step in enumerate(cfg['data'][split]['pipeline']):
             where = f'data.{split}.pipeline[{i}]'
@@ -151,14 +166,18 @@ def check_data(cfg: dict, source: str) -> None:
         try:
             Pipeline(cfg['data'][split]['pipeline'], cfg['data']['ignore_index'], cfg['data']['mean'])
         except (ValueError, TypeError) as error:
-            raise ConfigError(f"{source}: data.{split}.pipeline: {error}") from None
+            raise ConfigError(f'{source}: data.{split}.pipeline: {error}') from None
     ignore, classes = cfg['data']['ignore_index'], cfg['data']['num_classes']
     if 0 <= ignore < classes:
-        raise ConfigError(f"{source}: data.ignore_index {ignore} is a class id (data.num_classes {classes}); "
-                          "labels of that class would be ignored (mmseg uses 255)")
+        raise ConfigError(
+            f'{source}: data.ignore_index {ignore} is a class id (data.num_classes {classes}); '
+            'labels of that class would be ignored (mmseg uses 255)'
+        )
 
 
 def check_evaluation(eval_cfg: dict, source: str) -> None:
     if eval_cfg['mode'] == 'slide' and not (eval_cfg['crop_size'] and eval_cfg['stride']):
-        raise ConfigError(f"{source}: eval.mode 'slide' needs eval.crop_size and eval.stride "
-                          "(e.g. --set eval.crop_size=[512,512] eval.stride=[341,341])")
+        raise ConfigError(
+            f"{source}: eval.mode 'slide' needs eval.crop_size and eval.stride "
+            '(e.g. --set eval.crop_size=[512,512] eval.stride=[341,341])'
+        )

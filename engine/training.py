@@ -1,5 +1,6 @@
 """The rooms of train.py's loop: the training state a checkpoint holds, one optimisation step, the
 progress meter, validation with checkpointing, logging, batch arithmetic and the DDP unused-parameter probe."""
+
 import contextlib
 import copy
 import logging
@@ -38,6 +39,7 @@ class Logger:
         self.file = self.writer = None
         if work_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
+
             work_dir.mkdir(parents=True, exist_ok=True)
             self.file = open(work_dir / 'train.log', 'a')
             self.writer = SummaryWriter(str(work_dir / 'tensorboard'))
@@ -119,30 +121,40 @@ class FirstSamples:
             self.samples.append((image, label, prediction))
 
 
-def log_validation(log: Logger, iteration: int, name: str, results: dict, best: 'Best', style: ClassStyle,
-                   samples=()) -> None:
+def log_validation(
+    log: Logger, iteration: int, name: str, results: dict, best: 'Best', style: ClassStyle, samples=()
+) -> None:
     """One line, the scalars (`val/*` for the model, `val_ema/*` for its moving average), and as
     images the per-class IoU, the confusion matrix and `samples` (image | ground truth | prediction)."""
     label, prefix = ('', 'val') if name == 'model' else (' (EMA)', 'val_ema')
     if math.isnan(results['mIoU']):
-        log(f"iter {iteration}{label}: no valid label pixel in the validation set (every label is "
-            "data.ignore_index?): nothing to score")
+        log(
+            f'iter {iteration}{label}: no valid label pixel in the validation set (every label is '
+            'data.ignore_index?): nothing to score'
+        )
         return
-    log(f"iter {iteration}{label}: mIoU {results['mIoU']:.2f}  mAcc {results['mAcc']:.2f}  "
-        f"aAcc {results['aAcc']:.2f}  (best {best.miou:.2f} at {best.iteration})")
+    log(
+        f'iter {iteration}{label}: mIoU {results["mIoU"]:.2f}  mAcc {results["mAcc"]:.2f}  '
+        f'aAcc {results["aAcc"]:.2f}  (best {best.miou:.2f} at {best.iteration})'
+    )
     log.scalars(iteration, {f'{prefix}/{k}': results[k] for k in ('mIoU', 'mAcc', 'aAcc')})
-    log.scalars(iteration, {f'{prefix}/IoU/{c}': iou for c, iou in zip(style.names, results['IoU'])
-                            if not math.isnan(iou)})
-    log.images(iteration, lambda: {
-        f'{prefix}/IoU_chart': iou_chart(results['IoU'], style),
-        f'{prefix}/confusion': confusion_heatmap(results['confusion'], style),
-        **{f'{prefix}/prediction_{i}': side_by_side(*sample, style) for i, sample in enumerate(samples)}})
+    log.scalars(
+        iteration, {f'{prefix}/IoU/{c}': iou for c, iou in zip(style.names, results['IoU']) if not math.isnan(iou)}
+    )
+    log.images(
+        iteration,
+        lambda: {
+            f'{prefix}/IoU_chart': iou_chart(results['IoU'], style),
+            f'{prefix}/confusion': confusion_heatmap(results['confusion'], style),
+            **{f'{prefix}/prediction_{i}': side_by_side(*sample, style) for i, sample in enumerate(samples)},
+        },
+    )
 
 
 def log_resources(log: Logger, iteration: int, optimizer, device: torch.device) -> None:
     """The learning rate of every parameter group (named by its train.param_groups rule) and the peak memory."""
     # A group restored from a checkpoint written before groups had names goes by its index.
-    rates = {f"lr/{group.get('name', i)}": group['lr'] for i, group in enumerate(optimizer.param_groups)}
+    rates = {f'lr/{group.get("name", i)}': group['lr'] for i, group in enumerate(optimizer.param_groups)}
     log.scalars(iteration, {**rates, **peak_memory(device)})
 
 
@@ -150,23 +162,24 @@ def peak_memory(device: torch.device) -> dict:
     """Peak memory so far, MiB. On CUDA the high-water mark of tensor memory allocated on the device; on
     CPU that of the process's resident set (ru_maxrss: this process, not its data-loader workers)."""
     if device.type == 'cuda':
-        return {'memory/peak_cuda_allocated_mib': torch.cuda.max_memory_allocated(device) / 2 ** 20}
+        return {'memory/peak_cuda_allocated_mib': torch.cuda.max_memory_allocated(device) / 2**20}
     kib_or_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB elsewhere
-    return {'memory/peak_rss_mib': kib_or_bytes / (2 ** 20 if sys.platform == 'darwin' else 2 ** 10)}
+    return {'memory/peak_rss_mib': kib_or_bytes / (2**20 if sys.platform == 'darwin' else 2**10)}
 
 
 def per_process_batch(train_cfg: dict, world_size: int, source: str) -> int:
     """Images per forward on each process: the global `train.batch_size` over processes and accumulation steps."""
     batch, steps = train_cfg['batch_size'], train_cfg['accum_steps']
     if steps < 1 or batch % (world_size * steps):
-        raise ConfigError(f"{source}: train.batch_size {batch} (global) does not divide into {world_size} "
-                          f"process(es) x {steps} accumulation step(s) (train.accum_steps)")
+        raise ConfigError(
+            f'{source}: train.batch_size {batch} (global) does not divide into {world_size} '
+            f'process(es) x {steps} accumulation step(s) (train.accum_steps)'
+        )
     return batch // (world_size * steps)
 
 
 def get_rng_state() -> dict:
-    return {'torch': torch.get_rng_state(),
-            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(state: dict) -> None:
@@ -185,7 +198,7 @@ def has_unused_parameters(model: nn.Module, device: torch.device, size: int = 12
     with a random batch of two, so the model's weights, BN statistics and the RNG streams are untouched."""
     probe = copy.deepcopy(model).train()
     with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
-        outputs = probe(torch.randn(2, 3, size, size, device=device))   # logits, [logits, aux], or a dict of lists
+        outputs = probe(torch.randn(2, 3, size, size, device=device))  # logits, [logits, aux], or a dict of lists
         sum(output.float().mean() for output in tree_leaves(outputs)).backward()
     return any(p.requires_grad and p.grad is None for p in probe.parameters())
 
@@ -193,6 +206,7 @@ def has_unused_parameters(model: nn.Module, device: torch.device, size: int = 12
 @dataclass
 class Best:
     """The best validation so far of the model or of its moving average."""
+
     miou: float = -1.0
     iteration: int = 0
 
@@ -217,11 +231,17 @@ class TrainState:
 
     def state_dict(self) -> dict:
         """The whole state; a collective call (it gathers every process's RNG state)."""
-        return {'model': self.model.state_dict(), 'ema': self.ema.state_dict() if self.ema else None,
-                'config': self.config, 'iteration': self.iteration, 'optimizer': self.optimizer.state_dict(),
-                'scheduler': self.scheduler.state_dict(), 'scaler': self.scaler.state_dict(),
-                'best': {name: asdict(best) for name, best in self.best.items()},
-                'rng': dist.all_gather(get_rng_state())}
+        return {
+            'model': self.model.state_dict(),
+            'ema': self.ema.state_dict() if self.ema else None,
+            'config': self.config,
+            'iteration': self.iteration,
+            'optimizer': self.optimizer.state_dict(),
+            'scheduler': self.scheduler.state_dict(),
+            'scaler': self.scaler.state_dict(),
+            'best': {name: asdict(best) for name, best in self.best.items()},
+            'rng': dist.all_gather(get_rng_state()),
+        }
 
     def load_state_dict(self, checkpoint: dict, source: str) -> None:
         load_model_weights(self.model, checkpoint, source)
@@ -234,8 +254,12 @@ class TrainState:
         self.best.update({name: Best(**best) for name, best in checkpoint['best'].items()})
 
     def best_checkpoint(self, name: str, module: nn.Module) -> dict:
-        return {'model': module.state_dict(), 'config': self.config, 'iteration': self.iteration,
-                'miou': self.best[name].miou}
+        return {
+            'model': module.state_dict(),
+            'config': self.config,
+            'iteration': self.iteration,
+            'miou': self.best[name].miou,
+        }
 
     def seed_processes(self, seed: int, rank: int, world_size: int) -> None:
         """Restore this process's RNG as it was saved, or (a fresh run, or a resume on another number of
@@ -260,8 +284,15 @@ class Batches:
         return images.contiguous(memory_format=self.memory_format), labels.to(self.device, non_blocking=True)
 
 
-def train_step(train_model: nn.Module, state: TrainState, criterion, batches: Batches, accum_steps: int = 1,
-               amp_dtype=None, grad_clip=None) -> dict:
+def train_step(
+    train_model: nn.Module,
+    state: TrainState,
+    criterion,
+    batches: Batches,
+    accum_steps: int = 1,
+    amp_dtype=None,
+    grad_clip=None,
+) -> dict:
     """One optimisation step over `accum_steps` micro-batches; returns the loss terms, averaged over the
     micro-batches and left on the device (no host sync). DDP synchronises gradients on the last one only."""
     optimizer, scaler = state.optimizer, state.scaler
@@ -302,15 +333,18 @@ class ProgressMeter:
     def add(self, iteration: int, terms: dict) -> None:
         for name, value in terms.items():
             self.running[name] = self.running.get(name, 0) + value
-        self.first_bad_iter = torch.where((self.first_bad_iter < 0) & ~torch.isfinite(terms['loss']), iteration,
-                                          self.first_bad_iter)
+        self.first_bad_iter = torch.where(
+            (self.first_bad_iter < 0) & ~torch.isfinite(terms['loss']), iteration, self.first_bad_iter
+        )
         self.iterations += 1
 
     def check_finite(self, work_dir: Path) -> None:
         """Raise if the loss went NaN/Inf at some iteration (a host sync: at log and checkpoint time only)."""
         if self.first_bad_iter.item() >= 0:
-            raise FloatingPointError(f'loss became NaN/Inf at iteration {self.first_bad_iter.item()}; stopping '
-                                     f'(last good checkpoint: {work_dir / "last.pth"})')
+            raise FloatingPointError(
+                f'loss became NaN/Inf at iteration {self.first_bad_iter.item()}; stopping '
+                f'(last good checkpoint: {work_dir / "last.pth"})'
+            )
 
     @contextlib.contextmanager
     def paused(self):
@@ -328,8 +362,9 @@ class ProgressMeter:
         return means, speed
 
 
-def validate_and_checkpoint(state: TrainState, val_loader, cfg: dict, device, amp_dtype, log: Logger,
-                            work_dir: Path, style: ClassStyle) -> None:
+def validate_and_checkpoint(
+    state: TrainState, val_loader, cfg: dict, device, amp_dtype, log: Logger, work_dir: Path, style: ClassStyle
+) -> None:
     """Score the model (and its EMA) on the validation set, log the scores and pictures (classes drawn
     in `style`), write `best*.pth` when one improved, then the iteration checkpoint (rank 0 writes;
     every process takes part)."""
@@ -337,8 +372,19 @@ def validate_and_checkpoint(state: TrainState, val_loader, cfg: dict, device, am
     log_resources(log, state.iteration, state.optimizer, device)
     for name, module in state.candidates():
         shown = FirstSamples()
-        results = evaluate(module, val_loader, data['num_classes'], data['ignore_index'], data['mean'], data['std'],
-                           cfg['eval'], device, amp_dtype, progress=dist.is_main(), on_sample=shown)
+        results = evaluate(
+            module,
+            val_loader,
+            data['num_classes'],
+            data['ignore_index'],
+            data['mean'],
+            data['std'],
+            cfg['eval'],
+            device,
+            amp_dtype,
+            progress=dist.is_main(),
+            on_sample=shown,
+        )
         improved = results['mIoU'] > state.best[name].miou
         if improved:
             state.best[name] = Best(results['mIoU'], state.iteration)

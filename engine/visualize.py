@@ -3,6 +3,7 @@ image | ground truth | prediction comparison, and per-class IoU and confusion ch
 evaluate.py (--show-dir), infer.py and the TensorBoard images of train.py. Pictures are RGB uint8
 (H, W, 3) arrays; engine/outputs.py writes them.
 """
+
 from dataclasses import dataclass
 
 import cv2
@@ -12,9 +13,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 FONT, FONT_SCALE = cv2.FONT_HERSHEY_SIMPLEX, 0.45
-ROW = 20        # height of a legend or caption row, pixels
-SWATCH = 12     # side of a legend colour square
-GAP = 14        # space after each legend entry
+ROW = 20  # height of a legend or caption row, pixels
+SWATCH = 12  # side of a legend colour square
+GAP = 14  # space after each legend entry
 BLACK = (0, 0, 0)
 
 
@@ -22,6 +23,7 @@ BLACK = (0, 0, 0)
 class ClassStyle:
     """What a picture needs to know about the classes: names, RGB colours (num_classes, 3) uint8,
     and the label value that marks ignored pixels."""
+
     names: list
     palette: np.ndarray
     ignore_index: int = 255
@@ -77,14 +79,15 @@ def legend(class_ids, style: ClassStyle, width: int, ignored: bool = False) -> n
     strip = np.full((y + ROW, width, 3), 255, np.uint8)
     for x, y, name, swatch in placed:
         top = y + (ROW - SWATCH) // 2
-        strip[top:top + SWATCH, x:x + SWATCH] = swatch
+        strip[top : top + SWATCH, x : x + SWATCH] = swatch
         cv2.rectangle(strip, (x, top), (x + SWATCH - 1, top + SWATCH - 1), BLACK, 1)  # light colours on white
         put_text(strip, name, x + SWATCH + 4, y)
     return strip
 
 
-def side_by_side(image: torch.Tensor, label: torch.Tensor, prediction: torch.Tensor, style: ClassStyle,
-                 opacity: float = 0.5) -> np.ndarray:
+def side_by_side(
+    image: torch.Tensor, label: torch.Tensor, prediction: torch.Tensor, style: ClassStyle, opacity: float = 0.5
+) -> np.ndarray:
     """One evaluated sample as `evaluate` hands it over, (3, h, w) uint8 image as fed to the model and
     (H, W) label and prediction on any device: image | ground truth | prediction at the label's size,
     captioned, above a legend of the classes found in the label or the prediction."""
@@ -116,8 +119,13 @@ def iou_chart(iou, style: ClassStyle) -> np.ndarray:
     axes = figure.add_subplot()
     bars = axes.barh(rows, np.nan_to_num(iou), color=style.palette / 255, edgecolor='black', linewidth=0.5)
     axes.bar_label(bars, ['n/a' if np.isnan(v) else f'{v:.1f}' for v in iou], padding=2, fontsize=8)
-    axes.set(yticks=rows, yticklabels=style.names, xlim=(0, 105), xlabel='IoU (%)',
-             title=f'mIoU {np.nanmean(iou):.2f}' if not np.isnan(iou).all() else 'no class scored')
+    axes.set(
+        yticks=rows,
+        yticklabels=style.names,
+        xlim=(0, 105),
+        xlabel='IoU (%)',
+        title=f'mIoU {np.nanmean(iou):.2f}' if not np.isnan(iou).all() else 'no class scored',
+    )
     axes.invert_yaxis()
     return figure_pixels(figure)
 
@@ -142,6 +150,13 @@ def confusion_heatmap(matrix, style: ClassStyle) -> np.ndarray:
     if annotate:
         for (row, column), value in np.ndenumerate(rows):
             if value >= 0.005:
-                axes.text(column, row, f'{100 * value:.0f}', ha='center', va='center', fontsize=7,
-                          color='white' if value > 0.5 else 'black')
+                axes.text(
+                    column,
+                    row,
+                    f'{100 * value:.0f}',
+                    ha='center',
+                    va='center',
+                    fontsize=7,
+                    color='white' if value > 0.5 else 'black',
+                )
     return figure_pixels(figure)

@@ -8,9 +8,10 @@ The logits of each pixel are LayerNorm'ed over the classes, as in the published 
 
 Parameters: K·C (class embedding) + 2·C² (the two bias-free projections) + 2·K (LayerNorm).
 """
+
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class OffsetLearning(nn.Module):
@@ -34,14 +35,15 @@ class OffsetLearning(nn.Module):
         whenever K < C, as in every published model (OffSeg-T at 512²: 2.28 instead of 3.60 GMACs).
         """
         b, c, h, w = x.shape
-        feats = x.flatten(2)                                    # Eᵀ: (B, C, HW)
-        classes = self.cls_repr.expand(b, -1, -1)               # W: (B, K, C)
-        attn = classes @ feats                                  # A: (B, K, HW), no scaling
-        prototypes = classes + self.cls_offset_proj(attn.softmax(dim=-1) @ feats.transpose(1, 2))   # W + ΔW
+        feats = x.flatten(2)  # Eᵀ: (B, C, HW)
+        classes = self.cls_repr.expand(b, -1, -1)  # W: (B, K, C)
+        attn = classes @ feats  # A: (B, K, HW), no scaling
+        prototypes = classes + self.cls_offset_proj(attn.softmax(dim=-1) @ feats.transpose(1, 2))  # W + ΔW
         # F.linear, not the module: a module called on a parameter trips FlopCounterMode under no_grad
         mixing = F.linear(self.cls_repr, self.feat_offset_proj.weight) @ prototypes.transpose(1, 2)  # (B, K, K)
-        masks = torch.baddbmm(attn.softmax(dim=1).transpose(1, 2) @ mixing, feats.transpose(1, 2),
-                              prototypes.transpose(1, 2))      # (B, HW, K)
+        masks = torch.baddbmm(
+            attn.softmax(dim=1).transpose(1, 2) @ mixing, feats.transpose(1, 2), prototypes.transpose(1, 2)
+        )  # (B, HW, K)
         masks = self.mask_norm(masks)
         return masks.transpose(1, 2).reshape(b, -1, h, w)
 
@@ -68,11 +70,11 @@ class OffsetLearningMask(nn.Module):
         """Reassociated as in `OffsetLearning`: (E+ΔE)·ΔFᵀ = ((E+ΔE)·P_feat·Eᵀ)·softmax_Q(A), a (Q, Q)
         matrix times the attention, so ΔF (HW, C) and its HW·C² projection are never formed."""
         b, c, h, w = mask_features.shape
-        feats = mask_features.flatten(2)                                          # Fᵀ: (B, C, HW)
-        attn = mask_embed @ feats                                                 # A: (B, Q, HW)
-        aligned = mask_embed + self.cls_offset_proj(attn.softmax(dim=-1) @ feats.transpose(1, 2))   # E + ΔE
+        feats = mask_features.flatten(2)  # Fᵀ: (B, C, HW)
+        attn = mask_embed @ feats  # A: (B, Q, HW)
+        aligned = mask_embed + self.cls_offset_proj(attn.softmax(dim=-1) @ feats.transpose(1, 2))  # E + ΔE
         mixing = F.linear(aligned, self.feat_offset_proj.weight.t()) @ mask_embed.transpose(1, 2)  # (B, Q, Q)
-        masks = torch.baddbmm(mixing @ attn.softmax(dim=1), aligned, feats)       # (B, Q, HW)
+        masks = torch.baddbmm(mixing @ attn.softmax(dim=1), aligned, feats)  # (B, Q, HW)
         return masks.view(b, -1, h, w)
 
 

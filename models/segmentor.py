@@ -1,4 +1,5 @@
 """Backbone + head (+ auxiliary head): the one nn.Module that training, evaluation and export use."""
+
 from typing import Optional
 
 import torch

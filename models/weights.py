@@ -16,6 +16,7 @@ Every load reports once what it matched, and what was missing, unexpected or of 
 load that matches nothing is an error, never a silent random initialisation. The summary is logged
 (logger `models.weights`), each misfit is a warning.
 """
+
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -46,24 +47,25 @@ def read_state_dict(path) -> dict:
     if path.is_dir():
         found = [path / name for name in WEIGHT_FILES if (path / name).is_file()]
         if not found:
-            raise CheckpointError(f"{path}: folder holds none of {', '.join(WEIGHT_FILES)}")
+            raise CheckpointError(f'{path}: folder holds none of {", ".join(WEIGHT_FILES)}')
         path = found[0]
     if not path.is_file():
         raise CheckpointError(f"weights '{path}' not found (a local file or folder is expected; nothing is downloaded)")
     try:
         if path.suffix == '.safetensors':
             from safetensors.torch import load_file
+
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as error:
         reason = str(error).split('. ')[0]  # torch's refusals of pickled code run on for a paragraph
-        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({reason})") from error
+        raise CheckpointError(f'{path}: cannot be read as a PyTorch checkpoint ({reason})') from error
     for wrapper in ('state_dict', 'model'):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: expected a state_dict of tensors")
+        raise CheckpointError(f'{path}: expected a state_dict of tensors')
     return {key.removeprefix('module.'): value for key, value in state.items()}
 
 
@@ -105,6 +107,7 @@ def convert_model_state(model: nn.Module, state: dict) -> tuple:
 @dataclass
 class LoadReport:
     """What one load did: how many of the module's tensors it filled, and every key that did not fit."""
+
     source: str
     loaded: int
     total: int
@@ -118,37 +121,57 @@ class LoadReport:
 
     def problems(self) -> list:
         """One line per kind of key that did not fit (empty for a complete load)."""
-        lines = [f'{len(self.mismatched)} keys skipped, shapes differ from the model: '
-                 + ', '.join(self.mismatched[:8])] if self.mismatched else []
+        lines = (
+            [f'{len(self.mismatched)} keys skipped, shapes differ from the model: ' + ', '.join(self.mismatched[:8])]
+            if self.mismatched
+            else []
+        )
         for kind, keys in (('missing from', self.missing), ('unexpected in', self.unexpected)):
             if keys:
-                lines.append(f"{len(keys)} keys {kind} the checkpoint: " + ', '.join(keys[:8])
-                             + (f' ... ({len(keys)} in all)' if len(keys) > 8 else ''))
+                lines.append(
+                    f'{len(keys)} keys {kind} the checkpoint: '
+                    + ', '.join(keys[:8])
+                    + (f' ... ({len(keys)} in all)' if len(keys) > 8 else '')
+                )
         return lines
 
     def summary(self) -> str:
         return f'loaded {self.loaded}/{self.total} tensors from {self.source}'
 
 
-def load_into(module: nn.Module, state: dict, source: str, strict: bool = False,
-              skip_mismatched: bool = False) -> LoadReport:
+def load_into(
+    module: nn.Module, state: dict, source: str, strict: bool = False, skip_mismatched: bool = False
+) -> LoadReport:
     """Load what fits into `module` and report the rest. Shape mismatches are refused (or, with
     `skip_mismatched`, as when fine-tuning on other classes, left as initialised); with `strict` (our own
     checkpoints) any key difference is an error; a state that fills none of the module's tensors is always one."""
     own = module.state_dict()
     mismatched = sorted(k for k, v in state.items() if k in own and v.shape != own[k].shape)
     if mismatched and not skip_mismatched:
-        raise CheckpointError(f"{source}: shapes do not match the model (wrong variant?):\n  " + '\n  '.join(
-            f'{k}: {tuple(state[k].shape)} in file, {tuple(own[k].shape)} in model' for k in mismatched[:10]))
+        raise CheckpointError(
+            f'{source}: shapes do not match the model (wrong variant?):\n  '
+            + '\n  '.join(
+                f'{k}: {tuple(state[k].shape)} in file, {tuple(own[k].shape)} in model' for k in mismatched[:10]
+            )
+        )
     fitting = {k: v for k, v in state.items() if k not in mismatched}
-    report = LoadReport(source, len(fitting.keys() & own.keys()), len(own), sorted(own.keys() - fitting.keys()),
-                        sorted(fitting.keys() - own.keys()), mismatched)
+    report = LoadReport(
+        source,
+        len(fitting.keys() & own.keys()),
+        len(own),
+        sorted(own.keys() - fitting.keys()),
+        sorted(fitting.keys() - own.keys()),
+        mismatched,
+    )
     if own and not report.loaded:
-        raise CheckpointError(f"{source}: none of its {len(state)} tensors fits {type(module).__name__} "
-                              f"(0/{len(own)} loaded; weights of another architecture, or keys under another prefix?)")
+        raise CheckpointError(
+            f'{source}: none of its {len(state)} tensors fits {type(module).__name__} '
+            f'(0/{len(own)} loaded; weights of another architecture, or keys under another prefix?)'
+        )
     if strict and not report.complete:
-        raise CheckpointError(f"{source} does not match the model (built from its config):\n  "
-                              + '\n  '.join(report.problems()))
+        raise CheckpointError(
+            f'{source} does not match the model (built from its config):\n  ' + '\n  '.join(report.problems())
+        )
     module.load_state_dict(fitting, strict=False)
     return report
 
@@ -159,7 +182,7 @@ def load_pretrained(module: nn.Module, path, part: str = 'backbone') -> LoadRepo
     a full match, every misfit otherwise."""
     parts, _ = split_parts(read_state_dict(path))
     if part not in parts:
-        raise CheckpointError(f"{path}: holds no {part} weights (parts found: {', '.join(parts)})")
+        raise CheckpointError(f'{path}: holds no {part} weights (parts found: {", ".join(parts)})')
     report = load_into(module, convert_part(module, parts[part]), source=str(path))
     log_report(report)
     return report
@@ -172,8 +195,10 @@ def load_weights_from(model: nn.Module, path) -> LoadReport:
     state = read_state_dict(path)
     own = model.state_dict()
     if not any(k.startswith('backbone.') and k in own and v.shape == own[k].shape for k, v in state.items()):
-        raise CheckpointError(f"{path}: none of its backbone weights fit this model (a checkpoint of another "
-                              "architecture? published files need tools/convert_checkpoint.py first)")
+        raise CheckpointError(
+            f'{path}: none of its backbone weights fit this model (a checkpoint of another '
+            'architecture? published files need tools/convert_checkpoint.py first)'
+        )
     report = load_into(model, state, str(path), skip_mismatched=True)
     log_report(report)
     return report

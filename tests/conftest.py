@@ -30,11 +30,15 @@ TINY_DATA = """
 """
 """The generated scenes at 64x64, for tiny runs of any model."""
 
-TINY = """
+TINY = (
+    """
     backbone: {{type: resnet, variant: 18}}
-    head: {{type: aspp, channels: 16, dilations: [1, 2], c1_channels: 8}}""" + TINY_DATA + """\
+    head: {{type: aspp, channels: 16, dilations: [1, 2], c1_channels: 8}}"""
+    + TINY_DATA
+    + """\
     train: {{max_iters: 6, batch_size: 4, val_interval: 3, log_interval: 2}}
 """
+)
 """A tiny ResNet-18 + DeepLabV3+ run on the demo scenes; `.format(root=...)` gives its YAML."""
 
 
@@ -60,11 +64,12 @@ def published_offset_learning_forward(module, x: torch.Tensor) -> torch.Tensor:
     formed, then the scores (E+ΔE)·(W+ΔW)ᵀ. The module reassociates these products; this reference
     shows it gives the same numbers and, counted, the published number of MACs."""
     b, c, h, w = x.shape
-    feats = x.flatten(2).transpose(1, 2)                                      # E: (B, HW, C)
-    classes = module.cls_repr.expand(b, -1, -1)                               # W: (B, K, C)
-    attn = classes @ feats.transpose(1, 2)                                    # A: (B, K, HW)
+    feats = x.flatten(2).transpose(1, 2)  # E: (B, HW, C)
+    classes = module.cls_repr.expand(b, -1, -1)  # W: (B, K, C)
+    attn = classes @ feats.transpose(1, 2)  # A: (B, K, HW)
     class_offset = torch.nn.functional.linear(attn.softmax(dim=-1) @ feats, module.cls_offset_proj.weight)
-    feat_offset = torch.nn.functional.linear(attn.softmax(dim=1).transpose(1, 2) @ classes,
-                                             module.feat_offset_proj.weight)
+    feat_offset = torch.nn.functional.linear(
+        attn.softmax(dim=1).transpose(1, 2) @ classes, module.feat_offset_proj.weight
+    )
     masks = module.mask_norm((feats + feat_offset) @ (classes + class_offset).transpose(1, 2))
     return masks.transpose(1, 2).reshape(b, -1, h, w)

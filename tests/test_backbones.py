@@ -3,6 +3,7 @@ weights loaded offline through the config (`backbone.pretrained`), including the
 
 Only the tiny variants run by default; `pytest -m large` runs the forward test on the others.
 """
+
 import re
 import socket
 import sys
@@ -27,8 +28,14 @@ from train import create_backbone, get_backbone_channels, load_config
 
 VARIANTS = {family: tuple(sys.modules[cls.__module__].VARIANTS) for family, cls in BACKBONES.items()}
 """Each family's variants, read from its module's `VARIANTS` table."""
-TINY = {'resnet': ('18',), 'convnext': ('tiny',), 'mit': ('b0',), 'mscan': ('t',), 'efficientformerv2': ('s0', 's1'),
-        'swin': ('tiny',)}
+TINY = {
+    'resnet': ('18',),
+    'convnext': ('tiny',),
+    'mit': ('b0',),
+    'mscan': ('t',),
+    'efficientformerv2': ('s0', 's1'),
+    'swin': ('tiny',),
+}
 """The variants cheap enough for every test run."""
 SIZES = [(64, 64), (96, 128)]
 """Multiples of 32: every family gives exactly side / stride here (at other sizes they round differently)."""
@@ -36,14 +43,22 @@ SIZES = [(64, 64), (96, 128)]
 
 def variants(families=tuple(BACKBONES)):
     """(family, variant) parameters; all but the tiny ones are marked `large` (deselected by default)."""
-    return [pytest.param(family, variant, id=f'{family}-{variant}',
-                         marks=() if variant in TINY.get(family, ()) else pytest.mark.large)
-            for family in families for variant in VARIANTS[family]]
+    return [
+        pytest.param(
+            family,
+            variant,
+            id=f'{family}-{variant}',
+            marks=() if variant in TINY.get(family, ()) else pytest.mark.large,
+        )
+        for family in families
+        for variant in VARIANTS[family]
+    ]
 
 
 def tiny_variants():
-    return [pytest.param(family, variant, id=f'{family}-{variant}')
-            for family, names in TINY.items() for variant in names]
+    return [
+        pytest.param(family, variant, id=f'{family}-{variant}') for family, names in TINY.items() for variant in names
+    ]
 
 
 def count(module: torch.nn.Module) -> int:
@@ -59,10 +74,16 @@ def randomized(module: torch.nn.Module) -> dict:
 def yaml_config(tmp_path, backbone: dict) -> dict:
     """A minimal run config with this `backbone` section, written as YAML and read back by train.load_config."""
     path = tmp_path / 'config.yaml'
-    path.write_text(yaml.safe_dump({
-        'backbone': backbone, 'head': {'type': 'aspp'},
-        'data': {'type': 'demo', 'root': str(tmp_path / 'data'), 'num_classes': 7},
-        'train': {'max_iters': 1, 'batch_size': 1}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                'backbone': backbone,
+                'head': {'type': 'aspp'},
+                'data': {'type': 'demo', 'root': str(tmp_path / 'data'), 'num_classes': 7},
+                'train': {'max_iters': 1, 'batch_size': 1},
+            }
+        )
+    )
     return load_config(str(path))
 
 
@@ -86,8 +107,16 @@ def no_hub(monkeypatch):
 
 # --- parameter counts ---------------------------------------------------------------------------
 
-RESNET_FULL_PARAMS_M = {'18': 11.69, '34': 21.80, '50': 25.56, '50c': 25.58, '50d': 25.58,
-                        '101': 44.55, '101d': 44.57, '152': 60.19}
+RESNET_FULL_PARAMS_M = {
+    '18': 11.69,
+    '34': 21.80,
+    '50': 25.56,
+    '50c': 25.58,
+    '50d': 25.58,
+    '101': 44.55,
+    '101d': 44.57,
+    '152': 60.19,
+}
 """timm's ResNets with their ImageNet classifier (no published number for 101c)."""
 
 
@@ -102,6 +131,7 @@ def test_resnet_parameter_counts_match_timm_plus_classifier(variant):
 
 
 # --- forward shapes -----------------------------------------------------------------------------
+
 
 def assert_maps(backbone: torch.nn.Module, strides: list) -> None:
     """Four finite maps with the backbone's `out_channels`, each side = input side / stride, at every SIZE."""
@@ -144,6 +174,7 @@ def test_forward_dilated_resnet(family, variant, output_stride, strides):
 # Each builder turns our randomized state into a file as users have it on disk (plus the classifier
 # the loader must drop) and returns it with the state we must end up with.
 
+
 def resnet_timm_file(variant, model, ours):
     """timm / torchvision ImageNet naming (`conv1.weight`, `layer1.0...`) with the `fc` classifier."""
     state = {k.removeprefix('body.'): v for k, v in ours.items()}
@@ -156,21 +187,32 @@ def resnet_timm_file(variant, model, ours):
 def convnext_timm_file(variant, model, ours):
     """timm ImageNet naming (`stem.0`, `stages.0.blocks.0...`) with the `head.norm` / `head.fc` classifier.
     It has no output norms: ours must come out as fresh LayerNorms."""
-    state = {re.sub(r'^body\.(stem|stages)_(\d+)\.', r'\1.\2.', k): v
-             for k, v in ours.items() if k.startswith('body.')}
+    state = {re.sub(r'^body\.(stem|stages)_(\d+)\.', r'\1.\2.', k): v for k, v in ours.items() if k.startswith('body.')}
     width = model.out_channels[-1]
-    state |= {'head.norm.weight': torch.randn(width), 'head.norm.bias': torch.randn(width),
-              'head.fc.weight': torch.randn(1000, width), 'head.fc.bias': torch.randn(1000)}
+    state |= {
+        'head.norm.weight': torch.randn(width),
+        'head.norm.bias': torch.randn(width),
+        'head.fc.weight': torch.randn(1000, width),
+        'head.fc.bias': torch.randn(1000),
+    }
     with torch.device('meta'):
         assert state.keys() == timm.create_model(f'convnext_{variant}').state_dict().keys()
-    fresh = {k: torch.ones_like(v) if k.endswith('weight') else torch.zeros_like(v)
-             for k, v in ours.items() if k.startswith('norms.')}
+    fresh = {
+        k: torch.ones_like(v) if k.endswith('weight') else torch.zeros_like(v)
+        for k, v in ours.items()
+        if k.startswith('norms.')
+    }
     return state, {**ours, **fresh}
 
 
-MIT_TO_NVLABS = [('layernorm_before', 'norm1'), ('layernorm_after', 'norm2'), ('attention.q_proj', 'attn.q'),
-                 ('attention.o_proj', 'attn.proj'), ('attention.sequence_reduction.sequence_reduction', 'attn.sr'),
-                 ('attention.sequence_reduction.layer_norm', 'attn.norm')]
+MIT_TO_NVLABS = [
+    ('layernorm_before', 'norm1'),
+    ('layernorm_after', 'norm2'),
+    ('attention.q_proj', 'attn.q'),
+    ('attention.o_proj', 'attn.proj'),
+    ('attention.sequence_reduction.sequence_reduction', 'attn.sr'),
+    ('attention.sequence_reduction.layer_norm', 'attn.norm'),
+]
 
 
 def mit_nvlabs_file(variant, model, ours):
@@ -209,9 +251,12 @@ def offseg_file(variant, model, ours):
     for name, index in model.named_buffers():
         if name.endswith('attention_bias_idxs_seg'):
             prefix = name.removesuffix('attention_bias_idxs_seg')
-            keys = 49 if index.shape[0] == index.shape[1] else 196      # ImageNet 7x7 / 14x14 key grids
-            state |= {name: index.clone(), prefix + 'attention_biases': torch.randn(8, keys),
-                      prefix + 'attention_bias_idxs': torch.ones(49, keys, dtype=torch.long)}
+            keys = 49 if index.shape[0] == index.shape[1] else 196  # ImageNet 7x7 / 14x14 key grids
+            state |= {
+                name: index.clone(),
+                prefix + 'attention_biases': torch.randn(8, keys),
+                prefix + 'attention_bias_idxs': torch.ones(49, keys, dtype=torch.long),
+            }
     return {'meta': {'mmseg_version': '0.30.0'}, 'state_dict': {f'backbone.{k}': v for k, v in state.items()}}, ours
 
 
@@ -241,7 +286,7 @@ def test_user_checkpoint_loads_through_the_config(family, tmp_path, no_hub):
     save(saved, tmp_path / name)
     cfg = yaml_config(tmp_path, {'type': family, 'variant': variant, 'pretrained': str(tmp_path / name)})
     with warnings.catch_warnings():
-        warnings.simplefilter('error')      # a missing, unexpected or classifier key reported fails the test
+        warnings.simplefilter('error')  # a missing, unexpected or classifier key reported fails the test
         loaded = create_backbone(cfg).state_dict()
     assert loaded.keys() == expected.keys()
     for key, value in expected.items():
@@ -254,21 +299,31 @@ def test_efficientformerv2_imagenet_file_reports_only_the_segmentation_bias_tabl
     (`attention_biases_seg`): those are the only keys reported, and they keep their zero init."""
     source = BACKBONES['efficientformerv2']('s0')
     saved, ours = offseg_file('s0', source, randomized(source))
-    state = {k.removeprefix('backbone.'): v for k, v in saved['state_dict'].items()
-             if not k.endswith(('attention_biases_seg', 'attention_bias_idxs_seg'))}
+    state = {
+        k.removeprefix('backbone.'): v
+        for k, v in saved['state_dict'].items()
+        if not k.endswith(('attention_biases_seg', 'attention_bias_idxs_seg'))
+    }
     width = source.out_channels[-1]
-    state |= {'head.weight': torch.randn(1000, width), 'head.bias': torch.randn(1000),
-              'dist_head.weight': torch.randn(1000, width), 'dist_head.bias': torch.randn(1000),
-              'norm.weight': torch.randn(width), 'norm.running_mean': torch.randn(width)}
+    state |= {
+        'head.weight': torch.randn(1000, width),
+        'head.bias': torch.randn(1000),
+        'dist_head.weight': torch.randn(1000, width),
+        'dist_head.bias': torch.randn(1000),
+        'norm.weight': torch.randn(width),
+        'norm.running_mean': torch.randn(width),
+    }
     torch.save({'model': state}, tmp_path / 'eformer_s0_450.pth')
-    cfg = yaml_config(tmp_path, {'type': 'efficientformerv2', 'variant': 's0',
-                                 'pretrained': str(tmp_path / 'eformer_s0_450.pth')})
+    cfg = yaml_config(
+        tmp_path, {'type': 'efficientformerv2', 'variant': 's0', 'pretrained': str(tmp_path / 'eformer_s0_450.pth')}
+    )
     with pytest.warns(UserWarning) as caught:
         loaded = create_backbone(cfg).state_dict()
     seg_tables = sorted(k for k in ours if k.endswith('attention_biases_seg'))
-    assert len(seg_tables) == 5                 # 2 + 2 attention blocks and the attention downsampler
+    assert len(seg_tables) == 5  # 2 + 2 attention blocks and the attention downsampler
     assert [str(w.message) for w in caught] == [
-        f"{tmp_path / 'eformer_s0_450.pth'}: 5 keys missing from the checkpoint: {', '.join(seg_tables)}"]
+        f'{tmp_path / "eformer_s0_450.pth"}: 5 keys missing from the checkpoint: {", ".join(seg_tables)}'
+    ]
     for key, value in ours.items():
         assert torch.equal(loaded[key], torch.zeros_like(value) if key in seg_tables else value), key
 
@@ -276,7 +331,7 @@ def test_efficientformerv2_imagenet_file_reports_only_the_segmentation_bias_tabl
 def test_hf_folder_loads_into_mit_b0(tmp_path, no_hub):
     """A Hugging Face folder (config.json + model.safetensors, as `save_pretrained` writes it) loads
     through `backbone.pretrained: <folder>`; the decode head is dropped silently."""
-    hf = SegformerForSemanticSegmentation(SegformerConfig(num_labels=19))    # the default config is B0
+    hf = SegformerForSemanticSegmentation(SegformerConfig(num_labels=19))  # the default config is B0
     hf.load_state_dict(randomized(hf))
     folder = tmp_path / 'segformer-b0'
     hf.save_pretrained(folder)
@@ -293,6 +348,7 @@ def test_hf_folder_loads_into_mit_b0(tmp_path, no_hub):
 
 # --- pretrained error cases ---------------------------------------------------------------------
 
+
 def test_missing_pretrained_path_fails_when_the_config_is_read(tmp_path, no_hub):
     """A wrong path is an error naming it (nothing is downloaded instead), before any model is built."""
     missing = tmp_path / 'weights' / 'resnet18.pth'
@@ -301,7 +357,8 @@ def test_missing_pretrained_path_fails_when_the_config_is_read(tmp_path, no_hub)
 
 
 def test_pretrained_file_gone_after_validation_fails_naming_it_before_any_weight_is_loaded(
-        tmp_path, monkeypatch, no_hub):
+    tmp_path, monkeypatch, no_hub
+):
     """If the file disappears between reading the config and building, loading fails naming it."""
     missing = tmp_path / 'weights' / 'resnet18.pth'
     missing.parent.mkdir()
@@ -319,8 +376,9 @@ def test_wrong_variant_is_a_shape_error(tmp_path):
     """ResNet-50 weights into a ResNet-18 fail loudly with the mismatched shapes, not a partial load."""
     with torch.device('meta'):
         resnet50 = timm.create_model('resnet50')
-    torch.save({k: torch.zeros(v.shape, dtype=v.dtype) for k, v in resnet50.state_dict().items()},
-               tmp_path / 'resnet50.pth')
+    torch.save(
+        {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in resnet50.state_dict().items()}, tmp_path / 'resnet50.pth'
+    )
     cfg = yaml_config(tmp_path, {'type': 'resnet', 'variant': 18, 'pretrained': str(tmp_path / 'resnet50.pth')})
     with pytest.raises(CheckpointError, match='shapes do not match') as error:
         create_backbone(cfg)
@@ -333,18 +391,18 @@ def test_unknown_keys_are_listed_in_a_warning(tmp_path):
     saved, expected = resnet_timm_file('18', source, randomized(source))
     saved |= {'layer5.0.conv1.weight': torch.randn(8, 8, 1, 1), 'extra_scale': torch.ones(1)}
     torch.save(saved, tmp_path / 'resnet18_extra.pth')
-    cfg = yaml_config(tmp_path, {'type': 'resnet', 'variant': 18,
-                                 'pretrained': str(tmp_path / 'resnet18_extra.pth')})
+    cfg = yaml_config(tmp_path, {'type': 'resnet', 'variant': 18, 'pretrained': str(tmp_path / 'resnet18_extra.pth')})
     with pytest.warns(UserWarning) as caught:
         loaded = create_backbone(cfg).state_dict()
     [message] = [str(w.message) for w in caught]
     # the keys are named as the converter renamed them (`body.extra_scale`), which still shows the file's names
-    assert message.startswith(f"{tmp_path / 'resnet18_extra.pth'}: 2 keys unexpected in the checkpoint: ")
+    assert message.startswith(f'{tmp_path / "resnet18_extra.pth"}: 2 keys unexpected in the checkpoint: ')
     assert 'extra_scale' in message and 'layer5.0.conv1.weight' in message and 'fc.' not in message
     assert all(torch.equal(loaded[k], v) for k, v in expected.items())
 
 
 # --- channels without weights -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize('family, variant', tiny_variants())
 def test_backbone_channels_do_not_read_the_weights(family, variant, tmp_path, monkeypatch):

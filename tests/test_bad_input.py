@@ -1,5 +1,6 @@
 """Hostile input through the public entry points: every bad value is one line and exit code 2 at the
 door, and no command loses a file it did not create."""
+
 import errno
 import hashlib
 import re
@@ -15,6 +16,7 @@ import torch
 from PIL import Image
 
 import train
+from conftest import ROOT, TINY
 from datasets.base import read_image
 from engine import checkpoint as checkpoints
 from engine.checkpoint import claim_work_dir, load_checkpoint, resume_checkpoint
@@ -22,8 +24,6 @@ from engine.cli import run_cli
 from engine.config import BOUNDS, DEFAULTS, FREE_FORM, ConfigError
 from engine.rules import load_config
 from models.weights import CheckpointError
-
-from conftest import ROOT, TINY
 
 DEMO = ROOT / 'configs' / 'demo.yaml'
 
@@ -57,6 +57,7 @@ def trained(tmp_path_factory):
 
 # --- every documented key: a wrong kind or an out-of-range value is one ConfigError ----------------
 
+
 def leaf_keys(schema: dict, prefix: str = ''):
     for key, value in schema.items():
         name = prefix + key
@@ -77,9 +78,15 @@ def wrong_kind(name: str):
 def out_of_range(bounds) -> object:
     """A value breaking the first bound (a too-short list for a length bound)."""
     import annotated_types as at
+
     bound = bounds[0]
-    return {at.Gt: lambda b: b.gt - 1, at.Ge: lambda b: b.ge - 1, at.Lt: lambda b: b.lt + 1,
-            at.Le: lambda b: b.le + 1, at.Len: lambda b: []}[type(bound)](bound)
+    return {
+        at.Gt: lambda b: b.gt - 1,
+        at.Ge: lambda b: b.ge - 1,
+        at.Lt: lambda b: b.lt + 1,
+        at.Le: lambda b: b.le + 1,
+        at.Len: lambda b: [],
+    }[type(bound)](bound)
 
 
 def overrides_for(name: str, value) -> list:
@@ -102,21 +109,26 @@ def test_an_out_of_range_value_for_any_bounded_key_is_one_config_error(name):
     assert '\n' not in str(error.value)
 
 
-@pytest.mark.parametrize('override, message', [
-    ('train.grad_clip=-1', "'train.grad_clip' must be a number > 0, got -1"),
-    ('train.max_iters=0', "'train.max_iters' must be a number >= 1, got 0"),
-    ('train.ema_decay=1.5', "'train.ema_decay' must be a number < 1"),
-    ('data.mean=[1, 2]', "'data.mean' must be a list of 3 items"),
-    ('data.std=[1, 0, 1]', "'data.std' must be a list of numbers, each a number > 0"),
-    ('eval.stride=[0, 8]', "'eval.stride' must be a list of numbers, each a number >= 1"),
-    ('data.train.pipeline=[{type: random_resize, scale: [64, 64], ratio_range: [2.0, 0.5]}]',
-     "'data.train.pipeline[0].ratio_range' must be an increasing pair"),
-    ('data.train.pipeline=[{type: random_flip, prob: 1.5}]', "'data.train.pipeline[0].prob' must be a number <= 1"),
-    ('data.train.pipeline=[{type: random_crop}]', "'data.train.pipeline[0]' (RandomCrop) needs 'size'"),
-    ('eval.mode=slide', "eval.mode 'slide' needs eval.crop_size and eval.stride"),
-    ('data.ignore_index=2', 'data.ignore_index 2 is a class id'),
-    ('backbone.variant=b9', "ResNet variant 'b9' unknown"),
-])
+@pytest.mark.parametrize(
+    'override, message',
+    [
+        ('train.grad_clip=-1', "'train.grad_clip' must be a number > 0, got -1"),
+        ('train.max_iters=0', "'train.max_iters' must be a number >= 1, got 0"),
+        ('train.ema_decay=1.5', "'train.ema_decay' must be a number < 1"),
+        ('data.mean=[1, 2]', "'data.mean' must be a list of 3 items"),
+        ('data.std=[1, 0, 1]', "'data.std' must be a list of numbers, each a number > 0"),
+        ('eval.stride=[0, 8]', "'eval.stride' must be a list of numbers, each a number >= 1"),
+        (
+            'data.train.pipeline=[{type: random_resize, scale: [64, 64], ratio_range: [2.0, 0.5]}]',
+            "'data.train.pipeline[0].ratio_range' must be an increasing pair",
+        ),
+        ('data.train.pipeline=[{type: random_flip, prob: 1.5}]', "'data.train.pipeline[0].prob' must be a number <= 1"),
+        ('data.train.pipeline=[{type: random_crop}]', "'data.train.pipeline[0]' (RandomCrop) needs 'size'"),
+        ('eval.mode=slide', "eval.mode 'slide' needs eval.crop_size and eval.stride"),
+        ('data.ignore_index=2', 'data.ignore_index 2 is a class id'),
+        ('backbone.variant=b9', "ResNet variant 'b9' unknown"),
+    ],
+)
 def test_bad_values_are_named_when_the_config_is_read(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(DEMO, [override])
@@ -128,6 +140,7 @@ def test_a_backbone_whose_strides_the_head_cannot_take_fails_when_the_config_is_
 
 
 # --- never lose data -------------------------------------------------------------------------------
+
 
 def test_a_fresh_run_in_a_work_dir_with_checkpoints_is_refused_and_changes_nothing(trained, capsys):
     config, work = trained
@@ -144,19 +157,28 @@ def test_overwrite_starts_afresh(trained, tmp_path):
         (copy_dir / path.name).parent.mkdir(exist_ok=True)
         (copy_dir / path.name).write_bytes(path.read_bytes())
     (copy_dir / 'iter_000099.pth').write_bytes((work / 'last.pth').read_bytes())  # an older, longer run's
-    train.main(['--config', str(config), '--work-dir', str(copy_dir), '--device', 'cpu', '--overwrite',
-                *TWO_ITERATIONS])
+    train.main(
+        ['--config', str(config), '--work-dir', str(copy_dir), '--device', 'cpu', '--overwrite', *TWO_ITERATIONS]
+    )
     assert sorted(p.name for p in copy_dir.glob('*.pth')) == ['best.pth', 'iter_000002.pth', 'last.pth']
 
 
 def test_two_runs_in_one_work_dir_are_refused_and_a_killed_run_leaves_no_stale_lock(tmp_path, capsys):
-    holder = subprocess.Popen([sys.executable, '-c', textwrap.dedent(f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            '-c',
+            textwrap.dedent(f"""
         import sys, time; sys.path.insert(0, {str(ROOT)!r})
         from pathlib import Path
         from engine.checkpoint import claim_work_dir
         lock = claim_work_dir(Path({str(tmp_path)!r}), False, False)
         print('locked', flush=True)
-        time.sleep(60)""")], stdout=subprocess.PIPE, text=True)
+        time.sleep(60)"""),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == 'locked'
     with pytest.raises(CheckpointError, match='in use by another training run'):
         claim_work_dir(tmp_path, False, False)
@@ -177,16 +199,32 @@ def test_a_full_disk_names_the_file_and_keeps_the_earlier_checkpoints(trained, t
         raise OSError(errno.ENOSPC, 'No space left on device')
 
     monkeypatch.setattr(checkpoints.torch, 'save', fill_disk)
-    line = cli_error(train.main, ['--config', str(config), '--work-dir', str(run_dir), '--device', 'cpu',
-                                  '--resume', 'auto', '--set', 'train.max_iters=4', 'train.val_interval=2'], capsys)
+    line = cli_error(
+        train.main,
+        [
+            '--config',
+            str(config),
+            '--work-dir',
+            str(run_dir),
+            '--device',
+            'cpu',
+            '--resume',
+            'auto',
+            '--set',
+            'train.max_iters=4',
+            'train.val_interval=2',
+        ],
+        capsys,
+    )
     # best.pth or iter_000004.pth, whichever this run writes first at iteration 4
-    assert re.search(rf"cannot write {re.escape(str(run_dir))}/(best|iter_000004)\.pth: no space left on device", line)
+    assert re.search(rf'cannot write {re.escape(str(run_dir))}/(best|iter_000004)\.pth: no space left on device', line)
     monkeypatch.setattr(checkpoints.torch, 'save', real_save)
     assert load_checkpoint(run_dir / 'last.pth')['iteration'] == 2
     assert not list(run_dir.glob('.*.pth.*'))  # no half-written file left behind
 
 
 # --- nothing silent --------------------------------------------------------------------------------
+
 
 def test_a_run_with_no_valid_label_pixel_says_so_and_names_no_unwritten_checkpoint(tmp_path):
     for split in ('train', 'val'):
@@ -196,12 +234,14 @@ def test_a_run_with_no_valid_label_pixel_says_so_and_names_no_unwritten_checkpoi
             cv2.imwrite(str(tmp_path / 'images' / split / f'{i}.png'), np.full((32, 32, 3), 60 * i, np.uint8))
             cv2.imwrite(str(tmp_path / 'annotations' / split / f'{i}.png'), np.full((32, 32), 255, np.uint8))
     config = tmp_path / 'ignored.yaml'
-    config.write_text(textwrap.dedent(f"""
+    config.write_text(
+        textwrap.dedent(f"""
         backbone: {{type: resnet, variant: 18}}
         head: {{type: aspp, channels: 16, dilations: [1, 2], c1_channels: 8}}
         data: {{type: folder, root: {tmp_path}, num_classes: 3, workers: 0}}
         train: {{max_iters: 1, batch_size: 2}}
-        """))
+        """)
+    )
     train.main(['--config', str(config), '--work-dir', str(tmp_path / 'work'), '--device', 'cpu'])
     log = (tmp_path / 'work' / 'train.log').read_text()
     assert 'no valid label pixel in the validation set' in log
@@ -211,25 +251,54 @@ def test_a_run_with_no_valid_label_pixel_says_so_and_names_no_unwritten_checkpoi
 def test_pretrained_weights_that_match_nothing_are_an_error(tmp_path, capsys):
     weights = tmp_path / 'other.pth'
     torch.save({'encoder.layer.0.weight': torch.zeros(3, 3)}, weights)
-    line = cli_error(train.main, ['--config', str(DEMO), '--work-dir', str(tmp_path / 'w'), '--device', 'cpu',
-                                  '--set', f'backbone.pretrained={weights}', f'data.root={tmp_path / "demo"}'], capsys)
+    line = cli_error(
+        train.main,
+        [
+            '--config',
+            str(DEMO),
+            '--work-dir',
+            str(tmp_path / 'w'),
+            '--device',
+            'cpu',
+            '--set',
+            f'backbone.pretrained={weights}',
+            f'data.root={tmp_path / "demo"}',
+        ],
+        capsys,
+    )
     assert str(weights) in line and 'none of its 1 tensors fits' in line
 
 
 def test_the_converter_refuses_a_file_that_matches_no_tensor(tmp_path, capsys):
     sys.path.insert(0, str(ROOT / 'tools'))
     import convert_checkpoint
+
     source = tmp_path / 'segformer.pth'
     torch.save({'state_dict': {'decode_head.unrelated.weight': torch.zeros(2)}}, source)
-    line = cli_error(convert_checkpoint.main, [str(source), str(tmp_path / 'out.pth'), '--config',
-                                               str(ROOT / 'configs' / 'segnext_t.yaml')], capsys)
+    line = cli_error(
+        convert_checkpoint.main,
+        [str(source), str(tmp_path / 'out.pth'), '--config', str(ROOT / 'configs' / 'segnext_t.yaml')],
+        capsys,
+    )
     assert 'none of its' in line and not (tmp_path / 'out.pth').exists()
 
 
 def test_resume_of_weights_only_says_load_from(trained, tmp_path, capsys):
     config, work = trained
-    line = cli_error(train.main, ['--config', str(config), '--work-dir', str(tmp_path / 'w'), '--device', 'cpu',
-                                  '--resume', str(work / 'best.pth')], capsys)
+    line = cli_error(
+        train.main,
+        [
+            '--config',
+            str(config),
+            '--work-dir',
+            str(tmp_path / 'w'),
+            '--device',
+            'cpu',
+            '--resume',
+            str(work / 'best.pth'),
+        ],
+        capsys,
+    )
     assert 'weights only' in line and f'--load-from {work / "best.pth"}' in line
 
 
@@ -247,6 +316,7 @@ def test_resume_takes_a_folder_and_falls_back_from_a_damaged_last(trained, tmp_p
 
 def test_evaluate_uses_the_given_config_when_the_checkpoint_stores_none(trained, tmp_path, capsys):
     import evaluate
+
     config, work = trained
     bare = tmp_path / 'bare.pth'
     torch.save({'model': load_checkpoint(work / 'best.pth')['model']}, bare)
@@ -264,12 +334,14 @@ def test_an_exif_rotated_jpeg_keeps_the_size_of_its_label(tmp_path):
     assert read_image(tmp_path / 'rotated.jpg').shape[:2] == (20, 40)
 
 
-
-@pytest.mark.parametrize('script, argv, message', [
-    ('export_onnx', ['--checkpoint', 'x.pth', '--output', 'x.onnx', '--size', '0', '512'], '--size: must be >= 32'),
-    ('benchmark', ['--config', 'x.yaml', '--runs', '0'], '--runs: must be >= 1'),
-    ('evaluate', ['--checkpoint', 'x.pth', '--scales', '-1'], '--scales: must be >= 0.01'),
-])
+@pytest.mark.parametrize(
+    'script, argv, message',
+    [
+        ('export_onnx', ['--checkpoint', 'x.pth', '--output', 'x.onnx', '--size', '0', '512'], '--size: must be >= 32'),
+        ('benchmark', ['--config', 'x.yaml', '--runs', '0'], '--runs: must be >= 1'),
+        ('evaluate', ['--checkpoint', 'x.pth', '--scales', '-1'], '--scales: must be >= 0.01'),
+    ],
+)
 def test_numeric_command_line_options_are_range_checked(script, argv, message, capsys):
     sys.path.insert(0, str(ROOT / 'tools'))
     module = __import__(script)

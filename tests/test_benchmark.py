@@ -1,4 +1,5 @@
 """tools/benchmark.py: sizes of every config, GMACs against the published counts, the CLI's outputs."""
+
 import json
 from pathlib import Path
 
@@ -28,8 +29,9 @@ def run(tmp_path, *argv) -> list:
 
 
 def test_every_config_has_params_and_gmacs(tmp_path):
-    results = run(tmp_path, '--all', ROOT / 'configs', '--macs-only', '--size', '64', '64',
-                  '--csv', tmp_path / 'results.csv')
+    results = run(
+        tmp_path, '--all', ROOT / 'configs', '--macs-only', '--size', '64', '64', '--csv', tmp_path / 'results.csv'
+    )
     assert [Path(r['config']).name for r in results] == [p.name for p in CONFIGS]
     for result in results:
         assert result['params_m'] > 0.1 and result['gmacs'] > 0, result
@@ -58,7 +60,7 @@ def test_gmacs_at_512_match_published_counts(name, monkeypatch):
     counts = benchmark.image_macs(model, (512, 512))
     assert benchmark.module_macs(counts, '') / 1e9 == pytest.approx(FULL_GMACS[name], rel=0.05)
     if name.startswith('offseg'):
-        assert benchmark.module_macs(counts, '') - as_run > 1e9    # what the reassociation saves: 1.3 G
+        assert benchmark.module_macs(counts, '') - as_run > 1e9  # what the reassociation saves: 1.3 G
         paper = benchmark.paper_convention_macs(model, counts)
         assert paper / 1e9 == pytest.approx(PAPER_GMACS[name], rel=0.05)
 
@@ -66,34 +68,54 @@ def test_gmacs_at_512_match_published_counts(name, monkeypatch):
 def test_paper_convention_leaves_out_exactly_the_offset_learning_and_attention_matmuls():
     model = benchmark.meta_model(benchmark.random_weights_config(ROOT / 'configs' / 'offseg_t.yaml'))
     counts = benchmark.image_macs(model, (512, 512))
-    omitted = [name for name, m in model.named_modules()
-               if isinstance(m, (benchmark.Attention4D, benchmark.Attention4DDownsample, benchmark.OffsetLearning))]
+    omitted = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, (benchmark.Attention4D, benchmark.Attention4DDownsample, benchmark.OffsetLearning))
+    ]
     matmuls = sum(benchmark.module_macs(counts, name) - counts[name].get('aten.convolution', 0) for name in omitted)
     assert benchmark.module_macs(counts, 'head.classifier') > 0 and matmuls > 0
     paper = benchmark.paper_convention_macs(model, counts)
     assert paper == pytest.approx(benchmark.module_macs(counts, '') - matmuls, abs=1)
-    assert paper == counts['']['aten.convolution']    # OffSeg: what is left is every convolution
+    assert paper == counts['']['aten.convolution']  # OffSeg: what is left is every convolution
 
 
 def test_inference_latency_json(tmp_path):
     [result] = run(tmp_path, '--config', ROOT / 'configs' / 'segformer_b0.yaml', *TINY, '--no-fold-bn')
-    expected = {'config', 'model', 'params_m', 'gmacs', 'gmacs_paper_convention', 'size', 'device', 'mode', 'batch',
-                'threads', 'runs', 'warmup', 'latency_ms_median', 'latency_ms_p90', 'images_per_s',
-                'peak_memory_mb', 'added_memory_mb'}
+    expected = {
+        'config',
+        'model',
+        'params_m',
+        'gmacs',
+        'gmacs_paper_convention',
+        'size',
+        'device',
+        'mode',
+        'batch',
+        'threads',
+        'runs',
+        'warmup',
+        'latency_ms_median',
+        'latency_ms_p90',
+        'images_per_s',
+        'peak_memory_mb',
+        'added_memory_mb',
+    }
     assert expected <= set(result)
     assert result['mode'] == 'infer' and result['batch'] == 1 and not result['fold_bn']
     assert 0 < result['latency_ms_median'] <= result['latency_ms_p90']
     assert result['images_per_s'] == pytest.approx(1e3 / result['latency_ms_median'])
 
 
-@pytest.mark.parametrize('name', ['segformer_b0', 'mask2former_camvid'])   # per-pixel and set-prediction losses
+@pytest.mark.parametrize('name', ['segformer_b0', 'mask2former_camvid'])  # per-pixel and set-prediction losses
 def test_training_step_latency(tmp_path, name):
     [result] = run(tmp_path, '--config', ROOT / 'configs' / f'{name}.yaml', *TINY, '--mode', 'train')
     assert result['mode'] == 'train' and result['batch'] == 2 and result['latency_ms_median'] > 0
 
 
-@pytest.mark.parametrize('name, offset_learning', [('offseg_t', 'head.classifier'),
-                                                    ('mask2former_camvid', 'head.offset_learning')])
+@pytest.mark.parametrize(
+    'name, offset_learning', [('offseg_t', 'head.classifier'), ('mask2former_camvid', 'head.offset_learning')]
+)
 def test_breakdown_reports_offset_learning_and_head_shares(tmp_path, name, offset_learning):
     [result] = run(tmp_path, '--config', ROOT / 'configs' / f'{name}.yaml', *TINY, '--no-fold-bn', '--breakdown')
     parts = result['breakdown']
@@ -105,8 +127,16 @@ def test_breakdown_reports_offset_learning_and_head_shares(tmp_path, name, offse
 
 
 def test_compare_hf_gives_equal_logits(tmp_path):
-    [result] = run(tmp_path, '--config', ROOT / 'configs' / 'segformer_b0.yaml', '--set', 'head.type=segformer_mlp',
-                   *TINY, '--compare', 'hf')
+    [result] = run(
+        tmp_path,
+        '--config',
+        ROOT / 'configs' / 'segformer_b0.yaml',
+        '--set',
+        'head.type=segformer_mlp',
+        *TINY,
+        '--compare',
+        'hf',
+    )
     assert result['compare_hf']['max_abs_diff'] < 1e-4
     assert result['compare_hf']['hf_over_ours'] > 0
 
@@ -136,8 +166,15 @@ def test_unknown_config_is_a_config_error(tmp_path):
         run(tmp_path, '--all', tmp_path / 'none_*.yaml', '--macs-only')
 
 
-@pytest.mark.parametrize('argv', [['--mode', 'train', '--breakdown'], ['--macs-only', '--onnx'],
-                                  ['--compare', 'hf', '--channels-last'], ['--breakdown', '--compile']])
+@pytest.mark.parametrize(
+    'argv',
+    [
+        ['--mode', 'train', '--breakdown'],
+        ['--macs-only', '--onnx'],
+        ['--compare', 'hf', '--channels-last'],
+        ['--breakdown', '--compile'],
+    ],
+)
 def test_options_that_cannot_be_measured_together(tmp_path, argv):
     with pytest.raises(SystemExit) as error:
         benchmark.parse_args(['--config', str(ROOT / 'configs' / 'segformer_b0.yaml'), *argv])

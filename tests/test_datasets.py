@@ -1,5 +1,6 @@
 """Datasets: each one's real layout built on the fly (a few generated files with the real names), its
 label mapping, the one-time scan and its cache, the message for every kind of bad data; CamVid on disk."""
+
 import os
 import re
 
@@ -11,8 +12,7 @@ from PIL import Image
 
 import datasets.scan
 from conftest import CAMVID
-from datasets import (DATASETS, CamVid, DatasetError, DatasetWarning, DemoScenes, FolderDataset,
-                      SegmentationDataset)
+from datasets import DATASETS, CamVid, DatasetError, DatasetWarning, DemoScenes, FolderDataset, SegmentationDataset
 from datasets.sampler import TrainSampler, shard
 from datasets.voc import voc_palette
 from engine.config import ConfigError
@@ -85,7 +85,7 @@ def test_train_sampler_is_seeded_resumable_and_sharded():
     stream = TrainSampler(5, seed=3)
     first = [next(iter(stream)) for _ in range(1)]
     items = list(zip(range(12), stream))
-    assert sorted(index for _, (index, _) in items[:5]) == [0, 1, 2, 3, 4]          # one epoch = a permutation
+    assert sorted(index for _, (index, _) in items[:5]) == [0, 1, 2, 3, 4]  # one epoch = a permutation
     resumed = TrainSampler(5, seed=3, start=7)
     assert [item for _, item in zip(range(5), resumed)] == [item for _, item in items[7:12]]
     ranks = [[item for _, item in zip(range(3), TrainSampler(6, seed=3, rank=r, world_size=2))] for r in (0, 1)]
@@ -115,6 +115,7 @@ def test_camvid_class_frequencies_match_its_readme(tmp_path):
 
 
 # ------------------------------------------------------------------ each dataset's layout, on the fly
+
 
 def write_pair(image_path, label_path, label, palette_mode=False):
     """A noise image and `label` under the given names; `palette_mode` writes a VOC-style palette PNG."""
@@ -149,8 +150,11 @@ def ade20k_layout(root):
     for split, prefix, count in (('training', 'ADE_train', 3), ('validation', 'ADE_val', 2)):
         for i in range(1, count + 1):
             name = f'{prefix}_{i:08d}'
-            write_pair(root / 'images' / split / f'{name}.jpg', root / 'annotations' / split / f'{name}.png',
-                       bands(0, 1, 75, 150))
+            write_pair(
+                root / 'images' / split / f'{name}.jpg',
+                root / 'annotations' / split / f'{name}.png',
+                bands(0, 1, 75, 150),
+            )
     return root
 
 
@@ -159,10 +163,13 @@ def cityscapes_layout(root):
         for i in range(count):
             stem = f'{city}/{city}_{i:06d}_000019'
             gt = root / 'gtFine' / split / stem
-            write_pair(root / 'leftImg8bit' / split / f'{stem}_leftImg8bit.png',
-                       gt.with_name(f'{gt.name}_gtFine_labelIds.png'), bands(7, 26, 0, 29, 33))
+            write_pair(
+                root / 'leftImg8bit' / split / f'{stem}_leftImg8bit.png',
+                gt.with_name(f'{gt.name}_gtFine_labelIds.png'),
+                bands(7, 26, 0, 29, 33),
+            )
             cv2.imwrite(f'{gt}_gtFine_labelTrainIds.png', bands(0, 13, 255, 255, 18))
-            cv2.imwrite(f'{gt}_gtFine_color.png', np.zeros((12, 16, 3), np.uint8))   # not labels of this kind
+            cv2.imwrite(f'{gt}_gtFine_color.png', np.zeros((12, 16, 3), np.uint8))  # not labels of this kind
             cv2.imwrite(f'{gt}_gtFine_instanceIds.png', np.zeros((12, 16), np.uint16))
             (gt.parent / f'{gt.name}_gtFine_polygons.json').write_text('{}')
     return root
@@ -172,8 +179,11 @@ def coco_stuff_layout(root):
     for split, count in (('train2017', 2), ('val2017', 1)):
         for i in range(count):
             name = f'{9 + i:012d}'
-            write_pair(root / 'images' / split / f'{name}.jpg', root / 'annotations' / split / f'{name}.png',
-                       bands(0, 12, 91, 181, 255))
+            write_pair(
+                root / 'images' / split / f'{name}.jpg',
+                root / 'annotations' / split / f'{name}.png',
+                bands(0, 12, 91, 181, 255),
+            )
             cv2.imwrite(str(root / 'annotations' / split / f'{name}_labelTrainIds.png'), bands(0, 11, 80, 170, 255))
     return root
 
@@ -181,8 +191,9 @@ def coco_stuff_layout(root):
 def pascal_context_layout(root):
     names = ['2008_000002', '2008_000003', '2008_000007']
     for name in names:
-        write_pair(root / 'JPEGImages' / f'{name}.jpg', root / 'SegmentationClassContext' / f'{name}.png',
-                   bands(0, 1, 59))
+        write_pair(
+            root / 'JPEGImages' / f'{name}.jpg', root / 'SegmentationClassContext' / f'{name}.png', bands(0, 1, 59)
+        )
     (root / 'ImageSets/SegmentationContext').mkdir(parents=True)
     (root / 'ImageSets/SegmentationContext/train.txt').write_text('\n'.join(names[:2]) + '\n')
     (root / 'ImageSets/SegmentationContext/val.txt').write_text(names[2] + '\n')
@@ -191,16 +202,27 @@ def pascal_context_layout(root):
 
 def voc_layout(root):
     """train.txt and val.txt with palette-mode labels; aug.txt (SBD) with grey ones, overlapping train.txt."""
-    write_pair(root / 'JPEGImages/2007_000032.jpg', root / 'SegmentationClass/2007_000032.png', bands(0, 15, 255),
-               palette_mode=True)
-    write_pair(root / 'JPEGImages/2007_000033.jpg', root / 'SegmentationClass/2007_000033.png', bands(0, 1, 255),
-               palette_mode=True)
+    write_pair(
+        root / 'JPEGImages/2007_000032.jpg',
+        root / 'SegmentationClass/2007_000032.png',
+        bands(0, 15, 255),
+        palette_mode=True,
+    )
+    write_pair(
+        root / 'JPEGImages/2007_000033.jpg',
+        root / 'SegmentationClass/2007_000033.png',
+        bands(0, 1, 255),
+        palette_mode=True,
+    )
     for name in ('2007_000039', '2008_000001'):
         write_pair(root / f'JPEGImages/{name}.jpg', root / f'SegmentationClassAug/{name}.png', bands(0, 7, 255))
     cv2.imwrite(str(root / 'SegmentationClassAug/2007_000032.png'), bands(20, 20, 20))
     (root / 'ImageSets/Segmentation').mkdir(parents=True)
-    for split, names in (('train', ['2007_000032']), ('val', ['2007_000033']),
-                         ('aug', ['2007_000032', '2007_000039', '2008_000001'])):
+    for split, names in (
+        ('train', ['2007_000032']),
+        ('val', ['2007_000033']),
+        ('aug', ['2007_000032', '2007_000039', '2008_000001']),
+    ):
         (root / f'ImageSets/Segmentation/{split}.txt').write_text('\n'.join(names) + '\n')
     return root
 
@@ -208,8 +230,9 @@ def voc_layout(root):
 def camvid_layout(root):
     for split, names in (('train', ['0001TP_006690', '0001TP_006720']), ('val', ['0016E5_07959'])):
         for name in names:
-            write_pair(root / 'images' / split / f'{name}.jpg', root / 'annotations' / split / f'{name}.png',
-                       bands(3, 8, 11))
+            write_pair(
+                root / 'images' / split / f'{name}.jpg', root / 'annotations' / split / f'{name}.png', bands(3, 8, 11)
+            )
     return root
 
 
@@ -223,8 +246,13 @@ def folder_layout(root):
     return root
 
 
-FOLDER_OPTIONS = {'image_dir': 'images', 'label_dir': 'masks', 'label_suffix': '_mask.png',
-                  'split_file': 'splits/{split}.txt', 'label_map': {0: 255, 1: 0, 2: 1}}
+FOLDER_OPTIONS = {
+    'image_dir': 'images',
+    'label_dir': 'masks',
+    'label_suffix': '_mask.png',
+    'split_file': 'splits/{split}.txt',
+    'label_map': {0: 255, 1: 0, 2: 1},
+}
 
 # data.type: (builder, num_classes, options, (train, val) sizes, train ids of the first train label's bands)
 LAYOUTS = {
@@ -294,7 +322,7 @@ def test_converted_train_id_files_give_the_same_labels_as_the_raw_ones(tmp_path,
 def test_voc_train_aug_adds_the_sbd_list_and_keeps_the_fine_label_of_a_name_in_both(tmp_path):
     dataset = DATASETS['voc'](voc_layout(tmp_path), 'train_aug', 21)
     assert [pair[1].parent.name for pair in dataset.samples] == ['SegmentationClass'] + ['SegmentationClassAug'] * 2
-    assert read_bands(dataset[0][1], 3) == [0, 15, 255]          # palette indices, not colours
+    assert read_bands(dataset[0][1], 3) == [0, 15, 255]  # palette indices, not colours
     assert read_bands(dataset[1][1], 3) == [0, 7, 255]
 
 
@@ -306,8 +334,7 @@ def test_ignore_index_other_than_255_receives_each_datasets_void_values(tmp_path
 
 
 def test_folder_reads_palette_mode_labels_as_indices(tmp_path):
-    write_pair(tmp_path / 'images/train/a.jpg', tmp_path / 'annotations/train/a.png', bands(0, 1, 2),
-               palette_mode=True)
+    write_pair(tmp_path / 'images/train/a.jpg', tmp_path / 'annotations/train/a.png', bands(0, 1, 2), palette_mode=True)
     dataset = FolderDataset(tmp_path, 'train', 3)
     assert read_bands(dataset[0][1], 3) == [0, 1, 2]
 
@@ -318,14 +345,18 @@ def test_folder_maps_rgb_colour_labels_through_the_colour_table(tmp_path):
     write_pair(tmp_path / 'images/train/a.jpg', tmp_path / 'annotations/train/a.png', label[..., ::-1].copy())
     dataset = FolderDataset(tmp_path, 'train', 2, label_colors={255: colours[0], 0: colours[1], 1: colours[2]})
     assert read_bands(dataset[0][1], 3) == [255, 0, 1]
-    listed = FolderDataset(tmp_path, 'train', 3, label_colors=colours)       # a list: index = value
+    listed = FolderDataset(tmp_path, 'train', 3, label_colors=colours)  # a list: index = value
     assert read_bands(listed[0][1], 3) == [0, 1, 2]
-    with pytest.raises(DatasetError, match=r"label '.*a.png' has colours \(220, 20, 60\) that data.label_colors "
-                                           r"does not list"):
+    with pytest.raises(
+        DatasetError,
+        match=r"label '.*a.png' has colours \(220, 20, 60\) that data.label_colors "
+        r'does not list',
+    ):
         FolderDataset(tmp_path, 'train', 2, label_colors=colours[:2])
 
 
 # ------------------------------------------------------------------------------------- bad data
+
 
 def test_skip_leaves_out_each_bad_pair_with_a_warning_naming_it(tmp_path):
     root = make_folder(tmp_path, names=('good', 'small', 'range', 'broken', 'lonely'))
@@ -333,9 +364,13 @@ def test_skip_leaves_out_each_bad_pair_with_a_warning_naming_it(tmp_path):
     cv2.imwrite(str(root / 'annotations/train/range.png'), np.full((12, 16), 9, np.uint8))
     (root / 'annotations/train/broken.png').write_bytes(b'not a png')
     (root / 'annotations/train/lonely.png').unlink()
-    expected = [r"1 without a partner, e.g. lonely \(no label\)", r"size mismatch: image '.*small.jpg' is 16x12",
-                r"label '.*range.png' has values \[9\] outside \[0, 3\)", r"cannot read label '.*broken.png'"]
-    with pytest.warns(DatasetWarning, match=r"left out 4 of 5 pairs \(data.on_invalid: skip\)") as caught:
+    expected = [
+        r'1 without a partner, e.g. lonely \(no label\)',
+        r"size mismatch: image '.*small.jpg' is 16x12",
+        r"label '.*range.png' has values \[9\] outside \[0, 3\)",
+        r"cannot read label '.*broken.png'",
+    ]
+    with pytest.warns(DatasetWarning, match=r'left out 4 of 5 pairs \(data.on_invalid: skip\)') as caught:
         dataset = SegmentationDataset(root, 'train', 3, on_invalid='skip')
     assert [path.stem for path, _ in dataset.samples] == ['good']
     with pytest.raises(DatasetError) as error:
@@ -348,38 +383,50 @@ def test_skip_leaves_out_each_bad_pair_with_a_warning_naming_it(tmp_path):
 def test_a_label_with_colour_channels_is_named(tmp_path):
     root = make_folder(tmp_path, names=('a',))
     cv2.imwrite(str(root / 'annotations/train/a.png'), np.zeros((12, 16, 3), np.uint8))
-    with pytest.raises(DatasetError, match=r"label '.*a.png' has 3 channels; expected single-channel class ids .*"
-                                           r"data.label_colors"):
+    with pytest.raises(
+        DatasetError,
+        match=r"label '.*a.png' has 3 channels; expected single-channel class ids .*"
+        r'data.label_colors',
+    ):
         SegmentationDataset(root, 'train', 3)
 
 
 def test_values_outside_the_classes_after_mapping_name_both(tmp_path):
     root = ade20k_layout(tmp_path)
     cv2.imwrite(str(root / 'annotations/validation/ADE_val_00000002.png'), bands(0, 151))
-    with pytest.raises(DatasetError, match=r"ADE_val_00000002.png' has values \[151\] \(train ids \[150\] after "
-                                           r"mapping\) outside \[0, 150\) and not the ignore index 255"):
+    with pytest.raises(
+        DatasetError,
+        match=r"ADE_val_00000002.png' has values \[151\] \(train ids \[150\] after "
+        r'mapping\) outside \[0, 150\) and not the ignore index 255',
+    ):
         DATASETS['ade20k'](root, 'val', 150)
 
 
 def test_split_lists_name_what_is_missing(tmp_path):
     root = voc_layout(tmp_path)
     (root / 'ImageSets/Segmentation/val.txt').write_text('2007_000033\n2009_999999\n')
-    with pytest.raises(DatasetError, match=r"val.txt' lists 2 names; 1 without an image in '.*JPEGImages' or a "
-                                           r"label in '.*SegmentationClass', e.g. 2009_999999 \(no image\)"):
+    with pytest.raises(
+        DatasetError,
+        match=r"val.txt' lists 2 names; 1 without an image in '.*JPEGImages' or a "
+        r"label in '.*SegmentationClass', e.g. 2009_999999 \(no image\)",
+    ):
         DATASETS['voc'](root, 'val', 21)
     with pytest.raises(DatasetError, match=r"split list '.*ImageSets/Segmentation/test.txt' not found"):
         DATASETS['voc'](root, 'test', 21)
 
 
-@pytest.mark.parametrize('kwargs, message', [
-    ({'type': 'ade20k', 'num_classes': 151}, r"data.num_classes is 151 but ADE20K has 150 classes"),
-    ({'num_classes': 5, 'ignore_index': 3}, r"data.ignore_index 3 is also a class id \(data.num_classes is 5\)"),
-    ({'on_invalid': 'warn'}, r"data.on_invalid must be 'error' or 'skip', got 'warn'"),
-    ({'class_names': ['a']}, r"data.class_names has 1 names for data.num_classes 3"),
-    ({'palette': [[0, 0, 0], [1, 2]]}, r"data.palette must give an \[r, g, b\] colour"),
-    ({'label_map': {1: 7}}, r"data.label_map: 1 -> 7; expected a train id in \[0, 3\) or the ignore index 255"),
-    ({'label_colors': {0: [0, 0]}}, r"data.label_colors: 0: \[0, 0\]; expected"),
-])
+@pytest.mark.parametrize(
+    'kwargs, message',
+    [
+        ({'type': 'ade20k', 'num_classes': 151}, r'data.num_classes is 151 but ADE20K has 150 classes'),
+        ({'num_classes': 5, 'ignore_index': 3}, r'data.ignore_index 3 is also a class id \(data.num_classes is 5\)'),
+        ({'on_invalid': 'warn'}, r"data.on_invalid must be 'error' or 'skip', got 'warn'"),
+        ({'class_names': ['a']}, r'data.class_names has 1 names for data.num_classes 3'),
+        ({'palette': [[0, 0, 0], [1, 2]]}, r'data.palette must give an \[r, g, b\] colour'),
+        ({'label_map': {1: 7}}, r'data.label_map: 1 -> 7; expected a train id in \[0, 3\) or the ignore index 255'),
+        ({'label_colors': {0: [0, 0]}}, r'data.label_colors: 0: \[0, 0\]; expected'),
+    ],
+)
 def test_settings_that_cannot_match_the_data_are_named(tmp_path, kwargs, message):
     kwargs = {'type': 'folder', 'num_classes': 3, **kwargs}
     with pytest.raises(DatasetError, match=message):
@@ -387,6 +434,7 @@ def test_settings_that_cannot_match_the_data_are_named(tmp_path, kwargs, message
 
 
 # ------------------------------------------------------------------------------------ the scan cache
+
 
 def test_the_scan_is_cached_and_redone_when_a_file_changes(tmp_path, monkeypatch):
     root, cache = make_folder(tmp_path / 'data', names=('a', 'b', 'c')), tmp_path / 'cache'
@@ -396,7 +444,7 @@ def test_the_scan_is_cached_and_redone_when_a_file_changes(tmp_path, monkeypatch
     SegmentationDataset(root, 'train', 3, cache_dir=cache)
     assert len(scanned) == 3 and len(list(cache.glob('train-*.json'))) == 1
     SegmentationDataset(root, 'train', 3, cache_dir=cache)
-    assert len(scanned) == 3                                            # all from the cache
+    assert len(scanned) == 3  # all from the cache
     label = root / 'annotations/train/b.png'
     cv2.imwrite(str(label), np.full((12, 16), 9, np.uint8))
     os.utime(label, ns=(label.stat().st_atime_ns, label.stat().st_mtime_ns + 10**9))
@@ -408,6 +456,7 @@ def test_the_scan_is_cached_and_redone_when_a_file_changes(tmp_path, monkeypatch
 
 
 # --------------------------------------------------------------------------- config: dataset options
+
 
 @pytest.fixture
 def folder_config(tmp_path):
@@ -440,14 +489,17 @@ def test_dataset_options_in_yaml_reach_the_dataset_and_the_scan_is_cached_in_the
     assert list((tmp_path / 'work' / 'scan_cache').glob('train-*.json'))
 
 
-@pytest.mark.parametrize('override, message', [
-    ('data.label_mapp={1: 0}', "unknown key 'data.label_mapp' for FolderDataset (accepts: image_dir, label_dir"),
-    ('data.label_mapp={1: 0}', "(did you mean 'label_map'?)"),
-    ('data.workerz=1', "(did you mean 'workers'?)"),
-    ('data.on_invalid=1', "'data.on_invalid' must be str, got int 1"),
-    ('data.type=ade20k', "unknown key 'data.image_dir' for ADE20K"),
-    ('data.type=demo', "unknown key 'data.image_dir' for DemoScenes (accepts: on_invalid, cache_dir)"),
-])
+@pytest.mark.parametrize(
+    'override, message',
+    [
+        ('data.label_mapp={1: 0}', "unknown key 'data.label_mapp' for FolderDataset (accepts: image_dir, label_dir"),
+        ('data.label_mapp={1: 0}', "(did you mean 'label_map'?)"),
+        ('data.workerz=1', "(did you mean 'workers'?)"),
+        ('data.on_invalid=1', "'data.on_invalid' must be str, got int 1"),
+        ('data.type=ade20k', "unknown key 'data.image_dir' for ADE20K"),
+        ('data.type=demo', "unknown key 'data.image_dir' for DemoScenes (accepts: on_invalid, cache_dir)"),
+    ],
+)
 def test_dataset_options_are_checked_against_the_dataset_class(folder_config, override, message):
     with pytest.raises(ConfigError) as error:
         load_config(folder_config, [override])

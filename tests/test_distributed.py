@@ -4,6 +4,7 @@ The model has no batch statistics (MiT + the OffSeg head: LayerNorm and GroupNor
 dropout, and the data no ignored pixels, so two processes with half the batch each must take the
 same steps as one process with the whole batch.
 """
+
 import copy
 import os
 import re
@@ -54,7 +55,7 @@ def write_rectangles(root: Path, split: str, count: int, seed: int) -> None:
         label = np.zeros((64, 64), np.uint8)
         for cls in rng.integers(1, 3, size=3):
             y, x = rng.integers(0, 48, size=2)
-            label[y:y + rng.integers(8, 16), x:x + rng.integers(8, 16)] = cls
+            label[y : y + rng.integers(8, 16), x : x + rng.integers(8, 16)] = cls
         image = colours[label] + rng.integers(0, 30, size=(64, 64, 3), dtype=np.uint8)
         cv2.imwrite(str(root / 'images' / split / f'{i:03d}.png'), image[..., ::-1])
         cv2.imwrite(str(root / 'annotations' / split / f'{i:03d}.png'), label)
@@ -85,9 +86,20 @@ def logged(work_dir: Path, pattern: str) -> list:
 def test_torchrun_two_processes_take_the_single_process_steps(rectangles, tmp_path):
     config = write_config(tmp_path, rectangles, max_iters=4, val_interval=4)
     train.main(['--config', str(config), '--work-dir', str(tmp_path / 'single'), '--device', 'cpu'])
-    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-               str(REPO / 'train.py'), '--config', str(config), '--work-dir', str(tmp_path / 'ddp'),
-               '--device', 'cpu']
+    command = [
+        sys.executable,
+        '-m',
+        'torch.distributed.run',
+        '--standalone',
+        '--nproc_per_node=2',
+        str(REPO / 'train.py'),
+        '--config',
+        str(config),
+        '--work-dir',
+        str(tmp_path / 'ddp'),
+        '--device',
+        'cpu',
+    ]
     result = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -104,8 +116,9 @@ def test_torchrun_two_processes_take_the_single_process_steps(rectangles, tmp_pa
     assert not torch.allclose(initial[moved], expected['model'][moved]), 'no step taken: the comparison proves nothing'
     # Losses per iteration agree, and distributed validation counts each of the 5 images once.
     loss = r'iter (\d+)/4: loss ([\d.]+)'
-    np.testing.assert_allclose([float(v) for _, v in logged(ddp, loss)], [float(v) for _, v in logged(single, loss)],
-                               rtol=1e-4)
+    np.testing.assert_allclose(
+        [float(v) for _, v in logged(ddp, loss)], [float(v) for _, v in logged(single, loss)], rtol=1e-4
+    )
     miou = r'iter 4: mIoU ([\d.]+)'
     assert logged(ddp, miou) == logged(single, miou)
 
@@ -116,9 +129,24 @@ def test_killed_run_resumes_with_the_same_losses(rectangles, tmp_path):
     config = write_config(tmp_path, rectangles, max_iters=24, val_interval=6)
 
     def launch(work_dir: str, *extra: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, str(REPO / 'train.py'), '--config', str(config), '--work-dir',
-                                 str(tmp_path / work_dir), '--device', 'cpu', *extra], cwd=REPO, env=environment(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            [
+                sys.executable,
+                str(REPO / 'train.py'),
+                '--config',
+                str(config),
+                '--work-dir',
+                str(tmp_path / work_dir),
+                '--device',
+                'cpu',
+                *extra,
+            ],
+            cwd=REPO,
+            env=environment(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     reference, killed = launch('reference'), launch('killed')
     deadline = time.monotonic() + 240
@@ -136,13 +164,15 @@ def test_killed_run_resumes_with_the_same_losses(rectangles, tmp_path):
     for process in (reference, resumed):
         assert process.wait(timeout=300) == 0, process.stderr.read()[-3000:]
     log = (tmp_path / 'killed' / 'train.log').read_text()
-    after_resume = log[log.index(f'resumed from {tmp_path / "killed" / "last.pth"} at iteration {resumed_from}'):]
+    after_resume = log[log.index(f'resumed from {tmp_path / "killed" / "last.pth"} at iteration {resumed_from}') :]
     losses = dict(re.findall(r'iter (\d+)/24: (loss .*?)  lr', after_resume))
     expected = dict(logged(tmp_path / 'reference', r'iter (\d+)/24: (loss .*?)  lr'))
     assert sorted(map(int, losses)) == list(range(resumed_from + 1, 25))
     assert losses == {k: expected[k] for k in losses}
-    assert load_checkpoint(tmp_path / 'killed' / 'last.pth')['best'] == \
-        load_checkpoint(tmp_path / 'reference' / 'last.pth')['best']
+    assert (
+        load_checkpoint(tmp_path / 'killed' / 'last.pth')['best']
+        == load_checkpoint(tmp_path / 'reference' / 'last.pth')['best']
+    )
 
 
 def test_ddp_searches_for_unused_parameters_only_when_a_step_leaves_some_without_gradient():
@@ -160,6 +190,6 @@ def test_ddp_searches_for_unused_parameters_only_when_a_step_leaves_some_without
     before, rng = copy.deepcopy(model.state_dict()), torch.get_rng_state()
     assert not has_unused_parameters(model, torch.device('cpu'))
     assert has_unused_parameters(one_branch, torch.device('cpu'))
-    assert torch.equal(torch.get_rng_state(), rng)   # the probe leaves the model and the RNG as they were
+    assert torch.equal(torch.get_rng_state(), rng)  # the probe leaves the model and the RNG as they were
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert all(p.grad is None for p in model.parameters())

@@ -1,4 +1,5 @@
 """The product path on a tiny run: train.py -> checkpoints -> evaluate.py -> infer.py."""
+
 import json
 import re
 import shutil
@@ -13,18 +14,18 @@ from PIL import Image
 import evaluate
 import infer
 import train
+from conftest import TINY
 from datasets.base import DatasetError
 from engine.checkpoint import load_checkpoint, remove_partial_writes, save_iteration_checkpoint
+from engine.cli import config_for_checkpoint
 from engine.config import ConfigError, resolve
+from engine.data import build_dataset
 from engine.inference import normalize
 from engine.losses import SegmentationLoss
 from engine.optim import build_optimizer
 from engine.training import per_process_batch
-from engine.cli import config_for_checkpoint
-from engine.data import build_dataset
 from models.weights import CheckpointError, load_model_weights, load_weights_from
 
-from conftest import TINY
 
 def train_tiny(folder, config_template: str):
     """Train `config_template` (with {root}: the demo data under `folder`) as folder/tiny.yaml into folder/work."""
@@ -47,13 +48,13 @@ def test_training_writes_checkpoints_logs_and_config(run, capsys):
         assert (work / name).is_file(), name
     assert (work / 'last.pth').samefile(work / 'iter_000006.pth')
     assert list((work / 'tensorboard').glob('events.out.tfevents.*'))
-    checkpoint = load_checkpoint(work / 'last.pth')              # torch.load(..., weights_only=True)
+    checkpoint = load_checkpoint(work / 'last.pth')  # torch.load(..., weights_only=True)
     assert checkpoint['iteration'] == 6
     assert {'model', 'ema', 'config', 'optimizer', 'scheduler', 'scaler', 'rng', 'best'} <= checkpoint.keys()
     assert checkpoint['config']['data']['class_names'] == ['ground', 'disc', 'box', 'triangle', 'ring']
     log = (work / 'train.log').read_text()
     assert 'iter 3: mIoU' in log and 'iter 6: mIoU' in log and 'iter 2/6: loss ' in log
-    assert f"done: best mIoU {checkpoint['best']['model']['miou']:.2f}" in log and 'best.pth' in log
+    assert f'done: best mIoU {checkpoint["best"]["model"]["miou"]:.2f}' in log and 'best.pth' in log
 
 
 def test_checkpoint_round_trip_rebuilds_the_same_model(run):
@@ -93,19 +94,37 @@ def test_infer_writes_ids_colours_and_overlays_and_survives_bad_files(run, tmp_p
     (inputs / 'notes.txt').write_text('not an image')
     (inputs / 'broken.jpg').write_bytes(b'not a jpeg')
     output = tmp_path / 'out'
-    infer.main(['--checkpoint', str(run / 'work' / 'best.pth'), '--input', str(inputs), '--output', str(output),
-                '--device', 'cpu'])
-    ids = np.asarray(Image.open(output / 'nested' / 'b.png'))     # a palette PNG: its indices are the ids
+    infer.main(
+        [
+            '--checkpoint',
+            str(run / 'work' / 'best.pth'),
+            '--input',
+            str(inputs),
+            '--output',
+            str(output),
+            '--device',
+            'cpu',
+        ]
+    )
+    ids = np.asarray(Image.open(output / 'nested' / 'b.png'))  # a palette PNG: its indices are the ids
     assert ids.shape == (80, 96) and ids.max() < 5
-    assert cv2.imread(str(output / 'a.png')).shape == (128, 128, 3)   # which viewers show in colour
+    assert cv2.imread(str(output / 'a.png')).shape == (128, 128, 3)  # which viewers show in colour
     assert cv2.imread(str(output / 'a_overlay.jpg')).shape == (128, 128, 3)
     assert not list(output.glob('broken*'))
     captured = capsys.readouterr()
     assert 'notes.txt (not an image file)' in captured.err and "broken.jpg' (missing, corrupt" in captured.err
     assert '2 images predicted' in captured.out and '1 unreadable' in captured.out
     with pytest.raises(DatasetError, match='no file matches'):
-        infer.main(['--checkpoint', str(run / 'work' / 'best.pth'), '--input', str(tmp_path / 'none*.jpg'),
-                    '--output', str(output)])
+        infer.main(
+            [
+                '--checkpoint',
+                str(run / 'work' / 'best.pth'),
+                '--input',
+                str(tmp_path / 'none*.jpg'),
+                '--output',
+                str(output),
+            ]
+        )
 
 
 def losses_on_a_tiny_batch(run, steps: int, lr: float) -> list:
@@ -140,8 +159,7 @@ def assert_resume_continues_exactly(run) -> None:
     resumed = run / 'resumed'
     resumed.mkdir()
     shutil.copy(run / 'work' / 'iter_000003.pth', resumed / 'last.pth')
-    train.main(['--config', str(run / 'tiny.yaml'), '--work-dir', str(resumed), '--device', 'cpu',
-                '--resume', 'auto'])
+    train.main(['--config', str(run / 'tiny.yaml'), '--work-dir', str(resumed), '--device', 'cpu', '--resume', 'auto'])
     expected, actual = load_checkpoint(run / 'work' / 'last.pth'), load_checkpoint(resumed / 'last.pth')
     assert actual['iteration'] == 6
     for key, value in expected['model'].items():
@@ -157,11 +175,25 @@ def test_fine_tuning_with_load_from_and_an_ema(run, tmp_path):
     """--load-from takes the weights only (a fresh schedule from iteration 0); the EMA is validated and
     saved beside the model; keep_checkpoints=1 leaves one iteration file."""
     work = tmp_path / 'finetune'
-    train.main(['--config', str(run / 'tiny.yaml'), '--work-dir', str(work), '--device', 'cpu',
-                '--load-from', str(run / 'work' / 'best.pth'), '--set', 'train.max_iters=2', 'train.val_interval=1',
-                'train.ema_decay=0.5', 'train.keep_checkpoints=1'])
+    train.main(
+        [
+            '--config',
+            str(run / 'tiny.yaml'),
+            '--work-dir',
+            str(work),
+            '--device',
+            'cpu',
+            '--load-from',
+            str(run / 'work' / 'best.pth'),
+            '--set',
+            'train.max_iters=2',
+            'train.val_interval=1',
+            'train.ema_decay=0.5',
+            'train.keep_checkpoints=1',
+        ]
+    )
     log = (work / 'train.log').read_text()
-    assert re.search(rf"loaded (\d+)/\1 tensors from {re.escape(str(run / 'work' / 'best.pth'))}", log)
+    assert re.search(rf'loaded (\d+)/\1 tensors from {re.escape(str(run / "work" / "best.pth"))}', log)
     assert 'keys' not in log  # everything fitted
     assert 'iter 2 (EMA): mIoU' in log
     assert sorted(p.name for p in work.glob('*.pth')) == ['best.pth', 'best_ema.pth', 'iter_000002.pth', 'last.pth']
@@ -176,13 +208,23 @@ def test_load_from_reports_what_does_not_fit(run):
     reference = load_checkpoint(run / 'work' / 'best.pth')
     model = train.create_model(config_for_checkpoint(reference, 'best.pth', overrides=['data.num_classes=3']))
     report = load_weights_from(model, run / 'work' / 'best.pth')
-    assert 'skipped, shapes differ from the model: head.classifier.conv.bias, head.classifier.conv.weight' in report.problems()[0]
+    assert (
+        'skipped, shapes differ from the model: head.classifier.conv.bias, head.classifier.conv.weight'
+        in report.problems()[0]
+    )
     reference = reference['model']
     loaded = {k: v for k, v in model.state_dict().items() if 'classifier.conv.' not in k}
     assert all(torch.equal(v, reference[k]) for k, v in loaded.items())
-    segformer = train.create_model(resolve({'backbone': {'type': 'mit'}, 'head': {'type': 'segformer'},
-                                            'data': {'root': '.', 'num_classes': 5},
-                                            'train': {'max_iters': 1, 'batch_size': 1}}))
+    segformer = train.create_model(
+        resolve(
+            {
+                'backbone': {'type': 'mit'},
+                'head': {'type': 'segformer'},
+                'data': {'root': '.', 'num_classes': 5},
+                'train': {'max_iters': 1, 'batch_size': 1},
+            }
+        )
+    )
     with pytest.raises(CheckpointError, match='none of its backbone weights fit'):
         load_weights_from(segformer, run / 'work' / 'best.pth')
 
@@ -200,8 +242,20 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(run,
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train, 'SegmentationLoss', TurnsNaN)
         with pytest.raises(FloatingPointError, match='NaN/Inf at iteration 5'):
-            train.main(['--config', str(run / 'tiny.yaml'), '--work-dir', str(work), '--device', 'cpu',
-                        '--set', 'train.max_iters=8', 'train.val_interval=3', 'train.log_interval=4'])
+            train.main(
+                [
+                    '--config',
+                    str(run / 'tiny.yaml'),
+                    '--work-dir',
+                    str(work),
+                    '--device',
+                    'cpu',
+                    '--set',
+                    'train.max_iters=8',
+                    'train.val_interval=3',
+                    'train.log_interval=4',
+                ]
+            )
     assert sorted(p.name for p in work.glob('iter_*.pth')) == ['iter_000003.pth']  # not iteration 6
 
 

@@ -1,17 +1,19 @@
 """tools/export_onnx.py: a checkpoint of every model family exports to ONNX, and ONNX Runtime gives
 PyTorch's logits (max abs diff < 1e-4) at two input sizes and batch 2: height, width and batch are
 dynamic. Skips where onnx or onnxruntime is not installed."""
+
 import pytest
 import torch
 
 pytest.importorskip('onnx')
 pytest.importorskip('onnxruntime')
 
-from engine.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from test_fast import FAMILIES, tiny_config, tiny_model  # noqa: E402
-from tools import export_onnx  # noqa: E402
+
+from engine.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from engine.cli import config_for_checkpoint  # noqa: E402
 from models.weights import load_model_weights  # noqa: E402
+from tools import export_onnx  # noqa: E402
 from train import create_model  # noqa: E402
 
 SIZES = [(64, 64), (96, 128)]
@@ -28,7 +30,7 @@ def test_onnx_runtime_matches_pytorch_at_two_sizes(family, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert 'at 64x64' in printed and 'at 96x128' in printed
 
-    checkpoint = load_checkpoint(path)                       # the model as evaluate.py builds it
+    checkpoint = load_checkpoint(path)  # the model as evaluate.py builds it
     model = create_model(config_for_checkpoint(checkpoint, path))
     load_model_weights(model, checkpoint, str(path))
     differences = export_onnx.check(output, model, SIZES, batch=2)
@@ -50,4 +52,4 @@ def test_lightham_export_at_batch_1_is_pytorch_eval_with_nmf_seed(tmp_path):
     session = onnxruntime.InferenceSession(str(output), providers=['CPUExecutionProvider'])
     (actual,) = session.run(['logits'], {'images': images.numpy()})
     assert (torch.from_numpy(actual) - expected).abs().max().item() < 1e-4
-    assert 'initial_bases' not in vars(model.head.hamburger.ham)      # the export patched a copy
+    assert 'initial_bases' not in vars(model.head.hamburger.ham)  # the export patched a copy

@@ -1,5 +1,6 @@
 """engine/fast.py: conv+BN folding is exact and only where it is safe, channels_last and compile keep
 the outputs, and the model handed in (a training model) is never changed."""
+
 import copy
 
 import pytest
@@ -11,28 +12,55 @@ from engine.fast import find_conv_bn_pairs, fold_conv_bn, prepare_for_inference
 from train import create_model
 
 FAMILIES = {
-    'resnet_deeplabv3plus': ({'type': 'resnet', 'variant': '18'},
-                             {'type': 'aspp', 'channels': 16, 'dilations': [1, 2], 'c1_channels': 8}),
-    'convnext_deeplabv3': ({'type': 'convnext', 'variant': 'tiny'},
-                           {'type': 'deeplabv3', 'channels': 16, 'dilations': [1, 2]}),
-    'mit_segformer_ol': ({'type': 'mit', 'variant': 'b0'},
-                         {'type': 'segformer', 'channels': 32, 'offset_learning': True}),
-    'mscan_lightham': ({'type': 'mscan', 'variant': 't'},
-                       {'type': 'ham', 'channels': 32, 'ham_channels': 32, 'md_r': 4, 'nmf_seed': 0}),
-    'efficientformerv2_offseg': ({'type': 'efficientformerv2', 'variant': 's0'},    # FreqFusion + Offset Learning
-                                 {'type': 'offseg', 'channels': 32}),
-    'resnet_mask2former_ol': ({'type': 'resnet', 'variant': '18'},
-                              {'type': 'mask2former', 'channels': 32, 'num_queries': 8, 'num_decoder_layers': 3,
-                               'num_encoder_layers': 1, 'encoder_ffn_channels': 64, 'decoder_ffn_channels': 64,
-                               'offset_learning': True}),
+    'resnet_deeplabv3plus': (
+        {'type': 'resnet', 'variant': '18'},
+        {'type': 'aspp', 'channels': 16, 'dilations': [1, 2], 'c1_channels': 8},
+    ),
+    'convnext_deeplabv3': (
+        {'type': 'convnext', 'variant': 'tiny'},
+        {'type': 'deeplabv3', 'channels': 16, 'dilations': [1, 2]},
+    ),
+    'mit_segformer_ol': (
+        {'type': 'mit', 'variant': 'b0'},
+        {'type': 'segformer', 'channels': 32, 'offset_learning': True},
+    ),
+    'mscan_lightham': (
+        {'type': 'mscan', 'variant': 't'},
+        {'type': 'ham', 'channels': 32, 'ham_channels': 32, 'md_r': 4, 'nmf_seed': 0},
+    ),
+    'efficientformerv2_offseg': (
+        {'type': 'efficientformerv2', 'variant': 's0'},  # FreqFusion + Offset Learning
+        {'type': 'offseg', 'channels': 32},
+    ),
+    'resnet_mask2former_ol': (
+        {'type': 'resnet', 'variant': '18'},
+        {
+            'type': 'mask2former',
+            'channels': 32,
+            'num_queries': 8,
+            'num_decoder_layers': 3,
+            'num_encoder_layers': 1,
+            'encoder_ffn_channels': 64,
+            'decoder_ffn_channels': 64,
+            'offset_learning': True,
+        },
+    ),
 }
 """One small model per backbone family and head type, 5 classes."""
 
 
 def tiny_config(family: str) -> dict:
     backbone, head = FAMILIES[family]
-    cfg = resolve({'backbone': backbone, 'head': head, 'data': {'type': 'demo', 'root': 'data/demo', 'num_classes': 5},
-                   'train': {'max_iters': 1, 'batch_size': 1}}, [], source=f'{family} (test)')
+    cfg = resolve(
+        {
+            'backbone': backbone,
+            'head': head,
+            'data': {'type': 'demo', 'root': 'data/demo', 'num_classes': 5},
+            'train': {'max_iters': 1, 'batch_size': 1},
+        },
+        [],
+        source=f'{family} (test)',
+    )
     return cfg
 
 
@@ -60,7 +88,7 @@ def relative_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def run(model, images):
-    torch.manual_seed(0)            # LightHam without nmf_seed would draw here; with it, a no-op
+    torch.manual_seed(0)  # LightHam without nmf_seed would draw here; with it, a no-op
     with torch.no_grad():
         return model(images)
 
@@ -71,7 +99,7 @@ def test_folding_keeps_the_outputs(family):
     images = torch.randn(1, 3, 64, 96)
     folded = copy.deepcopy(model)
     assert fold_conv_bn(folded) > 0
-    if family != 'mscan_lightham':                     # MSCAN's pre-norms stay (next test)
+    if family != 'mscan_lightham':  # MSCAN's pre-norms stay (next test)
         assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     assert relative_difference(run(folded, images), run(model, images)) < 1e-5
 
@@ -98,7 +126,7 @@ def test_the_model_handed_in_is_left_unchanged():
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], v) for k, v in before.items())
     assert next(model.parameters()).is_contiguous()
-    assert len(fast.state_dict()) < len(before)          # BN keys gone: never save a prepared model
+    assert len(fast.state_dict()) < len(before)  # BN keys gone: never save a prepared model
 
 
 def test_lightham_prenorm_batchnorms_are_not_folded():
@@ -113,14 +141,16 @@ class Blocks(nn.Module):
 
     def __init__(self):
         super().__init__()
+
         def pair():
             return nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
-        self.direct = nn.Sequential(*pair())                      # conv -> bn: foldable
-        self.conv_act, self.bn_act = pair()                       # conv -> relu -> bn
-        self.conv_shared_out, self.bn_shared_out = pair()         # conv output also feeds a residual
-        self.conv_inplace, self.bn_inplace = pair()               # conv -> in-place add -> bn
-        self.conv_twice, self.bn_twice = pair()                   # conv called twice
-        self.prenorm_conv, self.prenorm = pair()                  # bn of the input, then conv
+
+        self.direct = nn.Sequential(*pair())  # conv -> bn: foldable
+        self.conv_act, self.bn_act = pair()  # conv -> relu -> bn
+        self.conv_shared_out, self.bn_shared_out = pair()  # conv output also feeds a residual
+        self.conv_inplace, self.bn_inplace = pair()  # conv -> in-place add -> bn
+        self.conv_twice, self.bn_twice = pair()  # conv called twice
+        self.prenorm_conv, self.prenorm = pair()  # bn of the input, then conv
 
     def forward(self, x):
         x = self.direct(x)

@@ -1,5 +1,6 @@
 """A new user's first hour: SegHiero's guide YAML as written, swapping a model part in one line, the
 README's conversion command verbatim on a clean checkout, and logs that read well off a terminal."""
+
 import re
 import subprocess
 import sys
@@ -11,10 +12,9 @@ import torch
 import yaml
 
 import train
+from conftest import ROOT, SHARED, load_vector
 from engine.config import ConfigError
 from engine.rules import load_config
-
-from conftest import ROOT, SHARED, load_vector
 
 GUIDE = sorted((SHARED / 'seeds').glob('004_*'))
 
@@ -55,8 +55,11 @@ def test_every_guide_snippet_reads_and_names_its_conventional_weights(snippet, t
     monkeypatch.chdir(tmp_path)
     config = guide_config(tmp_path, snippet)
     if 'pretrained: true' in snippet:
-        with pytest.raises(ConfigError, match=r"backbone.pretrained 'pretrained/(resnet\d+|convnext_\w+|mit_b\d)"
-                                              r"\.pth' not found"):
+        with pytest.raises(
+            ConfigError,
+            match=r"backbone.pretrained 'pretrained/(resnet\d+|convnext_\w+|mit_b\d)"
+            r"\.pth' not found",
+        ):
             load_config(config)
     cfg = load_config(config, ['backbone.pretrained=null'])
     assert cfg['backbone']['type'] in ('resnet', 'convnext', 'mit')
@@ -67,8 +70,18 @@ def test_every_guide_snippet_reads_and_names_its_conventional_weights(snippet, t
 def test_every_guide_snippet_trains(snippet, tmp_path, monkeypatch):
     """One iteration of each guide model (the largest, ResNet-101 and MiT-B5, only read: too slow here)."""
     monkeypatch.chdir(tmp_path)
-    train.main(['--config', guide_config(tmp_path, snippet), '--work-dir', str(tmp_path / 'work'),
-                '--device', 'cpu', '--set', 'backbone.pretrained=null'])
+    train.main(
+        [
+            '--config',
+            guide_config(tmp_path, snippet),
+            '--work-dir',
+            str(tmp_path / 'work'),
+            '--device',
+            'cpu',
+            '--set',
+            'backbone.pretrained=null',
+        ]
+    )
     assert (tmp_path / 'work' / 'best.pth').is_file()
 
 
@@ -82,11 +95,14 @@ def test_pretrained_true_loads_the_conventional_file_and_says_so(tmp_path, monke
     assert re.search(r'loaded (\d+)/\1 tensors from pretrained/resnet18\.pth', log)
 
 
-@pytest.mark.parametrize('yaml_text, expected', [
-    ('backbone: {type: segformer, variant: mit-b0}', {'type': 'mit', 'variant': 'b0'}),
-    ('backbone: {type: mit, variant: mit-b2}', {'type': 'mit', 'variant': 'b2'}),
-    ('backbone: {type: resnet, depth: 50}', {'type': 'resnet', 'variant': '50'}),
-])
+@pytest.mark.parametrize(
+    'yaml_text, expected',
+    [
+        ('backbone: {type: segformer, variant: mit-b0}', {'type': 'mit', 'variant': 'b0'}),
+        ('backbone: {type: mit, variant: mit-b2}', {'type': 'mit', 'variant': 'b2'}),
+        ('backbone: {type: resnet, depth: 50}', {'type': 'resnet', 'variant': '50'}),
+    ],
+)
 def test_seghiero_backbone_names(yaml_text, expected, tmp_path):
     cfg = load_config(guide_config(tmp_path, yaml_text))
     assert {k: cfg['backbone'][k] for k in expected} == expected
@@ -101,32 +117,36 @@ def test_proj_dim_is_the_heads_width(tmp_path):
 
 # --- one-line swaps ---------------------------------------------------------------------------------
 
+
 def test_changing_a_section_type_drops_the_keys_the_new_type_does_not_take():
     """camvid.yaml's DeepLabV3+ keys (dilations, c1_channels) do not follow the head to SegFormer;
     the keys the new head takes (channels, dropout, offset_learning) do."""
     cfg = load_config(ROOT / 'configs' / 'camvid.yaml', ['head.type=segformer'])
     assert 'dilations' not in cfg['head'] and cfg['head']['type'] == 'segformer'
     kept = load_config(ROOT / 'configs' / 'camvid.yaml')['head']
-    assert {k: v for k, v in kept.items() if k in ('channels', 'dropout', 'offset_learning')} == \
-        {k: v for k, v in cfg['head'].items() if k != 'type'}
+    assert {k: v for k, v in kept.items() if k in ('channels', 'dropout', 'offset_learning')} == {
+        k: v for k, v in cfg['head'].items() if k != 'type'
+    }
     swapped = load_config(ROOT / 'configs' / 'camvid.yaml', ['backbone.type=mit', 'backbone.variant=b0'])
     assert swapped['backbone'] == {'type': 'mit', 'variant': 'b0', 'pretrained': None}
 
 
 def test_delete_replaces_a_section_instead_of_merging_into_it(tmp_path):
     child = tmp_path / 'child.yaml'
-    child.write_text(f"_base_: {ROOT / 'configs' / 'camvid.yaml'}\nhead: {{_delete_: true, type: aspp}}\n")
+    child.write_text(f'_base_: {ROOT / "configs" / "camvid.yaml"}\nhead: {{_delete_: true, type: aspp}}\n')
     assert load_config(child)['head'] == {'type': 'aspp'}
 
 
 def test_a_camvid_experiment_with_any_model_is_five_lines(tmp_path):
     config = tmp_path / 'mine.yaml'
-    config.write_text(textwrap.dedent(f"""\
+    config.write_text(
+        textwrap.dedent(f"""\
         _base_: {ROOT / 'configs' / '_base_' / 'datasets' / 'camvid.yaml'}
         backbone: {{type: mit, variant: b0}}
         head: {{type: segformer, channels: 128}}
         train: {{max_iters: 1000, batch_size: 8}}
-        """))
+        """)
+    )
     assert len(config.read_text().splitlines()) <= 5
     cfg = load_config(config)
     assert cfg['data']['type'] == 'camvid' and cfg['data']['num_classes'] == 11
@@ -134,29 +154,56 @@ def test_a_camvid_experiment_with_any_model_is_five_lines(tmp_path):
 
 # --- the README's conversion command, verbatim ---------------------------------------------------
 
+
 def test_the_readme_conversion_command_works_on_a_clean_checkout(tmp_path):
     """No pretrained/ folder, the published config as shipped: a converted checkpoint needs no ImageNet file."""
-    command = next(line.strip() for line in (ROOT / 'README.md').read_text().splitlines()
-                   if line.strip().startswith('python tools/convert_checkpoint.py offseg-t_ade20k.pth'))
+    command = next(
+        line.strip()
+        for line in (ROOT / 'README.md').read_text().splitlines()
+        if line.strip().startswith('python tools/convert_checkpoint.py offseg-t_ade20k.pth')
+    )
     vector = load_vector('offseg_t')
     torch.save({'state_dict': vector['state_dict'], 'meta': {}}, tmp_path / 'offseg-t_ade20k.pth')
     for folder in ('configs', 'tools'):
         (tmp_path / folder).symlink_to(ROOT / folder)
-    result = subprocess.run(command.split(), cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                            env={'PATH': '', 'HF_HUB_OFFLINE': '1', 'OMP_NUM_THREADS': '1'},
-                            executable=sys.executable)
+    result = subprocess.run(
+        command.split(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={'PATH': '', 'HF_HUB_OFFLINE': '1', 'OMP_NUM_THREADS': '1'},
+        executable=sys.executable,
+    )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / 'work_dirs' / 'offseg_t.pth').is_file() and not (tmp_path / 'pretrained').exists()
 
 
 # --- logs off a terminal ----------------------------------------------------------------------------
 
+
 def test_training_off_a_terminal_logs_plain_lines_with_time_and_eta(tmp_path):
     config = guide_config(tmp_path, 'backbone: {type: resnet, depth: 18}\n')
-    result = subprocess.run([sys.executable, 'train.py', '--config', config, '--work-dir', str(tmp_path / 'work'),
-                             '--device', 'cpu', '--set', 'train.max_iters=2', 'train.log_interval=1'],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={'HF_HUB_OFFLINE': '1', 'OMP_NUM_THREADS': '1', 'PATH': ''})
+    result = subprocess.run(
+        [
+            sys.executable,
+            'train.py',
+            '--config',
+            config,
+            '--work-dir',
+            str(tmp_path / 'work'),
+            '--device',
+            'cpu',
+            '--set',
+            'train.max_iters=2',
+            'train.log_interval=1',
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={'HF_HUB_OFFLINE': '1', 'OMP_NUM_THREADS': '1', 'PATH': ''},
+    )
     assert result.returncode == 0, result.stderr
     assert '\r' not in result.stdout + result.stderr
     log = (tmp_path / 'work' / 'train.log').read_text()

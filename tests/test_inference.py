@@ -1,4 +1,5 @@
 """Whole, sliding-window and multi-scale + flip inference on tiny models whose outputs are known by hand."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -54,8 +55,7 @@ def test_slide_equals_whole_when_one_window_covers_the_image():
     assert torch.allclose(slide(model, images, (32, 48), (16, 16), 3), whole(model, images), atol=1e-6)
     # A smaller image is padded to the window as `whole` pads to its size divisor.
     small = images[..., :20, :30]
-    assert torch.allclose(slide(model, small, (32, 32), (16, 16), 3), whole(model, small, size_divisor=32),
-                          atol=1e-6)
+    assert torch.allclose(slide(model, small, (32, 32), (16, 16), 3), whole(model, small, size_divisor=32), atol=1e-6)
 
 
 @torch.no_grad()
@@ -76,7 +76,7 @@ def test_slide_averages_overlapping_windows():
     y, x = torch.meshgrid(torch.arange(6.0), torch.arange(10.0), indexing='ij')
     images = (10 * y + x).view(1, 1, 6, 10)
     result = slide(WindowMean(), images, (4, 4), (2, 3), 2)
-    rows = torch.tensor([1.5, 1.5, 2.5, 2.5, 3.5, 3.5])                      # [0,4) / both / [2,6)
+    rows = torch.tensor([1.5, 1.5, 2.5, 2.5, 3.5, 3.5])  # [0,4) / both / [2,6)
     cols = torch.tensor([1.5, 1.5, 1.5, 3.0, 4.5, 4.5, 6.0, 7.5, 7.5, 7.5])  # ... (1.5 + 4.5) / 2 at x = 3 ...
     expected = 10 * rows.view(6, 1) + cols.view(1, 10)
     assert result.shape == (1, 2, 6, 10)
@@ -129,8 +129,9 @@ def test_scaled_sizes_round_half_up_like_mmcv():
 @pytest.mark.parametrize('mode', ['whole', 'slide'])
 def test_logits_are_resized_to_the_output_size(mode):
     model, images = pointwise_model(), torch.randn(1, 3, 24, 32)
-    result = infer_logits(model, images, 3, out_size=(50, 70), mode=mode, crop_size=(16, 16), stride=(8, 8),
-                          size_divisor=1)
+    result = infer_logits(
+        model, images, 3, out_size=(50, 70), mode=mode, crop_size=(16, 16), stride=(8, 8), size_divisor=1
+    )
     expected = F.interpolate(model(images), size=(50, 70), mode='bilinear', align_corners=False)
     assert result.shape == (1, 3, 50, 70) and torch.allclose(result, expected, atol=1e-6)
 

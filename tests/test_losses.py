@@ -1,5 +1,6 @@
 """The loss terms against hand computations: CE (class weights, OHEM), Dice, Lovász-Softmax, their sum,
 the auxiliary weight, ignored pixels, gradients, AMP and the validation of `train.loss`."""
+
 import math
 
 import pytest
@@ -34,6 +35,7 @@ def random_batch(seed=0, classes=4, size=(6, 7)):
 
 
 # ------------------------------------------------------------------------------------ cross-entropy
+
 
 def test_ce_with_class_weights_and_ignore_equals_torch():
     logits, labels = random_batch()
@@ -103,11 +105,11 @@ def test_ohem_min_kept_counts_per_image_but_selects_over_the_batch():
 def test_ohem_without_threshold_keeps_the_highest_losses():
     nll = -torch.tensor(PROBS).log().view(1, 1, -1)
     valid = torch.tensor(LABELS).view(1, 1, -1) != IGNORE
-    assert ohem_keep(nll, valid, thresh=None, min_kept=2).flatten().tolist() == [False, True, False, False, True,
-                                                                                False]
+    assert ohem_keep(nll, valid, thresh=None, min_kept=2).flatten().tolist() == [False, True, False, False, True, False]
 
 
 # --------------------------------------------------------------------------------------------- Dice
+
 
 def test_dice_by_hand():
     # Pixels with labels [1, 0, 1] and p(class 1) = [0.75, 0.5, 0.25] (+ an ignored pixel).
@@ -125,6 +127,7 @@ def test_dice_of_a_perfect_prediction_is_zero():
 
 
 # ------------------------------------------------------------------------------------------- Lovász
+
 
 def test_lovasz_by_hand():
     # Same pixels as the Dice case. Class 1: errors |t - p| = [0.25, 0.5, 0.75] sorted -> [0.75, 0.5,
@@ -147,15 +150,19 @@ def test_lovasz_of_a_perfect_prediction_is_zero():
 
 # ----------------------------------------------------------------------------------- the combination
 
+
 def test_weighted_terms_add_up():
     logits, labels = random_batch()
-    ce, dice, lovasz = (loss_of(logits, labels, ce=float(n == 'ce'), dice=float(n == 'dice'),
-                                lovasz=float(n == 'lovasz')) for n in ('ce', 'dice', 'lovasz'))
+    ce, dice, lovasz = (
+        loss_of(logits, labels, ce=float(n == 'ce'), dice=float(n == 'dice'), lovasz=float(n == 'lovasz'))
+        for n in ('ce', 'dice', 'lovasz')
+    )
     criterion = SegmentationLoss(IGNORE, {'ce': 0.5, 'dice': 2.0, 'lovasz': 3.0})
     terms = criterion.terms(logits, labels)
     assert terms['loss'].item() == pytest.approx(0.5 * ce + 2 * dice + 3 * lovasz, rel=1e-6)
     assert {k: v.item() for k, v in terms.items() if k != 'loss'} == pytest.approx(
-        {'ce': 0.5 * ce, 'dice': 2 * dice, 'lovasz': 3 * lovasz}, rel=1e-6)
+        {'ce': 0.5 * ce, 'dice': 2 * dice, 'lovasz': 3 * lovasz}, rel=1e-6
+    )
 
 
 def test_aux_head_gets_the_same_sum_times_its_weight():
@@ -200,17 +207,21 @@ def test_low_precision_logits_and_autocast_compute_in_float32():
 
 # --------------------------------------------------------------------------------------- validation
 
-@pytest.mark.parametrize('cfg, message', [
-    ({'ohem': {'thresh': 0.7, 'min_keep': 10}}, "train.loss.ohem.min_keep"),
-    ({'ohem': {'thresh': 'high'}}, "train.loss.ohem.thresh"),
-    ({'ohem': {'min_kept': 0.5}}, "train.loss.ohem.min_kept"),
-    ({'ohem': 0.7}, "train.loss.ohem"),
-    ({'ohem': {}, 'ce': 0, 'dice': 1}, "train.loss.ce"),
-    ({'focal': 1.0}, "train.loss.focal"),
-    ({'dice': -1}, "train.loss.dice"),
-    ({'ce': 0}, "at least one of"),
-    ({'class_weight': 'balanced'}, "train.loss.class_weight"),
-])
+
+@pytest.mark.parametrize(
+    'cfg, message',
+    [
+        ({'ohem': {'thresh': 0.7, 'min_keep': 10}}, 'train.loss.ohem.min_keep'),
+        ({'ohem': {'thresh': 'high'}}, 'train.loss.ohem.thresh'),
+        ({'ohem': {'min_kept': 0.5}}, 'train.loss.ohem.min_kept'),
+        ({'ohem': 0.7}, 'train.loss.ohem'),
+        ({'ohem': {}, 'ce': 0, 'dice': 1}, 'train.loss.ce'),
+        ({'focal': 1.0}, 'train.loss.focal'),
+        ({'dice': -1}, 'train.loss.dice'),
+        ({'ce': 0}, 'at least one of'),
+        ({'class_weight': 'balanced'}, 'train.loss.class_weight'),
+    ],
+)
 def test_bad_loss_config_is_a_config_error(cfg, message):
     with pytest.raises(ConfigError, match=message):
         SegmentationLoss(IGNORE, cfg)
@@ -233,7 +244,9 @@ def test_avg_non_ignore_false_averages_over_all_pixels_as_mmseg():
     weight = torch.tensor([1.0, 2.0, 0.5, 3.0])
     nll = F.cross_entropy(logits, labels, weight=weight, ignore_index=IGNORE, reduction='sum')
     expected = (nll / labels.numel()).item()
-    assert loss_of(logits, labels, class_weight=weight.tolist(), avg_non_ignore=False) == pytest.approx(expected,
-                                                                                                      rel=1e-6)
+    assert loss_of(logits, labels, class_weight=weight.tolist(), avg_non_ignore=False) == pytest.approx(
+        expected, rel=1e-6
+    )
     assert loss_of(logits, labels, avg_non_ignore=True) == pytest.approx(
-        F.cross_entropy(logits, labels, ignore_index=IGNORE).item(), rel=1e-6)
+        F.cross_entropy(logits, labels, ignore_index=IGNORE).item(), rel=1e-6
+    )

@@ -1,27 +1,28 @@
 """Mask2Former(+OL): the reference vectors, the published parameter counts, deformable attention against
 a naive loop, Offset Learning for masks against the published order of operations, semantic inference."""
+
 import itertools
 import math
 
 import pytest
 import torch
+from test_published_models import pair_model
 
 from conftest import ROOT, assert_close_to_reference, load_vector
 from engine.checkpoint import load_checkpoint
+from engine.cli import config_for_checkpoint
 from engine.inference import infer_logits
 from engine.losses import SegmentationLoss
 from engine.optim import group_rule
+from engine.rules import load_config
 from models import OffsetLearningMask
 from models.backbones import BACKBONES
 from models.backbones.swin import Swin
 from models.heads.deformable_attention import multi_scale_deformable_attention
 from models.heads.mask2former import Mask2FormerHead, semantic_logits, sine_position_encoding
-from tools.convert_checkpoint import convert
-from engine.cli import config_for_checkpoint
-from engine.rules import load_config
 from models.weights import load_model_weights
+from tools.convert_checkpoint import convert
 from train import create_model
-from test_published_models import pair_model
 
 SWIN_T_CHANNELS = [96, 192, 384, 768]
 
@@ -51,8 +52,9 @@ def reference(tmp_path_factory):
     folder = tmp_path_factory.mktemp('mask2former')
     source, target = folder / 'mmseg.pth', folder / 'ours.pth'
     torch.save({'state_dict': {**backbone_file['state_dict'], **data['state_dict']}, 'meta': {}}, source)
-    report = convert(str(source), str(target), str(ROOT / 'configs' / 'mask2former_swin_t_ol.yaml'),
-                     ['backbone.pretrained=null'])
+    report = convert(
+        str(source), str(target), str(ROOT / 'configs' / 'mask2former_swin_t_ol.yaml'), ['backbone.pretrained=null']
+    )
     assert report == [], report
     checkpoint = load_checkpoint(target)
     model = create_model(config_for_checkpoint(checkpoint, target)).eval()
@@ -63,8 +65,10 @@ def reference(tmp_path_factory):
 def test_ol_vector_logits_and_predictions(reference):
     model, data = reference
     used_masks, queries = [], []
-    hooks = [layer.register_forward_pre_hook(lambda module, args: used_masks.append(args[4]))
-             for layer in model.head.decoder_layers]
+    hooks = [
+        layer.register_forward_pre_hook(lambda module, args: used_masks.append(args[4]))
+        for layer in model.head.decoder_layers
+    ]
     hooks.append(model.head.post_norm.register_forward_pre_hook(lambda module, args: queries.append(args[0])))
     with torch.no_grad():
         features = model.backbone(data['input'])
@@ -93,8 +97,15 @@ def test_ol_vector_pixel_decoder(reference):
         assert_close_to_reference(ours, ref, f'pixel_decoder_outs[{level}]')
 
 
-SMALL_HEAD = {'type': 'mask2former', 'channels': 64, 'num_queries': 7, 'num_decoder_layers': 3,
-              'num_encoder_layers': 1, 'encoder_ffn_channels': 64, 'decoder_ffn_channels': 64}
+SMALL_HEAD = {
+    'type': 'mask2former',
+    'channels': 64,
+    'num_queries': 7,
+    'num_decoder_layers': 3,
+    'num_encoder_layers': 1,
+    'encoder_ffn_channels': 64,
+    'decoder_ffn_channels': 64,
+}
 
 
 @pytest.mark.parametrize('offset_learning', [False, True])
@@ -106,8 +117,12 @@ def test_every_backbone_pairs_with_mask2former(backbone, offset_learning):
     outputs = model(torch.randn(2, 3, 64, 96))
     SegmentationLoss(255, {}).terms(outputs, torch.randint(0, 5, (2, 64, 96)))['loss'].backward()
     head = model.head
-    checked = [next(model.parameters()), *head.cls_embed.parameters(), *head.mask_embed.parameters(),
-               *(head.offset_learning.parameters() if offset_learning else ())]
+    checked = [
+        next(model.parameters()),
+        *head.cls_embed.parameters(),
+        *head.mask_embed.parameters(),
+        *(head.offset_learning.parameters() if offset_learning else ()),
+    ]
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in checked)
     with torch.no_grad():
         assert model.eval()(torch.randn(1, 3, 64, 96)).shape == (1, 5, 16, 24)
@@ -115,8 +130,16 @@ def test_every_backbone_pairs_with_mask2former(backbone, offset_learning):
 
 def test_training_mode_returns_every_prediction_point():
     torch.manual_seed(0)
-    head = Mask2FormerHead([16, 32, 64, 128], 5, channels=64, num_queries=7, num_decoder_layers=3,
-                           num_encoder_layers=1, encoder_ffn_channels=64, decoder_ffn_channels=64)
+    head = Mask2FormerHead(
+        [16, 32, 64, 128],
+        5,
+        channels=64,
+        num_queries=7,
+        num_decoder_layers=3,
+        num_encoder_layers=1,
+        encoder_ffn_channels=64,
+        decoder_ffn_channels=64,
+    )
     features = [torch.randn(2, c, 64 // s, 64 // s) for c, s in zip([16, 32, 64, 128], [4, 8, 16, 32])]
     outputs = head.train()(features)
     assert len(outputs['cls_scores']) == len(outputs['mask_preds']) == 4
@@ -147,10 +170,12 @@ def test_deformable_attention_matches_naive_loop():
     gen = torch.Generator().manual_seed(0)
     shapes = [(2, 3), (4, 5), (3, 1)]
     value = torch.randn(2, sum(h * w for h, w in shapes), 2, 3, generator=gen, dtype=torch.float64)
-    locations = torch.rand(2, 4, 2, 3, 2, 2, generator=gen, dtype=torch.float64) * 1.4 - 0.2   # some outside
+    locations = torch.rand(2, 4, 2, 3, 2, 2, generator=gen, dtype=torch.float64) * 1.4 - 0.2  # some outside
     weights = torch.rand(2, 4, 2, 3, 2, generator=gen, dtype=torch.float64)
-    torch.testing.assert_close(multi_scale_deformable_attention(value, shapes, locations, weights),
-                               naive_deformable_attention(value, shapes, locations, weights))
+    torch.testing.assert_close(
+        multi_scale_deformable_attention(value, shapes, locations, weights),
+        naive_deformable_attention(value, shapes, locations, weights),
+    )
 
 
 def test_offset_learning_mask_matches_published_order():
@@ -161,8 +186,8 @@ def test_offset_learning_mask_matches_published_order():
     for weight in (module.cls_offset_proj.weight, module.feat_offset_proj.weight):
         torch.nn.init.normal_(weight, std=0.3)
     embed, features = torch.randn(2, 5, 16), torch.randn(2, 16, 3, 4)
-    pixels = features.flatten(2).transpose(1, 2)                                 # F: (B, HW, C)
-    attn = (pixels @ embed.transpose(1, 2)).transpose(1, 2)                      # A: (B, Q, HW)
+    pixels = features.flatten(2).transpose(1, 2)  # F: (B, HW, C)
+    attn = (pixels @ embed.transpose(1, 2)).transpose(1, 2)  # A: (B, Q, HW)
     aligned = embed + module.cls_offset_proj(attn.softmax(-1) @ pixels)
     moved = pixels + module.feat_offset_proj(attn.softmax(1).transpose(1, 2) @ embed)
     expected = torch.einsum('bqc,bchw->bqhw', aligned, moved.transpose(1, 2).reshape(2, 16, 3, 4))
@@ -173,8 +198,8 @@ def test_offset_learning_mask_matches_published_order():
 
 def test_semantic_logits_by_hand():
     """Two queries, two classes + no object: class k at a pixel = Σ_q p_q(k) · sigmoid(mask_q)."""
-    cls_scores = torch.tensor([[[math.log(3), 0.0, 0.0], [0.0, 0.0, math.log(2)]]])   # p = (.6 .2 .2), (.25 .25 .5)
-    mask_preds = torch.tensor([[[[0.0]], [[math.log(3)]]]])                           # sigmoid 0.5, 0.75
+    cls_scores = torch.tensor([[[math.log(3), 0.0, 0.0], [0.0, 0.0, math.log(2)]]])  # p = (.6 .2 .2), (.25 .25 .5)
+    mask_preds = torch.tensor([[[[0.0]], [[math.log(3)]]]])  # sigmoid 0.5, 0.75
     expected = torch.tensor([[[[0.6 * 0.5 + 0.25 * 0.75]], [[0.2 * 0.5 + 0.25 * 0.75]]]])
     torch.testing.assert_close(semantic_logits(cls_scores, mask_preds), expected)
 
@@ -182,23 +207,35 @@ def test_semantic_logits_by_hand():
 def test_sine_position_encoding_by_hand():
     """Rows first, then columns; channel 2m = sin, 2m+1 = cos, both at frequency 10000^(2m/half)."""
     encoding = sine_position_encoding(2, 3, 8).view(2, 3, 8)
-    row_angle = 2 / (2 + 1e-6) * 2 * math.pi                                          # row 2 of 2
-    col_angle = 1 / (3 + 1e-6) * 2 * math.pi                                          # column 1 of 3
-    torch.testing.assert_close(encoding[1, 0, :4], torch.tensor([math.sin(row_angle), math.cos(row_angle),
-                                                                 math.sin(row_angle / 100), math.cos(row_angle / 100)]))
-    torch.testing.assert_close(encoding[1, 0, 4:], torch.tensor([math.sin(col_angle), math.cos(col_angle),
-                                                                 math.sin(col_angle / 100), math.cos(col_angle / 100)]))
+    row_angle = 2 / (2 + 1e-6) * 2 * math.pi  # row 2 of 2
+    col_angle = 1 / (3 + 1e-6) * 2 * math.pi  # column 1 of 3
+    torch.testing.assert_close(
+        encoding[1, 0, :4],
+        torch.tensor([math.sin(row_angle), math.cos(row_angle), math.sin(row_angle / 100), math.cos(row_angle / 100)]),
+    )
+    torch.testing.assert_close(
+        encoding[1, 0, 4:],
+        torch.tensor([math.sin(col_angle), math.cos(col_angle), math.sin(col_angle / 100), math.cos(col_angle / 100)]),
+    )
 
 
 def test_a_query_whose_mask_blocks_everything_attends_everywhere():
     """mmdet's fix: an all-True attention-mask row is cleared before the layer uses it."""
     torch.manual_seed(0)
-    head = Mask2FormerHead([16, 32, 64, 128], 3, channels=32, num_queries=2, num_decoder_layers=1,
-                           num_encoder_layers=1, encoder_ffn_channels=32, decoder_ffn_channels=32).eval()
+    head = Mask2FormerHead(
+        [16, 32, 64, 128],
+        3,
+        channels=32,
+        num_queries=2,
+        num_decoder_layers=1,
+        num_encoder_layers=1,
+        encoder_ffn_channels=32,
+        decoder_ffn_channels=32,
+    ).eval()
     with torch.no_grad():
         for layer, value in ((head.mask_embed[4], -1.0), (head.pixel_decoder.mask_feature, 1.0)):
             layer.weight.zero_()
-            layer.bias.fill_(value)                    # every mask logit -C: every key blocked
+            layer.bias.fill_(value)  # every mask logit -C: every key blocked
     seen = []
     head.decoder_layers[0].register_forward_pre_hook(lambda module, args: seen.append(args[4]))
     features = [torch.rand(1, c, 64 // s, 64 // s) for c, s in zip([16, 32, 64, 128], [4, 8, 16, 32])]
@@ -214,11 +251,19 @@ def test_published_recipe_parameter_groups():
     rules = cfg['train']['param_groups']
     with torch.device('meta'):
         model = create_model(cfg)
-    no_decay = {f'{name}.{p}' for name, module in model.named_modules()
-                if isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm)) for p in ('weight', 'bias')}
-    no_decay |= {name for name, _ in model.named_parameters()
-                 if name.endswith(('relative_position_bias_table', 'query_embed.weight', 'query_feat.weight',
-                                   'level_embed.weight'))}
+    no_decay = {
+        f'{name}.{p}'
+        for name, module in model.named_modules()
+        if isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm))
+        for p in ('weight', 'bias')
+    }
+    no_decay |= {
+        name
+        for name, _ in model.named_parameters()
+        if name.endswith(
+            ('relative_position_bias_table', 'query_embed.weight', 'query_feat.weight', 'level_embed.weight')
+        )
+    }
     for name, _ in model.named_parameters():
         options = rules.get(group_rule(name, rules), {})
         assert options.get('lr_mult', 1.0) == (0.1 if name.startswith('backbone.') else 1.0), name
@@ -233,15 +278,18 @@ def test_deformable_attention_samples_half_precision_values_in_float32():
     value = torch.randn(1, 20, 2, 3, generator=gen).bfloat16()
     locations = torch.rand(1, 5, 2, 2, 3, 2, generator=gen)
     weights = torch.rand(1, 5, 2, 2, 3, generator=gen)
-    torch.testing.assert_close(multi_scale_deformable_attention(value, shapes, locations, weights),
-                               multi_scale_deformable_attention(value.float(), shapes, locations, weights))
+    torch.testing.assert_close(
+        multi_scale_deformable_attention(value, shapes, locations, weights),
+        multi_scale_deformable_attention(value.float(), shapes, locations, weights),
+    )
 
 
 def test_training_step_under_bfloat16_autocast():
     """The CUDA AMP path's dtype mixing, exercised with CPU autocast: forward in bf16, the loss in float32."""
     torch.manual_seed(0)
-    head = Mask2FormerHead([16, 32, 64, 128], 5, **{k: v for k, v in SMALL_HEAD.items() if k != 'type'},
-                           offset_learning=True).train()
+    head = Mask2FormerHead(
+        [16, 32, 64, 128], 5, **{k: v for k, v in SMALL_HEAD.items() if k != 'type'}, offset_learning=True
+    ).train()
     features = [torch.randn(2, c, 64 // s, 64 // s) for c, s in zip([16, 32, 64, 128], [4, 8, 16, 32])]
     with torch.autocast('cpu', dtype=torch.bfloat16):
         outputs = head(features)
@@ -262,8 +310,9 @@ def test_plain_mmseg_checkpoint_converts_and_extra_keys_are_listed(tmp_path):
     reports = {}
     for name, checkpoint in (('plain', plain), ('ol', state)):
         torch.save({'state_dict': checkpoint}, tmp_path / f'{name}.pth')
-        reports[name] = convert(str(tmp_path / f'{name}.pth'), str(tmp_path / f'{name}_ours.pth'), config,
-                                ['backbone.pretrained=null'])
+        reports[name] = convert(
+            str(tmp_path / f'{name}.pth'), str(tmp_path / f'{name}_ours.pth'), config, ['backbone.pretrained=null']
+        )
     assert reports['plain'] == []
     assert len(reports['ol']) == 1
     assert reports['ol'][0].startswith('2 keys unexpected in the checkpoint: head.offset_learning.')

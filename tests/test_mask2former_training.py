@@ -1,5 +1,6 @@
 """Mask2Former+OL through the product path on generated scenes: train.py (the set-prediction loss through
 SegmentationLoss, grad clipping, an EMA), exact resume, evaluate.py, and the loss falling."""
+
 import json
 import re
 import subprocess
@@ -7,13 +8,13 @@ import sys
 import textwrap
 
 import pytest
+from test_distributed import REPO, environment, logged, write_rectangles
+from test_end_to_end import assert_resume_continues_exactly, losses_on_a_tiny_batch, train_tiny
 
 import evaluate
 import train
-from engine.checkpoint import load_checkpoint
-from test_distributed import REPO, environment, logged, write_rectangles
 from conftest import TINY_DATA
-from test_end_to_end import assert_resume_continues_exactly, losses_on_a_tiny_batch, train_tiny
+from engine.checkpoint import load_checkpoint
 
 HEAD = """
     head: {{type: mask2former, channels: 32, num_queries: 8, num_decoder_layers: 3, num_encoder_layers: 1,
@@ -21,11 +22,16 @@ HEAD = """
 """
 """A small Mask2Former+OL head, in both runs' configs."""
 
-TINY = """
-    backbone: {{type: resnet, variant: 18}}""" + HEAD + TINY_DATA + """\
+TINY = (
+    """
+    backbone: {{type: resnet, variant: 18}}"""
+    + HEAD
+    + TINY_DATA
+    + """\
     train: {{max_iters: 6, batch_size: 4, val_interval: 3, log_interval: 1, grad_clip: 0.01, ema_decay: 0.5,
              optimizer: {{type: adamw, lr: 1.0e-3, weight_decay: 0.05}}}}
 """
+)
 
 
 @pytest.fixture(scope='module')
@@ -38,7 +44,7 @@ def test_training_logs_the_set_prediction_terms_and_saves_model_and_ema(run):
     log = (work / 'train.log').read_text()
     terms = re.findall(r'iter \d+/6: loss ([\d.]+)  mask_cls ([\d.]+)  mask_bce ([\d.]+)  mask_dice ([\d.]+)', log)
     assert len(terms) == 6
-    for loss, *parts in terms:          # the logged terms add up to the loss
+    for loss, *parts in terms:  # the logged terms add up to the loss
         assert abs(float(loss) - sum(map(float, parts))) < 1e-4 * float(loss) + 1e-5
     for name in ('best.pth', 'best_ema.pth', 'iter_000003.pth', 'last.pth'):
         assert (work / name).is_file(), name
@@ -50,8 +56,7 @@ def test_resuming_continues_exactly(run):
 
 
 def test_evaluate_scores_the_best_checkpoint(run):
-    evaluate.main(['--checkpoint', str(run / 'work' / 'best.pth'), '--work-dir', str(run / 'eval'),
-                   '--device', 'cpu'])
+    evaluate.main(['--checkpoint', str(run / 'work' / 'best.pth'), '--work-dir', str(run / 'eval'), '--device', 'cpu'])
     results = json.loads(next((run / 'eval').glob('eval_*.json')).read_text())
     assert len(results['IoU']) == 5 and 0 <= results['mIoU'] <= 100
 
@@ -61,8 +66,11 @@ def test_a_few_steps_lower_the_loss_on_a_tiny_batch(run):
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-DISTRIBUTED = """
-    backbone: {{type: mit, variant: b0, drop_path_rate: 0.0}}""" + HEAD + """    data:
+DISTRIBUTED = (
+    """
+    backbone: {{type: mit, variant: b0, drop_path_rate: 0.0}}"""
+    + HEAD
+    + """    data:
       type: folder
       root: {root}
       num_classes: 3
@@ -70,6 +78,7 @@ DISTRIBUTED = """
     train: {{max_iters: 2, batch_size: 4, val_interval: 2, log_interval: 1,
              optimizer: {{type: adamw, lr: 1.0e-4, weight_decay: 0.05}}}}
 """
+)
 
 
 def test_torchrun_two_processes_agree_with_one_up_to_the_random_points(tmp_path):
@@ -83,8 +92,20 @@ def test_torchrun_two_processes_agree_with_one_up_to_the_random_points(tmp_path)
     config = tmp_path / 'm2f.yaml'
     config.write_text(textwrap.dedent(DISTRIBUTED.format(root=root)))
     train.main(['--config', str(config), '--work-dir', str(tmp_path / 'single'), '--device', 'cpu'])
-    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-               str(REPO / 'train.py'), '--config', str(config), '--work-dir', str(tmp_path / 'ddp'), '--device', 'cpu']
+    command = [
+        sys.executable,
+        '-m',
+        'torch.distributed.run',
+        '--standalone',
+        '--nproc_per_node=2',
+        str(REPO / 'train.py'),
+        '--config',
+        str(config),
+        '--work-dir',
+        str(tmp_path / 'ddp'),
+        '--device',
+        'cpu',
+    ]
     result = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert '2 process(es) on cpu; batch 4 = 2 x 2' in (tmp_path / 'ddp' / 'train.log').read_text()

@@ -1,13 +1,21 @@
 """Mask2Former's set-prediction loss against hand computations: point sampling, uncertain points, Dice and
 BCE costs, the label-to-mask conversion, the Hungarian matching, the summed terms, and its place in
 SegmentationLoss (a head's dict of predictions)."""
+
 import math
 
 import torch
 
 from engine.losses import SegmentationLoss
-from engine.mask_losses import (MaskClassificationLoss, dice_loss, match, pairwise_mask_costs, point_sample,
-                                semantic_to_masks, uncertain_points)
+from engine.mask_losses import (
+    MaskClassificationLoss,
+    dice_loss,
+    match,
+    pairwise_mask_costs,
+    point_sample,
+    semantic_to_masks,
+    uncertain_points,
+)
 
 IGNORE = 255
 
@@ -71,21 +79,25 @@ def test_loss_terms_by_hand():
     An image of ignored pixels only adds no mask and only "no object" labels."""
     torch.manual_seed(0)
     labels = torch.tensor([[[1] * 8] * 8, [[IGNORE] * 8] * 8])
-    outputs = {'cls_scores': [torch.zeros(2, 3, 3, requires_grad=True) for _ in range(2)],
-               'mask_preds': [torch.zeros(2, 3, 2, 2, requires_grad=True) for _ in range(2)]}
+    outputs = {
+        'cls_scores': [torch.zeros(2, 3, 3, requires_grad=True) for _ in range(2)],
+        'mask_preds': [torch.zeros(2, 3, 2, 2, requires_grad=True) for _ in range(2)],
+    }
     terms = MaskClassificationLoss(IGNORE, num_points=50).terms(outputs, labels)
     torch.testing.assert_close(terms['mask_cls'], torch.tensor(2 * 2 * math.log(3)))
     torch.testing.assert_close(terms['mask_bce'], torch.tensor(2 * 5 * math.log(2)))
     assert 0 < terms['mask_dice'] < 2 * 5
     sum(terms.values()).backward()
     assert all(p.grad is not None for p in outputs['mask_preds'] + outputs['cls_scores'])
-    assert outputs['mask_preds'][0].grad[1].abs().sum() == 0     # no mask to learn in the ignored image
+    assert outputs['mask_preds'][0].grad[1].abs().sum() == 0  # no mask to learn in the ignored image
 
 
 def test_a_batch_without_masks_still_has_a_graph():
     labels = torch.full((1, 4, 4), IGNORE)
-    outputs = {'cls_scores': [torch.zeros(1, 2, 3, requires_grad=True)],
-               'mask_preds': [torch.zeros(1, 2, 1, 1, requires_grad=True)]}
+    outputs = {
+        'cls_scores': [torch.zeros(1, 2, 3, requires_grad=True)],
+        'mask_preds': [torch.zeros(1, 2, 1, 1, requires_grad=True)],
+    }
     terms = MaskClassificationLoss(IGNORE).terms(outputs, labels)
     assert terms['mask_bce'] == 0 and terms['mask_dice'] == 0
     sum(terms.values()).backward()

@@ -1,4 +1,5 @@
 """mIoU/mAcc/aAcc against a confusion matrix computed by hand."""
+
 import math
 
 import torch
@@ -8,20 +9,20 @@ from engine.metrics import ConfusionMatrix
 
 def test_metrics_match_a_hand_computed_confusion_matrix():
     # 4 classes, ignore 255. Class 3 appears in neither prediction nor label: its IoU is undefined.
-    label = torch.tensor([[0, 0, 1, 1, 255],
-                          [2, 2, 2, 0, 255]])
-    prediction = torch.tensor([[0, 1, 1, 1, 3],      # the 3 lies on an ignored pixel: not counted
-                               [2, 2, 0, 0, 1]])
+    label = torch.tensor([[0, 0, 1, 1, 255], [2, 2, 2, 0, 255]])
+    prediction = torch.tensor(
+        [
+            [0, 1, 1, 1, 3],  # the 3 lies on an ignored pixel: not counted
+            [2, 2, 0, 0, 1],
+        ]
+    )
     confusion = ConfusionMatrix(num_classes=4, ignore_index=255)
     confusion.update(prediction, label)
     # rows = label, columns = prediction, over the 8 valid pixels
-    expected = torch.tensor([[2, 1, 0, 0],
-                             [0, 2, 0, 0],
-                             [1, 0, 2, 0],
-                             [0, 0, 0, 0]])
+    expected = torch.tensor([[2, 1, 0, 0], [0, 2, 0, 0], [1, 0, 2, 0], [0, 0, 0, 0]])
     assert torch.equal(confusion.matrix, expected)
     results = confusion.compute()
-    iou = [2 / (3 + 3 - 2), 2 / (2 + 3 - 2), 2 / (3 + 2 - 2)]     # tp / (label + predicted - tp)
+    iou = [2 / (3 + 3 - 2), 2 / (2 + 3 - 2), 2 / (3 + 2 - 2)]  # tp / (label + predicted - tp)
     acc = [2 / 3, 2 / 2, 2 / 3]
     assert all(math.isclose(a, 100 * b) for a, b in zip(results['IoU'][:3], iou))
     assert math.isnan(results['IoU'][3]) and math.isnan(results['Acc'][3])

@@ -1,4 +1,5 @@
 """OffSeg: EfficientFormerV2 backbone, FreqFusion/CARAFE and OffSegHead against the published code."""
+
 import itertools
 import warnings
 
@@ -25,12 +26,20 @@ def test_offseg_t_matches_reference_vector():
     d = load_vector('offseg_t')
     state = d['state_dict']
     backbone, head = EfficientFormerV2('s1'), OffSegHead([32, 48, 120, 224], 150)
-    backbone.eval()   # before loading: nothing derived from the weights may be cached
+    backbone.eval()  # before loading: nothing derived from the weights may be cached
     head.eval()
-    backbone.load_state_dict(EfficientFormerV2.convert_checkpoint(
-        {k.removeprefix('backbone.'): v for k, v in state.items() if k.startswith('backbone.')}), strict=True)
-    head.load_state_dict(OffSegHead.convert_checkpoint(
-        {k.removeprefix('decode_head.'): v for k, v in state.items() if k.startswith('decode_head.')}), strict=True)
+    backbone.load_state_dict(
+        EfficientFormerV2.convert_checkpoint(
+            {k.removeprefix('backbone.'): v for k, v in state.items() if k.startswith('backbone.')}
+        ),
+        strict=True,
+    )
+    head.load_state_dict(
+        OffSegHead.convert_checkpoint(
+            {k.removeprefix('decode_head.'): v for k, v in state.items() if k.startswith('decode_head.')}
+        ),
+        strict=True,
+    )
     seen = {}
     head.classifier.register_forward_hook(lambda module, inputs, output: seen.update(ol_input=inputs[0]))
     with torch.no_grad():
@@ -44,11 +53,14 @@ def test_offseg_t_matches_reference_vector():
         assert_close_to_reference(seen['ol_input'], d['ol_input'], 'Offset Learning input')
 
 
-@pytest.mark.parametrize('variant,backbone_published,total_published,tolerance', [
-    ('s1', 5_748_360, 6_222_176, 0),           # exact counts (the reference vector's config)
-    ('s2', 12_151_000, 12_955_000, 500),       # published to 1k: |ours - published| <= 500
-    ('l', 25_578_000, 26_414_000, 500),
-])
+@pytest.mark.parametrize(
+    'variant,backbone_published,total_published,tolerance',
+    [
+        ('s1', 5_748_360, 6_222_176, 0),  # exact counts (the reference vector's config)
+        ('s2', 12_151_000, 12_955_000, 500),  # published to 1k: |ours - published| <= 500
+        ('l', 25_578_000, 26_414_000, 500),
+    ],
+)
 def test_parameter_counts(variant, backbone_published, total_published, tolerance):
     # Published totals include the unused conv_seg (38,550 at 150 classes), which we do not build.
     with torch.device('meta'):
@@ -75,7 +87,7 @@ def test_forward_shapes(size):
 def test_unsupported_sizes_raise_clear_errors():
     backbone = EfficientFormerV2('s1').eval()
     with pytest.raises(ValueError, match='ceil\\(H/16\\)'):
-        backbone(torch.randn(1, 3, 80, 64))              # stride-16 grid 5 rows: odd
+        backbone(torch.randn(1, 3, 80, 64))  # stride-16 grid 5 rows: odd
     head = OffSegHead(backbone.out_channels, 19).eval()
     with torch.no_grad():
         features = backbone(torch.randn(1, 3, 120, 64))  # backbone fine (grids 30/15/8/4), head is not
@@ -99,8 +111,9 @@ def naive_carafe(features, masks, k, groups, scale):
     """mmcv's formula term by term: out[c, y, x] = Σ mask[g·k² + i·k + j, y, x] · feat[c, y//s + i − k//2, ...]."""
     n, c, h, w = features.shape
     out = torch.zeros(n, c, h * scale, w * scale, dtype=features.dtype)
-    for b, ch, y, x, i, j in itertools.product(range(n), range(c), range(h * scale), range(w * scale),
-                                               range(k), range(k)):
+    for b, ch, y, x, i, j in itertools.product(
+        range(n), range(c), range(h * scale), range(w * scale), range(k), range(k)
+    ):
         sy, sx = y // scale + i - k // 2, x // scale + j - k // 2
         if 0 <= sy < h and 0 <= sx < w:
             g = ch // (c // groups)
@@ -113,8 +126,9 @@ def test_carafe_matches_naive_loop(k, groups, scale):
     gen = torch.Generator().manual_seed(k * 10 + scale)
     features = torch.randn(2, 4, 4, 5, generator=gen, dtype=torch.float64)
     masks = torch.randn(2, groups * k * k, 4 * scale, 5 * scale, generator=gen, dtype=torch.float64)
-    torch.testing.assert_close(carafe(features, masks, k, groups, scale),
-                               naive_carafe(features, masks, k, groups, scale))
+    torch.testing.assert_close(
+        carafe(features, masks, k, groups, scale), naive_carafe(features, masks, k, groups, scale)
+    )
 
 
 def published_backbone_state(model: EfficientFormerV2) -> dict:
@@ -124,7 +138,7 @@ def published_backbone_state(model: EfficientFormerV2) -> dict:
     for name, index in model.named_buffers():
         if name.endswith('attention_bias_idxs_seg'):
             prefix = name.removesuffix('attention_bias_idxs_seg')
-            keys = 49 if index.shape[0] == index.shape[1] else 196      # ImageNet 7x7 / 14x14 key grids
+            keys = 49 if index.shape[0] == index.shape[1] else 196  # ImageNet 7x7 / 14x14 key grids
             state[name] = index.clone()
             state[prefix + 'attention_biases'] = torch.zeros(8, keys)
             state[prefix + 'attention_bias_idxs'] = torch.ones(49, keys, dtype=torch.long)
@@ -137,7 +151,7 @@ def test_published_backbone_weights_round_trip(tmp_path):
     torch.save({'state_dict': {f'backbone.{k}': v for k, v in state.items()}}, path)
     model = EfficientFormerV2('s0')
     with warnings.catch_warnings():
-        warnings.simplefilter('error')              # any missing or unexpected key fails the test
+        warnings.simplefilter('error')  # any missing or unexpected key fails the test
         load_pretrained(model, str(path))
     loaded = model.state_dict()
     assert not any(k.endswith(('attention_biases', 'attention_bias_idxs', 'attention_bias_idxs_seg')) for k in loaded)
@@ -147,8 +161,14 @@ def test_published_backbone_weights_round_trip(tmp_path):
 
 def test_convert_drops_imagenet_classifier_and_checks_indices():
     state = published_backbone_state(EfficientFormerV2('s0'))
-    imagenet = dict(state, **{'head.weight': torch.zeros(1000, 176), 'dist_head.bias': torch.zeros(1000),
-                              'norm.running_mean': torch.zeros(176)})
+    imagenet = dict(
+        state,
+        **{
+            'head.weight': torch.zeros(1000, 176),
+            'dist_head.bias': torch.zeros(1000),
+            'norm.running_mean': torch.zeros(176),
+        },
+    )
     assert EfficientFormerV2.convert_checkpoint(imagenet).keys() == EfficientFormerV2('s0').state_dict().keys()
     key = 'network.5.attn.attention_bias_idxs_seg'
     state[key] = state[key].flip(0)

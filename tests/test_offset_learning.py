@@ -1,4 +1,5 @@
 """Offset Learning alone against the published module's reference output and parameter formula."""
+
 import torch
 
 from conftest import assert_close_to_reference, load_vector, published_offset_learning_forward

@@ -1,5 +1,6 @@
 """LR schedules against their closed forms, stepped through a real optimizer, and the parameter groups
 of the SegFormer recipe (head lr x10, norms without decay, mmcv's longest-key rule)."""
+
 import math
 from pathlib import Path
 
@@ -34,21 +35,35 @@ def schedule(**options) -> dict:
 def test_linear_warmup_then_poly_to_min_lr():
     # 1000 iterations, 100 of linear warm-up from 1e-6, then poly (power 0.9) over the remaining 900 down
     # to 1% of the base lr: mmseg 1.x LinearLR(start_factor=1e-6, end=100) + PolyLR(eta_min, begin=100).
-    lrs = lrs_at([0, 1, 50, 99, 100, 101, 550, 999, 1000, 1200], 1000,
-                 schedule(power=0.9, min_lr=0.01, warmup_iters=100, warmup_ratio=1e-6))
+    lrs = lrs_at(
+        [0, 1, 50, 99, 100, 101, 550, 999, 1000, 1200],
+        1000,
+        schedule(power=0.9, min_lr=0.01, warmup_iters=100, warmup_ratio=1e-6),
+    )
     warmup = {t: BASE_LR * (1e-6 + (1 - 1e-6) * t / 100) for t in (0, 1, 50, 99)}
     poly = {t: BASE_LR * (0.01 + 0.99 * (1 - (t - 100) / 900) ** 0.9) for t in (100, 101, 550, 999)}
     expected = {**warmup, **poly, 1000: BASE_LR * 0.01, 1200: BASE_LR * 0.01}
     assert lrs == pytest.approx(expected, rel=1e-9, abs=1e-15)
-    assert lrs[0] == pytest.approx(1e-8) and lrs[100] == pytest.approx(BASE_LR) and lrs[550] == pytest.approx(
-        BASE_LR * (0.01 + 0.99 * 0.5 ** 0.9))
+    assert (
+        lrs[0] == pytest.approx(1e-8)
+        and lrs[100] == pytest.approx(BASE_LR)
+        and lrs[550] == pytest.approx(BASE_LR * (0.01 + 0.99 * 0.5**0.9))
+    )
 
 
 def test_the_segformer_recipe_poly_power_one():
     recipe = read_config(CONFIGS / 'segformer_b0.yaml', ['backbone.pretrained=null'])['train']
     lrs = lrs_at([0, 750, 1500, 80750, 159999], recipe['max_iters'], recipe['schedule'])
-    assert lrs == pytest.approx({0: BASE_LR * 1e-6, 750: BASE_LR * (1e-6 + (1 - 1e-6) * 0.5), 1500: BASE_LR,
-                                 80750: BASE_LR * 0.5, 159999: BASE_LR / 158500}, rel=1e-9)
+    assert lrs == pytest.approx(
+        {
+            0: BASE_LR * 1e-6,
+            750: BASE_LR * (1e-6 + (1 - 1e-6) * 0.5),
+            1500: BASE_LR,
+            80750: BASE_LR * 0.5,
+            159999: BASE_LR / 158500,
+        },
+        rel=1e-9,
+    )
 
 
 def test_cosine():
@@ -62,8 +77,9 @@ def test_cosine():
 def test_cosine_after_warmup_starts_at_the_end_of_warmup():
     # 10 warm-up iterations, then the cosine over the remaining 40: a quarter of it at 20, half at 30.
     lrs = lrs_at([5, 10, 20, 30, 50], 50, schedule(type='cosine', warmup_iters=10, warmup_ratio=0.1))
-    assert lrs == pytest.approx({5: BASE_LR * 0.55, 10: BASE_LR, 20: BASE_LR * (1 + math.sqrt(0.5)) / 2,
-                                 30: BASE_LR * 0.5, 50: 0}, abs=1e-12)
+    assert lrs == pytest.approx(
+        {5: BASE_LR * 0.55, 10: BASE_LR, 20: BASE_LR * (1 + math.sqrt(0.5)) / 2, 30: BASE_LR * 0.5, 50: 0}, abs=1e-12
+    )
 
 
 def test_constant_after_warmup():
@@ -73,8 +89,9 @@ def test_constant_after_warmup():
 
 def test_every_group_follows_the_schedule_from_its_own_lr():
     model = torch.nn.ModuleDict({'head': torch.nn.Linear(2, 2), 'backbone': torch.nn.Linear(2, 2)})
-    optimizer, _ = build_optimizer(model, {'type': 'sgd', 'lr': BASE_LR, 'weight_decay': 0.0, 'momentum': 0.9},
-                                   {'head': {'lr_mult': 10.0}})
+    optimizer, _ = build_optimizer(
+        model, {'type': 'sgd', 'lr': BASE_LR, 'weight_decay': 0.0, 'momentum': 0.9}, {'head': {'lr_mult': 10.0}}
+    )
     scheduler = build_scheduler(optimizer, 100, schedule(power=1.0))
     for _ in range(25):
         optimizer.step()
@@ -83,6 +100,7 @@ def test_every_group_follows_the_schedule_from_its_own_lr():
 
 
 # ---------------------------------------------------------------------------------- parameter groups
+
 
 @pytest.fixture(scope='module')
 def segformer():
@@ -104,8 +122,11 @@ def group_of(optimizer) -> dict:
 def test_segformer_recipe_groups(segformer):
     model, recipe = segformer
     lr, decay = recipe['optimizer']['lr'], recipe['optimizer']['weight_decay']
-    assert recipe['param_groups'] == {'pos_block': {'decay_mult': 0.0}, 'norm': {'decay_mult': 0.0},
-                                      'head': {'lr_mult': 10.0}}
+    assert recipe['param_groups'] == {
+        'pos_block': {'decay_mult': 0.0},
+        'norm': {'decay_mult': 0.0},
+        'head': {'lr_mult': 10.0},
+    }
     optimizer, table = build_optimizer(model, recipe['optimizer'], recipe['param_groups'])
     assert isinstance(optimizer, torch.optim.AdamW)
     groups = group_of(optimizer)
@@ -131,8 +152,13 @@ def test_head_beats_norm_on_a_tie_as_mmcv_does():
 
 def test_longest_key_wins_in_the_model(segformer):
     model, recipe = segformer
-    rules = {'head': {'lr_mult': 10.0}, 'norm': {'decay_mult': 0.0}, 'layer_norm': {'lr_mult': 2.0},
-             'fusion_conv.bn': {'decay_mult': 0.0}, 'bn': {'lr_mult': 5.0}}
+    rules = {
+        'head': {'lr_mult': 10.0},
+        'norm': {'decay_mult': 0.0},
+        'layer_norm': {'lr_mult': 2.0},
+        'fusion_conv.bn': {'decay_mult': 0.0},
+        'bn': {'lr_mult': 5.0},
+    }
     optimizer, _ = build_optimizer(model, recipe['optimizer'], rules)
     groups, names = group_of(optimizer), dict(model.named_parameters())
     lr, decay = recipe['optimizer']['lr'], recipe['optimizer']['weight_decay']
@@ -142,18 +168,22 @@ def test_longest_key_wins_in_the_model(segformer):
 
     stage_norm = 'backbone.segformer.stages.0.patch_embeddings.layer_norm.weight'
     block_norm = 'backbone.segformer.stages.0.blocks.0.layernorm_before.weight'
-    assert lr_and_decay(stage_norm) == pytest.approx((2 * lr, decay))    # 'layer_norm' (10) over 'norm' (4)
-    assert lr_and_decay(block_norm) == pytest.approx((lr, 0.0))          # only 'norm' matches
-    assert lr_and_decay('head.convs.0.bn.weight') == pytest.approx((10 * lr, decay))      # 'head' over 'bn'
-    assert lr_and_decay('head.fusion_conv.bn.weight') == pytest.approx((lr, 0.0))         # 'fusion_conv.bn' over 'head'
+    assert lr_and_decay(stage_norm) == pytest.approx((2 * lr, decay))  # 'layer_norm' (10) over 'norm' (4)
+    assert lr_and_decay(block_norm) == pytest.approx((lr, 0.0))  # only 'norm' matches
+    assert lr_and_decay('head.convs.0.bn.weight') == pytest.approx((10 * lr, decay))  # 'head' over 'bn'
+    assert lr_and_decay('head.fusion_conv.bn.weight') == pytest.approx((lr, 0.0))  # 'fusion_conv.bn' over 'head'
 
 
-@pytest.mark.parametrize('rules, message', [
-    ({'norm': {'decay_mul': 0.0}}, "unknown key 'train.param_groups.norm.decay_mul'"),
-    ({'head': 10}, "'train.param_groups.head' must be a mapping"),
-    ({'head': {'lr_mult': 'ten'}}, "'train.param_groups.head.lr_mult' must be a number"),
-])
+@pytest.mark.parametrize(
+    'rules, message',
+    [
+        ({'norm': {'decay_mul': 0.0}}, "unknown key 'train.param_groups.norm.decay_mul'"),
+        ({'head': 10}, "'train.param_groups.head' must be a mapping"),
+        ({'head': {'lr_mult': 'ten'}}, "'train.param_groups.head.lr_mult' must be a number"),
+    ],
+)
 def test_a_misspelt_rule_is_an_error_not_a_silent_no_op(rules, message):
     with pytest.raises(ConfigError, match=message):
-        build_optimizer(torch.nn.Linear(2, 2), {'type': 'adamw', 'lr': 1e-3, 'weight_decay': 0.01,
-                                                'betas': [0.9, 0.999]}, rules)
+        build_optimizer(
+            torch.nn.Linear(2, 2), {'type': 'adamw', 'lr': 1e-3, 'weight_decay': 0.01, 'betas': [0.9, 0.999]}, rules
+        )

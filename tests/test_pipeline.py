@@ -1,5 +1,6 @@
 """The augmentation pipeline: image and label stay aligned through every geometric step, each step
 follows mmseg's semantics, and randomness depends on (seed, draw) alone, not on loader workers."""
+
 import cv2
 import numpy as np
 import pytest
@@ -8,8 +9,16 @@ from torch.utils.data import DataLoader
 
 from datasets import SegmentationDataset
 from datasets.sampler import TrainSampler
-from datasets.transforms import (IMAGENET_MEAN, Pad, PhotoMetricDistortion, Pipeline, RandomChoiceResize,
-                                 RandomCrop, RandomResize, rescale_size)
+from datasets.transforms import (
+    IMAGENET_MEAN,
+    Pad,
+    PhotoMetricDistortion,
+    Pipeline,
+    RandomChoiceResize,
+    RandomCrop,
+    RandomResize,
+    rescale_size,
+)
 
 COLOURS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48]], np.uint8)
 GEOMETRIC = [
@@ -26,7 +35,7 @@ def blobs(seed: int, shape=(45, 80)) -> np.ndarray:
     label = np.zeros(shape, np.uint8)
     for kind in rng.integers(1, 5, size=6):
         top, left = rng.integers(0, shape[0] - 8), rng.integers(0, shape[1] - 8)
-        label[top:top + rng.integers(6, 20), left:left + rng.integers(6, 30)] = kind
+        label[top : top + rng.integers(6, 20), left : left + rng.integers(6, 30)] = kind
     return label
 
 
@@ -59,8 +68,9 @@ def test_resize_crop_flip_pad_keep_a_label_drawn_from_the_image_aligned(seed):
 def test_a_flip_mirrors_image_and_label_together():
     label = blobs(0)
     image = COLOURS[label]
-    flipped_image, flipped_label = Pipeline([{'type': 'random_flip', 'prob': 1.0}])(image, label,
-                                                                                     np.random.default_rng(0))
+    flipped_image, flipped_label = Pipeline([{'type': 'random_flip', 'prob': 1.0}])(
+        image, label, np.random.default_rng(0)
+    )
     assert np.array_equal(flipped_image, image[:, ::-1]) and np.array_equal(flipped_label, label[:, ::-1])
 
 
@@ -73,18 +83,19 @@ def test_random_resize_follows_mmseg_target_scale_and_keep_ratio():
         long, short = int(2048 * ratio), int(512 * ratio)
         factor = min(long / 683, short / 512)
         assert out_image.shape[:2] == out_label.shape == (int(512 * factor + 0.5), int(683 * factor + 0.5))
-    assert rescale_size(360, 480, [2048, 512]) == (512, 683)     # CamVid at the ADE scale: short side 512
+    assert rescale_size(360, 480, [2048, 512]) == (512, 683)  # CamVid at the ADE scale: short side 512
 
 
 def test_random_choice_resize_sets_the_short_edge_within_the_long_edge_limit():
     """Mask2Former's ADE20K recipe: short edge one of the listed sizes, long edge at most max_size."""
     image, label = np.zeros((512, 683, 3), np.uint8), np.zeros((512, 683), np.uint8)
-    sizes = {RandomChoiceResize([256, 1024])(image, label, np.random.default_rng(seed))[0].shape[:2]
-             for seed in range(20)}
-    assert sizes == {(256, 342), (1024, 1366)}                  # 683 / 2 = 341.5, rounded half up
+    sizes = {
+        RandomChoiceResize([256, 1024])(image, label, np.random.default_rng(seed))[0].shape[:2] for seed in range(20)
+    }
+    assert sizes == {(256, 342), (1024, 1366)}  # 683 / 2 = 341.5, rounded half up
     tall = np.zeros((100, 1000, 3), np.uint8)
     out_image, out_label = RandomChoiceResize([512], max_size=2048)(tall, tall[..., 0], np.random.default_rng(0))
-    assert out_image.shape[:2] == out_label.shape == (205, 2048)   # short 512 would make the long edge 5120
+    assert out_image.shape[:2] == out_label.shape == (205, 2048)  # short 512 would make the long edge 5120
 
 
 def cat_ratio(label: np.ndarray, ignore: int = 255) -> tuple:
@@ -112,8 +123,9 @@ def test_cat_max_ratio_holds_where_achievable_and_ignore_pixels_do_not_count():
 
 def test_cat_max_ratio_gives_up_after_ten_redraws_where_no_window_qualifies():
     label = np.ones((30, 30), np.uint8)
-    image, out = RandomCrop([10, 10], cat_max_ratio=0.75)(np.zeros((30, 30, 3), np.uint8), label,
-                                                         np.random.default_rng(0))
+    image, out = RandomCrop([10, 10], cat_max_ratio=0.75)(
+        np.zeros((30, 30, 3), np.uint8), label, np.random.default_rng(0)
+    )
     assert image.shape == (10, 10, 3) and (out == 1).all()
 
 
@@ -135,8 +147,7 @@ def test_photometric_tables_reproduce_mmseg_float_arithmetic_and_leave_labels_al
 def test_hue_shift_moves_hue_by_the_drawn_delta_only():
     hsv = np.full((4, 4, 3), [[[30, 200, 200]]], np.uint8)
     image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
-    distortion = PhotoMetricDistortion(brightness_delta=0, contrast_range=(1, 1), saturation_range=(1, 1),
-                                       hue_delta=18)
+    distortion = PhotoMetricDistortion(brightness_delta=0, contrast_range=(1, 1), saturation_range=(1, 1), hue_delta=18)
     hues = set()
     for seed in range(30):
         out, _ = distortion(image, None, np.random.default_rng(seed))
@@ -146,8 +157,9 @@ def test_hue_shift_moves_hue_by_the_drawn_delta_only():
 
 def test_pad_fills_the_image_with_the_mean_or_a_given_value_and_the_label_with_ignore():
     image, label = np.full((5, 6, 3), 7, np.uint8), np.zeros((5, 6), np.uint8)
-    padded_image, padded_label = Pipeline([{'type': 'pad', 'size': [8, 9]}], ignore_index=11,
-                                          mean=[10.2, 20.7, 30.5])(image, label, None)
+    padded_image, padded_label = Pipeline([{'type': 'pad', 'size': [8, 9]}], ignore_index=11, mean=[10.2, 20.7, 30.5])(
+        image, label, None
+    )
     assert padded_image.shape == (8, 9, 3) and (padded_label[5:] == 11).all() and (padded_label[:5, :6] == 0).all()
     assert padded_image[7, 8].tolist() == [10, 21, 30] and (padded_image[:5, :6] == 7).all()
     assert Pad([8, 9], value=[0, 0, 0])(image, label, None)[0][7, 8].tolist() == [0, 0, 0]

@@ -1,29 +1,30 @@
 """Every config and every published model: the configs validate and match their papers' parameter
 counts, the reference vectors are reproduced through tools/convert_checkpoint.py and create_model,
 every backbone x head pair trains, and a converted checkpoint works in evaluate.py and infer.py."""
+
 import json
 
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
 import torch
+from PIL import Image
 
 import evaluate
 import infer
 from conftest import ROOT, assert_close_to_reference, load_vector
 from engine.checkpoint import load_checkpoint
+from engine.cli import config_for_checkpoint
 from engine.config import resolve
+from engine.rules import check_config, load_config
 from models import OffsetLearning
 from models.heads import HEADS
-from tools.convert_checkpoint import convert
-from engine.cli import config_for_checkpoint
-from engine.rules import check_config, load_config
 from models.weights import load_model_weights
+from tools.convert_checkpoint import convert
 from train import create_model
 
 CONFIGS = sorted((ROOT / 'configs').glob('*.yaml'))
-NO_WEIGHTS = ['backbone.pretrained=null']   # the configs name ImageNet files users download themselves
+NO_WEIGHTS = ['backbone.pretrained=null']  # the configs name ImageNet files users download themselves
 
 
 def count(module) -> int:
@@ -44,7 +45,7 @@ def test_every_config_validates_and_matches_its_papers_parameter_count(path):
     if isinstance(getattr(model.head, 'classifier', None), OffsetLearning):
         _, classes, channels = model.head.classifier.cls_repr.shape
         params += channels * classes + classes
-    assert abs(params / 1e6 - paper['params_m']) <= 0.05, f'{params / 1e6:.3f}M vs the paper\'s {paper["params_m"]}M'
+    assert abs(params / 1e6 - paper['params_m']) <= 0.05, f"{params / 1e6:.3f}M vs the paper's {paper['params_m']}M"
 
 
 def converted_model(name: str, folder):
@@ -66,7 +67,7 @@ def test_published_models_reproduce_their_reference_through_the_converter(name, 
     d, model, _ = converted_model(name, tmp_path)
     with torch.no_grad():
         features = model.backbone(d['input'])
-        if 'nmf_seed' in d:        # LightHam draws its NMF bases from the global RNG, as published
+        if 'nmf_seed' in d:  # LightHam draws its NMF bases from the global RNG, as published
             torch.manual_seed(d['nmf_seed'])
         logits = model(d['input'])
     for level, (ours, ref) in enumerate(zip(features, d['features'])):
@@ -74,17 +75,28 @@ def test_published_models_reproduce_their_reference_through_the_converter(name, 
     assert_close_to_reference(logits, d['logits'], f'{name} logits')
 
 
-TINY_BACKBONES = {'resnet': '18', 'convnext': 'tiny', 'mit': 'b0', 'mscan': 't', 'efficientformerv2': 's1',
-                  'swin': 'tiny'}
+TINY_BACKBONES = {
+    'resnet': '18',
+    'convnext': 'tiny',
+    'mit': 'b0',
+    'mscan': 't',
+    'efficientformerv2': 's1',
+    'swin': 'tiny',
+}
 PIXEL_HEADS = [head for head in HEADS if head != 'mask2former']
 """Heads with per-pixel logits; mask classification (Mask2Former) is paired in test_mask2former.py."""
 
 
 def pair_model(backbone: str, head: dict) -> torch.nn.Module:
     """create_model, in training mode, of the family's tiny `backbone` variant with `head`, 5 classes, seed 0."""
-    cfg = resolve({'backbone': {'type': backbone, 'variant': TINY_BACKBONES[backbone]}, 'head': head,
-                   'data': {'type': 'demo', 'root': 'unused', 'num_classes': 5},
-                   'train': {'max_iters': 1, 'batch_size': 2}})
+    cfg = resolve(
+        {
+            'backbone': {'type': backbone, 'variant': TINY_BACKBONES[backbone]},
+            'head': head,
+            'data': {'type': 'demo', 'root': 'unused', 'num_classes': 5},
+            'train': {'max_iters': 1, 'batch_size': 2},
+        }
+    )
     check_config(cfg, 'test')
     torch.manual_seed(0)
     return create_model(cfg).train()
@@ -114,15 +126,35 @@ def test_a_converted_published_checkpoint_works_in_evaluate_and_infer(tmp_path, 
     for sub in ('images/validation', 'annotations/validation'):
         (root / sub).mkdir(parents=True)
     for i in range(2):
-        cv2.imwrite(str(root / 'images/validation' / f'ADE_val_{i:08d}.jpg'), rng.integers(0, 255, (64, 96, 3), np.uint8))
-        cv2.imwrite(str(root / 'annotations/validation' / f'ADE_val_{i:08d}.png'), rng.integers(0, 151, (64, 96), np.uint8))
-    overrides = ['--set', f'data.root={root}', 'data.workers=2', 'eval.crop_size=[64,64]', 'eval.stride=[32,32]',
-                 '--device', 'cpu']
+        cv2.imwrite(
+            str(root / 'images/validation' / f'ADE_val_{i:08d}.jpg'), rng.integers(0, 255, (64, 96, 3), np.uint8)
+        )
+        cv2.imwrite(
+            str(root / 'annotations/validation' / f'ADE_val_{i:08d}.png'), rng.integers(0, 151, (64, 96), np.uint8)
+        )
+    overrides = [
+        '--set',
+        f'data.root={root}',
+        'data.workers=2',
+        'eval.crop_size=[64,64]',
+        'eval.stride=[32,32]',
+        '--device',
+        'cpu',
+    ]
     evaluate.main(['--checkpoint', str(checkpoint), '--work-dir', str(tmp_path / 'eval'), *overrides])
     results = json.loads((tmp_path / 'eval' / 'eval_val_slide.json').read_text())
     assert len(results['IoU']) == 150 and 0 <= results['aAcc'] <= 100
-    infer.main(['--checkpoint', str(checkpoint), '--input', str(root / 'images'), '--output', str(tmp_path / 'out'),
-                *overrides])
+    infer.main(
+        [
+            '--checkpoint',
+            str(checkpoint),
+            '--input',
+            str(root / 'images'),
+            '--output',
+            str(tmp_path / 'out'),
+            *overrides,
+        ]
+    )
     ids = np.asarray(Image.open(tmp_path / 'out' / 'validation' / 'ADE_val_00000001.png'))  # palette PNG: indices
     assert ids.shape == (64, 96) and ids.max() < 150
     assert '2 images predicted' in capsys.readouterr().out
@@ -137,8 +169,9 @@ def test_an_imagenet_backbone_file_converts_with_the_head_listed_as_missing(tmp_
     official = {k.replace('.mlp.dwconv.', '.mlp.dwconv.dwconv.'): v for k, v in backbone.items()}
     official.update({'head.weight': torch.zeros(1000, 256), 'head.bias': torch.zeros(1000)})
     torch.save(official, tmp_path / 'mscan_t.pth')
-    report = convert(str(tmp_path / 'mscan_t.pth'), str(tmp_path / 'out.pth'),
-                     str(ROOT / 'configs' / 'segnext_t.yaml'), NO_WEIGHTS)
+    report = convert(
+        str(tmp_path / 'mscan_t.pth'), str(tmp_path / 'out.pth'), str(ROOT / 'configs' / 'segnext_t.yaml'), NO_WEIGHTS
+    )
     head_keys = len(model.head.state_dict())
     assert len(report) == 1 and report[0].startswith(f'{head_keys} keys missing from the checkpoint: head.')
     converted = load_checkpoint(tmp_path / 'out.pth')['model']
@@ -149,16 +182,21 @@ def test_a_hugging_face_segformer_folder_converts_to_the_same_logits(tmp_path):
     """A folder saved by transformers' SegformerForSemanticSegmentation (random B0, built locally)
     becomes MiT + the official All-MLP head here, with the same logits."""
     from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
     torch.manual_seed(0)
     hf = SegformerForSemanticSegmentation(SegformerConfig(num_labels=150)).eval()
     hf.save_pretrained(tmp_path / 'hf')
-    report = convert(str(tmp_path / 'hf'), str(tmp_path / 'ours.pth'), str(ROOT / 'configs' / 'segformer_b0.yaml'),
-                     [*NO_WEIGHTS, 'head.type=segformer_mlp'])
+    report = convert(
+        str(tmp_path / 'hf'),
+        str(tmp_path / 'ours.pth'),
+        str(ROOT / 'configs' / 'segformer_b0.yaml'),
+        [*NO_WEIGHTS, 'head.type=segformer_mlp'],
+    )
     assert report == [], report
     checkpoint = load_checkpoint(tmp_path / 'ours.pth')
     model = create_model(config_for_checkpoint(checkpoint, 'ours.pth')).eval()
     load_model_weights(model, checkpoint, 'ours.pth')
-    for module in hf.modules():      # HF ignores layer_norm_eps; ours follow mmseg's 1e-6
+    for module in hf.modules():  # HF ignores layer_norm_eps; ours follow mmseg's 1e-6
         if isinstance(module, torch.nn.LayerNorm):
             module.eps = 1e-6
     images = torch.randn(1, 3, 64, 96)
@@ -166,8 +204,11 @@ def test_a_hugging_face_segformer_folder_converts_to_the_same_logits(tmp_path):
         assert torch.allclose(model(images), hf(pixel_values=images).logits, atol=1e-5)
 
 
-@pytest.mark.parametrize('path', [p for p in CONFIGS if p.stem not in ('demo', 'camvid')
-                                  and not p.stem.startswith('mask2former')], ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    'path',
+    [p for p in CONFIGS if p.stem not in ('demo', 'camvid') and not p.stem.startswith('mask2former')],
+    ids=lambda p: p.stem,
+)
 def test_published_recipes_average_the_cross_entropy_over_all_pixels_as_mmseg(path):
     """(Mask2Former trains with its own set-prediction loss, which has no such choice.)"""
     assert load_config(path, NO_WEIGHTS)['train']['loss']['avg_non_ignore'] is False

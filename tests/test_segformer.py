@@ -1,19 +1,25 @@
 """MiT, the SegFormer heads and ConvNeXt: published numbers, shapes at any size, checkpoint key maps."""
+
 import re
 import warnings
 
 import pytest
 import timm
 import torch
-from conftest import VECTORS, assert_close_to_reference, load_vector
 from safetensors.torch import save_file
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
+from conftest import VECTORS, assert_close_to_reference, load_vector
 from models.backbones.convnext import ConvNeXt
 from models.backbones.mit import MiT
-from models.heads.segformer import (MLP_HEAD_CHANNELS, ExtremelyFastSegFormerHead, SegFormerHead,
-                                    SegFormerMLPHead, UltraFastSegFormerHead)
+from models.heads.segformer import (
+    MLP_HEAD_CHANNELS,
+    ExtremelyFastSegFormerHead,
+    SegFormerHead,
+    SegFormerMLPHead,
+    UltraFastSegFormerHead,
+)
 from models.weights import load_pretrained
 
 B0_CHANNELS = [32, 64, 160, 256]
@@ -37,6 +43,7 @@ def strict_load(module, path, part='backbone'):
 
 
 # --- (a) published reference vectors ------------------------------------------------------------
+
 
 @pytest.mark.parametrize('name, offset_learning', [('segformer_b0', False), ('segformer_b0_ol', True)])
 def test_segformer_b0_matches_published_code(name, offset_learning):
@@ -118,8 +125,10 @@ def test_convnext_parameter_count(variant):
 SIZES = [(64, 64), (96, 128), (100, 75)]
 
 
-BACKBONES = {'mit_b0': (lambda: MiT('b0'), [32, 64, 160, 256], lambda n, s: -(-n // s)),
-             'convnext_tiny': (lambda: ConvNeXt('tiny'), [96, 192, 384, 768], lambda n, s: n // s)}
+BACKBONES = {
+    'mit_b0': (lambda: MiT('b0'), [32, 64, 160, 256], lambda n, s: -(-n // s)),
+    'convnext_tiny': (lambda: ConvNeXt('tiny'), [96, 192, 384, 768], lambda n, s: n // s),
+}
 """Builder, channels, and the map size at stride s: MiT's patch embeddings pad (ceil), ConvNeXt's
 patchify stem and downsampling convs do not (floor)."""
 
@@ -173,8 +182,11 @@ def test_fast_heads_do_a_fraction_of_the_work():
     assert ultra < full / 10 and extreme < ultra / 5
 
 
-@pytest.mark.parametrize('build', [lambda **kw: MiT('b0', drop_path_rate=0.0, **kw),
-                                   lambda **kw: ConvNeXt('tiny', **kw)], ids=['mit_b0', 'convnext_tiny'])
+@pytest.mark.parametrize(
+    'build',
+    [lambda **kw: MiT('b0', drop_path_rate=0.0, **kw), lambda **kw: ConvNeXt('tiny', **kw)],
+    ids=['mit_b0', 'convnext_tiny'],
+)
 def test_activation_checkpointing_recomputes_and_keeps_gradients(build):
     plain, checkpointed = build(), build(checkpointing=True)
     checkpointed.load_state_dict(plain.state_dict())
@@ -186,12 +198,13 @@ def test_activation_checkpointing_recomputes_and_keeps_gradients(build):
         sum(f.square().mean() for f in backbone.train()(x)).backward()
         hook.remove()
         grads.append([p.grad for p in backbone.parameters()])
-    assert calls.count(plain) == 1 and calls.count(checkpointed) == 2    # recomputed in backward
+    assert calls.count(plain) == 1 and calls.count(checkpointed) == 2  # recomputed in backward
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
 
 
 # --- (d) checkpoint key maps --------------------------------------------------------------------
+
 
 def randomized(module):
     """A state_dict of `module` with every float entry random, so a misplaced tensor shows."""
@@ -222,16 +235,21 @@ def to_official(ours):
     state = {k.removeprefix('segformer.'): v for k, v in ours.items()}
     for suffix in ('weight', 'bias'):
         state = fuse_rows(state, [f'attention.k_proj.{suffix}', f'attention.v_proj.{suffix}'], f'attn.kv.{suffix}')
-    state = rename(state, [
-        (r'^stages\.(\d+)\.patch_embeddings\.proj\.', stage_plus_one('patch_embed{}.proj.')),
-        (r'^stages\.(\d+)\.patch_embeddings\.layer_norm\.', stage_plus_one('patch_embed{}.norm.')),
-        (r'^stages\.(\d+)\.blocks\.(\d+)\.', stage_plus_one('block{}.{}.')),
-        (r'^stages\.(\d+)\.layer_norm\.', stage_plus_one('norm{}.')),
-        (r'layernorm_before', 'norm1'), (r'layernorm_after', 'norm2'),
-        (r'attention\.q_proj', 'attn.q'), (r'attention\.o_proj', 'attn.proj'),
-        (r'attention\.sequence_reduction\.sequence_reduction', 'attn.sr'),
-        (r'attention\.sequence_reduction\.layer_norm', 'attn.norm'),
-    ])
+    state = rename(
+        state,
+        [
+            (r'^stages\.(\d+)\.patch_embeddings\.proj\.', stage_plus_one('patch_embed{}.proj.')),
+            (r'^stages\.(\d+)\.patch_embeddings\.layer_norm\.', stage_plus_one('patch_embed{}.norm.')),
+            (r'^stages\.(\d+)\.blocks\.(\d+)\.', stage_plus_one('block{}.{}.')),
+            (r'^stages\.(\d+)\.layer_norm\.', stage_plus_one('norm{}.')),
+            (r'layernorm_before', 'norm1'),
+            (r'layernorm_after', 'norm2'),
+            (r'attention\.q_proj', 'attn.q'),
+            (r'attention\.o_proj', 'attn.proj'),
+            (r'attention\.sequence_reduction\.sequence_reduction', 'attn.sr'),
+            (r'attention\.sequence_reduction\.layer_norm', 'attn.norm'),
+        ],
+    )
     return {**state, 'head.weight': torch.randn(1000, 256), 'head.bias': torch.randn(1000)}
 
 
@@ -241,21 +259,31 @@ def to_mmseg(ours):
     state = {k: v[..., None, None] if re.search(r'mlp\.fc[12]\.weight$', k) else v for k, v in state.items()}
     for suffix in ('weight', 'bias'):
         state = fuse_rows(state, [f'attention.{p}_proj.{suffix}' for p in 'qkv'], f'attn.attn.in_proj_{suffix}')
-    state = rename(state, [
-        (r'^stages\.(\d+)\.patch_embeddings\.proj\.', r'layers.\1.0.projection.'),
-        (r'^stages\.(\d+)\.patch_embeddings\.layer_norm\.', r'layers.\1.0.norm.'),
-        (r'^stages\.(\d+)\.blocks\.(\d+)\.', r'layers.\1.1.\2.'),
-        (r'^stages\.(\d+)\.layer_norm\.', r'layers.\1.2.'),
-        (r'layernorm_before', 'norm1'), (r'layernorm_after', 'norm2'),
-        (r'attention\.o_proj', 'attn.attn.out_proj'),
-        (r'attention\.sequence_reduction\.sequence_reduction', 'attn.sr'),
-        (r'attention\.sequence_reduction\.layer_norm', 'attn.norm'),
-        (r'mlp\.fc1', 'ffn.layers.0'), (r'mlp\.dwconv\.dwconv', 'ffn.layers.1'), (r'mlp\.fc2', 'ffn.layers.4'),
-    ])
+    state = rename(
+        state,
+        [
+            (r'^stages\.(\d+)\.patch_embeddings\.proj\.', r'layers.\1.0.projection.'),
+            (r'^stages\.(\d+)\.patch_embeddings\.layer_norm\.', r'layers.\1.0.norm.'),
+            (r'^stages\.(\d+)\.blocks\.(\d+)\.', r'layers.\1.1.\2.'),
+            (r'^stages\.(\d+)\.layer_norm\.', r'layers.\1.2.'),
+            (r'layernorm_before', 'norm1'),
+            (r'layernorm_after', 'norm2'),
+            (r'attention\.o_proj', 'attn.attn.out_proj'),
+            (r'attention\.sequence_reduction\.sequence_reduction', 'attn.sr'),
+            (r'attention\.sequence_reduction\.layer_norm', 'attn.norm'),
+            (r'mlp\.fc1', 'ffn.layers.0'),
+            (r'mlp\.dwconv\.dwconv', 'ffn.layers.1'),
+            (r'mlp\.fc2', 'ffn.layers.4'),
+        ],
+    )
     head = SegFormerHead(B0_CHANNELS, 150).state_dict()
     head = {k.replace('classifier.conv.', 'conv_seg.'): v for k, v in head.items()}
-    return {'state_dict': {**{f'backbone.{k}': v for k, v in state.items()},
-                           **{f'decode_head.{k}': v for k, v in head.items()}}}
+    return {
+        'state_dict': {
+            **{f'backbone.{k}': v for k, v in state.items()},
+            **{f'decode_head.{k}': v for k, v in head.items()},
+        }
+    }
 
 
 @pytest.mark.parametrize('naming', [to_official, to_mmseg], ids=['nvlabs', 'mmseg'])
@@ -263,7 +291,7 @@ def test_mit_checkpoint_round_trip(naming, tmp_path):
     source = randomized(MiT('b0'))
     saved = naming(source)
     if naming is to_mmseg and (VECTORS / 'segformer_b0.pt').is_file():
-        d = load_vector('segformer_b0')   # this mmseg naming must be the published one, key for key
+        d = load_vector('segformer_b0')  # this mmseg naming must be the published one, key for key
         published = {k: v.shape for k, v in d['state_dict'].items() if k.startswith('backbone.')}
         assert {k: v.shape for k, v in saved['state_dict'].items() if k.startswith('backbone.')} == published
     torch.save(saved, tmp_path / 'mit.pth')
@@ -277,13 +305,16 @@ HF_4X_NAMES = [
     (r'segformer\.stages\.(\d+)\.patch_embeddings\.', r'segformer.encoder.patch_embeddings.\1.'),
     (r'segformer\.stages\.(\d+)\.blocks\.(\d+)\.', r'segformer.encoder.block.\1.\2.'),
     (r'segformer\.stages\.(\d+)\.layer_norm\.', r'segformer.encoder.layer_norm.\1.'),
-    (r'attention\.q_proj', 'attention.self.query'), (r'attention\.k_proj', 'attention.self.key'),
+    (r'attention\.q_proj', 'attention.self.query'),
+    (r'attention\.k_proj', 'attention.self.key'),
     (r'attention\.v_proj', 'attention.self.value'),
     (r'attention\.sequence_reduction\.sequence_reduction', 'attention.self.sr'),
     (r'attention\.sequence_reduction\.layer_norm', 'attention.self.layer_norm'),
     (r'attention\.o_proj', 'attention.output.dense'),
-    (r'mlp\.fc1', 'mlp.dense1'), (r'mlp\.fc2', 'mlp.dense2'),
-    (r'layernorm_before', 'layer_norm_1'), (r'layernorm_after', 'layer_norm_2'),
+    (r'mlp\.fc1', 'mlp.dense1'),
+    (r'mlp\.fc2', 'mlp.dense2'),
+    (r'layernorm_before', 'layer_norm_1'),
+    (r'layernorm_after', 'layer_norm_2'),
     (r'decode_head\.linear_projections', 'decode_head.linear_c'),
 ]
 """transformers' conversion_mapping.py renames, reversed: what 4.x saved."""
@@ -296,14 +327,14 @@ def test_hf_segformer_folder_gives_hf_logits(version, tmp_path):
     hf.load_state_dict(randomized(hf))
     for module in hf.modules():
         if isinstance(module, torch.nn.LayerNorm):
-            module.eps = 1e-6          # ours, as mmseg; HF's 1e-5 would differ by ~1e-5 relative
+            module.eps = 1e-6  # ours, as mmseg; HF's 1e-5 would differ by ~1e-5 relative
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_var.abs_()
     state = hf.state_dict()
     save_file(rename(state, HF_4X_NAMES) if version == '4.x' else state, tmp_path / 'model.safetensors')
     config.save_pretrained(tmp_path)
     reread, info = SegformerForSemanticSegmentation.from_pretrained(tmp_path, output_loading_info=True)
-    assert not any(info.values())      # transformers itself reads the folder back, 4.x names included
+    assert not any(info.values())  # transformers itself reads the folder back, 4.x names included
     assert all(torch.equal(v, state[k]) for k, v in reread.state_dict().items())
 
     backbone, head = MiT('b0').eval(), SegFormerMLPHead(B0_CHANNELS, 19).eval()
@@ -318,13 +349,20 @@ def test_hf_segformer_folder_gives_hf_logits(version, tmp_path):
 
 def to_fb(timm_state):
     """timm ConvNeXt keys in the original facebookresearch naming, wrapped as FB saved them."""
-    return {'model': rename(timm_state, [
-        (r'^stem\.', 'downsample_layers.0.'),
-        (r'^stages\.(\d+)\.downsample\.', r'downsample_layers.\1.'),
-        (r'^stages\.(\d+)\.blocks\.(\d+)\.', r'stages.\1.\2.'),
-        (r'conv_dw', 'dwconv'), (r'mlp\.fc(\d)', r'pwconv\1'),
-        (r'^head\.norm\.', 'norm.'), (r'^head\.fc\.', 'head.'),
-    ])}
+    return {
+        'model': rename(
+            timm_state,
+            [
+                (r'^stem\.', 'downsample_layers.0.'),
+                (r'^stages\.(\d+)\.downsample\.', r'downsample_layers.\1.'),
+                (r'^stages\.(\d+)\.blocks\.(\d+)\.', r'stages.\1.\2.'),
+                (r'conv_dw', 'dwconv'),
+                (r'mlp\.fc(\d)', r'pwconv\1'),
+                (r'^head\.norm\.', 'norm.'),
+                (r'^head\.fc\.', 'head.'),
+            ],
+        )
+    }
 
 
 @pytest.mark.parametrize('naming', [dict, to_fb], ids=['timm', 'fb'])
@@ -335,5 +373,5 @@ def test_convnext_checkpoint_round_trip(naming, tmp_path):
     strict_load(target, tmp_path / 'convnext.pth')
     for key, value in target.body.state_dict().items():
         assert torch.equal(value, source[re.sub(r'^(stem|stages)_(\d+)\.', r'\1.\2.', key)]), key
-    for norm in target.norms:    # ImageNet checkpoints have no output norms: fresh ones
+    for norm in target.norms:  # ImageNet checkpoints have no output norms: fresh ones
         assert torch.equal(norm.weight, torch.ones_like(norm.weight)) and not norm.bias.any()

@@ -1,4 +1,5 @@
 """SegNeXt (MSCAN + LightHamHead): published vectors, parameter counts, shapes, NMF seeding, weight loading."""
+
 import warnings
 
 import pytest
@@ -20,8 +21,9 @@ def part(state: dict, prefix: str) -> dict:
     return {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
 
 
-@pytest.mark.parametrize('name, offset_learning, eval_before_load',
-                         [('segnext_t', False, False), ('segnext_t_ol', True, True)])
+@pytest.mark.parametrize(
+    'name, offset_learning, eval_before_load', [('segnext_t', False, False), ('segnext_t_ol', True, True)]
+)
 def test_matches_published_vector(name, offset_learning, eval_before_load, monkeypatch):
     d = load_vector(name)
     model = torch.nn.ModuleList([MSCAN('t'), LightHamHead(TINY_CHANNELS, 150, offset_learning=offset_learning)])
@@ -57,7 +59,7 @@ def test_matches_published_vector(name, offset_learning, eval_before_load, monke
 
 def test_mscan_parameter_counts():
     with torch.device('meta'):
-        assert count(MSCAN('t')) == 3_903_584      # the vectors' published backbone, exact
+        assert count(MSCAN('t')) == 3_903_584  # the vectors' published backbone, exact
         for variant, millions in (('s', 13.450), ('b', 26.278), ('l', 44.637)):
             assert round(count(MSCAN(variant)) / 1e6, 3) == millions, variant
 

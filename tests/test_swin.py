@@ -1,4 +1,5 @@
 """Swin Transformer: the reference vector's features, the parameter count and both checkpoint namings."""
+
 import pytest
 import torch
 from timm.models.swin_transformer import PatchMerging
@@ -27,13 +28,13 @@ def test_swin_t_matches_reference_features():
 
 def test_swin_t_parameter_count():
     with torch.device('meta'):
-        assert count(Swin('tiny')) == 27_520_698      # mmseg's Swin-T with the output norms norm0-3
+        assert count(Swin('tiny')) == 27_520_698  # mmseg's Swin-T with the output norms norm0-3
 
 
 def mmseg_patch_merging(x: torch.Tensor, norm: nn.LayerNorm, reduction: nn.Linear) -> torch.Tensor:
     """mmseg's PatchMerging on (B, H, W, C): nn.Unfold(2, stride 2) gathers channels as c·4 + di·2 + dj."""
     b, h, w, c = x.shape
-    patches = nn.functional.unfold(x.permute(0, 3, 1, 2), 2, stride=2).transpose(1, 2)   # (B, HW/4, 4C)
+    patches = nn.functional.unfold(x.permute(0, 3, 1, 2), 2, stride=2).transpose(1, 2)  # (B, HW/4, 4C)
     return reduction(norm(patches)).view(b, h // 2, w // 2, -1)
 
 
@@ -42,13 +43,21 @@ def test_mmseg_patch_merging_weights_give_mmseg_outputs():
     norm, reduction = nn.LayerNorm(4 * 8), nn.Linear(4 * 8, 16, bias=False)
     nn.init.normal_(norm.weight)
     nn.init.normal_(norm.bias)
-    mmseg_state = {'stages.0.blocks.0.attn.w_msa.qkv.bias': torch.zeros(24),
-                   'stages.0.downsample.norm.weight': norm.weight, 'stages.0.downsample.norm.bias': norm.bias,
-                   'stages.0.downsample.reduction.weight': reduction.weight}
+    mmseg_state = {
+        'stages.0.blocks.0.attn.w_msa.qkv.bias': torch.zeros(24),
+        'stages.0.downsample.norm.weight': norm.weight,
+        'stages.0.downsample.norm.bias': norm.bias,
+        'stages.0.downsample.reduction.weight': reduction.weight,
+    }
     converted = Swin.convert_checkpoint(mmseg_state)
     ours = PatchMerging(8, 16)
-    ours.load_state_dict({k.removeprefix('stages.0.downsample.'): v for k, v in converted.items()
-                          if k.startswith('stages.0.downsample.')})
+    ours.load_state_dict(
+        {
+            k.removeprefix('stages.0.downsample.'): v
+            for k, v in converted.items()
+            if k.startswith('stages.0.downsample.')
+        }
+    )
     x = torch.randn(2, 6, 4, 8)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), mmseg_patch_merging(x, norm, reduction))
@@ -65,8 +74,15 @@ def official_imagenet_state(model: Swin) -> dict:
     for name, module in model.named_modules():
         if name.endswith('.attn'):
             state[name.replace('stages.', 'layers.', 1) + '.relative_position_index'] = module.relative_position_index
-    state.update({'layers.0.blocks.1.attn_mask': torch.zeros(64, 49, 49), 'norm.weight': torch.ones(768),
-                  'norm.bias': torch.zeros(768), 'head.weight': torch.zeros(1000, 768), 'head.bias': torch.zeros(1000)})
+    state.update(
+        {
+            'layers.0.blocks.1.attn_mask': torch.zeros(64, 49, 49),
+            'norm.weight': torch.ones(768),
+            'norm.bias': torch.zeros(768),
+            'head.weight': torch.zeros(1000, 768),
+            'head.bias': torch.zeros(1000),
+        }
+    )
     return state
 
 
@@ -75,8 +91,10 @@ def test_official_imagenet_file_converts_with_fresh_output_norms():
     state = official_imagenet_state(model)
     converted = Swin.convert_checkpoint(state)
     assert converted.keys() == model.state_dict().keys()
-    assert torch.equal(converted['stages.2.blocks.5.attn.relative_position_bias_table'],
-                       state['layers.2.blocks.5.attn.relative_position_bias_table'])
+    assert torch.equal(
+        converted['stages.2.blocks.5.attn.relative_position_bias_table'],
+        state['layers.2.blocks.5.attn.relative_position_bias_table'],
+    )
     assert torch.equal(converted['stages.0.downsample.reduction.weight'], state['layers.0.downsample.reduction.weight'])
     assert torch.equal(converted['norms.3.weight'], torch.ones(768))
 
@@ -101,6 +119,7 @@ def test_onnx_export_keeps_the_window_padding_dynamic(tmp_path):
     """Traced at 64x64, the graph pads, shifts and masks windows for other sizes too, odd ones included."""
     pytest.importorskip('onnxruntime')
     from tools import export_onnx
+
     torch.manual_seed(0)
     model = Segmentor(Swin('tiny'), SegFormerHead([96, 192, 384, 768], 5, channels=32)).eval()
     path = export_onnx.export(model, tmp_path / 'swin.onnx', size=(64, 64))

@@ -1,5 +1,6 @@
 """Pictures people look at (evaluate.py --show-dir, infer.py, TensorBoard), palettes, and infer.py's
 refusal to lose data: on a tiny model trained once."""
+
 import json
 import os
 import textwrap
@@ -15,11 +16,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import evaluate
 import infer
 import train
+from conftest import TINY
 from datasets import DATASETS
 from datasets.base import default_palette
 from engine.outputs import write_class_ids
 from engine.visualize import ROW, ClassStyle, side_by_side
-from conftest import TINY
 
 DEMO = DATASETS['demo']
 SIZE = 128  # the demo's images are 128 x 128
@@ -55,14 +56,14 @@ def test_side_by_side_shows_image_truth_and_prediction_with_a_legend_of_exactly_
     label[:5] = 255
     prediction = torch.full((40, 60), 3)
     prediction[20:] = 2
-    image = torch.full((3, 20, 30), 128, dtype=torch.uint8)         # fed at half size: shown at the label's
+    image = torch.full((3, 20, 30), 128, dtype=torch.uint8)  # fed at half size: shown at the label's
     picture = side_by_side(image, label, prediction, style)
     assert picture.shape[1] == 3 * 60 and picture.dtype == np.uint8
-    panels, strip = picture[ROW:ROW + 40], picture[ROW + 40:]
+    panels, strip = picture[ROW : ROW + 40], picture[ROW + 40 :]
     assert (panels[:, :60] == 128).all()
     assert colours(panels[:5, 60:120]) == {(0, 0, 0), (255, 255, 255)}  # ignored pixels hatched
     assert saturated(strip) == {tuple(palette[i].tolist()) for i in (0, 2, 3)}
-    assert {(0, 0, 0), (255, 255, 255)} <= colours(strip)         # the hatch swatch for 'ignored'
+    assert {(0, 0, 0), (255, 255, 255)} <= colours(strip)  # the hatch swatch for 'ignored'
 
 
 def test_palette_png_reads_back_as_the_ids(tmp_path):
@@ -70,7 +71,7 @@ def test_palette_png_reads_back_as_the_ids(tmp_path):
     write_class_ids(tmp_path / 'ids.png', ids, np.array(DATASETS['ade20k'].PALETTE, np.uint8))
     with Image.open(tmp_path / 'ids.png') as image:
         assert image.mode == 'P'
-        assert image.getpalette()[:3 * 150] == [c for rgb in DATASETS['ade20k'].PALETTE for c in rgb]
+        assert image.getpalette()[: 3 * 150] == [c for rgb in DATASETS['ade20k'].PALETTE for c in rgb]
         assert np.array_equal(np.asarray(image), ids)
     many = np.random.default_rng(0).integers(0, 300, (5, 7))  # more classes than a palette holds: 16-bit grey
     write_class_ids(tmp_path / 'many.png', many, np.zeros((300, 3), np.uint8))
@@ -84,15 +85,34 @@ def test_palettes_are_mmsegs_and_generated_ones_are_distinct_and_readable():
     assert DATASETS['coco_stuff'].PALETTE[-1] == [64, 64, 0] and len(DATASETS['coco_stuff'].PALETTE) == 171
     assert DATASETS['pascal_context'].PALETTE[0] == [180, 120, 120] and len(DATASETS['pascal_context'].PALETTE) == 59
     assert DATASETS['voc'].PALETTE == [
-        [0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128], [128, 0, 128], [0, 128, 128],
-        [128, 128, 128], [64, 0, 0], [192, 0, 0], [64, 128, 0], [192, 128, 0], [64, 0, 128], [192, 0, 128],
-        [64, 128, 128], [192, 128, 128], [0, 64, 0], [128, 64, 0], [0, 192, 0], [128, 192, 0], [0, 64, 128]]
-    assert DATASETS['camvid'].PALETTE[8] == [64, 0, 128]                                # car, as in its README
+        [0, 0, 0],
+        [128, 0, 0],
+        [0, 128, 0],
+        [128, 128, 0],
+        [0, 0, 128],
+        [128, 0, 128],
+        [0, 128, 128],
+        [128, 128, 128],
+        [64, 0, 0],
+        [192, 0, 0],
+        [64, 128, 0],
+        [192, 128, 0],
+        [64, 0, 128],
+        [192, 0, 128],
+        [64, 128, 128],
+        [192, 128, 128],
+        [0, 64, 0],
+        [128, 64, 0],
+        [0, 192, 0],
+        [128, 192, 0],
+        [0, 64, 128],
+    ]
+    assert DATASETS['camvid'].PALETTE[8] == [64, 0, 128]  # car, as in its README
     for palette, closest in ((DEMO.PALETTE, 100), (default_palette(12), 50), (default_palette(256), 1)):
         rgb = np.array(palette, float)
         distance = np.linalg.norm(rgb[:, None] - rgb[None], axis=-1) + np.eye(len(rgb)) * 1e9
-        assert distance.min() >= closest                                   # no two classes share a colour
-        assert (rgb @ [0.299, 0.587, 0.114]).min() > 25                    # none reads as a shadow-black
+        assert distance.min() >= closest  # no two classes share a colour
+        assert (rgb @ [0.299, 0.587, 0.114]).min() > 25  # none reads as a shadow-black
 
 
 def test_training_logs_pictures_per_class_iou_learning_rates_memory_and_config(run):
@@ -112,15 +132,27 @@ def test_training_logs_pictures_per_class_iou_learning_rates_memory_and_config(r
 
 def test_evaluate_show_dir_writes_side_by_side_pictures_and_charts(run, tmp_path):
     show = tmp_path / 'show'
-    evaluate.main(['--checkpoint', str(run / 'work' / 'best.pth'), '--device', 'cpu', '--work-dir', str(tmp_path),
-                   '--show-dir', str(show), '--show-limit', '3'])
+    evaluate.main(
+        [
+            '--checkpoint',
+            str(run / 'work' / 'best.pth'),
+            '--device',
+            'cpu',
+            '--work-dir',
+            str(tmp_path),
+            '--show-dir',
+            str(show),
+            '--show-limit',
+            '3',
+        ]
+    )
     pictures = sorted(show.iterdir())
     assert [p.name for p in pictures] == ['00000_0000.png', '00001_0001.png', '00002_0002.png']
     for index, path in enumerate(pictures):
         picture = read_rgb(path)
         assert picture.shape[1] == 3 * SIZE and picture.shape[0] > ROW + SIZE
         label = cv2.imread(str(run / 'demo' / 'annotations' / 'val' / f'{index:04d}.png'), cv2.IMREAD_UNCHANGED)
-        in_legend = colours(picture[ROW + SIZE:])
+        in_legend = colours(picture[ROW + SIZE :])
         assert {tuple(DEMO.PALETTE[c]) for c in np.unique(label) if c != 255} <= in_legend
     assert 'confusion' not in json.loads((tmp_path / 'eval_val_whole.json').read_text())
     assert read_rgb(tmp_path / 'eval_val_whole_iou.png').shape[0] > 100
@@ -137,22 +169,42 @@ def write_inputs(folder: Path, run) -> None:
 def test_infer_writes_palette_ids_overlays_legend_and_class_list(run, tmp_path):
     write_inputs(tmp_path / 'in', run)
     output = tmp_path / 'out'
-    infer.main(['--checkpoint', str(run / 'work' / 'best.pth'), '--input', str(tmp_path / 'in'),
-                '--output', str(output), '--device', 'cpu', '--overlay-format', 'png', '--opacity', '1'])
+    infer.main(
+        [
+            '--checkpoint',
+            str(run / 'work' / 'best.pth'),
+            '--input',
+            str(tmp_path / 'in'),
+            '--output',
+            str(output),
+            '--device',
+            'cpu',
+            '--overlay-format',
+            'png',
+            '--opacity',
+            '1',
+        ]
+    )
     with Image.open(output / 'nested' / 'b.png') as ids_file:
         assert ids_file.mode == 'P' and ids_file.getpalette()[:15] == [c for rgb in DEMO.PALETTE for c in rgb]
         ids = np.asarray(ids_file)
     assert ids.shape == (80, 96) and ids.max() < 5
-    overlay = read_rgb(output / 'nested' / 'b_overlay.png')        # opacity 1: the class colours, white borders
+    overlay = read_rgb(output / 'nested' / 'b_overlay.png')  # opacity 1: the class colours, white borders
     ids8 = ids.astype(np.uint8)
     inside = cv2.erode(ids8, np.ones((3, 3), np.uint8)) == cv2.dilate(ids8, np.ones((3, 3), np.uint8))
     assert inside.mean() > 0.5 and np.array_equal(overlay[inside], np.array(DEMO.PALETTE, np.uint8)[ids][inside])
     assert (overlay[~inside] == 255).all(axis=-1).any()
     assert json.loads((output / 'classes.json').read_text()) == [
-        {'id': i, 'name': name, 'color': rgb} for i, (name, rgb) in enumerate(zip(DEMO.CLASS_NAMES, DEMO.PALETTE))]
+        {'id': i, 'name': name, 'color': rgb} for i, (name, rgb) in enumerate(zip(DEMO.CLASS_NAMES, DEMO.PALETTE))
+    ]
     assert saturated(read_rgb(output / 'legend.png')) >= {tuple(c) for c in DEMO.PALETTE[1:]}
-    assert sorted(p.name for p in output.iterdir()) == ['a.png', 'a_overlay.png', 'classes.json', 'legend.png',
-                                                        'nested']
+    assert sorted(p.name for p in output.iterdir()) == [
+        'a.png',
+        'a_overlay.png',
+        'classes.json',
+        'legend.png',
+        'nested',
+    ]
 
 
 def snapshot(folder: Path) -> dict:
@@ -178,8 +230,9 @@ def test_infer_never_writes_over_an_input(run, tmp_path, capsys, through_link):
         output = tmp_path / 'link'
         output.symlink_to(inputs)
     before = snapshot(tmp_path)
-    error = refused(['--checkpoint', str(run / 'work' / 'best.pth'), '--input', str(inputs),
-                     '--output', str(output)], capsys)
+    error = refused(
+        ['--checkpoint', str(run / 'work' / 'best.pth'), '--input', str(inputs), '--output', str(output)], capsys
+    )
     assert f"'{output / 'nested' / 'b.png'}' is one of the inputs" in error
     assert snapshot(tmp_path) == before
 
@@ -189,10 +242,14 @@ def test_infer_refuses_two_inputs_with_one_output_name_before_writing_anything(r
     write_inputs(inputs, run)
     cv2.imwrite(str(inputs / 'a.png'), cv2.imread(str(inputs / 'a.jpg')))
     before = snapshot(tmp_path)
-    error = refused(['--checkpoint', str(run / 'work' / 'best.pth'), '--input', str(inputs),
-                     '--output', str(tmp_path / 'out')], capsys)
-    assert f"'{inputs / 'a.jpg'}' and '{inputs / 'a.png'}' would both be written to '{tmp_path / 'out' / 'a.png'}'" \
+    error = refused(
+        ['--checkpoint', str(run / 'work' / 'best.pth'), '--input', str(inputs), '--output', str(tmp_path / 'out')],
+        capsys,
+    )
+    assert (
+        f"'{inputs / 'a.jpg'}' and '{inputs / 'a.png'}' would both be written to '{tmp_path / 'out' / 'a.png'}'"
         in error
+    )
     assert snapshot(tmp_path) == before and not (tmp_path / 'out').exists()
 
 
@@ -200,8 +257,17 @@ def test_infer_reports_an_output_it_cannot_write(run, tmp_path, capsys):
     write_inputs(tmp_path / 'in', run)
     (tmp_path / 'taken').write_text('a file where the output folder should be')
     before = snapshot(tmp_path)
-    error = refused(['--checkpoint', str(run / 'work' / 'best.pth'), '--input', str(tmp_path / 'in'),
-                     '--output', str(tmp_path / 'taken' / 'out')], capsys)
+    error = refused(
+        [
+            '--checkpoint',
+            str(run / 'work' / 'best.pth'),
+            '--input',
+            str(tmp_path / 'in'),
+            '--output',
+            str(tmp_path / 'taken' / 'out'),
+        ],
+        capsys,
+    )
     assert f"cannot write '{tmp_path / 'taken' / 'out' / 'legend.png'}': Not a directory" in error
     assert snapshot(tmp_path) == before
 
@@ -210,20 +276,43 @@ def test_infer_reports_an_output_it_cannot_write(run, tmp_path, capsys):
 def test_infer_reports_a_read_only_output_folder(run, tmp_path, capsys):
     write_inputs(tmp_path / 'in', run)
     (tmp_path / 'out').mkdir(mode=0o555)
-    error = refused(['--checkpoint', str(run / 'work' / 'best.pth'), '--input', str(tmp_path / 'in'),
-                     '--output', str(tmp_path / 'out')], capsys)
+    error = refused(
+        [
+            '--checkpoint',
+            str(run / 'work' / 'best.pth'),
+            '--input',
+            str(tmp_path / 'in'),
+            '--output',
+            str(tmp_path / 'out'),
+        ],
+        capsys,
+    )
     assert f"cannot write '{tmp_path / 'out' / 'legend.png'}': Permission denied" in error
 
 
-@pytest.mark.parametrize('option, value, message', [
-    ('--opacity', '1.5', 'argument --opacity: must be in [0, 1], got 1.5'),
-    ('--opacity', '-0.1', 'argument --opacity: must be in [0, 1], got -0.1'),
-    ('--batch-size', '0', 'argument --batch-size: must be >= 1, got 0'),
-])
+@pytest.mark.parametrize(
+    'option, value, message',
+    [
+        ('--opacity', '1.5', 'argument --opacity: must be in [0, 1], got 1.5'),
+        ('--opacity', '-0.1', 'argument --opacity: must be in [0, 1], got -0.1'),
+        ('--batch-size', '0', 'argument --batch-size: must be >= 1, got 0'),
+    ],
+)
 def test_infer_options_are_range_checked(run, tmp_path, capsys, option, value, message):
     write_inputs(tmp_path / 'in', run)
     before = snapshot(tmp_path)
-    error = refused(['--checkpoint', str(run / 'work' / 'best.pth'), '--input', str(tmp_path / 'in'),
-                     '--output', str(tmp_path / 'out'), option, value], capsys)
+    error = refused(
+        [
+            '--checkpoint',
+            str(run / 'work' / 'best.pth'),
+            '--input',
+            str(tmp_path / 'in'),
+            '--output',
+            str(tmp_path / 'out'),
+            option,
+            value,
+        ],
+        capsys,
+    )
     assert error == f'error: {message} (see --help)'
     assert snapshot(tmp_path) == before

@@ -31,6 +31,7 @@ What the numbers are:
 Models get random weights (backbone.pretrained=null unless --set says otherwise): speed and size
 do not depend on the values.
 """
+
 import contextlib
 import copy
 import csv
@@ -52,9 +53,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine import fast  # noqa: E402
+from engine.cli import AMP_DTYPES, ArgumentParser, number, run_cli  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
 from engine.losses import SegmentationLoss  # noqa: E402
 from engine.optim import build_optimizer  # noqa: E402
+from engine.rules import load_config  # noqa: E402
 from models import OffsetLearning, OffsetLearningMask  # noqa: E402
 from models.backbones.efficientformer_v2 import Attention4D, Attention4DDownsample  # noqa: E402
 from models.backbones.mit import LAYER_NORM_EPS, MiT  # noqa: E402
@@ -62,8 +65,6 @@ from models.heads.classifier import PixelClassifier  # noqa: E402
 from models.heads.offseg import OffSegHead  # noqa: E402
 from models.heads.segformer import SegFormerMLPHead  # noqa: E402
 from models.weights import convert_model_state  # noqa: E402
-from engine.cli import AMP_DTYPES, ArgumentParser, number, run_cli  # noqa: E402
-from engine.rules import load_config  # noqa: E402
 from train import create_model  # noqa: E402
 
 RANDOM_WEIGHTS = 'backbone.pretrained=null'
@@ -78,6 +79,7 @@ OFFSET_LEARNING = (OffsetLearning, OffsetLearningMask)
 
 
 # --------------------------------------------------------------------------------------- counting
+
 
 def meta_model(cfg: dict) -> torch.nn.Module:
     """The config's model on the meta device (shapes only: no memory, no weights, nothing loaded)."""
@@ -95,8 +97,11 @@ def count_macs(model: torch.nn.Module, *inputs) -> dict:
     root = type(model).__name__
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(*inputs)
-    return {name.removeprefix(root).removeprefix('.'): {str(op): flops / 2 for op, flops in ops.items()}
-            for name, ops in counter.get_flop_counts().items() if name != 'Global'}
+    return {
+        name.removeprefix(root).removeprefix('.'): {str(op): flops / 2 for op, flops in ops.items()}
+        for name, ops in counter.get_flop_counts().items()
+        if name != 'Global'
+    }
 
 
 def image_macs(model: torch.nn.Module, size) -> dict:
@@ -115,15 +120,14 @@ def paper_convention_macs(model: torch.nn.Module, counts: dict):
         return None
     paths = [name for name, module in model.named_modules() if isinstance(module, omitted)]
     outermost = [p for p in paths if not any(p.startswith(q + '.') for q in paths)]
-    matmuls = sum(macs for path in outermost for op, macs in counts.get(path, {}).items()
-                  if 'convolution' not in op)
+    matmuls = sum(macs for path in outermost for op, macs in counts.get(path, {}).items() if 'convolution' not in op)
     return module_macs(counts, '') - matmuls
 
 
 def describe(model: torch.nn.Module, cfg: dict) -> str:
-    backbone = f"{cfg['backbone']['type']} {cfg['backbone'].get('variant', '')}".strip()
+    backbone = f'{cfg["backbone"]["type"]} {cfg["backbone"].get("variant", "")}'.strip()
     uses_ol = any(isinstance(m, OFFSET_LEARNING) for m in model.head.modules())
-    return f"{backbone} + {cfg['head']['type']}" + (' + OL' if uses_ol else '')
+    return f'{backbone} + {cfg["head"]["type"]}' + (' + OL' if uses_ol else '')
 
 
 def size_figures(cfg: dict, size) -> dict:
@@ -131,11 +135,16 @@ def size_figures(cfg: dict, size) -> dict:
     model = meta_model(cfg)
     counts = image_macs(model, size)
     paper = paper_convention_macs(model, counts)
-    return {'model': describe(model, cfg), 'params_m': sum(p.numel() for p in model.parameters()) / 1e6,
-            'gmacs': module_macs(counts, '') / 1e9, 'gmacs_paper_convention': paper and paper / 1e9}
+    return {
+        'model': describe(model, cfg),
+        'params_m': sum(p.numel() for p in model.parameters()) / 1e6,
+        'gmacs': module_macs(counts, '') / 1e9,
+        'gmacs_paper_convention': paper and paper / 1e9,
+    }
 
 
 # ---------------------------------------------------------------------------------------- timing
+
 
 def time_calls(calls: dict, runs: int, warmup: int, device: torch.device) -> dict:
     """{name: [seconds of each timed call]}. The calls run in turn within each round, so that load
@@ -184,15 +193,15 @@ def peak_memory(device: torch.device):
     if device.type == 'cuda':
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated() / 2 ** 20
+        before = torch.cuda.memory_allocated() / 2**20
         yield result
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2 ** 20
+        peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         release_freed_memory()
         before = rss_mb('VmRSS')
         with contextlib.suppress(OSError):
-            Path('/proc/self/clear_refs').write_text('5')   # resets VmHWM to the current RSS
+            Path('/proc/self/clear_refs').write_text('5')  # resets VmHWM to the current RSS
         yield result
         peak = rss_mb('VmHWM')
     result.update(peak_memory_mb=peak, added_memory_mb=None if peak is None else peak - before)
@@ -206,6 +215,7 @@ def inference_call(model, images: torch.Tensor, amp):
     def call():
         with torch.inference_mode(), autocast(images.device, amp):
             return model(images)
+
     return call
 
 
@@ -215,8 +225,9 @@ def train_call(model, cfg: dict, images: torch.Tensor, amp):
     device = images.device
     labels = torch.randint(0, cfg['data']['num_classes'], (images.shape[0], *images.shape[2:]), device=device)
     optimizer, _ = build_optimizer(model, cfg['train']['optimizer'], cfg['train']['param_groups'])
-    criterion = SegmentationLoss(cfg['data']['ignore_index'], cfg['train']['loss'],
-                                 (cfg['aux_head'] or {}).get('loss_weight', 0.4))
+    criterion = SegmentationLoss(
+        cfg['data']['ignore_index'], cfg['train']['loss'], (cfg['aux_head'] or {}).get('loss_weight', 0.4)
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=amp == 'fp16')
 
     def call():
@@ -226,6 +237,7 @@ def train_call(model, cfg: dict, images: torch.Tensor, amp):
         scaler.scale(criterion(outputs, labels)).backward()
         scaler.step(optimizer)
         scaler.update()
+
     return call
 
 
@@ -233,21 +245,27 @@ def prepare(model, args):
     """The inference fast paths of engine/fast.py; a plain eager model when none is asked for."""
     if not (args.fold_bn or args.channels_last or args.compile):
         return model
-    return fast.prepare_for_inference(model, channels_last=args.channels_last, fold_bn=args.fold_bn,
-                                      compile=args.compile)
+    return fast.prepare_for_inference(
+        model, channels_last=args.channels_last, fold_bn=args.fold_bn, compile=args.compile
+    )
 
 
 # ----------------------------------------------------------------------------------- comparisons
 
+
 def check_hf_comparable(model, cfg: dict, source: str) -> None:
     """transformers' SegformerForSemanticSegmentation is MiT + the official All-MLP head + a 1x1 classifier."""
-    if not (isinstance(model.backbone, MiT) and type(model.head) is SegFormerMLPHead
-            and isinstance(model.head.classifier, PixelClassifier)):
+    if not (
+        isinstance(model.backbone, MiT)
+        and type(model.head) is SegFormerMLPHead
+        and isinstance(model.head.classifier, PixelClassifier)
+    ):
         raise ConfigError(
-            f"{source}: --compare hf needs backbone.type=mit with head.type=segformer_mlp (the official "
+            f'{source}: --compare hf needs backbone.type=mit with head.type=segformer_mlp (the official '
             f"All-MLP head, without Offset Learning), which is what transformers' SegformerForSemanticSegmentation "
             f"implements; this config has {describe(model, cfg)}. mmseg's head (head.type=segformer) differs from "
-            f"it: add --set head.type=segformer_mlp")
+            f'it: add --set head.type=segformer_mlp'
+        )
 
 
 def hf_segformer(model):
@@ -258,6 +276,7 @@ def hf_segformer(model):
     alone: that gives the key map in the other direction, and every key must be matched one to one.
     """
     from transformers import SegformerForSemanticSegmentation
+
     config = copy.deepcopy(model.backbone.segformer.config)
     config.decoder_hidden_size = model.head.linear_fuse.conv.out_channels
     config.num_labels = model.head.classifier.conv.out_channels
@@ -282,8 +301,9 @@ def compare_hf(model, images: torch.Tensor, runs: int, warmup: int) -> dict:
     hf = hf_segformer(model)
     with torch.inference_mode():
         diff = (model(images) - hf(pixel_values=images).logits).abs().max().item()
-        times = time_calls({'ours': lambda: model(images), 'hf': lambda: hf(pixel_values=images)},
-                           runs, warmup, images.device)
+        times = time_calls(
+            {'ours': lambda: model(images), 'hf': lambda: hf(pixel_values=images)}, runs, warmup, images.device
+        )
     ours_ms, hf_ms = latency_ms(times['ours'])['median'], latency_ms(times['hf'])['median']
     return {'max_abs_diff': diff, 'ours_ms': ours_ms, 'hf_ms': hf_ms, 'hf_over_ours': hf_ms / ours_ms}
 
@@ -292,6 +312,7 @@ def onnx_session(model, size, device: torch.device):
     """An ONNX Runtime session of `model`, exported by tools/export_onnx.py to a temporary file."""
     try:
         import onnxruntime
+
         from tools.export_onnx import export
     except ImportError as error:
         raise SystemExit(f'error: --onnx needs onnx, onnxruntime and tools/export_onnx.py ({error})')
@@ -311,11 +332,16 @@ def compare_onnx(session, model, images: torch.Tensor, amp, runs: int, warmup: i
     array = images.float().cpu().numpy()
     eager = inference_call(model, images, amp)
     diff = (eager().float().cpu() - torch.from_numpy(session.run(None, {name: array})[0])).abs().max().item()
-    times = time_calls({'eager': eager, 'onnxruntime': lambda: session.run(None, {name: array})},
-                       runs, warmup, images.device)
+    times = time_calls(
+        {'eager': eager, 'onnxruntime': lambda: session.run(None, {name: array})}, runs, warmup, images.device
+    )
     eager_ms, onnx_ms = latency_ms(times['eager'])['median'], latency_ms(times['onnxruntime'])['median']
-    return {'max_abs_diff': diff, 'eager_ms': eager_ms, 'onnxruntime_ms': onnx_ms,
-            'onnx_over_eager': onnx_ms / eager_ms}
+    return {
+        'max_abs_diff': diff,
+        'eager_ms': eager_ms,
+        'onnxruntime_ms': onnx_ms,
+        'onnx_over_eager': onnx_ms / eager_ms,
+    }
 
 
 def breakdown(model, images: torch.Tensor, counts: dict, runs: int, warmup: int) -> dict:
@@ -329,32 +355,48 @@ def breakdown(model, images: torch.Tensor, counts: dict, runs: int, warmup: int)
     shares come from FlopCounterMode's per-module count of the same architecture.
     """
     parts = {'backbone': 'backbone', 'head': 'head'}
-    parts.update({f'offset learning ({name})': name for name, module in model.named_modules()
-                  if isinstance(module, OFFSET_LEARNING)})
+    parts.update(
+        {
+            f'offset learning ({name})': name
+            for name, module in model.named_modules()
+            if isinstance(module, OFFSET_LEARNING)
+        }
+    )
     inputs, hooks = {}, []
     for label, path in parts.items():
+
         def record(module, args, kwargs, label=label):
             inputs[label] = (args, kwargs)
+
         hooks.append(model.get_submodule(path).register_forward_pre_hook(record, with_kwargs=True))
     with torch.inference_mode():
         model(images)
         for hook in hooks:
             hook.remove()
         calls = {'model': lambda: model(images)}
-        calls.update({label: (lambda m=model.get_submodule(parts[label]), a=args, k=kwargs: m(*a, **k))
-                      for label, (args, kwargs) in inputs.items()})
+        calls.update(
+            {
+                label: (lambda m=model.get_submodule(parts[label]), a=args, k=kwargs: m(*a, **k))
+                for label, (args, kwargs) in inputs.items()
+            }
+        )
         times = time_calls(calls, runs, warmup, images.device)
     whole_ms, total_macs = latency_ms(times['model'])['median'], module_macs(counts, '')
     result = {}
     for label in inputs:
         part_ms = latency_ms(times[label])['median']
         mac_share = module_macs(counts, parts[label]) / total_macs
-        result[label] = {'latency_ms': part_ms, 'latency_share': part_ms / whole_ms, 'mac_share': mac_share,
-                         'latency_over_mac_share': part_ms / whole_ms / mac_share if mac_share else None}
+        result[label] = {
+            'latency_ms': part_ms,
+            'latency_share': part_ms / whole_ms,
+            'mac_share': mac_share,
+            'latency_over_mac_share': part_ms / whole_ms / mac_share if mac_share else None,
+        }
     return result
 
 
 # ------------------------------------------------------------------------------------------- run
+
 
 def random_weights_config(path, overrides=()) -> dict:
     """The config of `path` with `backbone.pretrained` off (unless an override turns it back on)."""
@@ -381,8 +423,16 @@ def benchmark(path: Path, args) -> dict:
     model = build_model(cfg, device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     images = torch.randn(batch, 3, *size, device=device).contiguous(memory_format=memory_format)
-    result.update(device=str(device), mode=args.mode, batch=batch, threads=torch.get_num_threads(),
-                  runs=args.runs, warmup=args.warmup, amp=args.amp, channels_last=args.channels_last)
+    result.update(
+        device=str(device),
+        mode=args.mode,
+        batch=batch,
+        threads=torch.get_num_threads(),
+        runs=args.runs,
+        warmup=args.warmup,
+        amp=args.amp,
+        channels_last=args.channels_last,
+    )
     if args.mode == 'train':
         model = model.to(memory_format=memory_format).train()
         call = train_call(model, cfg, images, args.amp)
@@ -393,11 +443,15 @@ def benchmark(path: Path, args) -> dict:
     with peak_memory(device) as memory:
         seconds = time_calls({'model': call}, args.runs, args.warmup, device)['model']
     latency = latency_ms(seconds)
-    result.update(latency_ms_median=latency['median'], latency_ms_p90=latency['p90'],
-                  images_per_s=1e3 * batch / latency['median'], **memory)
+    result.update(
+        latency_ms_median=latency['median'],
+        latency_ms_p90=latency['p90'],
+        images_per_s=1e3 * batch / latency['median'],
+        **memory,
+    )
     if args.compare:
         result['compare_hf'] = compare_hf(model, images, args.runs, args.warmup)
-    if args.onnx:   # exported from a fresh build: the timed model may be folded or compiled
+    if args.onnx:  # exported from a fresh build: the timed model may be folded or compiled
         session = onnx_session(build_model(cfg, device).eval(), size, device)
         result['onnx'] = compare_onnx(session, model, images, args.amp, args.runs, args.warmup)
     if args.breakdown:
@@ -424,36 +478,54 @@ def config_paths(items: list) -> list:
 
 # ---------------------------------------------------------------------------------------- output
 
+
 def cell(value, fmt: str) -> str:
     return '-' if value is None else format(value, fmt)
 
 
 def table(results: list) -> str:
-    columns = [('config', 'config', '', 36), ('model', 'model', '', 36), ('params (M)', 'params_m', '.3f', 10),
-               ('GMACs', 'gmacs', '.2f', 8), ('paper GMACs', 'gmacs_paper_convention', '.2f', 11)]
+    columns = [
+        ('config', 'config', '', 36),
+        ('model', 'model', '', 36),
+        ('params (M)', 'params_m', '.3f', 10),
+        ('GMACs', 'gmacs', '.2f', 8),
+        ('paper GMACs', 'gmacs_paper_convention', '.2f', 11),
+    ]
     if 'latency_ms_median' in results[0]:
-        columns += [('median ms', 'latency_ms_median', '.2f', 10), ('p90 ms', 'latency_ms_p90', '.2f', 9),
-                    ('images/s', 'images_per_s', '.2f', 9), ('peak MB', 'peak_memory_mb', '.0f', 8),
-                    ('+runs MB', 'added_memory_mb', '.0f', 8)]
+        columns += [
+            ('median ms', 'latency_ms_median', '.2f', 10),
+            ('p90 ms', 'latency_ms_p90', '.2f', 9),
+            ('images/s', 'images_per_s', '.2f', 9),
+            ('peak MB', 'peak_memory_mb', '.0f', 8),
+            ('+runs MB', 'added_memory_mb', '.0f', 8),
+        ]
     lines = ['  '.join(f'{title:<{width}}' if not fmt else f'{title:>{width}}' for title, _, fmt, width in columns)]
     for result in results:
         values = {**result, 'config': Path(result['config']).stem}
-        lines.append('  '.join(f'{values[key]:<{width}}' if not fmt else f'{cell(values[key], fmt):>{width}}'
-                               for _, key, fmt, width in columns))
+        lines.append(
+            '  '.join(
+                f'{values[key]:<{width}}' if not fmt else f'{cell(values[key], fmt):>{width}}'
+                for _, key, fmt, width in columns
+            )
+        )
     return '\n'.join(lines)
 
 
 def header(results: list) -> str:
     first = results[0]
     size = 'x'.join(map(str, first['size']))
-    lines = [f'{size} input; GMACs = multiply-accumulates (FLOPs / 2) per image, every convolution and matmul '
-             'counted (torch FlopCounterMode); paper GMACs: OffSeg paper convention, without the attention and '
-             'Offset Learning matmuls']
+    lines = [
+        f'{size} input; GMACs = multiply-accumulates (FLOPs / 2) per image, every convolution and matmul '
+        'counted (torch FlopCounterMode); paper GMACs: OffSeg paper convention, without the attention and '
+        'Offset Learning matmuls'
+    ]
     if 'mode' in first:
         options = ', '.join(name for name in ('fold_bn', 'channels_last', 'compile') if first.get(name))
-        lines.append(f"{first['mode']} on {first['device']}, batch {first['batch']}, {first['threads']} thread(s), "
-                     f"median of {first['runs']} runs after {first['warmup']} warm-up, amp {first['amp'] or 'off'}, "
-                     f"fast paths: {options or 'none'} (torch {torch.__version__})")
+        lines.append(
+            f'{first["mode"]} on {first["device"]}, batch {first["batch"]}, {first["threads"]} thread(s), '
+            f'median of {first["runs"]} runs after {first["warmup"]} warm-up, amp {first["amp"] or "off"}, '
+            f'fast paths: {options or "none"} (torch {torch.__version__})'
+        )
     return '\n'.join(lines)
 
 
@@ -462,20 +534,26 @@ def extras(result: dict) -> str:
     name, lines = Path(result['config']).stem, []
     if 'compare_hf' in result:
         r = result['compare_hf']
-        lines.append(f"{name} vs transformers SegformerForSemanticSegmentation, same weights, plain eager fp32: "
-                     f"max |logits diff| {r['max_abs_diff']:.2e}; ours {r['ours_ms']:.2f} ms, HF {r['hf_ms']:.2f} ms, "
-                     f"HF / ours {r['hf_over_ours']:.3f} (interleaved)")
+        lines.append(
+            f'{name} vs transformers SegformerForSemanticSegmentation, same weights, plain eager fp32: '
+            f'max |logits diff| {r["max_abs_diff"]:.2e}; ours {r["ours_ms"]:.2f} ms, HF {r["hf_ms"]:.2f} ms, '
+            f'HF / ours {r["hf_over_ours"]:.3f} (interleaved)'
+        )
     if 'onnx' in result:
         r = result['onnx']
-        lines.append(f"{name} eager vs ONNX Runtime: max |output diff| {r['max_abs_diff']:.2e}; eager "
-                     f"{r['eager_ms']:.2f} ms, ONNX Runtime {r['onnxruntime_ms']:.2f} ms, ONNX / eager "
-                     f"{r['onnx_over_eager']:.3f} (interleaved)")
+        lines.append(
+            f'{name} eager vs ONNX Runtime: max |output diff| {r["max_abs_diff"]:.2e}; eager '
+            f'{r["eager_ms"]:.2f} ms, ONNX Runtime {r["onnxruntime_ms"]:.2f} ms, ONNX / eager '
+            f'{r["onnx_over_eager"]:.3f} (interleaved)'
+        )
     if 'breakdown' in result:
-        lines.append(f"{name} breakdown (each part timed alone on its recorded inputs, interleaved with the model):")
-        lines.append(f"  {'part':<36}{'ms':>9}{'latency share':>15}{'MAC share':>11}{'ratio':>8}")
+        lines.append(f'{name} breakdown (each part timed alone on its recorded inputs, interleaved with the model):')
+        lines.append(f'  {"part":<36}{"ms":>9}{"latency share":>15}{"MAC share":>11}{"ratio":>8}')
         for part, r in result['breakdown'].items():
-            lines.append(f"  {part:<36}{r['latency_ms']:>9.2f}{r['latency_share']:>15.3f}{r['mac_share']:>11.3f}"
-                         f"{cell(r['latency_over_mac_share'], '.2f'):>8}")
+            lines.append(
+                f'  {part:<36}{r["latency_ms"]:>9.2f}{r["latency_share"]:>15.3f}{r["mac_share"]:>11.3f}'
+                f'{cell(r["latency_over_mac_share"], ".2f"):>8}'
+            )
     return '\n'.join(lines)
 
 
@@ -501,27 +579,40 @@ def write_csv(results: list, path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------ main
 
+
 def parse_args(argv=None):
     parser = ArgumentParser(__doc__)
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument('--config', help='YAML file of the model')
-    which.add_argument('--all', nargs='+', metavar='CFG',
-                       help='configs, folders of configs or glob patterns, measured into one table')
-    parser.add_argument('--set', nargs='+', default=[], action='extend', metavar='KEY=VALUE',
-                        help='override config values (applied to every config)')
+    which.add_argument(
+        '--all', nargs='+', metavar='CFG', help='configs, folders of configs or glob patterns, measured into one table'
+    )
+    parser.add_argument(
+        '--set',
+        nargs='+',
+        default=[],
+        action='extend',
+        metavar='KEY=VALUE',
+        help='override config values (applied to every config)',
+    )
     parser.add_argument('--size', nargs=2, type=number(int, 32), default=[512, 512], metavar=('H', 'W'))
-    parser.add_argument('--batch', type=number(int, 1), help='images per call (default: 1 for infer, 2 for train, as '
-                        'BatchNorm needs more than one value per channel in training)')
+    parser.add_argument(
+        '--batch',
+        type=number(int, 1),
+        help='images per call (default: 1 for infer, 2 for train, as '
+        'BatchNorm needs more than one value per channel in training)',
+    )
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     parser.add_argument('--mode', default='infer', choices=['infer', 'train'])
-    parser.add_argument('--threads', type=number(int, 1), help='torch CPU threads (default: torch\'s choice)')
+    parser.add_argument('--threads', type=number(int, 1), help="torch CPU threads (default: torch's choice)")
     parser.add_argument('--runs', type=number(int, 1), default=20, help='timed calls (default: 20)')
     parser.add_argument('--warmup', type=number(int, 0), default=3, help='untimed calls first (default: 3)')
     parser.add_argument('--macs-only', action='store_true', help='parameters and GMACs only (meta device, no timing)')
     parser.add_argument('--amp', choices=sorted(AMP_DTYPES), help='autocast dtype (default: float32)')
     fast.add_arguments(parser)  # --channels-last (model and input), --compile, --no-fold-bn: as evaluate.py
-    parser.add_argument('--breakdown', action='store_true',
-                        help='latency and MAC shares of backbone, head and Offset Learning (infer)')
+    parser.add_argument(
+        '--breakdown', action='store_true', help='latency and MAC shares of backbone, head and Offset Learning (infer)'
+    )
     parser.add_argument('--compare', choices=['hf'], help="time transformers' SegFormer on the same weights (infer)")
     parser.add_argument('--onnx', action='store_true', help='time the ONNX Runtime export beside eager (infer)')
     parser.add_argument('--json', type=Path, help='write the results as JSON')
@@ -535,10 +626,18 @@ def check_options(parser, args) -> None:
     """Combinations that cannot be measured as asked stop here, before anything is built."""
     if args.runs < 1 or args.warmup < 0 or (args.batch is not None and args.batch < 1):
         parser.error('--runs and --batch must be at least 1, --warmup at least 0')
-    infer_only = [flag for flag, on in (('--breakdown', args.breakdown), ('--compare', args.compare),
-                                        ('--onnx', args.onnx), ('--compile', args.compile)) if on]
+    infer_only = [
+        flag
+        for flag, on in (
+            ('--breakdown', args.breakdown),
+            ('--compare', args.compare),
+            ('--onnx', args.onnx),
+            ('--compile', args.compile),
+        )
+        if on
+    ]
     if args.mode == 'train' and infer_only:
-        parser.error(f"{', '.join(infer_only)}: inference only (--mode infer)")
+        parser.error(f'{", ".join(infer_only)}: inference only (--mode infer)')
     if args.macs_only and (infer_only or args.amp or args.channels_last):
         parser.error('--macs-only measures no time: drop the timing options')
     if args.compare and (args.channels_last or args.compile or args.amp):

@@ -1,6 +1,6 @@
 """Convert a published checkpoint into this repo's format ({'model', 'config'}, as train.py writes).
 
-    python tools/convert_checkpoint.py segformer_b0_ade.pth work_dirs/segformer_b0.pth --config configs/segformer_b0.yaml
+    python tools/convert_checkpoint.py segformer_b0_ade.pth work_dirs/b0.pth --config configs/segformer_b0.yaml
     python tools/convert_checkpoint.py hf_segformer_folder/ out.pth --config configs/segformer_b0_mlp.yaml
 
 SRC is an mmseg / OffSeg checkpoint (SegFormer(+OL), SegNeXt(+OL), OffSeg, Mask2Former(+OL), DeepLab),
@@ -11,6 +11,7 @@ listed, never dropped silently; the one documented exception is the unused `conv
 published Offset Learning heads. Parts the file does not hold (the head, for an ImageNet backbone
 file) keep their fresh initialisation and are listed.
 """
+
 import sys
 from pathlib import Path
 
@@ -31,8 +32,11 @@ def convert(source: str, target: str, config: str, overrides=()) -> list:
     converted, unclaimed = convert_model_state(model, read_state_dict(source))
     report = load_into(model, converted, source).problems()
     if unclaimed:
-        report.append(f'{len(unclaimed)} keys belong to no part of the model and were not used: '
-                      + ', '.join(unclaimed[:8]) + (' ...' if len(unclaimed) > 8 else ''))
+        report.append(
+            f'{len(unclaimed)} keys belong to no part of the model and were not used: '
+            + ', '.join(unclaimed[:8])
+            + (' ...' if len(unclaimed) > 8 else '')
+        )
     save_checkpoint({'model': model.state_dict(), 'config': cfg, 'converted_from': str(source)}, Path(target))
     return report
 
@@ -47,7 +51,7 @@ def main(argv=None) -> None:
     report = convert(args.source, args.target, args.config, args.set)
     for line in report:
         print(f'note: {line}')
-    print(f"wrote {args.target}" + (' (every key matched)' if not report else ''))
+    print(f'wrote {args.target}' + (' (every key matched)' if not report else ''))
 
 
 if __name__ == '__main__':

@@ -24,6 +24,7 @@ image of a batch, so the ONNX model is deterministic and at batch 1 equals PyTor
 the `onnx` package, and exports these models in seconds. --check runs ONNX Runtime (`onnxruntime`)
 at the export size and at a second size against the PyTorch model and prints the max abs differences.
 """
+
 import copy
 import json
 import sys
@@ -38,15 +39,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine.checkpoint import load_checkpoint  # noqa: E402
+from engine.cli import ArgumentParser, config_for_checkpoint, number, run_cli  # noqa: E402
 from engine.fast import prepare_for_inference  # noqa: E402
 from models.heads.ham import Hamburger  # noqa: E402
-from engine.cli import ArgumentParser, config_for_checkpoint, number, run_cli  # noqa: E402
 from models.weights import load_model_weights  # noqa: E402
 from train import create_model  # noqa: E402
 
 DEFAULT_OPSET = 17
-EXPORTER_NOTICES = ('You are using the legacy TorchScript-based ONNX export|The feature will be removed'
-                    '|Constant folding - Only steps=1')
+EXPORTER_NOTICES = (
+    'You are using the legacy TorchScript-based ONNX export|The feature will be removed|Constant folding - Only steps=1'
+)
 """Notices of the exporter itself (deprecation, a skipped optimisation) that say nothing about the model."""
 
 
@@ -60,8 +62,14 @@ def fix_nmf_bases(model: torch.nn.Module) -> None:
         nmf.initial_bases = lambda batch, channels, device, bases=bases: bases.to(device).expand(batch, -1, -1)
 
 
-def export(model: torch.nn.Module, path, size=(512, 512), opset: int = DEFAULT_OPSET, fold_bn: bool = True,
-           metadata: dict = None) -> Path:
+def export(
+    model: torch.nn.Module,
+    path,
+    size=(512, 512),
+    opset: int = DEFAULT_OPSET,
+    fold_bn: bool = True,
+    metadata: dict = None,
+) -> Path:
     """Write `model` (a Segmentor; left unchanged) as ONNX to `path`, traced on CPU at (1, 3, *size),
     with dynamic batch, height and width; `metadata` goes into the file (values that are not strings
     as JSON). Returns the path."""
@@ -74,10 +82,19 @@ def export(model: torch.nn.Module, path, size=(512, 512), opset: int = DEFAULT_O
         # the models' input-size checks are Python conditions on shapes: traced as constants, as intended
         warnings.simplefilter('ignore', torch.jit.TracerWarning)
         warnings.filterwarnings('ignore', message=EXPORTER_NOTICES)
-        torch.onnx.export(exported, (example,), str(path), dynamo=False, opset_version=opset,
-                          input_names=['images'], output_names=['logits'],
-                          dynamic_axes={'images': {0: 'batch', 2: 'height', 3: 'width'},
-                                        'logits': {0: 'batch', 2: 'logits_height', 3: 'logits_width'}})
+        torch.onnx.export(
+            exported,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=['images'],
+            output_names=['logits'],
+            dynamic_axes={
+                'images': {0: 'batch', 2: 'height', 3: 'width'},
+                'logits': {0: 'batch', 2: 'logits_height', 3: 'logits_width'},
+            },
+        )
     graph = onnx.load(str(path))
     for key, value in (metadata or {}).items():
         graph.metadata_props.add(key=key, value=value if isinstance(value, str) else json.dumps(value))
@@ -103,8 +120,9 @@ def check(path, model: torch.nn.Module, sizes, batch: int = 1) -> list:
             expected = model(images.to(next(model.parameters()).device)).float().cpu()
         (actual,) = session.run(['logits'], {'images': images.numpy()})
         if tuple(actual.shape) != tuple(expected.shape):
-            raise AssertionError(f'{path}: ONNX logits of shape {actual.shape} at {height}x{width}, '
-                                 f'PyTorch {tuple(expected.shape)}')
+            raise AssertionError(
+                f'{path}: ONNX logits of shape {actual.shape} at {height}x{width}, PyTorch {tuple(expected.shape)}'
+            )
         differences.append((torch.from_numpy(actual) - expected).abs().max().item())
     return differences
 
@@ -113,11 +131,20 @@ def parse_args(argv=None):
     parser = ArgumentParser(__doc__)
     parser.add_argument('--checkpoint', required=True)
     parser.add_argument('--output', required=True, help='the .onnx file to write')
-    parser.add_argument('--size', nargs=2, type=number(int, 32), default=[512, 512], metavar=('H', 'W'),
-                        help='tracing example size (default 512 512); the graph takes any size the model does')
-    parser.add_argument('--opset', type=number(int, 7), default=DEFAULT_OPSET, help=f'ONNX opset (default {DEFAULT_OPSET})')
-    parser.add_argument('--check', action='store_true',
-                        help='compare ONNX Runtime with PyTorch at --size and at (H+32, W+64)')
+    parser.add_argument(
+        '--size',
+        nargs=2,
+        type=number(int, 32),
+        default=[512, 512],
+        metavar=('H', 'W'),
+        help='tracing example size (default 512 512); the graph takes any size the model does',
+    )
+    parser.add_argument(
+        '--opset', type=number(int, 7), default=DEFAULT_OPSET, help=f'ONNX opset (default {DEFAULT_OPSET})'
+    )
+    parser.add_argument(
+        '--check', action='store_true', help='compare ONNX Runtime with PyTorch at --size and at (H+32, W+64)'
+    )
     parser.add_argument('--config', help="YAML to use instead of the checkpoint's stored config")
     parser.add_argument('--set', nargs='+', default=[], action='extend', metavar='KEY=VALUE')
     return parser.parse_args(argv)
@@ -131,8 +158,13 @@ def main(argv=None) -> None:
     load_model_weights(model, checkpoint, args.checkpoint)
     model.eval()
     data = cfg['data']
-    metadata = {'mean': data['mean'], 'std': data['std'], 'num_classes': data['num_classes'],
-                'class_names': data['class_names'], 'checkpoint': args.checkpoint}
+    metadata = {
+        'mean': data['mean'],
+        'std': data['std'],
+        'num_classes': data['num_classes'],
+        'class_names': data['class_names'],
+        'checkpoint': args.checkpoint,
+    }
     path = export(model, args.output, tuple(args.size), args.opset, metadata=metadata)
     print(f'{path} written: images (B, 3, H, W) normalised -> logits (B, {data["num_classes"]}, H/s, W/s)')
     if args.check:

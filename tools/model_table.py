@@ -8,6 +8,7 @@ output stride comes from a meta forward at 512x512. Paper numbers come from each
 section. Papers count the unused `conv_seg` classifier that mmseg builds beside Offset Learning;
 our heads do not build it, so both counts are shown.
 """
+
 import sys
 from pathlib import Path
 
@@ -16,9 +17,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models import BACKBONES, OffsetLearning  # noqa: E402
 from engine.cli import ArgumentParser  # noqa: E402
 from engine.rules import load_config  # noqa: E402
+from models import BACKBONES, OffsetLearning  # noqa: E402
 from train import create_model  # noqa: E402
 
 BEGIN, END = '<!-- model_table: begin -->', '<!-- model_table: end -->'
@@ -39,8 +40,10 @@ def backbone_table() -> str:
         for variant in variants(cls):
             with torch.device('meta'):
                 backbone = cls(variant)
-            rows.append(f'| `{name}` | `{variant}` | {", ".join(map(str, backbone.out_channels))} '
-                        f'| {count(backbone) / 1e6:.3f} |')
+            rows.append(
+                f'| `{name}` | `{variant}` | {", ".join(map(str, backbone.out_channels))} '
+                f'| {count(backbone) / 1e6:.3f} |'
+            )
     return '\n'.join(rows)
 
 
@@ -51,38 +54,51 @@ def describe(path: Path) -> dict:
         model = create_model(cfg).eval()
         logits = model(torch.empty(1, 3, 512, 512))
     params = count(model)
-    classifier = getattr(model.head, 'classifier', None)   # mask classification (Mask2Former) has none
+    classifier = getattr(model.head, 'classifier', None)  # mask classification (Mask2Former) has none
     if isinstance(classifier, OffsetLearning):
         channels, classes = classifier.cls_repr.shape[2], classifier.cls_repr.shape[1]
         with_conv_seg = params + channels * classes + classes
     else:
         with_conv_seg = None
     paper = cfg['paper'] or {}
-    return {'name': path.stem, 'backbone': f"{cfg['backbone']['type']} {cfg['backbone'].get('variant', '')}",
-            'head': cfg['head']['type'] + (' + OL' if cfg['head'].get('offset_learning') else ''),
-            'classes': cfg['data']['num_classes'], 'stride': 512 // logits.shape[-1], 'params': params,
-            'with_conv_seg': with_conv_seg, 'paper_params': paper.get('params_m'), 'paper_miou': paper.get('miou'),
-            'summary': (type(model.head).__doc__ or '').strip().splitlines()[0]}
+    return {
+        'name': path.stem,
+        'backbone': f'{cfg["backbone"]["type"]} {cfg["backbone"].get("variant", "")}',
+        'head': cfg['head']['type'] + (' + OL' if cfg['head'].get('offset_learning') else ''),
+        'classes': cfg['data']['num_classes'],
+        'stride': 512 // logits.shape[-1],
+        'params': params,
+        'with_conv_seg': with_conv_seg,
+        'paper_params': paper.get('params_m'),
+        'paper_miou': paper.get('miou'),
+        'summary': (type(model.head).__doc__ or '').strip().splitlines()[0],
+    }
 
 
 def model_table() -> str:
-    rows = ['| config | backbone | head | classes | stride | params (M) | + unused conv_seg | paper params | '
-            'paper mIoU |', '|---|---|---|---|---|---|---|---|---|']
+    rows = [
+        '| config | backbone | head | classes | stride | params (M) | + unused conv_seg | paper params | paper mIoU |',
+        '|---|---|---|---|---|---|---|---|---|',
+    ]
     heads = {}
     for path in sorted(CONFIGS.glob('*.yaml')):
         m = describe(path)
         heads.setdefault(m['head'].removesuffix(' + OL'), m['summary'])
         dash = lambda value, fmt='{}': '-' if value is None else fmt.format(value)  # noqa: E731
-        rows.append(f"| `{m['name']}` | {m['backbone']} | {m['head']} | {m['classes']} | {m['stride']} | "
-                    f"{m['params'] / 1e6:.3f} | {dash(m['with_conv_seg'] and m['with_conv_seg'] / 1e6, '{:.3f}')} | "
-                    f"{dash(m['paper_params'])} | {dash(m['paper_miou'])} |")
+        rows.append(
+            f'| `{m["name"]}` | {m["backbone"]} | {m["head"]} | {m["classes"]} | {m["stride"]} | '
+            f'{m["params"] / 1e6:.3f} | {dash(m["with_conv_seg"] and m["with_conv_seg"] / 1e6, "{:.3f}")} | '
+            f'{dash(m["paper_params"])} | {dash(m["paper_miou"])} |'
+        )
     legend = '\n'.join(f'- `{head}`: {summary}' for head, summary in heads.items())
     return '\n'.join(rows) + '\n\nWhat each head does:\n\n' + legend
 
 
 def tables() -> str:
-    return (f'{BEGIN}\n### Backbones\n\n{backbone_table()}\n\n### Every config\n\nParameters at the config\'s '
-            f'class count; stride of the logits at a 512x512 input.\n\n{model_table()}\n{END}')
+    return (
+        f"{BEGIN}\n### Backbones\n\n{backbone_table()}\n\n### Every config\n\nParameters at the config's "
+        f'class count; stride of the logits at a 512x512 input.\n\n{model_table()}\n{END}'
+    )
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
 """Backbones: each returns 4 NCHW maps at strides 4/8/16/32 and knows its `out_channels`."""
+
 from .convnext import ConvNeXt
 from .efficientformer_v2 import EfficientFormerV2
 from .mit import MiT

@@ -5,6 +5,7 @@ segmentation code (facebookresearch/ConvNeXt, `semantic_segmentation/backbone/co
 one channels-first LayerNorm (eps 1e-6) to each output; so do we (`norms`). ImageNet checkpoints
 do not have them, so they start as a fresh LayerNorm would.
 """
+
 import re
 from typing import NamedTuple
 
@@ -28,8 +29,13 @@ class ConvNeXt(nn.Module):
     def __init__(self, variant: str = 'tiny', drop_path_rate: float = 0.0, checkpointing: bool = False):
         super().__init__()
         lookup('ConvNeXt', VARIANTS, variant)
-        self.body = timm.create_model(f'convnext_{variant}', pretrained=False, features_only=True,
-                                      out_indices=(0, 1, 2, 3), drop_path_rate=drop_path_rate)
+        self.body = timm.create_model(
+            f'convnext_{variant}',
+            pretrained=False,
+            features_only=True,
+            out_indices=(0, 1, 2, 3),
+            drop_path_rate=drop_path_rate,
+        )
         self.body.set_grad_checkpointing(checkpointing)
         self.out_channels = self.body.feature_info.channels()
         self.strides = self.body.feature_info.reduction()
@@ -70,14 +76,16 @@ def _variant_of(state: dict) -> str:
     for name, variant in VARIANTS.items():
         if stem is not None and (stem.shape[0], depth) == (variant.dims[0], variant.depths[2]):
             return name
-    raise CheckpointError('not a ConvNeXt checkpoint: no stem weight of a known width '
-                          f"({', '.join(f'{name}: {v.dims[0]}' for name, v in VARIANTS.items())}) "
-                          'with the matching stage-3 depth')
+    raise CheckpointError(
+        'not a ConvNeXt checkpoint: no stem weight of a known width '
+        f'({", ".join(f"{name}: {v.dims[0]}" for name, v in VARIANTS.items())}) '
+        'with the matching stage-3 depth'
+    )
 
 
 class Variant(NamedTuple):
     depths: tuple  # blocks per stage
-    dims: tuple    # channels per stage
+    dims: tuple  # channels per stage
 
 
 VARIANTS = {  # as timm's convnext_{name}

@@ -15,13 +15,14 @@ code caches the gathered bias on `.eval()` and must be loaded before it.
 Input sizes: the stride-2 attention of stage 2 halves the stride-16 grid and doubles it back, so
 ceil(H/16) and ceil(W/16) must be even (any multiple of 32 works); other sizes raise a ValueError.
 """
+
 import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .variants import lookup
@@ -29,11 +30,14 @@ from .variants import lookup
 NUM_HEADS = 8
 
 
-def conv_bn(in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
-            groups: int = 1) -> nn.Sequential:
+def conv_bn(
+    in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1, groups: int = 1
+) -> nn.Sequential:
     """Conv (with bias) then BN, stored as `.0` / `.1` like the published nn.Sequential."""
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups),
-                         nn.BatchNorm2d(out_channels))
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups),
+        nn.BatchNorm2d(out_channels),
+    )
 
 
 def relative_bias_index(q_size: int, k_size: int, q_stride: int = 1) -> torch.Tensor:
@@ -43,8 +47,8 @@ def relative_bias_index(q_size: int, k_size: int, q_stride: int = 1) -> torch.Te
     offset (dy, dx) gets entry dy·k_size + dx. That is the order in which the published code first
     meets each offset, so the index equals its `attention_bias_idxs_seg` buffers.
     """
-    d = (torch.arange(q_size)[:, None] * q_stride - torch.arange(k_size)[None, :]).abs()   # (q, k) per axis
-    return (d[:, None, :, None] * k_size + d[None, :, None, :]).reshape(q_size ** 2, k_size ** 2)
+    d = (torch.arange(q_size)[:, None] * q_stride - torch.arange(k_size)[None, :]).abs()  # (q, k) per axis
+    return (d[:, None, :, None] * k_size + d[None, :, None, :]).reshape(q_size**2, k_size**2)
 
 
 def resized_bias(table: torch.Tensor, index: torch.Tensor, size: tuple) -> torch.Tensor:
@@ -69,7 +73,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Conv2d(hidden, dim, 1)
         self.norm2 = nn.BatchNorm2d(dim)
         self.act = nn.GELU()
-        for conv in (self.fc1, self.fc2):   # published init; `mid` keeps PyTorch's default
+        for conv in (self.fc1, self.fc2):  # published init; `mid` keeps PyTorch's default
             nn.init.trunc_normal_(conv.weight, std=0.02)
             nn.init.zeros_(conv.bias)
 
@@ -93,7 +97,7 @@ class Attention4D(nn.Module):
     def __init__(self, dim: int, table_size: int, stride: int = 1, key_dim: int = 32, attn_ratio: int = 4):
         super().__init__()
         self.key_dim, self.value_dim = key_dim, attn_ratio * key_dim
-        self.scale = key_dim ** -0.5
+        self.scale = key_dim**-0.5
         qk, values = NUM_HEADS * key_dim, NUM_HEADS * self.value_dim
         self.stride_conv = conv_bn(dim, dim, 3, stride=2, groups=dim) if stride == 2 else None
         self.q = conv_bn(dim, qk)
@@ -103,18 +107,18 @@ class Attention4D(nn.Module):
         self.talking_head1 = nn.Conv2d(NUM_HEADS, NUM_HEADS, 1)
         self.talking_head2 = nn.Conv2d(NUM_HEADS, NUM_HEADS, 1)
         self.proj = nn.Sequential(nn.GELU(), *conv_bn(values, dim))
-        self.attention_biases_seg = nn.Parameter(torch.zeros(NUM_HEADS, table_size ** 2))
+        self.attention_biases_seg = nn.Parameter(torch.zeros(NUM_HEADS, table_size**2))
         self.register_buffer('attention_bias_idxs_seg', relative_bias_index(table_size, table_size), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride_conv is not None:
             x = self.stride_conv(x)
         b, _, h, w = x.shape
-        q = split_heads(self.q(x), self.key_dim).transpose(2, 3)          # (B, heads, N, 32)
-        k = split_heads(self.k(x), self.key_dim)                          # (B, heads, 32, N)
+        q = split_heads(self.q(x), self.key_dim).transpose(2, 3)  # (B, heads, N, 32)
+        k = split_heads(self.k(x), self.key_dim)  # (B, heads, 32, N)
         v = self.v(x)
         v_local = self.v_local(v)
-        v = split_heads(v, self.value_dim).transpose(2, 3)                # (B, heads, N, 128)
+        v = split_heads(v, self.value_dim).transpose(2, 3)  # (B, heads, N, 128)
         attn = (q @ k) * self.scale
         attn = attn + resized_bias(self.attention_biases_seg, self.attention_bias_idxs_seg, attn.shape[-2:])
         attn = self.talking_head2(self.talking_head1(attn).softmax(dim=-1))
@@ -149,7 +153,7 @@ class Attention4DDownsample(nn.Module):
     def __init__(self, dim: int, out_dim: int, table_size: int, key_dim: int = 16, attn_ratio: int = 4):
         super().__init__()
         self.key_dim, self.value_dim = key_dim, attn_ratio * key_dim
-        self.scale = key_dim ** -0.5
+        self.scale = key_dim**-0.5
         qk, values = NUM_HEADS * key_dim, NUM_HEADS * self.value_dim
         self.q = LGQuery(dim, qk)
         self.k = conv_bn(dim, qk)
@@ -157,19 +161,21 @@ class Attention4DDownsample(nn.Module):
         self.v_local = conv_bn(values, values, 3, stride=2, groups=values)
         self.proj = nn.Sequential(nn.GELU(), *conv_bn(values, out_dim))
         q_size = math.ceil(table_size / 2)
-        self.attention_biases_seg = nn.Parameter(torch.zeros(NUM_HEADS, table_size ** 2))
-        self.register_buffer('attention_bias_idxs_seg',
-                             relative_bias_index(q_size, table_size, math.ceil(table_size / q_size)),
-                             persistent=False)
+        self.attention_biases_seg = nn.Parameter(torch.zeros(NUM_HEADS, table_size**2))
+        self.register_buffer(
+            'attention_bias_idxs_seg',
+            relative_bias_index(q_size, table_size, math.ceil(table_size / q_size)),
+            persistent=False,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = self.q(x)
         b, _, h, w = q.shape
-        q = split_heads(q, self.key_dim).transpose(2, 3)                  # (B, heads, N/4, 16)
-        k = split_heads(self.k(x), self.key_dim)                          # (B, heads, 16, N)
+        q = split_heads(q, self.key_dim).transpose(2, 3)  # (B, heads, N/4, 16)
+        k = split_heads(self.k(x), self.key_dim)  # (B, heads, 16, N)
         v = self.v(x)
         v_local = self.v_local(v)
-        v = split_heads(v, self.value_dim).transpose(2, 3)                # (B, heads, N, 64)
+        v = split_heads(v, self.value_dim).transpose(2, 3)  # (B, heads, N, 64)
         attn = (q @ k) * self.scale
         attn = attn + resized_bias(self.attention_biases_seg, self.attention_bias_idxs_seg, attn.shape[-2:])
         out = (attn.softmax(dim=-1) @ v).transpose(2, 3).reshape(b, -1, h, w) + v_local
@@ -235,8 +241,13 @@ class EfficientFormerV2(nn.Module):
     `checkpointing` recomputes each block in backward while training.
     """
 
-    def __init__(self, variant: str = 's1', drop_path_rate: float | None = None, checkpointing: bool = False,
-                 resolution: int = 512):
+    def __init__(
+        self,
+        variant: str = 's1',
+        drop_path_rate: float | None = None,
+        checkpointing: bool = False,
+        resolution: int = 512,
+    ):
         super().__init__()
         widths, ratios, vit_num, published_rate = lookup('EfficientFormerV2', VARIANTS, variant)
         drop_path_rate = published_rate if drop_path_rate is None else drop_path_rate
@@ -244,12 +255,15 @@ class EfficientFormerV2(nn.Module):
         self.strides = [4, 8, 16, 32]
         self.checkpointing = checkpointing
         self.patch_embed = nn.Sequential(
-            *conv_bn(3, widths[0] // 2, 3, stride=2), nn.GELU(),
-            *conv_bn(widths[0] // 2, widths[0], 3, stride=2), nn.GELU())
+            *conv_bn(3, widths[0] // 2, 3, stride=2),
+            nn.GELU(),
+            *conv_bn(widths[0] // 2, widths[0], 3, stride=2),
+            nn.GELU(),
+        )
         total = sum(len(r) for r in ratios)
         network, index = [], 0
         for i, (dim, stage_ratios) in enumerate(zip(widths, ratios)):
-            grid = math.ceil(resolution / 2 ** (i + 2))        # token grid side at `resolution`
+            grid = math.ceil(resolution / 2 ** (i + 2))  # token grid side at `resolution`
             blocks = []
             for j, ratio in enumerate(stage_ratios):
                 rate = drop_path_rate * index / (total - 1)
@@ -269,8 +283,10 @@ class EfficientFormerV2(nn.Module):
     def forward(self, x: torch.Tensor) -> list:
         h, w = x.shape[-2:]
         if math.ceil(h / 16) % 2 or math.ceil(w / 16) % 2:
-            raise ValueError(f'EfficientFormerV2 needs ceil(H/16) and ceil(W/16) even (e.g. sides that are '
-                             f'multiples of 32); got an input of {h}x{w}')
+            raise ValueError(
+                f'EfficientFormerV2 needs ceil(H/16) and ceil(W/16) even (e.g. sides that are '
+                f'multiples of 32); got an input of {h}x{w}'
+            )
         x = self.patch_embed(x)
         features = []
         for i, layer in enumerate(self.network):
@@ -299,33 +315,43 @@ class EfficientFormerV2(nn.Module):
         """
         converted = {}
         for key, value in state.items():
-            if key.startswith(('head.', 'dist_head.', 'norm.')) or key.endswith(('.attention_biases',
-                                                                                  '.attention_bias_idxs')):
+            if key.startswith(('head.', 'dist_head.', 'norm.')) or key.endswith(
+                ('.attention_biases', '.attention_bias_idxs')
+            ):
                 continue
             if key.endswith('.attention_bias_idxs_seg'):
                 q_size, k_size = (math.isqrt(n) for n in value.shape)
                 expected = relative_bias_index(q_size, k_size, math.ceil(k_size / q_size))
                 if not torch.equal(value.cpu(), expected):
-                    raise ValueError(f'{key}: attention bias index differs from the (|dy|, |dx|) layout '
-                                     f'of a {q_size}x{q_size} query / {k_size}x{k_size} key grid')
+                    raise ValueError(
+                        f'{key}: attention bias index differs from the (|dy|, |dx|) layout '
+                        f'of a {q_size}x{q_size} query / {k_size}x{k_size} key grid'
+                    )
                 continue
             converted[key] = value
         return converted
 
 
 class Variant(NamedTuple):
-    widths: tuple          # channels per stage
-    mlp_ratios: tuple      # MLP expansion of every block, per stage
-    vit_num: int           # attention blocks at the end of stages 2 and 3
+    widths: tuple  # channels per stage
+    mlp_ratios: tuple  # MLP expansion of every block, per stage
+    vit_num: int  # attention blocks at the end of stages 2 and 3
     drop_path_rate: float  # the published rate
 
 
 VARIANTS = {
     's0': Variant((32, 48, 96, 176), ((4,) * 2, (4,) * 2, (4, 3, 3, 3, 4, 4), (4, 3, 3, 4)), 2, 0.0),
     's1': Variant((32, 48, 120, 224), ((4,) * 3, (4,) * 3, (4, 4, 3, 3, 3, 3, 4, 4, 4), (4, 4, 3, 3, 4, 4)), 2, 0.0),
-    's2': Variant((32, 64, 144, 288),
-                  ((4,) * 4, (4,) * 4, (4, 4, 3, 3, 3, 3, 3, 3, 4, 4, 4, 4), (4, 4, 3, 3, 3, 3, 4, 4)), 4, 0.02),
-    'l': Variant((40, 80, 192, 384),
-                 ((4,) * 5, (4,) * 5, (4, 4, 4, 4, 3, 3, 3, 3, 3, 3, 3, 4, 4, 4, 4), (4, 4, 4, 3, 3, 3, 3, 4, 4, 4)),
-                 6, 0.1),
+    's2': Variant(
+        (32, 64, 144, 288),
+        ((4,) * 4, (4,) * 4, (4, 4, 3, 3, 3, 3, 3, 3, 4, 4, 4, 4), (4, 4, 3, 3, 3, 3, 4, 4)),
+        4,
+        0.02,
+    ),
+    'l': Variant(
+        (40, 80, 192, 384),
+        ((4,) * 5, (4,) * 5, (4, 4, 4, 4, 3, 3, 3, 3, 3, 3, 3, 4, 4, 4, 4), (4, 4, 4, 3, 3, 3, 3, 4, 4, 4)),
+        6,
+        0.1,
+    ),
 }

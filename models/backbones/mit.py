@@ -7,6 +7,7 @@ efficient self-attention (keys and values from tokens reduced by a strided conv)
 our keys are HF 5.x's under `segformer.`; `convert_checkpoint` maps mmseg, official NVlabs and
 HF 4.x names onto them.
 """
+
 import re
 from typing import NamedTuple
 
@@ -130,10 +131,11 @@ SPLITS = {
     '.kv.bias': ('.k_proj.bias', '.v_proj.bias'),
 }
 
+
 # All variants: heads (1, 2, 5, 8), reduction ratios (8, 4, 2, 1), MLP ratio 4, patches (7, 3, 3, 3).
 class Variant(NamedTuple):
     hidden_sizes: tuple  # channels per stage
-    depths: tuple        # blocks per stage
+    depths: tuple  # blocks per stage
 
 
 VARIANTS = {

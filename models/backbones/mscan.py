@@ -11,6 +11,7 @@ BatchNorm2d: convert with `nn.SyncBatchNorm.convert_sync_batchnorm` under DDP fo
 SyncBN behaviour. Keys are mmseg 1.x's (`mlp.dwconv.weight`); the official ImageNet weights nest
 that conv once more (`mlp.dwconv.dwconv.weight`), which `convert_checkpoint` undoes.
 """
+
 import math
 from typing import NamedTuple
 
@@ -33,9 +34,12 @@ class StemConv(nn.Module):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
         self.proj = nn.Sequential(
-            nn.Conv2d(in_channels, out_channels // 2, 3, stride=2, padding=1), nn.BatchNorm2d(out_channels // 2),
+            nn.Conv2d(in_channels, out_channels // 2, 3, stride=2, padding=1),
+            nn.BatchNorm2d(out_channels // 2),
             nn.GELU(),
-            nn.Conv2d(out_channels // 2, out_channels, 3, stride=2, padding=1), nn.BatchNorm2d(out_channels))
+            nn.Conv2d(out_channels // 2, out_channels, 3, stride=2, padding=1),
+            nn.BatchNorm2d(out_channels),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x)
@@ -142,8 +146,9 @@ class MSCAN(nn.Module):
         for i, (dim, depth, mlp_ratio) in enumerate(zip(dims, depths, MLP_RATIOS)):
             first = sum(depths[:i])
             setattr(self, f'patch_embed{i + 1}', StemConv(3, dim) if i == 0 else PatchEmbed(dims[i - 1], dim))
-            setattr(self, f'block{i + 1}', nn.ModuleList(
-                MSCABlock(dim, mlp_ratio, r) for r in rates[first:first + depth]))
+            setattr(
+                self, f'block{i + 1}', nn.ModuleList(MSCABlock(dim, mlp_ratio, r) for r in rates[first : first + depth])
+            )
             setattr(self, f'norm{i + 1}', nn.LayerNorm(dim))
         self.out_channels = list(dims)
         self.strides = [4, 8, 16, 32]
@@ -182,16 +187,20 @@ class MSCAN(nn.Module):
         The official MLP depthwise conv is nested (`mlp.dwconv.dwconv.*`); mmseg 1.x and we use
         `mlp.dwconv.*`. The ImageNet classifier `head.*` is dropped. Every other key is already ours.
         """
-        return {key.replace('.mlp.dwconv.dwconv.', '.mlp.dwconv.'): value
-                for key, value in state.items() if not key.startswith('head.')}
+        return {
+            key.replace('.mlp.dwconv.dwconv.', '.mlp.dwconv.'): value
+            for key, value in state.items()
+            if not key.startswith('head.')
+        }
 
 
 MLP_RATIOS = (8, 8, 4, 4)
 """MLP expansion per stage, the same for every variant."""
 
+
 class Variant(NamedTuple):
-    dims: tuple            # embed dims = channels per stage
-    depths: tuple          # blocks per stage
+    dims: tuple  # embed dims = channels per stage
+    depths: tuple  # blocks per stage
     drop_path_rate: float  # the published rate
 
 

@@ -4,6 +4,7 @@ timm's ResNet exposes 5 feature levels (the stem first), so the four stages are 
 `output_stride` 8 or 16 dilates the last stages (DeepLab "D8"/"D16"); the deep-stem variants
 `50c`/`101c` are mmseg's ResNetV1c, `50d`/`101d` add average-pool shortcuts.
 """
+
 from typing import NamedTuple
 
 import timm
@@ -16,15 +17,25 @@ from .variants import lookup
 class ResNet(nn.Module):
     """timm ResNet feature extractor. Keys are timm's own (`conv1.weight`, `layer1.0...`)."""
 
-    def __init__(self, variant: str | int = '50', output_stride: int = 32, drop_path_rate: float = 0.0,
-                 checkpointing: bool = False):
+    def __init__(
+        self,
+        variant: str | int = '50',
+        output_stride: int = 32,
+        drop_path_rate: float = 0.0,
+        checkpointing: bool = False,
+    ):
         super().__init__()
         spec = lookup('ResNet', VARIANTS, str(variant))
         if output_stride not in (8, 16, 32):
             raise ValueError(f'ResNet output_stride must be 8, 16 or 32, got {output_stride}')
-        self.body = timm.create_model(spec.timm_name, pretrained=False, features_only=True,
-                                      out_indices=(1, 2, 3, 4), output_stride=output_stride,
-                                      drop_path_rate=drop_path_rate)
+        self.body = timm.create_model(
+            spec.timm_name,
+            pretrained=False,
+            features_only=True,
+            out_indices=(1, 2, 3, 4),
+            output_stride=output_stride,
+            drop_path_rate=drop_path_rate,
+        )
         self.body.set_grad_checkpointing(checkpointing)
         self.out_channels = self.body.feature_info.channels()
         self.strides = self.body.feature_info.reduction()

@@ -10,13 +10,19 @@ map, which changes every stage at sizes that are not multiples of 7·stride.
 Each stage's output is its tokens before the patch merging, through a LayerNorm (`norms.{i}`,
 mmseg's `norm{i}`), as NCHW maps at strides 4/8/16/32.
 """
+
 import re
 from typing import NamedTuple
 
 import torch
 from timm.layers import PatchEmbed
-from timm.models.swin_transformer import (PatchMerging, SwinTransformerBlock, get_relative_position_index,
-                                          window_partition, window_reverse)
+from timm.models.swin_transformer import (
+    PatchMerging,
+    SwinTransformerBlock,
+    get_relative_position_index,
+    window_partition,
+    window_reverse,
+)
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -28,9 +34,16 @@ class PaddedSwinBlock(SwinTransformerBlock):
     """timm's Swin block, (B, H, W, C) -> (B, H, W, C), with mmseg's pad-then-shift window attention."""
 
     def __init__(self, dim: int, num_heads: int, window_size: int, shift: bool, drop_path: float):
-        super().__init__(dim, input_resolution=None, num_heads=num_heads, window_size=window_size,
-                         shift_size=window_size // 2 if shift else 0, always_partition=True, dynamic_mask=True,
-                         drop_path=drop_path)
+        super().__init__(
+            dim,
+            input_resolution=None,
+            num_heads=num_heads,
+            window_size=window_size,
+            shift_size=window_size // 2 if shift else 0,
+            always_partition=True,
+            dynamic_mask=True,
+            drop_path=drop_path,
+        )
 
     def _attn(self, x: torch.Tensor) -> torch.Tensor:
         _, height, width, channels = x.shape
@@ -52,11 +65,11 @@ class SwinStage(nn.Module):
 
     (B, H, W, C) -> (stage output (B, H, W, C), input of the next stage (B, H/2, W/2, 2C))."""
 
-    def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, drop_paths: list,
-                 downsample: bool):
+    def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, drop_paths: list, downsample: bool):
         super().__init__()
-        self.blocks = nn.ModuleList(PaddedSwinBlock(dim, num_heads, window_size, i % 2 == 1, drop_paths[i])
-                                    for i in range(depth))
+        self.blocks = nn.ModuleList(
+            PaddedSwinBlock(dim, num_heads, window_size, i % 2 == 1, drop_paths[i]) for i in range(depth)
+        )
         self.downsample = PatchMerging(dim) if downsample else None
         self.checkpointing = False
 
@@ -74,19 +87,28 @@ class Swin(nn.Module):
     Mask2Former configs train with drop_path_rate 0.3, spread linearly over the blocks.
     """
 
-    def __init__(self, variant: str = 'tiny', window_size: int = 7, drop_path_rate: float = 0.3,
-                 checkpointing: bool = False):
+    def __init__(
+        self, variant: str = 'tiny', window_size: int = 7, drop_path_rate: float = 0.3, checkpointing: bool = False
+    ):
         super().__init__()
         embed_dim, depths, heads = lookup('Swin', VARIANTS, variant)
-        self.out_channels = [embed_dim * 2 ** i for i in range(4)]
+        self.out_channels = [embed_dim * 2**i for i in range(4)]
         self.strides = [4, 8, 16, 32]
-        self.patch_embed = PatchEmbed(None, patch_size=4, embed_dim=embed_dim, norm_layer=nn.LayerNorm,
-                                      output_fmt='NHWC', strict_img_size=False, dynamic_img_pad=True)
+        self.patch_embed = PatchEmbed(
+            None,
+            patch_size=4,
+            embed_dim=embed_dim,
+            norm_layer=nn.LayerNorm,
+            output_fmt='NHWC',
+            strict_img_size=False,
+            dynamic_img_pad=True,
+        )
         drop_paths = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
         starts = [sum(depths[:i]) for i in range(4)]
         self.stages = nn.ModuleList(
-            SwinStage(width, depth, num_heads, window_size, drop_paths[start:start + depth], i < 3)
-            for i, (width, depth, num_heads, start) in enumerate(zip(self.out_channels, depths, heads, starts)))
+            SwinStage(width, depth, num_heads, window_size, drop_paths[start : start + depth], i < 3)
+            for i, (width, depth, num_heads, start) in enumerate(zip(self.out_channels, depths, heads, starts))
+        )
         self.norms = nn.ModuleList(nn.LayerNorm(width) for width in self.out_channels)
         for stage in self.stages:
             stage.checkpointing = checkpointing
@@ -128,8 +150,8 @@ class Swin(nn.Module):
         if 'patch_embed.proj.bias' in converted:
             embed_dim = converted['patch_embed.proj.bias'].shape[0]
             for i in range(4):
-                converted.setdefault(f'norms.{i}.weight', torch.ones(embed_dim * 2 ** i))
-                converted.setdefault(f'norms.{i}.bias', torch.zeros(embed_dim * 2 ** i))
+                converted.setdefault(f'norms.{i}.weight', torch.ones(embed_dim * 2**i))
+                converted.setdefault(f'norms.{i}.bias', torch.zeros(embed_dim * 2**i))
         return converted
 
 
@@ -141,17 +163,18 @@ def unfold_to_concat_order(channels: int) -> torch.Tensor:
 
 
 RENAMES = [  # applied in order; our keys match none of them
-    (r'^patch_embed\.projection\.', 'patch_embed.proj.'),                 # mmseg
+    (r'^patch_embed\.projection\.', 'patch_embed.proj.'),  # mmseg
     (r'\.attn\.w_msa\.', '.attn.'),
     (r'\.ffn\.layers\.0\.0\.', '.mlp.fc1.'),
     (r'\.ffn\.layers\.1\.', '.mlp.fc2.'),
     (r'^norm(\d)\.', r'norms.\1.'),
-    (r'^layers\.(\d+)\.', r'stages.\1.'),                                 # official ImageNet files
+    (r'^layers\.(\d+)\.', r'stages.\1.'),  # official ImageNet files
 ]
 
+
 class Variant(NamedTuple):
-    embed_dim: int    # channels of stage 0 (doubled at each stage)
-    depths: tuple     # blocks per stage
+    embed_dim: int  # channels of stage 0 (doubled at each stage)
+    depths: tuple  # blocks per stage
     num_heads: tuple  # attention heads per stage
 
 

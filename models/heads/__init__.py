@@ -1,4 +1,5 @@
 """Heads: list of backbone maps -> logits. Every head takes `offset_learning` to swap its classifier."""
+
 from .deeplab import DeepLabV3Head, DeepLabV3PlusHead
 from .fcn import FCNHead
 from .ham import LightHamHead

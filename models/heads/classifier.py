@@ -1,4 +1,5 @@
 """The last layer every head shares: a per-pixel classifier, or Offset Learning in its place."""
+
 from torch import nn
 
 from ..offset_learning import OffsetLearning

@@ -6,6 +6,7 @@ and 3x3 branches at growing dilations, concatenated and fused by a 3x3 bottlenec
 DeepLabV3+ makes the dilated branches depthwise-separable and adds a decoder: the ASPP output is
 upsampled to stride 4 and fused with the stride-4 map reduced to 48 channels.
 """
+
 import torch
 from torch import nn
 
@@ -16,16 +17,27 @@ from .layers import ConvModule, DepthwiseSeparableConvModule, resize
 class DeepLabV3Head(nn.Module):
     """DeepLabV3: logits at the deepest map's stride."""
 
-    def __init__(self, in_channels: list, num_classes: int, channels: int = 512, dilations: list = (1, 12, 24, 36),
-                 dropout: float = 0.1, offset_learning: bool = False, separable: bool = False):
+    def __init__(
+        self,
+        in_channels: list,
+        num_classes: int,
+        channels: int = 512,
+        dilations: list = (1, 12, 24, 36),
+        dropout: float = 0.1,
+        offset_learning: bool = False,
+        separable: bool = False,
+    ):
         super().__init__()
         deepest = in_channels[-1]
         self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), ConvModule(deepest, channels, 1))
         self.aspp_modules = nn.ModuleList(
-            ConvModule(deepest, channels, 1) if d == 1
-            else DepthwiseSeparableConvModule(deepest, channels, 3, dilation=d) if separable
+            ConvModule(deepest, channels, 1)
+            if d == 1
+            else DepthwiseSeparableConvModule(deepest, channels, 3, dilation=d)
+            if separable
             else ConvModule(deepest, channels, 3, dilation=d)
-            for d in dilations)
+            for d in dilations
+        )
         self.bottleneck = ConvModule((len(dilations) + 1) * channels, channels, 3)
         self.classifier = build_classifier(channels, num_classes, dropout, offset_learning)
 
@@ -43,12 +55,22 @@ class DeepLabV3Head(nn.Module):
 class DeepLabV3PlusHead(DeepLabV3Head):
     """DeepLabV3+ (mmseg `DepthwiseSeparableASPPHead`): logits at the stride-4 map's resolution."""
 
-    def __init__(self, in_channels: list, num_classes: int, channels: int = 512, dilations: list = (1, 12, 24, 36),
-                 c1_channels: int = 48, dropout: float = 0.1, offset_learning: bool = False):
+    def __init__(
+        self,
+        in_channels: list,
+        num_classes: int,
+        channels: int = 512,
+        dilations: list = (1, 12, 24, 36),
+        c1_channels: int = 48,
+        dropout: float = 0.1,
+        offset_learning: bool = False,
+    ):
         super().__init__(in_channels, num_classes, channels, dilations, dropout, offset_learning, separable=True)
         self.c1_bottleneck = ConvModule(in_channels[0], c1_channels, 1)
-        self.sep_bottleneck = nn.Sequential(DepthwiseSeparableConvModule(channels + c1_channels, channels, 3),
-                                            DepthwiseSeparableConvModule(channels, channels, 3))
+        self.sep_bottleneck = nn.Sequential(
+            DepthwiseSeparableConvModule(channels + c1_channels, channels, 3),
+            DepthwiseSeparableConvModule(channels, channels, 3),
+        )
 
     def forward(self, features: list) -> torch.Tensor:
         low_level = self.c1_bottleneck(features[0])

@@ -5,6 +5,7 @@ key: the values are sampled there bilinearly (`F.grid_sample`) and summed with w
 predicts. The arithmetic is mmcv's `multi_scale_deformable_attn_pytorch` (the reference its CUDA
 kernel is checked against), so no compiled op is needed and the module runs on CPU and exports to ONNX.
 """
+
 import math
 
 import torch
@@ -12,8 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def multi_scale_deformable_attention(value: torch.Tensor, spatial_shapes: list, sampling_locations: torch.Tensor,
-                                     attention_weights: torch.Tensor) -> torch.Tensor:
+def multi_scale_deformable_attention(
+    value: torch.Tensor, spatial_shapes: list, sampling_locations: torch.Tensor, attention_weights: torch.Tensor
+) -> torch.Tensor:
     """Weighted bilinear samples of every level.
 
     value (B, N, heads, D): the levels' tokens concatenated, row-major, level by level;
@@ -29,12 +31,13 @@ def multi_scale_deformable_attention(value: torch.Tensor, spatial_shapes: list, 
     dtype = torch.promote_types(value.dtype, torch.float32)
     grids = 2 * sampling_locations.to(dtype) - 1
     samples = []
-    for level, (values, (height, width)) in enumerate(zip(value.split([h * w for h, w in spatial_shapes], dim=1),
-                                                          spatial_shapes)):
+    for level, (values, (height, width)) in enumerate(
+        zip(value.split([h * w for h, w in spatial_shapes], dim=1), spatial_shapes)
+    ):
         values = values.flatten(2).transpose(1, 2).reshape(batch * heads, dim, height, width).to(dtype)
-        grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)                    # (B·heads, Q, points, 2)
+        grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)  # (B·heads, Q, points, 2)
         samples.append(F.grid_sample(values, grid, mode='bilinear', padding_mode='zeros', align_corners=False))
-    samples = torch.stack(samples, dim=-2).flatten(-2)                                  # (B·heads, D, Q, L·P)
+    samples = torch.stack(samples, dim=-2).flatten(-2)  # (B·heads, D, Q, L·P)
     weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)
     return (samples * weights).sum(-1).view(batch, heads * dim, queries).transpose(1, 2)
 
@@ -73,8 +76,9 @@ class MultiScaleDeformableAttention(nn.Module):
             nn.init.xavier_uniform_(linear.weight)
             nn.init.zeros_(linear.bias)
 
-    def forward(self, query: torch.Tensor, query_pos: torch.Tensor, reference_points: torch.Tensor,
-                spatial_shapes: list) -> torch.Tensor:
+    def forward(
+        self, query: torch.Tensor, query_pos: torch.Tensor, reference_points: torch.Tensor, spatial_shapes: list
+    ) -> torch.Tensor:
         batch, queries, _ = query.shape
         value = self.value_proj(query).view(batch, queries, self.num_heads, -1)
         with_pos = query + query_pos
@@ -83,9 +87,13 @@ class MultiScaleDeformableAttention(nn.Module):
         weights = self.attention_weights(with_pos).view(*shape[:3], -1).softmax(-1).view(shape)
         # Offsets are in pixels of each level. Divided size by size, not by a tensor of the sizes, so that
         # an ONNX trace keeps them as the input's shape rather than constants.
-        offsets = torch.stack([torch.stack([offsets[:, :, :, level, :, 0] / width,
-                                            offsets[:, :, :, level, :, 1] / height], dim=-1)
-                               for level, (height, width) in enumerate(spatial_shapes)], dim=3)
+        offsets = torch.stack(
+            [
+                torch.stack([offsets[:, :, :, level, :, 0] / width, offsets[:, :, :, level, :, 1] / height], dim=-1)
+                for level, (height, width) in enumerate(spatial_shapes)
+            ],
+            dim=3,
+        )
         locations = reference_points[:, :, None, :, None, :] + offsets
         output = multi_scale_deformable_attention(value, spatial_shapes, locations, weights)
         return self.output_proj(output) + query

@@ -1,4 +1,5 @@
 """FCN head (Long et al. 2015), used as the auxiliary training head as in mmseg's DeepLab recipes."""
+
 from torch import nn
 
 from .classifier import build_classifier, convert_classifier_keys
@@ -8,8 +9,16 @@ from .layers import ConvModule
 class FCNHead(nn.Module):
     """`num_convs` 3x3 ConvModules on one backbone level, then the classifier (mmseg `FCNHead` keys)."""
 
-    def __init__(self, in_channels: list, num_classes: int, in_index: int = 2, channels: int = 256,
-                 num_convs: int = 1, dropout: float = 0.1, offset_learning: bool = False):
+    def __init__(
+        self,
+        in_channels: list,
+        num_classes: int,
+        in_index: int = 2,
+        channels: int = 256,
+        num_convs: int = 1,
+        dropout: float = 0.1,
+        offset_learning: bool = False,
+    ):
         super().__init__()
         self.in_index = in_index
         widths = [in_channels[in_index]] + [channels] * num_convs

@@ -8,13 +8,15 @@ configuration is implemented (scale 2, one kernel group, semi-conv, compressed-f
 high-pass with residual, 4-group feature resampling with GroupNorm, no Hamming window).
 Keys are the published ones, minus the constant `hamming_lowpass` / `hamming_highpass` buffers.
 """
+
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
-def carafe(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, group_size: int,
-           scale_factor: int) -> torch.Tensor:
+def carafe(
+    features: torch.Tensor, masks: torch.Tensor, kernel_size: int, group_size: int, scale_factor: int
+) -> torch.Tensor:
     """Content-aware reassembly, the arithmetic of mmcv's `carafe` kernel, without compiled ops.
 
         out[n, c, y, x] = Σ_{i,j} masks[n, g·k² + i·k + j, y, x]
@@ -31,16 +33,18 @@ def carafe(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, group_
     n, c, h, w = features.shape
     k, s, g = kernel_size, scale_factor, group_size
     if masks.shape != (n, g * k * k, h * s, w * s):
-        raise ValueError(f'carafe: masks of shape {tuple(masks.shape)} do not fit features {tuple(features.shape)} '
-                         f'with kernel {k}, {g} group(s), scale {s}: expected {(n, g * k * k, h * s, w * s)}')
+        raise ValueError(
+            f'carafe: masks of shape {tuple(masks.shape)} do not fit features {tuple(features.shape)} '
+            f'with kernel {k}, {g} group(s), scale {s}: expected {(n, g * k * k, h * s, w * s)}'
+        )
     pad = k // 2
     padded = F.pad(features, (pad, pad, pad, pad)).reshape(n, g, c // g, 1, 1, h + 2 * pad, w + 2 * pad)
     # output pixel (y, x) = (s·Y + a, s·X + b): masks to (N, G, k², 1, a, b, Y, X)
     masks = masks.reshape(n, g, k * k, 1, h, s, w, s).permute(0, 1, 2, 3, 5, 7, 4, 6).contiguous()
-    out = padded[..., :h, :w] * masks[:, :, 0]                    # tap (0, 0): (N, G, C/G, s, s, H, W)
+    out = padded[..., :h, :w] * masks[:, :, 0]  # tap (0, 0): (N, G, C/G, s, s, H, W)
     for tap in range(1, k * k):
         i, j = divmod(tap, k)
-        out.addcmul_(padded[..., i:i + h, j:j + w], masks[:, :, tap])
+        out.addcmul_(padded[..., i : i + h, j : j + w], masks[:, :, tap])
     return out.permute(0, 1, 2, 5, 3, 6, 4).reshape(n, c, h * s, w * s)
 
 
@@ -63,10 +67,11 @@ def local_cosine_similarity(x: torch.Tensor, dilation: int = 2) -> torch.Tensor:
     unit = x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-8)
     padded = F.pad(unit, (d, d, d, d))
     first = ((-d, -d), (-d, 0), (-d, d), (0, -d))
-    sims = torch.stack([(unit * padded[..., d + dy:d + dy + h, d + dx:d + dx + w]).sum(dim=1)
-                        for dy, dx in first], dim=1)
+    sims = torch.stack(
+        [(unit * padded[..., d + dy : d + dy + h, d + dx : d + dx + w]).sum(dim=1) for dy, dx in first], dim=1
+    )
     padded = F.pad(sims, (d, d, d, d))
-    mirrored = [padded[:, n, d - dy:d - dy + h, d - dx:d - dx + w] for n, (dy, dx) in enumerate(first)]
+    mirrored = [padded[:, n, d - dy : d - dy + h, d - dx : d - dx + w] for n, (dy, dx) in enumerate(first)]
     return torch.cat((sims, torch.stack(mirrored[::-1], dim=1)), dim=1)
 
 
@@ -85,7 +90,7 @@ class LocalSimGuidedSampler(nn.Module):
         if in_channels % groups or in_channels % 8:
             raise ValueError(f'LocalSimGuidedSampler: {in_channels} channels must divide into {groups} groups and 8')
         self.groups = groups
-        sims, pad = local_window ** 2 - 1, kernel_size // 2
+        sims, pad = local_window**2 - 1, kernel_size // 2
         self.offset = nn.Conv2d(sims, 2 * groups * 4, kernel_size, padding=pad)
         self.direct_scale = nn.Conv2d(in_channels, 2 * groups * 4, kernel_size, padding=pad)
         self.hr_offset = nn.Conv2d(sims, 2 * groups, kernel_size, padding=pad)
@@ -99,7 +104,7 @@ class LocalSimGuidedSampler(nn.Module):
         """(1, 2·groups·4, 1, 1): channel xy·4G + g·4 + a·2 + b holds the x (xy=0) or y (xy=1)
         centre of output sub-pixel (a, b) relative to its low-res pixel: ±1/4."""
         pos = torch.tensor([-0.25, 0.25])
-        x = pos.view(1, 2).expand(2, 2)            # varies with the column b
+        x = pos.view(1, 2).expand(2, 2)  # varies with the column b
         return torch.stack((x, x.t())).reshape(2, 1, 4).expand(2, groups, 4).reshape(1, -1, 1, 1).clone()
 
     def forward(self, hr_guide: torch.Tensor, lr_guide: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
@@ -113,15 +118,23 @@ class LocalSimGuidedSampler(nn.Module):
     def sample(self, feature: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """Offsets (B, 2·G·4, H, W) in low-res pixels -> grid_sample of each channel group at (2H, 2W)."""
         b, _, h, w = offset.shape
-        ys, xs = torch.meshgrid(torch.arange(h, dtype=offset.dtype, device=offset.device) + 0.5,
-                                torch.arange(w, dtype=offset.dtype, device=offset.device) + 0.5, indexing='ij')
-        grid = torch.stack((xs, ys)).view(1, 2, 1, h, w) + offset.reshape(b, 2, -1, h, w)    # (x, y) in pixels
+        ys, xs = torch.meshgrid(
+            torch.arange(h, dtype=offset.dtype, device=offset.device) + 0.5,
+            torch.arange(w, dtype=offset.dtype, device=offset.device) + 0.5,
+            indexing='ij',
+        )
+        grid = torch.stack((xs, ys)).view(1, 2, 1, h, w) + offset.reshape(b, 2, -1, h, w)  # (x, y) in pixels
         # normalised to [-1, 1]; dividing by the sizes as numbers keeps them dynamic in an ONNX trace
         grid = torch.stack((2 * grid[:, 0] / w - 1, 2 * grid[:, 1] / h - 1), dim=1)
         grid = F.pixel_shuffle(grid.reshape(b, -1, h, w), 2).reshape(b, 2, self.groups, 2 * h, 2 * w)
-        grid = grid.permute(0, 2, 3, 4, 1).flatten(0, 1)                   # (B·G, 2H, 2W, 2)
-        out = F.grid_sample(feature.reshape(b * self.groups, -1, *feature.shape[-2:]), grid, mode='bilinear',
-                            padding_mode='border', align_corners=False)
+        grid = grid.permute(0, 2, 3, 4, 1).flatten(0, 1)  # (B·G, 2H, 2W, 2)
+        out = F.grid_sample(
+            feature.reshape(b * self.groups, -1, *feature.shape[-2:]),
+            grid,
+            mode='bilinear',
+            padding_mode='border',
+            align_corners=False,
+        )
         return out.reshape(b, -1, 2 * h, 2 * w)
 
 
@@ -140,15 +153,22 @@ class FreqFusion(nn.Module):
     Init as published: xavier-uniform convs (zero bias), content encoders normal(0, 0.001).
     """
 
-    def __init__(self, hr_channels: int, lr_channels: int, compressed_channels: int, lowpass_kernel: int = 5,
-                 highpass_kernel: int = 3, resample_groups: int = 4):
+    def __init__(
+        self,
+        hr_channels: int,
+        lr_channels: int,
+        compressed_channels: int,
+        lowpass_kernel: int = 5,
+        highpass_kernel: int = 3,
+        resample_groups: int = 4,
+    ):
         super().__init__()
         self.lowpass_kernel, self.highpass_kernel = lowpass_kernel, highpass_kernel
         c = compressed_channels
         self.hr_channel_compressor = nn.Conv2d(hr_channels, c, 1)
         self.lr_channel_compressor = nn.Conv2d(lr_channels, c, 1)
-        self.content_encoder = nn.Conv2d(c, lowpass_kernel ** 2, 3, padding=1)
-        self.content_encoder2 = nn.Conv2d(c, highpass_kernel ** 2, 3, padding=1)
+        self.content_encoder = nn.Conv2d(c, lowpass_kernel**2, 3, padding=1)
+        self.content_encoder2 = nn.Conv2d(c, highpass_kernel**2, 3, padding=1)
         self.dysampler = LocalSimGuidedSampler(c, resample_groups)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -159,9 +179,11 @@ class FreqFusion(nn.Module):
 
     def forward(self, hr_feat: torch.Tensor, lr_feat: torch.Tensor) -> tuple:
         if hr_feat.shape[-2:] != tuple(2 * s for s in lr_feat.shape[-2:]):
-            raise ValueError(f'FreqFusion: the high-res map ({tuple(hr_feat.shape[-2:])}) must be exactly twice '
-                             f'the low-res one ({tuple(lr_feat.shape[-2:])}); OffSeg needs ceil(H/4) and '
-                             f'ceil(W/4) divisible by 8 (sides that are multiples of 32 always work)')
+            raise ValueError(
+                f'FreqFusion: the high-res map ({tuple(hr_feat.shape[-2:])}) must be exactly twice '
+                f'the low-res one ({tuple(lr_feat.shape[-2:])}); OffSeg needs ceil(H/4) and '
+                f'ceil(W/4) divisible by 8 (sides that are multiples of 32 always work)'
+            )
         low, high = self.lowpass_kernel, self.highpass_kernel
         hr_c = self.hr_channel_compressor(hr_feat)
         lr_c = self.lr_channel_compressor(lr_feat)

@@ -14,9 +14,10 @@ evaluation instead draws from a private generator seeded with `nmf_seed` on ever
 every eval forward of the same input gives the same logits, and the global RNG is left untouched.
 Training always draws from the global generator.
 """
+
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from .classifier import build_classifier, convert_classifier_keys
 from .layers import ConvModule, resize
@@ -50,9 +51,9 @@ class NMF2D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        x = x.reshape(b, c, h * w)                                   # (B, C, N), non-negative
-        bases = self.initial_bases(b, c, x.device)                   # (B, C, R)
-        coef = torch.softmax(x.transpose(1, 2) @ bases, dim=-1)      # (B, N, R)
+        x = x.reshape(b, c, h * w)  # (B, C, N), non-negative
+        bases = self.initial_bases(b, c, x.device)  # (B, C, R)
+        coef = torch.softmax(x.transpose(1, 2) @ bases, dim=-1)  # (B, N, R)
         for _ in range(self.train_steps if self.training else self.eval_steps):
             coef = self.update_coef(x, bases, coef)
             bases = bases * (x @ coef) / (bases @ (coef.transpose(1, 2) @ coef) + 1e-6)
@@ -64,8 +65,9 @@ class Hamburger(nn.Module):
     """relu(x + ham_out(NMF(ham_in(x)))): `ham_in` is a 1x1 conv with bias whose ReLU makes the NMF
     input non-negative; `ham_out` is a bias-free 1x1 conv + GN without activation."""
 
-    def __init__(self, channels: int, md_r: int = 16, train_steps: int = 6, eval_steps: int = 7,
-                 nmf_seed: int | None = None):
+    def __init__(
+        self, channels: int, md_r: int = 16, train_steps: int = 6, eval_steps: int = 7, nmf_seed: int | None = None
+    ):
         super().__init__()
         self.ham_in = ConvModule(channels, channels, 1, norm=None)
         self.ham = NMF2D(md_r, train_steps, eval_steps, nmf_seed)
@@ -83,9 +85,20 @@ class LightHamHead(nn.Module):
     `in_channels` lists all 4 backbone widths; the head uses the levels in `in_index`.
     """
 
-    def __init__(self, in_channels: list, num_classes: int, in_index: list = (1, 2, 3), ham_channels: int = 256,
-                 channels: int = 256, md_r: int = 16, train_steps: int = 6, eval_steps: int = 7,
-                 dropout: float = 0.1, offset_learning: bool = False, nmf_seed: int | None = None):
+    def __init__(
+        self,
+        in_channels: list,
+        num_classes: int,
+        in_index: list = (1, 2, 3),
+        ham_channels: int = 256,
+        channels: int = 256,
+        md_r: int = 16,
+        train_steps: int = 6,
+        eval_steps: int = 7,
+        dropout: float = 0.1,
+        offset_learning: bool = False,
+        nmf_seed: int | None = None,
+    ):
         super().__init__()
         self.in_index = list(in_index)
         self.squeeze = ConvModule(sum(in_channels[i] for i in self.in_index), ham_channels, 1, norm='gn')

@@ -18,6 +18,7 @@ Eval output: semantic logits (B, K, H/4, W/4) = Σ_queries softmax(class)[:K] ·
 inference. Training output: {'cls_scores': [(B, Q, K+1)], 'mask_preds': [(B, Q, H/4, W/4)]}, one
 entry per prediction point, for the set-prediction loss (`engine/mask_losses.py`).
 """
+
 import math
 import re
 
@@ -55,8 +56,11 @@ def reference_points(shapes: list, device=None) -> torch.Tensor:
     token samples every level around its own normalised position."""
     points = []
     for height, width in shapes:
-        y, x = torch.meshgrid((torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height,
-                              (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width, indexing='ij')
+        y, x = torch.meshgrid(
+            (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height,
+            (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width,
+            indexing='ij',
+        )
         points.append(torch.stack([x.flatten(), y.flatten()], dim=-1))
     return torch.cat(points)[None, :, None].expand(-1, -1, len(shapes), -1)
 
@@ -79,14 +83,17 @@ class MSDeformAttnPixelDecoder(nn.Module):
     """4 backbone maps (strides 4/8/16/32) -> (mask features (B, C, H/4, W/4), the refined
     stride-32/16/8 maps [(B, C, h, w)], coarse to fine: the decoder's memories)."""
 
-    def __init__(self, in_channels: list, channels: int = 256, num_layers: int = 6, num_heads: int = 8,
-                 ffn_channels: int = 1024):
+    def __init__(
+        self, in_channels: list, channels: int = 256, num_layers: int = 6, num_heads: int = 8, ffn_channels: int = 1024
+    ):
         super().__init__()
-        self.input_convs = nn.ModuleList(ConvModule(c, channels, 1, norm='gn', act=False, bias=True)
-                                         for c in reversed(in_channels[1:]))
+        self.input_convs = nn.ModuleList(
+            ConvModule(c, channels, 1, norm='gn', act=False, bias=True) for c in reversed(in_channels[1:])
+        )
         self.level_encoding = nn.Embedding(NUM_LEVELS, channels)
-        self.encoder_layers = nn.ModuleList(DeformableEncoderLayer(channels, num_heads, ffn_channels)
-                                            for _ in range(num_layers))
+        self.encoder_layers = nn.ModuleList(
+            DeformableEncoderLayer(channels, num_heads, ffn_channels) for _ in range(num_layers)
+        )
         self.lateral_conv = ConvModule(in_channels[0], channels, 1, norm='gn', act=False)
         self.output_conv = ConvModule(channels, channels, 3, norm='gn')
         self.mask_feature = nn.Conv2d(channels, channels, 1)
@@ -114,13 +121,19 @@ class MSDeformAttnPixelDecoder(nn.Module):
         batch, channels = maps[0].shape[:2]
         shapes = [tuple(m.shape[-2:]) for m in maps]
         tokens = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)
-        pos = torch.cat([sine_position_encoding(h, w, channels, tokens.device) + self.level_encoding.weight[i]
-                         for i, (h, w) in enumerate(shapes)])[None]
+        pos = torch.cat(
+            [
+                sine_position_encoding(h, w, channels, tokens.device) + self.level_encoding.weight[i]
+                for i, (h, w) in enumerate(shapes)
+            ]
+        )[None]
         points = reference_points(shapes, tokens.device)
         for layer in self.encoder_layers:
             tokens = layer(tokens, pos, points, shapes)
-        memories = [t.transpose(1, 2).reshape(batch, channels, h, w)
-                    for t, (h, w) in zip(tokens.split([h * w for h, w in shapes], dim=1), shapes)]
+        memories = [
+            t.transpose(1, 2).reshape(batch, channels, h, w)
+            for t, (h, w) in zip(tokens.split([h * w for h, w in shapes], dim=1), shapes)
+        ]
         fine = self.lateral_conv(features[0]) + resize(memories[-1], features[0].shape[-2:])
         return self.mask_feature(self.output_conv(fine)), memories
 
@@ -139,8 +152,9 @@ class MaskedAttentionDecoderLayer(nn.Module):
 
     def forward(self, query, query_pos, memory, memory_pos, attn_mask):
         """query (B, Q, C), memory (B, HW, C), attn_mask (B·heads, Q, HW) bool, True = not attended."""
-        attended = self.cross_attn(query + query_pos, memory + memory_pos, memory, attn_mask=attn_mask,
-                                   need_weights=False)[0]
+        attended = self.cross_attn(
+            query + query_pos, memory + memory_pos, memory, attn_mask=attn_mask, need_weights=False
+        )[0]
         query = self.norms[0](query + attended)
         with_pos = query + query_pos
         query = self.norms[1](query + self.self_attn(with_pos, with_pos, query, need_weights=False)[0])
@@ -158,25 +172,41 @@ class Mask2FormerHead(nn.Module):
     must be a multiple of 32 (GroupNorm) and of `num_heads`.
     """
 
-    def __init__(self, in_channels: list, num_classes: int, channels: int = 256, num_queries: int = 100,
-                 num_decoder_layers: int = 9, num_encoder_layers: int = 6, num_heads: int = 8,
-                 encoder_ffn_channels: int = 1024, decoder_ffn_channels: int = 2048, offset_learning: bool = False):
+    def __init__(
+        self,
+        in_channels: list,
+        num_classes: int,
+        channels: int = 256,
+        num_queries: int = 100,
+        num_decoder_layers: int = 9,
+        num_encoder_layers: int = 6,
+        num_heads: int = 8,
+        encoder_ffn_channels: int = 1024,
+        decoder_ffn_channels: int = 2048,
+        offset_learning: bool = False,
+    ):
         super().__init__()
         self.num_heads = num_heads
-        self.pixel_decoder = MSDeformAttnPixelDecoder(in_channels, channels, num_encoder_layers, num_heads,
-                                                      encoder_ffn_channels)
-        self.decoder_layers = nn.ModuleList(MaskedAttentionDecoderLayer(channels, num_heads, decoder_ffn_channels)
-                                            for _ in range(num_decoder_layers))
+        self.pixel_decoder = MSDeformAttnPixelDecoder(
+            in_channels, channels, num_encoder_layers, num_heads, encoder_ffn_channels
+        )
+        self.decoder_layers = nn.ModuleList(
+            MaskedAttentionDecoderLayer(channels, num_heads, decoder_ffn_channels) for _ in range(num_decoder_layers)
+        )
         self.post_norm = nn.LayerNorm(channels)
         self.query_feat = nn.Embedding(num_queries, channels)
         self.query_embed = nn.Embedding(num_queries, channels)
         self.level_embed = nn.Embedding(NUM_LEVELS, channels)
         self.cls_embed = nn.Linear(channels, num_classes + 1)
-        self.mask_embed = nn.Sequential(nn.Linear(channels, channels), nn.ReLU(inplace=True),
-                                        nn.Linear(channels, channels), nn.ReLU(inplace=True),
-                                        nn.Linear(channels, channels))
+        self.mask_embed = nn.Sequential(
+            nn.Linear(channels, channels),
+            nn.ReLU(inplace=True),
+            nn.Linear(channels, channels),
+            nn.ReLU(inplace=True),
+            nn.Linear(channels, channels),
+        )
         self.offset_learning = OffsetLearningMask(channels) if offset_learning else None
-        for p in self.decoder_layers.parameters():   # mmdet's init of the transformer decoder
+        for p in self.decoder_layers.parameters():  # mmdet's init of the transformer decoder
             if p.dim() > 1:
                 nn.init.xavier_normal_(p)
 
@@ -199,7 +229,7 @@ class Mask2FormerHead(nn.Module):
         cls_score, mask_pred, attn_mask = self.predict(query, mask_features, shapes[0])
         cls_scores, mask_preds = [cls_score], [mask_pred]
         for i, layer in enumerate(self.decoder_layers):
-            attn_mask = attn_mask & ~attn_mask.all(dim=-1, keepdim=True)   # a query that would see nothing sees all
+            attn_mask = attn_mask & ~attn_mask.all(dim=-1, keepdim=True)  # a query that would see nothing sees all
             query = layer(query, query_pos, keys[i % NUM_LEVELS], key_pos[i % NUM_LEVELS], attn_mask)
             cls_score, mask_pred, attn_mask = self.predict(query, mask_features, shapes[(i + 1) % NUM_LEVELS])
             cls_scores.append(cls_score)

@@ -7,6 +7,7 @@ sharpened finer map and the upsampled running map are concatenated group by grou
 classifier, Offset Learning as published, gives the logits at stride 4. Keys are mmseg's (`pre`,
 `freqfusions`, `align`); the classifier is `classifier` (mmseg `offset_learning` or `conv_seg`).
 """
+
 import torch
 from torch import nn
 
@@ -39,14 +40,22 @@ class OffSegHead(nn.Module):
     its dropout).
     """
 
-    def __init__(self, in_channels: list, num_classes: int, new_channels: list = (32, 32, 64, 128),
-                 channels: int = 256, offset_learning: bool = True, dropout: float = 0.1):
+    def __init__(
+        self,
+        in_channels: list,
+        num_classes: int,
+        new_channels: list = (32, 32, 64, 128),
+        channels: int = 256,
+        offset_learning: bool = True,
+        dropout: float = 0.1,
+    ):
         super().__init__()
         self.pre = nn.ModuleList(ConvModule(c, n, 1, norm='gn') for c, n in zip(in_channels, new_channels))
         fusions, lr_channels = [], new_channels[-1]
         for hr_channels in reversed(new_channels[:-1]):
-            fusions.append(FreqFusion(hr_channels, lr_channels, (hr_channels + lr_channels) // 4,
-                                      resample_groups=RESAMPLE_GROUPS))
+            fusions.append(
+                FreqFusion(hr_channels, lr_channels, (hr_channels + lr_channels) // 4, resample_groups=RESAMPLE_GROUPS)
+            )
             lr_channels += hr_channels
         self.freqfusions = nn.ModuleList(fusions)
         self.align = ConvModule(lr_channels, channels, 1, norm='gn')

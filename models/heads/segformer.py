@@ -4,6 +4,7 @@ All of them project backbone maps to one width, upsample them to the finest map 
 fuse with a 1x1 conv + BN + ReLU and classify (`build_classifier`: a 1x1 conv, or Offset Learning).
 Everything is relative to the maps' own sizes, so any input size works; logits stay unbounded.
 """
+
 import re
 
 import torch
@@ -25,8 +26,14 @@ class SegFormerHead(nn.Module):
     in_index = (0, 1, 2, 3)
     pool_before_offset_learning = True
 
-    def __init__(self, in_channels: list, num_classes: int, channels: int = 256, dropout: float = 0.1,
-                 offset_learning: bool = False):
+    def __init__(
+        self,
+        in_channels: list,
+        num_classes: int,
+        channels: int = 256,
+        dropout: float = 0.1,
+        offset_learning: bool = False,
+    ):
         super().__init__()
         used = [in_channels[i] for i in self.in_index]
         self.convs = nn.ModuleList(ConvModule(c, channels, 1) for c in used)
@@ -63,8 +70,14 @@ class UltraFastSegFormerHead(SegFormerHead):
     in_index = (1, 2, 3)
     pool_before_offset_learning = False
 
-    def __init__(self, in_channels: list, num_classes: int, channels: int = 128, dropout: float = 0.1,
-                 offset_learning: bool = False):
+    def __init__(
+        self,
+        in_channels: list,
+        num_classes: int,
+        channels: int = 128,
+        dropout: float = 0.1,
+        offset_learning: bool = False,
+    ):
         super().__init__(in_channels, num_classes, channels, dropout, offset_learning)
 
 
@@ -80,8 +93,14 @@ class ExtremelyFastSegFormerHead(SegFormerHead):
     in_index = (2, 3)
     pool_before_offset_learning = False
 
-    def __init__(self, in_channels: list, num_classes: int, channels: int = 64, dropout: float = 0.1,
-                 offset_learning: bool = False):
+    def __init__(
+        self,
+        in_channels: list,
+        num_classes: int,
+        channels: int = 64,
+        dropout: float = 0.1,
+        offset_learning: bool = False,
+    ):
         super().__init__(in_channels, num_classes, channels, dropout, offset_learning)
 
 
@@ -94,8 +113,14 @@ class SegFormerMLPHead(nn.Module):
     Learning it pools to stride 8 first, like `SegFormerHead` (no published All-MLP + OL model).
     """
 
-    def __init__(self, in_channels: list, num_classes: int, channels: int = 256, dropout: float = 0.1,
-                 offset_learning: bool = False):
+    def __init__(
+        self,
+        in_channels: list,
+        num_classes: int,
+        channels: int = 256,
+        dropout: float = 0.1,
+        offset_learning: bool = False,
+    ):
         super().__init__()
         self.linear_projections = nn.ModuleList(nn.Linear(c, channels) for c in in_channels)
         self.linear_fuse = ConvModule(len(in_channels) * channels, channels, 1)
@@ -105,8 +130,10 @@ class SegFormerMLPHead(nn.Module):
     def fuse(self, features: list) -> torch.Tensor:
         """The map the classifier sees (Offset Learning's input)."""
         size = features[0].shape[2:]
-        maps = [resize(linear(f.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), size)
-                for linear, f in zip(self.linear_projections, features)]
+        maps = [
+            resize(linear(f.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), size)
+            for linear, f in zip(self.linear_projections, features)
+        ]
         return self.pool(self.linear_fuse(torch.cat(maps[::-1], dim=1)))
 
     def forward(self, features: list) -> torch.Tensor:
@@ -130,12 +157,12 @@ class SegFormerMLPHead(nn.Module):
 
 
 MLP_HEAD_RENAMES = [
-    (r'^linear_projections\.(\d+)\.proj\.', r'linear_projections.\1.'),             # HF 5.x
-    (r'^linear_c\.(\d+)\.proj\.', r'linear_projections.\1.'),                       # HF 4.x
-    (r'^linear_c(\d)\.proj\.', lambda m: f'linear_projections.{int(m[1]) - 1}.'),   # NVlabs
-    (r'^linear_fuse\.weight$', 'linear_fuse.conv.weight'),                           # HF
-    (r'^batch_norm\.', 'linear_fuse.bn.'),                                           # HF
-    (r'^(classifier|linear_pred)\.(weight|bias)$', r'classifier.conv.\2'),         # HF, NVlabs
+    (r'^linear_projections\.(\d+)\.proj\.', r'linear_projections.\1.'),  # HF 5.x
+    (r'^linear_c\.(\d+)\.proj\.', r'linear_projections.\1.'),  # HF 4.x
+    (r'^linear_c(\d)\.proj\.', lambda m: f'linear_projections.{int(m[1]) - 1}.'),  # NVlabs
+    (r'^linear_fuse\.weight$', 'linear_fuse.conv.weight'),  # HF
+    (r'^batch_norm\.', 'linear_fuse.bn.'),  # HF
+    (r'^(classifier|linear_pred)\.(weight|bias)$', r'classifier.conv.\2'),  # HF, NVlabs
 ]
 """Applied in order; NVlabs' `linear_fuse.conv/bn` are already ours."""
 
