@@ -13,19 +13,20 @@ Default protocol (configs/camvid.yaml, CamVid train -> val, 11 classes, from scr
   data      its data section: 480x360 rescaled x U[0.5, 1.5], 256x256 crops, flip, photometric
             distortion; validation on the 101 whole val images.
   recipe    its train section: batch 8, AdamW lr 1e-3 (every parameter), weight decay 0.01, poly
-            (power 0.9) after 100 warm-up iterations, class-weighted cross-entropy; --iters
-            iterations (default 1000), one validation at the end (train.val_interval = --iters).
+            (power 0.9), class-weighted cross-entropy; --iters iterations (default 100), of which the
+            first tenth warm up (camvid.yaml: 100 of 1800); one validation, at the end.
   models    backbone.pretrained: null (no ImageNet weights offline), each model's own head settings.
 How it adapts the published recipes (SegFormer, SegNeXt, OffSeg: AdamW 6e-5 with head lr x10, 1500
 warm-up iterations, poly power 1, batch 16 of 512x512 crops, 160k iterations from ImageNet weights):
 from scratch a uniform lr of 1e-3 replaces the small backbone lr and the x10 head, and a CPU-sized
-budget (batch 8 of 256x256, about a thousand iterations) replaces 160k GPU iterations; the evaluation
-is CamVid's whole image (OffSeg-T's published sliding window is for ADE20K's sizes).
+budget (batch 8 of 256x256, --iters iterations) replaces 160k GPU iterations; the evaluation is
+CamVid's whole image (OffSeg-T's published sliding window is for ADE20K's sizes).
 
 Every run is a normal train.py run (`--resume auto`) in <out>/<pair>/<arm>/seed<k>, its config.yaml
 and train.log there. Runs go one after another, seed by seed (both arms of every pair for seed 0,
 then seed 1, ...), so a stopped ablation already holds whole pairs. Rerunning the same command skips
-finished runs (last.pth at train.max_iters) and resumes the others. Before training, both arms of each
+finished runs (last.pth at train.max_iters) and continues with the others (a run stopped midway starts
+over: with one validation, its only checkpoint is the last iteration's). Before training, both arms of each
 pair are resolved and checked to differ only in `head.offset_learning` (and their models only in the
 parameters under head.classifier). The table (printed, <out>/ablation.md, <out>/ablation.json) gives
 per model and arm the parameters, GMACs at the training crop, the final val mIoU per seed and its
@@ -46,12 +47,12 @@ sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 from engine.checkpoint import load_checkpoint  # noqa: E402
 from engine.cli import number, run_cli  # noqa: E402
-from engine.config import read_yaml  # noqa: E402
+from engine.config import ConfigError, read_yaml  # noqa: E402
 from engine.rules import input_size, load_config  # noqa: E402
 from tools.benchmark import flatten, meta_model, size_figures  # noqa: E402
 
 DEFAULT_CONFIG = 'configs/camvid.yaml'
-DEFAULT_ITERS = 1000
+DEFAULT_ITERS = 100
 MODEL_CONFIGS = {  # pair name -> the config whose model sections it trains
     'segformer_b0': 'configs/segformer_b0.yaml',          # MiT-B0 + mmseg SegFormer head
     'segnext_t': 'configs/segnext_t.yaml',                # MSCAN-T + LightHam
@@ -62,6 +63,7 @@ MODEL_SECTIONS = ('backbone', 'head', 'aux_head')
 ARMS = {'plain': False, 'OL': True}
 ARM_KEY = 'head.offset_learning'
 CLASSIFIER = 'head.classifier.'
+WARMUP_FRACTION = 10  # warm-up iterations = --iters // 10 (configs/camvid.yaml: 100 of 1800)
 
 
 @dataclass
@@ -99,26 +101,35 @@ def pairs_of(args) -> list:
         items = [args.config]
     else:
         items = args.pairs or list(MODEL_CONFIGS)
-    return [pair_from(item) for item in items]
+    pairs = [pair_from(item) for item in items]
+    names = [pair.name for pair in pairs]
+    if len(set(names)) < len(names):
+        raise ConfigError(f'--pairs: two pairs would share a run folder ({", ".join(names)}); give files '
+                          'with different names')
+    return pairs
 
 
 def pair_from(item: str) -> Pair:
     """A pair name of MODEL_CONFIGS, or a YAML file (the pair is named after the file)."""
     path = Path(MODEL_CONFIGS.get(item, item))
     raw = read_yaml(path if path.is_absolute() or path.exists() else ROOT / path)
+    if not (isinstance(raw.get('backbone'), dict) and isinstance(raw.get('head'), dict)):
+        raise ConfigError(f'{path}: a pair takes the backbone and head sections of a config; it has none')
     sections = {name: raw.get(name) for name in MODEL_SECTIONS}
     sections['backbone'] = {**sections['backbone'], 'pretrained': None}  # --set backbone.pretrained=... to change
     return Pair(item if item in MODEL_CONFIGS else path.stem, sections)
 
 
 def run_overrides(pair: Pair, offset_learning: bool, seed: int, args) -> list:
-    """`--set` items of one run: the pair's model sections (replacing the protocol's), the user's extra
-    overrides, then what the ablation fixes: iterations, one validation at the end, seed and the arm."""
+    """`--set` items of one run: the pair's model sections (replacing the protocol's) and a warm-up of a
+    tenth of the run, then the user's extra overrides (which may change the warm-up), then what the
+    ablation fixes: iterations, one validation at the end, seed and the arm."""
     model = [f'{name}=' + json.dumps(section if section is None else {'_delete_': True, **section})
              for name, section in pair.sections.items()]
+    warmup = f'train.schedule.warmup_iters={args.iters // WARMUP_FRACTION}'
     fixed = [f'train.max_iters={args.iters}', f'train.val_interval={args.iters}', f'train.seed={seed}',
              f'{ARM_KEY}={str(offset_learning).lower()}']
-    return [*model, *args.set, *fixed]
+    return [*model, warmup, *args.set, *fixed]
 
 
 def arm_configs(pair: Pair, seed: int, args) -> dict:
@@ -237,13 +248,17 @@ def table(results: list, seeds: list) -> str:
     lines = ['| model | arm | params (M) | GMACs | ' + ' | '.join(f'seed {s}' for s in seeds) + ' | mean ± std |',
              '|' + '---|' * (len(seeds) + 5)]
     for result in results:
-        rows = [(f"{result['pair']} ({result['model']})", arm, result['arms'][arm], '') for arm in ARMS]
-        rows.append(('', 'OL − plain', result['difference'], '+'))
-        for index, (model, arm, row, sign) in enumerate(rows):
-            values = [cell(v, sign + '.2f') for v in row['miou']]
-            lines.append(f"| {model if index == 0 else ''} | {arm} | {cell(row['params_m'], sign + '.3f')} | "
-                         f"{cell(row['gmacs'], sign + '.3f')} | " + ' | '.join(values) + f' | {summary_cell(row, sign)} |')
+        plain, ol = (result['arms'][arm] for arm in ARMS)
+        lines += [table_row(f"{result['pair']} ({result['model']})", 'plain', plain),
+                  table_row('', 'OL', ol), table_row('', 'OL − plain', result['difference'], sign='+')]
     return '\n'.join(lines)
+
+
+def table_row(model: str, arm: str, row: dict, sign: str = '') -> str:
+    """A row of sizes and mIoUs; `sign` '+' for differences."""
+    cells = [model, arm, cell(row['params_m'], sign + '.3f'), cell(row['gmacs'], sign + '.3f'),
+             *(cell(v, sign + '.2f') for v in row['miou']), summary_cell(row, sign)]
+    return '| ' + ' | '.join(cells) + ' |'
 
 
 def write_report(results: list, protocol: dict, args, argv) -> str:

@@ -9,12 +9,14 @@ import pytest
 
 from conftest import ROOT, TINY
 from engine.checkpoint import load_checkpoint
+from engine.config import ConfigError
 from tools.benchmark import flatten
 
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 import ablation  # noqa: E402
 
 SEEDS = [0, 1]
+SMALL_VAL = 'data.val.pipeline=[{type: resize, scale: [64, 64], keep_ratio: false}]'  # a quarter of the pixels
 SEGFORMER_HEAD = """
     backbone: {type: resnet, variant: 18}
     head: {type: segformer, channels: 16}
@@ -23,8 +25,9 @@ SEGFORMER_HEAD = """
 
 
 def command(folder) -> list:
-    return ['--config', str(folder / 'tiny.yaml'), '--pairs', str(folder / 'tiny.yaml'), str(folder / 'segformer.yaml'),
-            '--seeds', *map(str, SEEDS), '--iters', '2', '--out', str(folder / 'out'), '--device', 'cpu']
+    tiny = str(folder / 'tiny.yaml')
+    return ['--config', tiny, '--pairs', tiny, str(folder / 'segformer.yaml'), '--seeds', *map(str, SEEDS),
+            '--iters', '2', '--out', str(folder / 'out'), '--device', 'cpu', '--set', SMALL_VAL]
 
 
 @pytest.fixture(scope='module')
@@ -74,6 +77,7 @@ def test_arms_differ_only_in_the_classifier(ablation_run):
             assert {k for k in configs[0] if configs[0][k] != configs[1][k]} == {'head.offset_learning',
                                                                                 'output.work_dir'}
             assert configs[0]['train.seed'] == seed
+            assert configs[0]['train.val_interval'] == configs[0]['train.max_iters'] == 2
             keys = plain['model'].keys() ^ ol['model'].keys()
             assert keys and all(k.startswith('head.classifier.') for k in keys)
 
@@ -98,3 +102,10 @@ def test_model_from_config_ablates_its_own_model_without_training(ablation_run):
     assert [r['pair'] for r in results] == ['tiny'] and results[0]['check']['valid']
     assert results[0]['arms']['plain']['miou'] == [None, None, None]
     assert results[0]['arms']['plain']['mean'] is None
+
+
+def test_pairs_sharing_a_run_folder_are_refused(tmp_path):
+    (tmp_path / 'tiny.yaml').write_text(textwrap.dedent(TINY.format(root=tmp_path / 'demo')))
+    with pytest.raises(ConfigError, match='share a run folder'):
+        ablation.main(['--config', str(tmp_path / 'tiny.yaml'), '--pairs', str(tmp_path / 'tiny.yaml'),
+                       str(tmp_path / 'tiny.yaml'), '--out', str(tmp_path / 'out'), '--report-only'])
