@@ -34,6 +34,7 @@ mean +- std (ddof 1), and per pair the paired difference OL - plain per seed wit
 """
 import argparse
 import json
+import shlex
 import statistics
 import sys
 from dataclasses import dataclass
@@ -264,11 +265,11 @@ def table_row(model: str, arm: str, row: dict, sign: str = '') -> str:
 def write_report(results: list, protocol: dict, args, argv) -> str:
     """The table, printed and written with the protocol and the command to <out>/ablation.{md,json}."""
     text = table(results, args.seeds)
-    command = 'python benchmarks/ablation.py ' + ' '.join(argv)
+    command = shlex.join(['python', 'benchmarks/ablation.py', *argv])
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / 'ablation.md').write_text(f'`{command.strip()}`\n\nprotocol: {json.dumps(protocol)}\n\n'
+    (args.out / 'ablation.md').write_text(f'`{command}`\n\nprotocol: {json.dumps(protocol)}\n\n'
                                           f'val mIoU (%) after {args.iters} iterations\n\n{text}\n')
-    (args.out / 'ablation.json').write_text(json.dumps({'command': command.strip(), 'protocol': protocol,
+    (args.out / 'ablation.json').write_text(json.dumps({'command': command, 'protocol': protocol,
                                                         'seeds': args.seeds, 'pairs': results}, indent=2) + '\n')
     print(text)
     return text

@@ -59,6 +59,7 @@ def test_table_has_both_arms_every_seed_and_the_paired_differences(ablation_run)
         assert difference['mean'] == pytest.approx(statistics.mean(difference['miou']))
         assert difference['params_m'] == pytest.approx(ol['params_m'] - plain['params_m'])
     saved = json.loads((folder / 'out' / 'ablation.json').read_text())
+    assert saved['command'].startswith('python benchmarks/ablation.py --config ')
     assert saved['seeds'] == SEEDS and [p['pair'] for p in saved['pairs']] == ['tiny', 'segformer']
     rows = [line for line in (folder / 'out' / 'ablation.md').read_text().splitlines() if line.startswith('| ')]
     assert rows[0].split(' | ')[-3:] == ['seed 0', 'seed 1', 'mean ± std |']
