@@ -32,6 +32,7 @@ parameters under head.classifier). The table (printed, <out>/ablation.md, <out>/
 per model and arm the parameters, GMACs at the training crop, the final val mIoU per seed and its
 mean +- std (ddof 1), and per pair the paired difference OL - plain per seed with its mean +- std.
 """
+
 import argparse
 import json
 import shlex
@@ -55,10 +56,10 @@ from tools.benchmark import flatten, meta_model, size_figures  # noqa: E402
 DEFAULT_CONFIG = 'configs/camvid.yaml'
 DEFAULT_ITERS = 100
 MODEL_CONFIGS = {  # pair name -> the config whose model sections it trains
-    'segformer_b0': 'configs/segformer_b0.yaml',          # MiT-B0 + mmseg SegFormer head
-    'segnext_t': 'configs/segnext_t.yaml',                # MSCAN-T + LightHam
-    'offseg_t': 'configs/offseg_t.yaml',                  # EfficientFormerV2-S1 + OffSeg head
-    'resnet18_deeplabv3plus': 'configs/camvid.yaml',      # ResNet-18 (output stride 16) + DeepLabV3+
+    'segformer_b0': 'configs/segformer_b0.yaml',  # MiT-B0 + mmseg SegFormer head
+    'segnext_t': 'configs/segnext_t.yaml',  # MSCAN-T + LightHam
+    'offseg_t': 'configs/offseg_t.yaml',  # EfficientFormerV2-S1 + OffSeg head
+    'resnet18_deeplabv3plus': 'configs/camvid.yaml',  # ResNet-18 (output stride 16) + DeepLabV3+
 }
 MODEL_SECTIONS = ('backbone', 'head', 'aux_head')
 ARMS = {'plain': False, 'OL': True}
@@ -70,24 +71,42 @@ WARMUP_FRACTION = 10  # warm-up iterations = --iters // 10 (configs/camvid.yaml:
 @dataclass
 class Pair:
     """One model, trained with and without Offset Learning."""
+
     name: str
     sections: dict  # backbone / head / aux_head, as the pair's config file gives them
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--config', default=DEFAULT_CONFIG,
-                        help=f'the protocol: data, train and eval sections of this YAML (default: {DEFAULT_CONFIG})')
+    parser.add_argument(
+        '--config',
+        default=DEFAULT_CONFIG,
+        help=f'the protocol: data, train and eval sections of this YAML (default: {DEFAULT_CONFIG})',
+    )
     models = parser.add_mutually_exclusive_group()
-    models.add_argument('--pairs', nargs='+', metavar='NAME|YAML',
-                        help=f"models to ablate: {', '.join(MODEL_CONFIGS)} or config files whose backbone, head "
-                             "and aux_head sections are taken (default: all four names)")
+    models.add_argument(
+        '--pairs',
+        nargs='+',
+        metavar='NAME|YAML',
+        help=f'models to ablate: {", ".join(MODEL_CONFIGS)} or config files whose backbone, head '
+        'and aux_head sections are taken (default: all four names)',
+    )
     models.add_argument('--model-from-config', action='store_true', help="ablate --config's own model")
     parser.add_argument('--seeds', nargs='+', type=number(int, 0), default=[0, 1, 2])
-    parser.add_argument('--iters', type=number(int, 1), default=DEFAULT_ITERS,
-                        help=f'training iterations of every run (default: {DEFAULT_ITERS})')
-    parser.add_argument('--set', nargs='+', default=[], action='extend', metavar='KEY=VALUE',
-                        help='extra overrides for every run (e.g. data.workers=0 backbone.pretrained=PATH)')
+    parser.add_argument(
+        '--iters',
+        type=number(int, 1),
+        default=DEFAULT_ITERS,
+        help=f'training iterations of every run (default: {DEFAULT_ITERS})',
+    )
+    parser.add_argument(
+        '--set',
+        nargs='+',
+        default=[],
+        action='extend',
+        metavar='KEY=VALUE',
+        help='extra overrides for every run (e.g. data.workers=0 backbone.pretrained=PATH)',
+    )
     parser.add_argument('--out', type=Path, default=Path('work_dirs/ablation'), help='(default: work_dirs/ablation)')
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
     parser.add_argument('--report-only', action='store_true', help='train nothing: the table of the finished runs')
@@ -95,6 +114,7 @@ def parse_args(argv=None):
 
 
 # ------------------------------------------------------------------------------------------ configs
+
 
 def pairs_of(args) -> list:
     """The pairs asked for, each with the model sections of its config file, trained from scratch."""
@@ -105,8 +125,9 @@ def pairs_of(args) -> list:
     pairs = [pair_from(item) for item in items]
     names = [pair.name for pair in pairs]
     if len(set(names)) < len(names):
-        raise ConfigError(f'--pairs: two pairs would share a run folder ({", ".join(names)}); give files '
-                          'with different names')
+        raise ConfigError(
+            f'--pairs: two pairs would share a run folder ({", ".join(names)}); give files with different names'
+        )
     return pairs
 
 
@@ -125,11 +146,17 @@ def run_overrides(pair: Pair, offset_learning: bool, seed: int, args) -> list:
     """`--set` items of one run: the pair's model sections (replacing the protocol's) and a warm-up of a
     tenth of the run, then the user's extra overrides (which may change the warm-up), then what the
     ablation fixes: iterations, one validation at the end, seed and the arm."""
-    model = [f'{name}=' + json.dumps(section if section is None else {'_delete_': True, **section})
-             for name, section in pair.sections.items()]
+    model = [
+        f'{name}=' + json.dumps(section if section is None else {'_delete_': True, **section})
+        for name, section in pair.sections.items()
+    ]
     warmup = f'train.schedule.warmup_iters={args.iters // WARMUP_FRACTION}'
-    fixed = [f'train.max_iters={args.iters}', f'train.val_interval={args.iters}', f'train.seed={seed}',
-             f'{ARM_KEY}={str(offset_learning).lower()}']
+    fixed = [
+        f'train.max_iters={args.iters}',
+        f'train.val_interval={args.iters}',
+        f'train.seed={seed}',
+        f'{ARM_KEY}={str(offset_learning).lower()}',
+    ]
     return [*model, warmup, *args.set, *fixed]
 
 
@@ -147,34 +174,49 @@ def arm_difference(configs: dict) -> dict:
     shared = plain_state.keys() & ol_state.keys()
     changed = [k for k in shared if plain_state[k].shape != ol_state[k].shape]
     only = sorted((plain_state.keys() ^ ol_state.keys()) | set(changed))
-    return {'config_keys': keys, 'state_keys': only,
-            'valid': keys == [ARM_KEY] and all(k.startswith(CLASSIFIER) for k in only)}
+    return {
+        'config_keys': keys,
+        'state_keys': only,
+        'valid': keys == [ARM_KEY] and all(k.startswith(CLASSIFIER) for k in only),
+    }
 
 
 def check_pairs(pairs: list, args) -> dict:
     """{pair: arm_difference}, stopping before any training if some pair's arms differ in more."""
     checks = {pair.name: arm_difference(arm_configs(pair, args.seeds[0], args)) for pair in pairs}
     for name, check in checks.items():
-        print(f"check {name}: configs differ in {check['config_keys']}; models in {len(check['state_keys'])} "
-              f"state-dict keys, {'all' if check['valid'] else 'NOT all'} under {CLASSIFIER.rstrip('.')}")
+        print(
+            f'check {name}: configs differ in {check["config_keys"]}; models in {len(check["state_keys"])} '
+            f'state-dict keys, {"all" if check["valid"] else "NOT all"} under {CLASSIFIER.rstrip(".")}'
+        )
     broken = [name for name, check in checks.items() if not check['valid']]
     if broken:
-        raise SystemExit(f"error: the arms of {', '.join(broken)} differ in more than the classifier; "
-                         "an override (--set) must not change with the arm")
+        raise SystemExit(
+            f'error: the arms of {", ".join(broken)} differ in more than the classifier; '
+            'an override (--set) must not change with the arm'
+        )
     return checks
 
 
 def protocol_of(cfg: dict) -> dict:
     """The shared recipe as read from a resolved run config, for the report."""
     train_cfg = cfg['train']
-    return {'data': f"{cfg['data']['type']} at {cfg['data']['root']}", 'crop': list(input_size(cfg)),
-            'batch_size': train_cfg['batch_size'], 'iters': train_cfg['max_iters'],
-            'optimizer': train_cfg['optimizer'], 'param_groups': train_cfg['param_groups'],
-            'schedule': train_cfg['schedule'], 'loss': train_cfg['loss'], 'eval': cfg['eval'],
-            'threads': torch.get_num_threads()}
+    return {
+        'data': f'{cfg["data"]["type"]} at {cfg["data"]["root"]}',
+        'crop': list(input_size(cfg)),
+        'batch_size': train_cfg['batch_size'],
+        'iters': train_cfg['max_iters'],
+        'optimizer': train_cfg['optimizer'],
+        'param_groups': train_cfg['param_groups'],
+        'schedule': train_cfg['schedule'],
+        'loss': train_cfg['loss'],
+        'eval': cfg['eval'],
+        'threads': torch.get_num_threads(),
+    }
 
 
 # --------------------------------------------------------------------------------------------- runs
+
 
 def run_dir(out: Path, pair: Pair, arm: str, seed: int) -> Path:
     return out / pair.name / arm / f'seed{seed}'
@@ -197,8 +239,20 @@ def train_run(pair: Pair, arm: str, seed: int, args) -> None:
         print(f'{work_dir}: finished, skipped')
         return
     print(f'{work_dir}: training')
-    train.main(['--config', args.config, '--work-dir', str(work_dir), '--resume', 'auto', '--device', args.device,
-                '--set', *run_overrides(pair, ARMS[arm], seed, args)])
+    train.main(
+        [
+            '--config',
+            args.config,
+            '--work-dir',
+            str(work_dir),
+            '--resume',
+            'auto',
+            '--device',
+            args.device,
+            '--set',
+            *run_overrides(pair, ARMS[arm], seed, args),
+        ]
+    )
 
 
 def final_miou(work_dir: Path, iters: int):
@@ -212,11 +266,14 @@ def final_miou(work_dir: Path, iters: int):
 
 # ------------------------------------------------------------------------------------------- report
 
+
 def mean_std(values: list) -> dict:
     """Mean and sample std (ddof 1) of the values there are; None where too few."""
     present = [v for v in values if v is not None]
-    return {'mean': statistics.mean(present) if present else None,
-            'std': statistics.stdev(present) if len(present) >= 2 else None}
+    return {
+        'mean': statistics.mean(present) if present else None,
+        'std': statistics.stdev(present) if len(present) >= 2 else None,
+    }
 
 
 def pair_result(pair: Pair, check: dict, args) -> dict:
@@ -228,10 +285,18 @@ def pair_result(pair: Pair, check: dict, args) -> dict:
         arms[arm] = {'params_m': sizes['params_m'], 'gmacs': sizes['gmacs'], 'miou': miou, **mean_std(miou)}
     plain, ol = (arms[arm] for arm in ARMS)
     differences = [None if a is None or b is None else b - a for a, b in zip(plain['miou'], ol['miou'])]
-    return {'pair': pair.name, 'model': figures['plain']['model'], 'check': check,
-            'arms': arms, 'difference': {'params_m': ol['params_m'] - plain['params_m'],
-                                         'gmacs': ol['gmacs'] - plain['gmacs'],
-                                         'miou': differences, **mean_std(differences)}}
+    return {
+        'pair': pair.name,
+        'model': figures['plain']['model'],
+        'check': check,
+        'arms': arms,
+        'difference': {
+            'params_m': ol['params_m'] - plain['params_m'],
+            'gmacs': ol['gmacs'] - plain['gmacs'],
+            'miou': differences,
+            **mean_std(differences),
+        },
+    }
 
 
 def cell(value, fmt: str = '.2f') -> str:
@@ -241,24 +306,35 @@ def cell(value, fmt: str = '.2f') -> str:
 def summary_cell(row: dict, sign: str = '') -> str:
     if row['mean'] is None:
         return '–'
-    return cell(row['mean'], sign + '.2f') + ('' if row['std'] is None else f" ± {row['std']:.2f}")
+    return cell(row['mean'], sign + '.2f') + ('' if row['std'] is None else f' ± {row["std"]:.2f}')
 
 
 def table(results: list, seeds: list) -> str:
     """One Markdown table: per pair a row for each arm and one for OL - plain."""
-    lines = ['| model | arm | params (M) | GMACs | ' + ' | '.join(f'seed {s}' for s in seeds) + ' | mean ± std |',
-             '|' + '---|' * (len(seeds) + 5)]
+    lines = [
+        '| model | arm | params (M) | GMACs | ' + ' | '.join(f'seed {s}' for s in seeds) + ' | mean ± std |',
+        '|' + '---|' * (len(seeds) + 5),
+    ]
     for result in results:
         plain, ol = (result['arms'][arm] for arm in ARMS)
-        lines += [table_row(f"{result['pair']} ({result['model']})", 'plain', plain),
-                  table_row('', 'OL', ol), table_row('', 'OL − plain', result['difference'], sign='+')]
+        lines += [
+            table_row(f'{result["pair"]} ({result["model"]})', 'plain', plain),
+            table_row('', 'OL', ol),
+            table_row('', 'OL − plain', result['difference'], sign='+'),
+        ]
     return '\n'.join(lines)
 
 
 def table_row(model: str, arm: str, row: dict, sign: str = '') -> str:
     """A row of sizes and mIoUs; `sign` '+' for differences."""
-    cells = [model, arm, cell(row['params_m'], sign + '.3f'), cell(row['gmacs'], sign + '.3f'),
-             *(cell(v, sign + '.2f') for v in row['miou']), summary_cell(row, sign)]
+    cells = [
+        model,
+        arm,
+        cell(row['params_m'], sign + '.3f'),
+        cell(row['gmacs'], sign + '.3f'),
+        *(cell(v, sign + '.2f') for v in row['miou']),
+        summary_cell(row, sign),
+    ]
     return '| ' + ' | '.join(cells) + ' |'
 
 
@@ -267,10 +343,12 @@ def write_report(results: list, protocol: dict, args, argv) -> str:
     text = table(results, args.seeds)
     command = shlex.join(['python', 'benchmarks/ablation.py', *argv])
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / 'ablation.md').write_text(f'`{command}`\n\nprotocol: {json.dumps(protocol)}\n\n'
-                                          f'val mIoU (%) after {args.iters} iterations\n\n{text}\n')
-    (args.out / 'ablation.json').write_text(json.dumps({'command': command, 'protocol': protocol,
-                                                        'seeds': args.seeds, 'pairs': results}, indent=2) + '\n')
+    (args.out / 'ablation.md').write_text(
+        f'`{command}`\n\nprotocol: {json.dumps(protocol)}\n\nval mIoU (%) after {args.iters} iterations\n\n{text}\n'
+    )
+    (args.out / 'ablation.json').write_text(
+        json.dumps({'command': command, 'protocol': protocol, 'seeds': args.seeds, 'pairs': results}, indent=2) + '\n'
+    )
     print(text)
     return text
 

@@ -1,4 +1,5 @@
 """benchmarks/ablation.py end to end on the demo scenes: two tiny pairs, two seeds, two iterations a run."""
+
 import json
 import shutil
 import statistics
@@ -26,8 +27,23 @@ SEGFORMER_HEAD = """
 
 def command(folder) -> list:
     tiny = str(folder / 'tiny.yaml')
-    return ['--config', tiny, '--pairs', tiny, str(folder / 'segformer.yaml'), '--seeds', *map(str, SEEDS),
-            '--iters', '2', '--out', str(folder / 'out'), '--device', 'cpu', '--set', SMALL_VAL]
+    return [
+        '--config',
+        tiny,
+        '--pairs',
+        tiny,
+        str(folder / 'segformer.yaml'),
+        '--seeds',
+        *map(str, SEEDS),
+        '--iters',
+        '2',
+        '--out',
+        str(folder / 'out'),
+        '--device',
+        'cpu',
+        '--set',
+        SMALL_VAL,
+    ]
 
 
 @pytest.fixture(scope='module')
@@ -72,11 +88,15 @@ def test_arms_differ_only_in_the_classifier(ablation_run):
     for result in results:
         assert result['check']['valid'] and result['check']['config_keys'] == ['head.offset_learning']
         for seed in SEEDS:
-            plain, ol = (load_checkpoint(folder / 'out' / result['pair'] / arm / f'seed{seed}' / 'last.pth')
-                         for arm in ('plain', 'OL'))
+            plain, ol = (
+                load_checkpoint(folder / 'out' / result['pair'] / arm / f'seed{seed}' / 'last.pth')
+                for arm in ('plain', 'OL')
+            )
             configs = [flatten(c['config']) for c in (plain, ol)]
-            assert {k for k in configs[0] if configs[0][k] != configs[1][k]} == {'head.offset_learning',
-                                                                                'output.work_dir'}
+            assert {k for k in configs[0] if configs[0][k] != configs[1][k]} == {
+                'head.offset_learning',
+                'output.work_dir',
+            }
             assert configs[0]['train.seed'] == seed
             assert configs[0]['train.val_interval'] == configs[0]['train.max_iters'] == 2
             keys = plain['model'].keys() ^ ol['model'].keys()
@@ -91,15 +111,26 @@ def test_rerun_skips_finished_runs_and_retrains_a_missing_one_identically(ablati
     again = ablation.main(command(folder))
     assert capsys.readouterr().out.count('finished, skipped') == len(times) - 1
     retrained = 'tiny/OL/seed1/last.pth'
-    assert {k: v for k, v in checkpoint_times(out).items() if k != retrained} == \
-        {k: v for k, v in times.items() if k != retrained}
+    assert {k: v for k, v in checkpoint_times(out).items() if k != retrained} == {
+        k: v for k, v in times.items() if k != retrained
+    }
     assert again[0]['arms']['OL']['miou'] == pytest.approx(results[0]['arms']['OL']['miou'])
 
 
 def test_model_from_config_ablates_its_own_model_without_training(ablation_run):
     folder, _, _ = ablation_run
-    results = ablation.main(['--config', str(folder / 'tiny.yaml'), '--model-from-config', '--iters', '2',
-                             '--out', str(folder / 'report'), '--report-only'])
+    results = ablation.main(
+        [
+            '--config',
+            str(folder / 'tiny.yaml'),
+            '--model-from-config',
+            '--iters',
+            '2',
+            '--out',
+            str(folder / 'report'),
+            '--report-only',
+        ]
+    )
     assert [r['pair'] for r in results] == ['tiny'] and results[0]['check']['valid']
     assert results[0]['arms']['plain']['miou'] == [None, None, None]
     assert results[0]['arms']['plain']['mean'] is None
@@ -108,5 +139,15 @@ def test_model_from_config_ablates_its_own_model_without_training(ablation_run):
 def test_pairs_sharing_a_run_folder_are_refused(tmp_path):
     (tmp_path / 'tiny.yaml').write_text(textwrap.dedent(TINY.format(root=tmp_path / 'demo')))
     with pytest.raises(ConfigError, match='share a run folder'):
-        ablation.main(['--config', str(tmp_path / 'tiny.yaml'), '--pairs', str(tmp_path / 'tiny.yaml'),
-                       str(tmp_path / 'tiny.yaml'), '--out', str(tmp_path / 'out'), '--report-only'])
+        ablation.main(
+            [
+                '--config',
+                str(tmp_path / 'tiny.yaml'),
+                '--pairs',
+                str(tmp_path / 'tiny.yaml'),
+                str(tmp_path / 'tiny.yaml'),
+                '--out',
+                str(tmp_path / 'out'),
+                '--report-only',
+            ]
+        )
