@@ -95,8 +95,9 @@ def parse_args(argv=None):
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
     parser.add_argument(
         '--resume',
-        metavar='CKPT|auto',
-        help="continue a run exactly from a checkpoint ('auto': work_dir/last.pth if there is one)",
+        metavar='CKPT|DIR|auto',
+        help='continue a run exactly: a training checkpoint, a run folder (its newest intact checkpoint) '
+        "or 'auto' (this work dir's, if there is one)",
     )
     parser.add_argument(
         '--overwrite',

@@ -107,6 +107,30 @@ def test_inference_latency_json(tmp_path):
     assert result['images_per_s'] == pytest.approx(1e3 / result['latency_ms_median'])
 
 
+def test_a_size_sweep_gives_ms_per_gmac_and_the_profile_the_top_operators(tmp_path, capsys):
+    results = run(
+        tmp_path,
+        '--config',
+        ROOT / 'configs' / 'segformer_b0.yaml',
+        '--runs',
+        1,
+        '--warmup',
+        0,
+        '--sizes',
+        64,
+        96,
+        '--profile',
+    )
+    assert [r['size'] for r in results] == [[64, 64], [96, 96]]
+    for r in results:
+        assert r['ms_per_gmac'] == pytest.approx(r['latency_ms_median'] / r['gmacs'])
+        shares = [op['share'] for op in r['profile']]
+        assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+        assert all(op['calls'] >= 1 and op['self_ms'] >= 0 for op in r['profile'])
+    out = capsys.readouterr().out
+    assert 'ms/GMAC' in out and '64x64' in out and '96x96' in out and 'top operators of one forward' in out
+
+
 @pytest.mark.parametrize('name', ['segformer_b0', 'mask2former_camvid'])  # per-pixel and set-prediction losses
 def test_training_step_latency(tmp_path, name):
     [result] = run(tmp_path, '--config', ROOT / 'configs' / f'{name}.yaml', *TINY, '--mode', 'train')

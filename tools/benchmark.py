@@ -32,6 +32,7 @@ Models get random weights (backbone.pretrained=null unless --set says otherwise)
 do not depend on the values.
 """
 
+import argparse
 import contextlib
 import copy
 import csv
@@ -160,6 +161,26 @@ def time_calls(calls: dict, runs: int, warmup: int, device: torch.device) -> dic
             if round_ >= warmup:
                 times[name].append(time.perf_counter() - start)
     return times
+
+
+def top_operators(call, device: torch.device, count: int = 15) -> list:
+    """The operators of one call, most self time first: [{op, self_ms, share, calls}] (torch.profiler; on
+    CUDA the device time)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == 'cuda':
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        call()
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+    events = profiler.key_averages()
+    key = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
+    total = sum(getattr(event, key) for event in events) or 1
+    ranked = sorted(events, key=lambda event: getattr(event, key), reverse=True)[:count]
+    return [
+        {'op': e.key, 'self_ms': getattr(e, key) / 1e3, 'share': getattr(e, key) / total, 'calls': e.count}
+        for e in ranked
+    ]
 
 
 def latency_ms(seconds: list) -> dict:
@@ -447,8 +468,11 @@ def benchmark(path: Path, args) -> dict:
         latency_ms_median=latency['median'],
         latency_ms_p90=latency['p90'],
         images_per_s=1e3 * batch / latency['median'],
+        ms_per_gmac=latency['median'] / (batch * result['gmacs']),
         **memory,
     )
+    if args.profile:
+        result['profile'] = top_operators(call, device)
     if args.compare:
         result['compare_hf'] = compare_hf(model, images, args.runs, args.warmup)
     if args.onnx:  # exported from a fresh build: the timed model may be folded or compiled
@@ -496,12 +520,15 @@ def table(results: list) -> str:
             ('median ms', 'latency_ms_median', '.2f', 10),
             ('p90 ms', 'latency_ms_p90', '.2f', 9),
             ('images/s', 'images_per_s', '.2f', 9),
+            ('ms/GMAC', 'ms_per_gmac', '.2f', 8),
             ('peak MB', 'peak_memory_mb', '.0f', 8),
             ('+runs MB', 'added_memory_mb', '.0f', 8),
         ]
+    if len({tuple(result['size']) for result in results}) > 1:
+        columns.insert(1, ('size', 'size_text', '', 10))
     lines = ['  '.join(f'{title:<{width}}' if not fmt else f'{title:>{width}}' for title, _, fmt, width in columns)]
     for result in results:
-        values = {**result, 'config': Path(result['config']).stem}
+        values = {**result, 'config': Path(result['config']).stem, 'size_text': 'x'.join(map(str, result['size']))}
         lines.append(
             '  '.join(
                 f'{values[key]:<{width}}' if not fmt else f'{cell(values[key], fmt):>{width}}'
@@ -513,7 +540,7 @@ def table(results: list) -> str:
 
 def header(results: list) -> str:
     first = results[0]
-    size = 'x'.join(map(str, first['size']))
+    size = ', '.join(dict.fromkeys('x'.join(map(str, result['size'])) for result in results))
     lines = [
         f'{size} input; GMACs = multiply-accumulates (FLOPs / 2) per image, every convolution and matmul '
         'counted (torch FlopCounterMode); paper GMACs: OffSeg paper convention, without the attention and '
@@ -546,6 +573,11 @@ def extras(result: dict) -> str:
             f'{r["eager_ms"]:.2f} ms, ONNX Runtime {r["onnxruntime_ms"]:.2f} ms, ONNX / eager '
             f'{r["onnx_over_eager"]:.3f} (interleaved)'
         )
+    if 'profile' in result:
+        lines.append(f'{name} at {"x".join(map(str, result["size"]))}, top operators of one forward by self time:')
+        lines.append(f'  {"operator":<40}{"self ms":>10}{"share":>8}{"calls":>7}')
+        for r in result['profile']:
+            lines.append(f'  {r["op"]:<40}{r["self_ms"]:>10.2f}{r["share"]:>8.3f}{r["calls"]:>7}')
     if 'breakdown' in result:
         lines.append(f'{name} breakdown (each part timed alone on its recorded inputs, interleaved with the model):')
         lines.append(f'  {"part":<36}{"ms":>9}{"latency share":>15}{"MAC share":>11}{"ratio":>8}')
@@ -615,6 +647,16 @@ def parse_args(argv=None):
     )
     parser.add_argument('--compare', choices=['hf'], help="time transformers' SegFormer on the same weights (infer)")
     parser.add_argument('--onnx', action='store_true', help='time the ONNX Runtime export beside eager (infer)')
+    parser.add_argument(
+        '--sizes',
+        nargs='+',
+        type=number(int, 32),
+        metavar='SIDE',
+        help='a sweep over square inputs of these sides, e.g. 256 512 768 1024: ms, GMACs and ms/GMAC per size',
+    )
+    parser.add_argument(
+        '--profile', action='store_true', help='the top operators of one forward by self time (torch.profiler)'
+    )
     parser.add_argument('--json', type=Path, help='write the results as JSON')
     parser.add_argument('--csv', type=Path, help='write the results as CSV')
     args = parser.parse_args(argv)
@@ -624,8 +666,6 @@ def parse_args(argv=None):
 
 def check_options(parser, args) -> None:
     """Combinations that cannot be measured as asked stop here, before anything is built."""
-    if args.runs < 1 or args.warmup < 0 or (args.batch is not None and args.batch < 1):
-        parser.error('--runs and --batch must be at least 1, --warmup at least 0')
     infer_only = [
         flag
         for flag, on in (
@@ -633,6 +673,7 @@ def check_options(parser, args) -> None:
             ('--compare', args.compare),
             ('--onnx', args.onnx),
             ('--compile', args.compile),
+            ('--profile', args.profile),
         )
         if on
     ]
@@ -653,9 +694,8 @@ def main(argv=None) -> list:
     if args.threads:
         torch.set_num_threads(args.threads)
     paths = config_paths(args.all) if args.all else [Path(args.config)]
-    results = []
-    for path in paths:
-        results.append(benchmark(path, args))
+    sizes = [[side, side] for side in args.sizes] if args.sizes else [args.size]
+    results = [benchmark(path, argparse.Namespace(**{**vars(args), 'size': size})) for path in paths for size in sizes]
     print(header(results))
     print(table(results))
     for section in filter(None, map(extras, results)):
