@@ -38,7 +38,7 @@ def parse_args(argv=None):
     parser.add_argument('--mode', choices=['whole', 'slide'], help='inference mode (default: eval.mode)')
     parser.add_argument('--scales', nargs='+', type=number(float, 0.01), help='test scales for multi-scale inference')
     parser.add_argument('--flip', action='store_true', help='also average horizontally flipped predictions')
-    parser.add_argument('--set', nargs='+', default=[], action='extend', metavar='KEY=VALUE')
+    parser.add_overrides()
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
     parser.add_argument('--work-dir', help='where the JSON and charts go (default: the checkpoint folder)')
     parser.add_argument('--show-dir', help='folder for image | ground truth | prediction pictures')

@@ -52,7 +52,7 @@ def parse_args(argv=None):
     )
     parser.add_argument('--opacity', type=number(float, 0, 1), default=0.5, help='colour weight in the overlay, 0 to 1')
     parser.add_argument('--overlay-format', choices=['jpg', 'png'], default='jpg', help='file type of the overlays')
-    parser.add_argument('--set', nargs='+', default=[], action='extend', metavar='KEY=VALUE')
+    parser.add_overrides()
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
     fast.add_arguments(parser)
     return parser.parse_args(argv)

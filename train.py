@@ -84,14 +84,7 @@ def parse_args(argv=None):
     parser = ArgumentParser(__doc__)
     parser.add_argument('--config', required=True, help='YAML file describing the run')
     parser.add_argument('--work-dir', help='where logs and checkpoints go (default: output.work_dir)')
-    parser.add_argument(
-        '--set',
-        nargs='+',
-        default=[],
-        action='extend',
-        metavar='KEY=VALUE',
-        help='override config values, e.g. --set train.max_iters=200 head.type=aspp',
-    )
+    parser.add_overrides()
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
     parser.add_argument(
         '--resume',

@@ -33,7 +33,6 @@ per model and arm the parameters, GMACs at the training crop, the final val mIoU
 mean +- std (ddof 1), and per pair the paired difference OL - plain per seed with its mean +- std.
 """
 
-import argparse
 import json
 import shlex
 import statistics
@@ -48,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
 from engine.checkpoint import load_checkpoint  # noqa: E402
-from engine.cli import number, run_cli  # noqa: E402
+from engine.cli import ArgumentParser, number, run_cli  # noqa: E402
 from engine.config import ConfigError, read_yaml  # noqa: E402
 from engine.rules import input_size, load_config  # noqa: E402
 from tools.benchmark import flatten, meta_model, size_figures  # noqa: E402
@@ -77,7 +76,7 @@ class Pair:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__doc__)
     parser.add_argument(
         '--config',
         default=DEFAULT_CONFIG,
@@ -99,14 +98,7 @@ def parse_args(argv=None):
         default=DEFAULT_ITERS,
         help=f'training iterations of every run (default: {DEFAULT_ITERS})',
     )
-    parser.add_argument(
-        '--set',
-        nargs='+',
-        default=[],
-        action='extend',
-        metavar='KEY=VALUE',
-        help='extra overrides for every run (e.g. data.workers=0 backbone.pretrained=PATH)',
-    )
+    parser.add_overrides('extra overrides for every run (e.g. data.workers=0 backbone.pretrained=PATH)')
     parser.add_argument('--out', type=Path, default=Path('work_dirs/ablation'), help='(default: work_dirs/ablation)')
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
     parser.add_argument('--report-only', action='store_true', help='train nothing: the table of the finished runs')

@@ -38,6 +38,10 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f'error: {message} (see --help)\n')
 
+    def add_overrides(self, help: str = 'override config values, e.g. --set train.max_iters=200 head.type=aspp'):
+        """`--set KEY=VALUE ...`, repeatable; the values are parsed as YAML (engine.config)."""
+        self.add_argument('--set', nargs='+', default=[], action='extend', metavar='KEY=VALUE', help=help)
+
 
 def number(kind=int, low=None, high=None):
     """An argparse `type` for a number in [low, high]: a value outside is a usage error (exit code 2)."""

@@ -619,14 +619,7 @@ def parse_args(argv=None):
     which.add_argument(
         '--all', nargs='+', metavar='CFG', help='configs, folders of configs or glob patterns, measured into one table'
     )
-    parser.add_argument(
-        '--set',
-        nargs='+',
-        default=[],
-        action='extend',
-        metavar='KEY=VALUE',
-        help='override config values (applied to every config)',
-    )
+    parser.add_overrides('override config values (applied to every config)')
     parser.add_argument('--size', nargs=2, type=number(int, 32), default=[512, 512], metavar=('H', 'W'))
     parser.add_argument(
         '--batch',

@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     parser.add_argument('source', help='published checkpoint file or Hugging Face folder')
     parser.add_argument('target', help='output checkpoint (.pth)')
     parser.add_argument('--config', required=True, help='YAML describing the model the weights belong to')
-    parser.add_argument('--set', nargs='+', default=[], action='extend', metavar='KEY=VALUE')
+    parser.add_overrides()
     args = parser.parse_args(argv)
     report = convert(args.source, args.target, args.config, args.set)
     for line in report:

@@ -146,7 +146,7 @@ def parse_args(argv=None):
         '--check', action='store_true', help='compare ONNX Runtime with PyTorch at --size and at (H+32, W+64)'
     )
     parser.add_argument('--config', help="YAML to use instead of the checkpoint's stored config")
-    parser.add_argument('--set', nargs='+', default=[], action='extend', metavar='KEY=VALUE')
+    parser.add_overrides()
     return parser.parse_args(argv)
 
 
