@@ -12,6 +12,7 @@ import textwrap
 import cv2
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 
@@ -127,6 +128,7 @@ def test_an_out_of_range_value_for_any_bounded_key_is_one_config_error(name):
         ('eval.mode=slide', "eval.mode 'slide' needs eval.crop_size and eval.stride"),
         ('data.ignore_index=2', 'data.ignore_index 2 is a class id'),
         ('backbone.variant=b9', "ResNet variant 'b9' unknown"),
+        ('head={type: ham, in_index: [1, 2, 5]}', 'head (ham) cannot be built or run with this config'),
     ],
 )
 def test_bad_values_are_named_when_the_config_is_read(override, message):
@@ -267,6 +269,30 @@ def test_pretrained_weights_that_match_nothing_are_an_error(tmp_path, capsys):
         capsys,
     )
     assert str(weights) in line and 'none of its 1 tensors fits' in line
+
+
+def test_a_partial_pretrained_match_is_listed_in_train_log(tmp_path):
+    weights = tmp_path / 'resnet18.pth'
+    state = timm.create_model('resnet18').state_dict()
+    torch.save({k: v for k, v in state.items() if not k.startswith('layer4.')}, weights)
+    train.main(
+        [
+            '--config',
+            str(DEMO),
+            '--work-dir',
+            str(tmp_path / 'w'),
+            '--device',
+            'cpu',
+            '--set',
+            f'backbone.pretrained={weights}',
+            f'data.root={tmp_path / "demo"}',
+            'train.max_iters=1',
+            'data.workers=0',
+        ]
+    )
+    log = (tmp_path / 'w' / 'train.log').read_text()
+    assert re.search(rf'loaded (\d+)/(?!\1)\d+ tensors from {re.escape(str(weights))}', log)
+    assert re.search(r'warning: .*resnet18\.pth: \d+ keys missing from the checkpoint: body\.layer4\.', log)
 
 
 def test_the_converter_refuses_a_file_that_matches_no_tensor(tmp_path, capsys):
