@@ -250,22 +250,28 @@ def test_a_run_with_no_valid_label_pixel_says_so_and_names_no_unwritten_checkpoi
     assert 'no best.pth' in log and not (tmp_path / 'work' / 'best.pth').exists()
 
 
+def demo_run_with_weights(tmp_path, weights, *overrides) -> list:
+    """train.py's arguments for the demo config in tmp_path with `backbone.pretrained` set to `weights`."""
+    return [
+        '--config',
+        str(DEMO),
+        '--work-dir',
+        str(tmp_path / 'w'),
+        '--device',
+        'cpu',
+        '--set',
+        f'backbone.pretrained={weights}',
+        f'data.root={tmp_path / "demo"}',
+        *overrides,
+    ]
+
+
 def test_pretrained_weights_that_match_nothing_are_an_error(tmp_path, capsys):
     weights = tmp_path / 'other.pth'
     torch.save({'encoder.layer.0.weight': torch.zeros(3, 3)}, weights)
     line = cli_error(
         train.main,
-        [
-            '--config',
-            str(DEMO),
-            '--work-dir',
-            str(tmp_path / 'w'),
-            '--device',
-            'cpu',
-            '--set',
-            f'backbone.pretrained={weights}',
-            f'data.root={tmp_path / "demo"}',
-        ],
+        demo_run_with_weights(tmp_path, weights),
         capsys,
     )
     assert str(weights) in line and 'none of its 1 tensors fits' in line
@@ -275,21 +281,7 @@ def test_a_partial_pretrained_match_is_listed_in_train_log(tmp_path):
     weights = tmp_path / 'resnet18.pth'
     state = timm.create_model('resnet18').state_dict()
     torch.save({k: v for k, v in state.items() if not k.startswith('layer4.')}, weights)
-    train.main(
-        [
-            '--config',
-            str(DEMO),
-            '--work-dir',
-            str(tmp_path / 'w'),
-            '--device',
-            'cpu',
-            '--set',
-            f'backbone.pretrained={weights}',
-            f'data.root={tmp_path / "demo"}',
-            'train.max_iters=1',
-            'data.workers=0',
-        ]
-    )
+    train.main(demo_run_with_weights(tmp_path, weights, 'train.max_iters=1', 'data.workers=0'))
     log = (tmp_path / 'w' / 'train.log').read_text()
     assert re.search(rf'loaded (\d+)/(?!\1)\d+ tensors from {re.escape(str(weights))}', log)
     assert re.search(r'warning: .*resnet18\.pth: \d+ keys missing from the checkpoint: body\.layer4\.', log)

@@ -79,13 +79,8 @@ def environment() -> dict:
     return {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1', 'PYTHONPATH': str(REPO)}
 
 
-def logged(work_dir: Path, pattern: str) -> list:
-    return re.findall(pattern, (work_dir / 'train.log').read_text())
-
-
-def test_torchrun_two_processes_take_the_single_process_steps(rectangles, tmp_path):
-    config = write_config(tmp_path, rectangles, max_iters=4, val_interval=4)
-    train.main(['--config', str(config), '--work-dir', str(tmp_path / 'single'), '--device', 'cpu'])
+def torchrun_two_processes(config, work_dir, timeout: int = 300) -> None:
+    """train.py under `torchrun --nproc_per_node=2` (gloo on the CPU); fails the test if it fails."""
     command = [
         sys.executable,
         '-m',
@@ -96,12 +91,22 @@ def test_torchrun_two_processes_take_the_single_process_steps(rectangles, tmp_pa
         '--config',
         str(config),
         '--work-dir',
-        str(tmp_path / 'ddp'),
+        str(work_dir),
         '--device',
         'cpu',
     ]
-    result = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def logged(work_dir: Path, pattern: str) -> list:
+    return re.findall(pattern, (work_dir / 'train.log').read_text())
+
+
+def test_torchrun_two_processes_take_the_single_process_steps(rectangles, tmp_path):
+    config = write_config(tmp_path, rectangles, max_iters=4, val_interval=4)
+    train.main(['--config', str(config), '--work-dir', str(tmp_path / 'single'), '--device', 'cpu'])
+    torchrun_two_processes(config, tmp_path / 'ddp')
 
     single, ddp = tmp_path / 'single', tmp_path / 'ddp'
     assert '2 process(es) on cpu; batch 4 = 2 x 2' in (ddp / 'train.log').read_text()

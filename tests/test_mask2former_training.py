@@ -3,12 +3,10 @@ SegmentationLoss, grad clipping, an EMA), exact resume, evaluate.py, and the los
 
 import json
 import re
-import subprocess
-import sys
 import textwrap
 
 import pytest
-from test_distributed import REPO, environment, logged, write_rectangles
+from test_distributed import logged, torchrun_two_processes, write_rectangles
 from test_end_to_end import assert_resume_continues_exactly, losses_on_a_tiny_batch, train_tiny
 
 import evaluate
@@ -92,22 +90,7 @@ def test_torchrun_two_processes_agree_with_one_up_to_the_random_points(tmp_path)
     config = tmp_path / 'm2f.yaml'
     config.write_text(textwrap.dedent(DISTRIBUTED.format(root=root)))
     train.main(['--config', str(config), '--work-dir', str(tmp_path / 'single'), '--device', 'cpu'])
-    command = [
-        sys.executable,
-        '-m',
-        'torch.distributed.run',
-        '--standalone',
-        '--nproc_per_node=2',
-        str(REPO / 'train.py'),
-        '--config',
-        str(config),
-        '--work-dir',
-        str(tmp_path / 'ddp'),
-        '--device',
-        'cpu',
-    ]
-    result = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun_two_processes(config, tmp_path / 'ddp', timeout=600)
     assert '2 process(es) on cpu; batch 4 = 2 x 2' in (tmp_path / 'ddp' / 'train.log').read_text()
     first = r'iter 1/2: loss ([\d.]+)'
     single, ddp = float(logged(tmp_path / 'single', first)[0]), float(logged(tmp_path / 'ddp', first)[0])
