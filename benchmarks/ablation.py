@@ -4,6 +4,7 @@
     python benchmarks/ablation.py --config my.yaml --model-from-config --iters 4000 --out work_dirs/abl_mine
     python benchmarks/ablation.py --pairs segformer_b0 configs/convnext_t_aspp.yaml --seeds 0 1 2 3 4
     python benchmarks/ablation.py --report-only                           # the table of the runs done so far
+    OMP_NUM_THREADS=1 nice python benchmarks/ablation.py --jobs 2         # two runs at a time, a core each
 
 Each pair is one model (the backbone, head and aux_head sections of a YAML file, or of --config itself
 with --model-from-config) trained twice per seed: with the head's plain per-pixel classifier ("plain")
@@ -23,8 +24,10 @@ budget (batch 8 of 256x256, --iters iterations) replaces 160k GPU iterations; th
 CamVid's whole image (OffSeg-T's published sliding window is for ADE20K's sizes).
 
 Every run is a normal train.py run (`--resume auto`) in <out>/<pair>/<arm>/seed<k>, its config.yaml
-and train.log there. Runs go one after another, seed by seed (both arms of every pair for seed 0,
-then seed 1, ...), so a stopped ablation already holds whole pairs. Rerunning the same command skips
+and train.log there. Runs go seed by seed (both arms of every pair for seed 0, then seed 1, ...), so a
+stopped ablation already holds whole pairs; one after another in this process, or with --jobs N as N
+train.py processes at a time (set OMP_NUM_THREADS to the cores per job: a run's result depends on its
+seed, not on how many run beside it). Rerunning the same command skips
 finished runs (last.pth at train.max_iters) and continues with the others (a run stopped midway starts
 over: with one validation, its only checkpoint is the last iteration's). Before training, both arms of each
 pair are resolved and checked to differ only in `head.offset_learning` (and their models only in the
@@ -36,7 +39,9 @@ mean +- std (ddof 1), and per pair the paired difference OL - plain per seed wit
 import json
 import shlex
 import statistics
+import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +106,9 @@ def parse_args(argv=None):
     parser.add_overrides('extra overrides for every run (e.g. data.workers=0 backbone.pretrained=PATH)')
     parser.add_argument('--out', type=Path, default=Path('work_dirs/ablation'), help='(default: work_dirs/ablation)')
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
+    parser.add_argument(
+        '--jobs', type=number(int, 1), default=1, help='runs at a time, each its own train.py process (default: 1)'
+    )
     parser.add_argument('--report-only', action='store_true', help='train nothing: the table of the finished runs')
     return parser.parse_args(argv)
 
@@ -224,27 +232,53 @@ def is_finished(work_dir: Path, iters: int) -> bool:
     return checkpoint is not None and checkpoint['iteration'] >= iters
 
 
-def train_run(pair: Pair, arm: str, seed: int, args) -> None:
-    """One train.py run, in this process, continued from its last checkpoint if it has one."""
-    work_dir = run_dir(args.out, pair, arm, seed)
-    if is_finished(work_dir, args.iters):
-        print(f'{work_dir}: finished, skipped')
+def train_runs(runs: list, args) -> None:
+    """Train the (pair, arm, seed) runs not finished yet: in this process, or --jobs at a time."""
+    todo = []
+    for pair, arm, seed in runs:
+        work_dir = run_dir(args.out, pair, arm, seed)
+        if is_finished(work_dir, args.iters):
+            print(f'{work_dir}: finished, skipped')
+        else:
+            todo.append((work_dir, train_arguments(work_dir, pair, arm, seed, args)))
+    if args.jobs == 1:
+        for work_dir, arguments in todo:
+            print(f'{work_dir}: training')
+            train.main(arguments)
         return
-    print(f'{work_dir}: training')
-    train.main(
-        [
-            '--config',
-            args.config,
-            '--work-dir',
-            str(work_dir),
-            '--resume',
-            'auto',
-            '--device',
-            args.device,
-            '--set',
-            *run_overrides(pair, ARMS[arm], seed, args),
-        ]
-    )
+    with ThreadPoolExecutor(args.jobs) as pool:
+        finished = list(pool.map(lambda run: train_process(*run), todo))
+    failed = [work_dir for (work_dir, _), ok in zip(todo, finished) if not ok]
+    if failed:
+        raise SystemExit(f'error: {len(failed)} run(s) failed, see console.txt in: ' + ', '.join(map(str, failed)))
+
+
+def train_arguments(work_dir: Path, pair: Pair, arm: str, seed: int, args) -> list:
+    """train.py's command line of one run, continued from its last checkpoint if it has one."""
+    return [
+        '--config',
+        args.config,
+        '--work-dir',
+        str(work_dir),
+        '--resume',
+        'auto',
+        '--device',
+        args.device,
+        '--set',
+        *run_overrides(pair, ARMS[arm], seed, args),
+    ]
+
+
+def train_process(work_dir: Path, arguments: list) -> bool:
+    """One run as its own train.py process; its console output is kept in the run's console.txt."""
+    print(f'{work_dir}: training (train.py process)', flush=True)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with open(work_dir / 'console.txt', 'a') as console:
+        code = subprocess.call(
+            [sys.executable, str(ROOT / 'train.py'), *arguments], stdout=console, stderr=subprocess.STDOUT
+        )
+    print(f'{work_dir}: {"done" if code == 0 else f"FAILED (exit {code}), see console.txt"}', flush=True)
+    return code == 0
 
 
 def final_miou(work_dir: Path, iters: int):
@@ -353,10 +387,7 @@ def main(argv=None) -> list:
     protocol = protocol_of(arm_configs(pairs[0], args.seeds[0], args)['plain'])
     print('protocol: ' + json.dumps(protocol))
     if not args.report_only:
-        for seed in args.seeds:
-            for pair in pairs:
-                for arm in ARMS:
-                    train_run(pair, arm, seed, args)
+        train_runs([(pair, arm, seed) for seed in args.seeds for pair in pairs for arm in ARMS], args)
     results = [pair_result(pair, checks[pair.name], args) for pair in pairs]
     write_report(results, protocol, args, argv)
     return results

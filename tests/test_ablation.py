@@ -104,12 +104,15 @@ def test_arms_differ_only_in_the_classifier(ablation_run):
 
 
 def test_rerun_skips_finished_runs_and_retrains_a_missing_one_identically(ablation_run, capsys):
+    """The retrained run is a train.py process (--jobs 2): the same result as the in-process run."""
     folder, results, times = ablation_run
     out = folder / 'out'
     assert len(times) == 2 * 2 * len(SEEDS)
     shutil.rmtree(out / 'tiny' / 'OL' / 'seed1')
-    again = ablation.main(command(folder))
-    assert capsys.readouterr().out.count('finished, skipped') == len(times) - 1
+    again = ablation.main([*command(folder), '--jobs', '2'])
+    printed = capsys.readouterr().out
+    assert printed.count('finished, skipped') == len(times) - 1
+    assert 'tiny/OL/seed1: done' in printed
     retrained = 'tiny/OL/seed1/last.pth'
     assert {k: v for k, v in checkpoint_times(out).items() if k != retrained} == {
         k: v for k, v in times.items() if k != retrained
