@@ -271,14 +271,20 @@ def train_arguments(work_dir: Path, pair: Pair, arm: str, seed: int, args) -> li
 
 def train_process(work_dir: Path, arguments: list) -> bool:
     """One run as its own train.py process; its console output is kept in the run's console.txt."""
-    print(f'{work_dir}: training (train.py process)', flush=True)
+    say(f'{work_dir}: training (train.py process)')
     work_dir.mkdir(parents=True, exist_ok=True)
     with open(work_dir / 'console.txt', 'a') as console:
         code = subprocess.call(
             [sys.executable, str(ROOT / 'train.py'), *arguments], stdout=console, stderr=subprocess.STDOUT
         )
-    print(f'{work_dir}: {"done" if code == 0 else f"FAILED (exit {code}), see console.txt"}', flush=True)
+    say(f'{work_dir}: {"done" if code == 0 else f"FAILED (exit {code}), see console.txt"}')
     return code == 0
+
+
+def say(line: str) -> None:
+    """One whole line, even when --jobs threads print at once (print writes the newline separately)."""
+    sys.stdout.write(line + '\n')
+    sys.stdout.flush()
 
 
 def final_miou(work_dir: Path, iters: int):

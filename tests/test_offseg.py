@@ -1,5 +1,6 @@
 """OffSeg: EfficientFormerV2 backbone, FreqFusion/CARAFE and OffSegHead against the published code."""
 
+import copy
 import itertools
 import warnings
 
@@ -105,6 +106,28 @@ def test_checkpointing_gives_the_same_gradients():
         sum(f.square().mean() for f in model(x)).backward()
     for (name, p), q in zip(plain.named_parameters(), recomputed.parameters()):
         torch.testing.assert_close(q.grad, p.grad, msg=name)
+
+
+def test_cached_attention_biases_follow_new_weights_and_sizes():
+    """In eval under no_grad the gathered, resized biases are kept; a load_state_dict after a forward
+    and an input of another size must still give what a model recomputing them gives, bit for bit."""
+    torch.manual_seed(0)
+    model = EfficientFormerV2('s0', resolution=64).eval()
+    images = (torch.randn(1, 3, 64, 64), torch.randn(1, 3, 128, 96))  # the tables' own size, and a resize
+    with torch.no_grad():
+        for x in images:
+            model(x)
+    recomputing = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, parameter in recomputing.named_parameters():
+            if name.endswith('attention_biases_seg'):
+                parameter.normal_()
+    model.load_state_dict(recomputing.state_dict())
+    for x in (images[1], images[1], images[0]):  # the size cached last first: a stale bias would be used
+        with torch.no_grad():
+            cached = model(x)
+        recomputed = recomputing(x)  # autograd on: nothing is cached
+        assert all(torch.equal(a, b) for a, b in zip(cached, recomputed))
 
 
 def naive_carafe(features, masks, k, groups, scale):

@@ -35,5 +35,12 @@ def test_the_reassociated_products_equal_the_published_order():
     with torch.no_grad():
         module.cls_repr.normal_()
         module.mask_norm.weight.uniform_(0.5, 1.5)
-    x = torch.randn(2, 64, 12, 20, dtype=torch.float64)
-    torch.testing.assert_close(module(x), published_offset_learning_forward(module, x), rtol=1e-10, atol=1e-10)
+    x = torch.randn(2, 64, 12, 20, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(2, 19, 12, 20, dtype=torch.float64)
+    outputs, gradients = [], []
+    for forward in (module, lambda x: published_offset_learning_forward(module, x)):
+        output = forward(x)
+        outputs.append(output)
+        gradients.append(torch.autograd.grad((output * target).sum(), [x, *module.parameters()]))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gradients[0], gradients[1], rtol=1e-9, atol=1e-9)  # training sees the same function

@@ -8,9 +8,12 @@ Attention biases. Each attention carries a learned per-head table indexed by the
 offset between query and key tokens, sized for a `resolution` x `resolution` input (512 as
 published). Every forward gathers the (heads, Nq, Nk) bias for that grid and resizes the flattened
 token x token matrix bicubically (align_corners=False) to the actual (Nq, Nk), as the published
-code does; at a 512 x 512 input this is an exact identity. Nothing derived from the tables is
-cached, so weights loaded at any time (even after `.eval()`) take effect at once; the published
-code caches the gathered bias on `.eval()` and must be loaded before it.
+code does; at the table's own size (a 512 x 512 input) that resize is an exact identity and is
+skipped. Outside autograd (eval under no_grad / inference_mode) each attention keeps the bias of
+the last size it saw, keyed by that size and by the table's storage and version counter, so
+weights loaded at any time (even after `.eval()`) take effect at once; the published code caches
+the gathered bias on `.eval()` and must be loaded before it. At 1024 x 1024 the gather and resize
+would otherwise cost about a sixth of a forward (benchmarks/attention_bias.py).
 
 Input sizes: the stride-2 attention of stage 2 halves the stride-16 grid and doubles it back, so
 ceil(H/16) and ceil(W/16) must be even (any multiple of 32 works); other sizes raise a ValueError.
@@ -52,8 +55,48 @@ def relative_bias_index(q_size: int, k_size: int, q_stride: int = 1) -> torch.Te
 
 
 def resized_bias(table: torch.Tensor, index: torch.Tensor, size: tuple) -> torch.Tensor:
-    """(1, heads, Nq, Nk) attention bias: gather the table, then resize the token x token matrix bicubically."""
-    return F.interpolate(table[:, index].unsqueeze(0), size=size, mode='bicubic', align_corners=False)
+    """(1, heads, Nq, Nk) attention bias: gather the table, then resize the token x token matrix
+    bicubically; at the index's own size the resize is the identity (exactly) and is skipped, except
+    in a trace (an ONNX export), whose graph must resize for every other input size."""
+    bias = table[:, index].unsqueeze(0)
+    if bias.shape[-2:] == size and not torch.jit.is_tracing():
+        return bias
+    return F.interpolate(bias, size=size, mode='bicubic', align_corners=False)
+
+
+class BiasCache:
+    """The attention bias of the last size asked for, reused while the table is unchanged.
+
+    Used only outside autograd and outside tracing or compilation (there the bias is recomputed, so
+    gradients flow and graphs hold the computation), and not for tables made under inference_mode
+    (they have no version counter). The key holds the table's storage, version
+    counter (bumped by every in-place write: load_state_dict, optimizer steps, EMA updates; writes
+    through `.data` bypass it), dtype and device.
+    """
+
+    def __init__(self):
+        self.key, self.bias = None, None
+
+    def get(self, table: torch.Tensor, index: torch.Tensor, size: tuple) -> torch.Tensor:
+        if torch.is_grad_enabled() or table.is_inference() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return resized_bias(table, index, size)
+        key = (tuple(size), table.data_ptr(), table._version, table.dtype, table.device)
+        if key != self.key:
+            self.key, self.bias = key, resized_bias(table, index, size)
+        return self.bias
+
+
+def attention_logits(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor) -> torch.Tensor:
+    """scale · q·k + bias as one batched GEMM: q (B, heads, Nq, c), k (B, heads, c, Nk), bias (1, heads, Nq, Nk).
+
+    The scaling and the bias add ride along with the product instead of two more passes over the
+    (B, heads, Nq, Nk) logits, which dominate memory traffic at large inputs (benchmarks/efficientformer_v2.py).
+    """
+    b, heads, nq, c = q.shape
+    bias = bias.expand(b, -1, -1, -1).reshape(b * heads, nq, -1)
+    return torch.baddbmm(bias, q.reshape(b * heads, nq, c), k.reshape(b * heads, c, -1), alpha=scale).view(
+        b, heads, nq, -1
+    )
 
 
 def split_heads(x: torch.Tensor, channels_per_head: int) -> torch.Tensor:
@@ -109,6 +152,7 @@ class Attention4D(nn.Module):
         self.proj = nn.Sequential(nn.GELU(), *conv_bn(values, dim))
         self.attention_biases_seg = nn.Parameter(torch.zeros(NUM_HEADS, table_size**2))
         self.register_buffer('attention_bias_idxs_seg', relative_bias_index(table_size, table_size), persistent=False)
+        self.bias_cache = BiasCache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride_conv is not None:
@@ -119,8 +163,8 @@ class Attention4D(nn.Module):
         v = self.v(x)
         v_local = self.v_local(v)
         v = split_heads(v, self.value_dim).transpose(2, 3)  # (B, heads, N, 128)
-        attn = (q @ k) * self.scale
-        attn = attn + resized_bias(self.attention_biases_seg, self.attention_bias_idxs_seg, attn.shape[-2:])
+        bias = self.bias_cache.get(self.attention_biases_seg, self.attention_bias_idxs_seg, (q.shape[2], k.shape[3]))
+        attn = attention_logits(q, k, self.scale, bias)
         attn = self.talking_head2(self.talking_head1(attn).softmax(dim=-1))
         out = (attn @ v).transpose(2, 3).reshape(b, -1, h, w) + v_local
         if self.stride_conv is not None:
@@ -167,6 +211,7 @@ class Attention4DDownsample(nn.Module):
             relative_bias_index(q_size, table_size, math.ceil(table_size / q_size)),
             persistent=False,
         )
+        self.bias_cache = BiasCache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = self.q(x)
@@ -176,8 +221,8 @@ class Attention4DDownsample(nn.Module):
         v = self.v(x)
         v_local = self.v_local(v)
         v = split_heads(v, self.value_dim).transpose(2, 3)  # (B, heads, N, 64)
-        attn = (q @ k) * self.scale
-        attn = attn + resized_bias(self.attention_biases_seg, self.attention_bias_idxs_seg, attn.shape[-2:])
+        bias = self.bias_cache.get(self.attention_biases_seg, self.attention_bias_idxs_seg, (q.shape[2], k.shape[3]))
+        attn = attention_logits(q, k, self.scale, bias)
         out = (attn.softmax(dim=-1) @ v).transpose(2, 3).reshape(b, -1, h, w) + v_local
         return self.proj(out)
 

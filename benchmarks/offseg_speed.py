@@ -1,0 +1,178 @@
+"""OffSeg-T's eager speed-ups, each against the code it replaced, measured in one run.
+
+    OMP_NUM_THREADS=1 python benchmarks/offseg_speed.py [--sizes 256 512 1024] [--runs 7] [--threads 1]
+
+Each change is timed on what it touches, before (the replaced code, kept below and patched in with
+unittest.mock) and after (the repo's code), the two calls interleaved within each round
+(tools/benchmark.time_calls) so that load from other processes falls on both alike; the outputs are
+compared (max |after - before| / max |before|):
+
+- attention bias: EfficientFormerV2's attention biases gathered and resized bicubically on every
+  call, against skipping the resize at the tables' own size and keeping the bias per size in eval
+  (models/backbones/efficientformer_v2.py, BiasCache). Timed on the S1 backbone.
+- attention logits: (q·k)·scale + bias as a product and two passes over the logits, against one
+  baddbmm (`attention_logits`). Timed on the S1 backbone, the bias change in both.
+- Offset Learning: scores pixel-major (HW, K) with a LayerNorm over the last dim, against
+  class-major (K, HW) with the LayerNorm's mean removed before the products (models/offset_learning.py).
+  Timed on the stride-4 map of each size (256 channels), at ADE20K's 150 classes and CamVid's 11.
+- OffSeg-T: the whole model (BN folded, as evaluate.py runs it) with every change undone, against
+  the repo's, and SegFormer-B0 beside them: the last column is SegFormer-B0's time over OffSeg-T's
+  (> 1: OffSeg-T faster), and ms/GMAC shows how latency scales with the multiply-adds.
+"""
+
+import argparse
+import contextlib
+import statistics
+import sys
+from pathlib import Path
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from engine.fast import prepare_for_inference  # noqa: E402
+from engine.rules import load_config  # noqa: E402
+from models.backbones import efficientformer_v2  # noqa: E402
+from models.backbones.efficientformer_v2 import EfficientFormerV2  # noqa: E402
+from models.offset_learning import OffsetLearning  # noqa: E402
+from tools.benchmark import image_macs, meta_model, time_calls  # noqa: E402
+from train import create_model  # noqa: E402
+
+# ------------------------------------------------------------------------------- the replaced code
+
+
+def uncached_bias(cache, table, index, size):
+    """Before: the bias gathered and resized on every call, even where the resize is the identity."""
+    return F.interpolate(table[:, index].unsqueeze(0), size=size, mode='bicubic', align_corners=False)
+
+
+def three_pass_logits(q, k, scale, bias):
+    """Before: the product, then the scaling and the bias add as two more passes over the logits."""
+    return (q @ k) * scale + bias
+
+
+def pixel_major_forward(self, x):
+    """Before: Offset Learning's reassociated products with pixel-major scores and nn.LayerNorm."""
+    b, c, h, w = x.shape
+    feats = x.flatten(2)
+    classes = self.cls_repr.expand(b, -1, -1)
+    attn = classes @ feats
+    prototypes = classes + self.cls_offset_proj(attn.softmax(dim=-1) @ feats.transpose(1, 2))
+    mixing = F.linear(self.cls_repr, self.feat_offset_proj.weight) @ prototypes.transpose(1, 2)
+    masks = torch.baddbmm(
+        attn.softmax(dim=1).transpose(1, 2) @ mixing, feats.transpose(1, 2), prototypes.transpose(1, 2)
+    )
+    return self.mask_norm(masks).transpose(1, 2).reshape(b, -1, h, w)
+
+
+BIAS = (efficientformer_v2.BiasCache, 'get', uncached_bias)
+LOGITS = (efficientformer_v2, 'attention_logits', three_pass_logits)
+OFFSET_LEARNING = (OffsetLearning, 'forward', pixel_major_forward)
+"""Each change as (where, name, the replaced code)."""
+
+
+def undone(*changes) -> contextlib.ExitStack:
+    """A context in which the given changes are undone."""
+    stack = contextlib.ExitStack()
+    for change in changes:
+        stack.enter_context(mock.patch.object(*change))
+    return stack
+
+
+# ----------------------------------------------------------------------------------- measurements
+
+
+def compare(name: str, size: str, module, inputs: tuple, changes: tuple, args) -> dict:
+    """Time module(*inputs) with `changes` undone (before) and as it is (after); compare the outputs."""
+
+    def before():
+        with torch.inference_mode(), undone(*changes):
+            return module(*inputs)
+
+    def after():
+        with torch.inference_mode():
+            return module(*inputs)
+
+    reference, output = before(), after()
+    reference, output = (torch.cat([t.flatten() for t in o]) if isinstance(o, list) else o for o in (reference, output))
+    times = time_calls({'before': before, 'after': after}, args.runs, args.warmup, torch.device('cpu'))
+    ms = {key: statistics.median(seconds) * 1e3 for key, seconds in times.items()}
+    return {
+        'change': name,
+        'size': size,
+        **ms,
+        'ratio': ms['before'] / ms['after'],
+        'diff': ((output - reference).abs().max() / reference.abs().max()).item(),
+    }
+
+
+def offseg_against_segformer(side: int, args) -> dict:
+    """OffSeg-T before and after, SegFormer-B0 as the reference, at side x side."""
+    models = {}
+    for name in ('segformer_b0', 'offseg_t'):
+        cfg = load_config(ROOT / f'configs/{name}.yaml', ['backbone.pretrained=null'])
+        models[name] = prepare_for_inference(create_model(cfg))
+    images = torch.randn(1, 3, side, side)
+    row = compare('OffSeg-T', f'{side}²', models['offseg_t'], (images,), (BIAS, LOGITS, OFFSET_LEARNING), args)
+
+    def segformer_b0():
+        with torch.inference_mode():
+            return models['segformer_b0'](images)
+
+    segformer = time_calls({'b0': segformer_b0}, args.runs, args.warmup, torch.device('cpu'))
+    row['segformer_b0'] = statistics.median(segformer['b0']) * 1e3
+    gmacs = sum(image_macs(meta_model(cfg), (side, side))[''].values()) / 1e9
+    row['ms_per_gmac'] = row['after'] / gmacs
+    return row
+
+
+def rows(args):
+    torch.manual_seed(0)
+    backbone = EfficientFormerV2('s1').eval()
+    for side in args.sizes:
+        images = torch.randn(1, 3, side, side)
+        yield compare('attention bias', f'{side}²', backbone, (images,), (BIAS,), args)
+        yield compare('attention logits', f'{side}²', backbone, (images,), (LOGITS,), args)
+        for classes in (150, 11):
+            head = OffsetLearning(classes, 256).eval()
+            with torch.no_grad():
+                head.cls_repr.normal_()  # unit-scale classes: the LayerNorm then compares at float precision
+            features = torch.randn(1, 256, side // 4, side // 4)
+            yield compare(
+                f'Offset Learning, K={classes}', f'{side // 4}² map', head, (features,), (OFFSET_LEARNING,), args
+            )
+        yield offseg_against_segformer(side, args)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--sizes', nargs='+', type=int, default=[256, 512, 1024], metavar='SIDE')
+    parser.add_argument('--runs', type=int, default=7)
+    parser.add_argument('--warmup', type=int, default=1)
+    parser.add_argument('--threads', type=int, default=1, help='torch CPU threads')
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f'{torch.get_num_threads()} thread(s), medians of {args.runs} interleaved calls, eval, inference_mode')
+    columns = ['change', 'input', 'before (ms)', 'after (ms)', 'speed-up', 'max rel. diff']
+    columns += ['SegFormer-B0 (ms)', 'B0 / OffSeg-T', 'ms/GMAC']
+    print('| ' + ' | '.join(columns) + ' |\n' + '|---' * len(columns) + '|')
+    results = []
+    for row in rows(args):
+        results.append(row)
+        extra = (
+            f'{row["segformer_b0"]:.1f} | {row["segformer_b0"] / row["after"]:.2f} | {row["ms_per_gmac"]:.1f}'
+            if 'segformer_b0' in row
+            else ' | | '
+        )
+        print(
+            f'| {row["change"]} | {row["size"]} | {row["before"]:.1f} | {row["after"]:.1f} | '
+            f'{row["ratio"]:.2f} | {row["diff"]:.1e} | {extra} |',
+            flush=True,
+        )
+    return results
+
+
+if __name__ == '__main__':
+    main()
