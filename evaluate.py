@@ -4,8 +4,9 @@ per-class IoU bar chart and a confusion-matrix heat map (PNG) beside the JSON.
     python evaluate.py --checkpoint work_dirs/demo/best.pth [--split val] [--mode whole|slide]
                        [--scales 0.75 1.0 1.25] [--flip] [--config CFG] [--set KEY=VALUE ...]
                        [--show-dir DIR [--show-limit N]] [--channels-last] [--compile] [--no-fold-bn]
+    python evaluate.py --onnx model_int8.onnx [...]      # an exported graph, run by ONNX Runtime (CPU)
 
-The model and data come from the config stored in the checkpoint (or --config). Predictions are
+The model and data come from the config stored in the checkpoint or the ONNX file (or --config). Predictions are
 resized to each label's original size before scoring. --show-dir writes, for each evaluated image
 (or the first N), image | ground truth | prediction side by side with a legend of the classes in
 view; ignored pixels are hatched. Runs under torchrun as well. The model runs with its conv+BN
@@ -24,6 +25,7 @@ from engine.checkpoint import load_checkpoint
 from engine.cli import ArgumentParser, amp_dtype_for, config_for_checkpoint, number, run_cli
 from engine.data import build_dataset
 from engine.evaluation import evaluate
+from engine.onnx_runtime import OnnxSegmentor
 from engine.outputs import write_bytes, write_image
 from engine.visualize import ClassStyle, confusion_heatmap, iou_chart, side_by_side
 from models.weights import load_model_weights
@@ -32,7 +34,9 @@ from train import create_model
 
 def parse_args(argv=None):
     parser = ArgumentParser(__doc__)
-    parser.add_argument('--checkpoint', required=True)
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument('--checkpoint')
+    model.add_argument('--onnx', metavar='FILE', help='a graph of tools/export_onnx.py instead (run on the CPU)')
     parser.add_argument('--config', help="YAML to use instead of the checkpoint's stored config")
     parser.add_argument('--split', default='val', help='dataset split to score (default: val)')
     parser.add_argument('--mode', choices=['whole', 'slide'], help='inference mode (default: eval.mode)')
@@ -40,7 +44,7 @@ def parse_args(argv=None):
     parser.add_argument('--flip', action='store_true', help='also average horizontally flipped predictions')
     parser.add_overrides()
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
-    parser.add_argument('--work-dir', help='where the JSON and charts go (default: the checkpoint folder)')
+    parser.add_argument('--work-dir', help="where the JSON and charts go (default: the checkpoint's or the ONNX file's folder)")
     parser.add_argument('--show-dir', help='folder for image | ground truth | prediction pictures')
     parser.add_argument('--show-limit', type=number(int, 1), help='pictures of the first N images only (default: all)')
     fast.add_arguments(parser)
@@ -77,20 +81,30 @@ class ShowPredictions:
             write_image(self.folder / f'{index:05d}_{name}.png', side_by_side(image, label, prediction, self.style))
 
 
+def model_and_config(args) -> tuple:
+    """The model to score and its config: a checkpoint's PyTorch model, or an ONNX graph behind the same interface."""
+    overrides = [*args.set, *cli_overrides(args)]
+    if args.onnx:
+        model = OnnxSegmentor(args.onnx)
+        return model, config_for_checkpoint({'config': model.metadata.get('config')}, args.onnx, args.config, overrides)
+    checkpoint = load_checkpoint(args.checkpoint)
+    cfg = config_for_checkpoint(checkpoint, args.checkpoint, args.config, overrides)
+    model = create_model(cfg)
+    load_model_weights(model, checkpoint, args.checkpoint)
+    return model, cfg
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
-    checkpoint = load_checkpoint(args.checkpoint)
-    cfg = config_for_checkpoint(checkpoint, args.checkpoint, args.config, [*args.set, *cli_overrides(args)])
-
-    device, rank, world_size = dist.setup(args.device)
+    model, cfg = model_and_config(args)
+    device, rank, world_size = dist.setup('cpu' if args.onnx else args.device)
     dataset = build_dataset(cfg, 'val')
     subset = Subset(dataset, shard(len(dataset), rank, world_size))
     loader = DataLoader(subset, batch_size=1, num_workers=cfg['data']['workers'], pin_memory=device.type == 'cuda')
     style = ClassStyle.of(dataset)
     show = ShowPredictions(Path(args.show_dir), subset, args.show_limit, style) if args.show_dir else None
-    model = create_model(cfg)
-    load_model_weights(model, checkpoint, args.checkpoint)
-    model = fast.prepare_for_inference(model.to(device), args.channels_last, args.fold_bn, args.compile)
+    if not args.onnx:
+        model = fast.prepare_for_inference(model.to(device), args.channels_last, args.fold_bn, args.compile)
     data = cfg['data']
     amp_dtype = amp_dtype_for(cfg, device)
     results = evaluate(
@@ -109,11 +123,12 @@ def main(argv=None) -> None:
     confusion = results.pop('confusion')
     if dist.is_main():
         print(format_table(results, dataset.class_names))
-        work_dir = Path(args.work_dir or Path(args.checkpoint).parent)
-        output = work_dir / f'eval_{args.split}_{cfg["eval"]["mode"]}.json'
+        scored = Path(args.onnx or args.checkpoint)
+        name = f'eval_{args.split}_{cfg["eval"]["mode"]}' + (f'_{scored.stem}' if args.onnx else '')
+        output = Path(args.work_dir or scored.parent) / f'{name}.json'
         per_class = {k: [None if math.isnan(x) else x for x in results[k]] for k in ('IoU', 'Acc')}
         record = {
-            'checkpoint': str(args.checkpoint),
+            'onnx' if args.onnx else 'checkpoint': str(scored),
             'split': args.split,
             'eval': cfg['eval'],
             'classes': dataset.class_names,

@@ -36,7 +36,7 @@ class OffsetLearning(nn.Module):
         products, by centring the rows of W' and of the K×K mixing (the scores are linear in both), so
         only the per-pixel norm is a pass over the (K, HW) scores. Same numbers up to float rounding;
         the class-major layout needs no transposed (HW, K) copies, which is 3-5x faster at CamVid's 11
-        classes and as fast at ADE20K's 150 (benchmarks/offset_learning.py).
+        classes and as fast at ADE20K's 150 (benchmarks/offseg_speed.py).
         """
         b, c, h, w = x.shape
         feats = x.flatten(2)  # Eᵀ: (B, C, HW)

@@ -25,6 +25,7 @@ from engine.losses import SegmentationLoss
 from engine.optim import build_optimizer
 from engine.training import per_process_batch
 from models.weights import CheckpointError, load_model_weights, load_weights_from
+from tools import export_onnx
 
 
 def train_tiny(folder, config_template: str):
@@ -83,6 +84,31 @@ def test_evaluate_reproduces_the_best_miou(run, capsys):
     assert results['mIoU'] == pytest.approx(checkpoint['miou'], abs=1e-6)
     assert len(results['IoU']) == 5 and results['classes'][1] == 'disc'
     assert 'mIoU' in capsys.readouterr().out
+
+
+def test_evaluate_scores_the_float_and_int8_onnx_exports(run):
+    """evaluate.py --onnx: the float graph scores what the checkpoint scores; the int8 one, calibrated
+    on training images, is scored on the same val set (results beside the graph, named after it)."""
+    import onnx
+
+    best = run / 'work' / 'best.pth'
+    evaluate.main(['--checkpoint', str(best), '--device', 'cpu'])
+    scores = {'checkpoint': json.loads((run / 'work' / 'eval_val_whole.json').read_text())['mIoU']}
+    export = ['--checkpoint', str(best), '--size', '64', '64']
+    calibration = ['--int8', '--calibration', str(run / 'demo' / 'images' / 'train'), '--calibration-images', '8']
+    for name, extra in (('float', []), ('int8', calibration)):
+        path = run / 'onnx' / f'{name}.onnx'
+        export_onnx.main([*export, '--output', str(path), *extra])
+        evaluate.main(['--onnx', str(path)])
+        results = json.loads((run / 'onnx' / f'eval_val_whole_{name}.json').read_text())
+        assert results['onnx'] == str(path) and len(results['IoU']) == 5
+        scores[name] = results['mIoU']
+    graph = onnx.load(str(run / 'onnx' / 'int8.onnx'))
+    assert sum(node.op_type == 'QuantizeLinear' for node in graph.graph.node) > 10
+    metadata = {p.key: json.loads(p.value) for p in graph.metadata_props if p.key in ('int8_calibration', 'config')}
+    assert metadata['int8_calibration']['images'] == 8 and metadata['config']['data']['num_classes'] == 5
+    assert scores['float'] == pytest.approx(scores['checkpoint'], abs=1e-3), scores
+    assert abs(scores['int8'] - scores['float']) < 5, scores
 
 
 def test_infer_writes_ids_colours_and_overlays_and_survives_bad_files(run, tmp_path, capsys):

@@ -2,6 +2,9 @@
 
     python tools/export_onnx.py --checkpoint work_dirs/demo/best.pth --output model.onnx
                                 [--size 512 512] [--opset 17] [--check] [--config CFG] [--set KEY=VALUE ...]
+    python tools/export_onnx.py --checkpoint work_dirs/camvid/best.pth --output model_int8.onnx \
+                                --int8 --calibration ../shared/data/camvid/train/images [--calibration-images 32]
+    python evaluate.py --onnx model_int8.onnx          # its mIoU on the config's val set, as for a checkpoint
 
 The model is built as evaluate.py builds it (the checkpoint's stored config, or --config), put in
 eval mode and its conv+BN pairs folded (engine/fast.py). The graph:
@@ -23,14 +26,24 @@ image of a batch, so the ONNX model is deterministic and at batch 1 equals PyTor
 `head.nmf_seed` set. The exporter is PyTorch's TorchScript-based one (`dynamo=False`): it needs only
 the `onnx` package, and exports these models in seconds. --check runs ONNX Runtime (`onnxruntime`)
 at the export size and at a second size against the PyTorch model and prints the max abs differences.
+The file's metadata also holds the resolved config, so `evaluate.py --onnx FILE` needs nothing else.
+
+--int8: ONNX Runtime static quantization of the float graph (QDQ format; Conv and MatMul nodes with
+int8 weights, per output channel, and uint8 activations; everything else stays float). Activation
+ranges are calibrated (min-max) on the first --calibration-images images of the --calibration folder
+(sorted by name), fed exactly as evaluation feeds the model: the config's val pipeline and
+normalisation, then the eval mode's padding, windows, scales and flips, recorded at the model's
+input. A few dozen images of the training set are the usual choice; the validation set then scores it.
 """
 
 import copy
 import json
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
@@ -38,14 +51,18 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from datasets.base import IMAGE_SUFFIXES, DatasetError, read_image  # noqa: E402
+from datasets.transforms import Pipeline  # noqa: E402
 from engine.checkpoint import load_checkpoint  # noqa: E402
 from engine.cli import ArgumentParser, config_for_checkpoint, number, run_cli  # noqa: E402
 from engine.fast import prepare_for_inference  # noqa: E402
+from engine.inference import infer_logits, inference_options, normalize  # noqa: E402
 from models.heads.ham import Hamburger  # noqa: E402
 from models.weights import load_model_weights  # noqa: E402
 from train import create_model  # noqa: E402
 
 DEFAULT_OPSET = 17
+DEFAULT_CALIBRATION_IMAGES = 32
 EXPORTER_NOTICES = (
     'You are using the legacy TorchScript-based ONNX export|The feature will be removed|Constant folding - Only steps=1'
 )
@@ -95,12 +112,69 @@ def export(
                 'logits': {0: 'batch', 2: 'logits_height', 3: 'logits_width'},
             },
         )
+    write_metadata(path, metadata or {})
+    return path
+
+
+def write_metadata(path: Path, metadata: dict) -> None:
+    """Add `metadata` to the graph at `path` (values that are not strings as JSON), check it, save it."""
     graph = onnx.load(str(path))
-    for key, value in (metadata or {}).items():
+    for key, value in metadata.items():
         graph.metadata_props.add(key=key, value=value if isinstance(value, str) else json.dumps(value))
     onnx.checker.check_model(graph)
     onnx.save(graph, str(path))
-    return path
+
+
+def calibration_inputs(model: torch.nn.Module, cfg: dict, folder, count: int) -> tuple:
+    """(the arrays `model` receives when evaluation runs it on the first `count` images of `folder`,
+    how many images that was)."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    if not files:
+        raise DatasetError(f'--calibration {folder}: no image files ({", ".join(IMAGE_SUFFIXES)}) in that folder')
+    data = cfg['data']
+    pipeline = Pipeline(data['val']['pipeline'], data['ignore_index'], data['mean'])
+    recorded = []
+
+    def record(images: torch.Tensor) -> torch.Tensor:
+        recorded.append(images.numpy())
+        return model(images)
+
+    with torch.inference_mode():
+        for path in files[:count]:
+            image, _ = pipeline(read_image(path), None, np.random.default_rng(0))
+            images = normalize(torch.from_numpy(image.transpose(2, 0, 1).copy())[None], data['mean'], data['std'])
+            infer_logits(record, images, data['num_classes'], **inference_options(cfg['eval']))
+    return recorded, len(files[:count])
+
+
+def quantize_int8(float_path: Path, int8_path: Path, inputs: list) -> Path:
+    """ONNX Runtime static quantization (see the module docstring), calibrated on `inputs`."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Inputs(CalibrationDataReader):
+        def __init__(self):
+            self.arrays = iter(inputs)
+
+        def get_next(self):
+            array = next(self.arrays, None)
+            return None if array is None else {'images': array}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / 'prepared.onnx'
+        quant_pre_process(str(float_path), str(prepared))  # shape inference and graph optimisation
+        quantize_static(
+            str(prepared),
+            str(int8_path),
+            Inputs(),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=['Conv', 'MatMul'],
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
+    return int8_path
 
 
 def check(path, model: torch.nn.Module, sizes, batch: int = 1) -> list:
@@ -145,9 +219,23 @@ def parse_args(argv=None):
     parser.add_argument(
         '--check', action='store_true', help='compare ONNX Runtime with PyTorch at --size and at (H+32, W+64)'
     )
+    parser.add_argument('--int8', action='store_true', help='write a statically quantised graph (needs --calibration)')
+    parser.add_argument('--calibration', metavar='DIR', help='folder of images to calibrate the int8 activations on')
+    parser.add_argument(
+        '--calibration-images',
+        type=number(int, 1),
+        default=DEFAULT_CALIBRATION_IMAGES,
+        metavar='N',
+        help=f'how many of them, the first by name (default {DEFAULT_CALIBRATION_IMAGES})',
+    )
     parser.add_argument('--config', help="YAML to use instead of the checkpoint's stored config")
     parser.add_overrides()
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.int8 != bool(args.calibration):
+        parser.error('--int8 and --calibration DIR go together')
+    if args.int8 and args.check:
+        parser.error('--check compares a float graph with PyTorch; score the int8 one with evaluate.py --onnx')
+    return args
 
 
 def main(argv=None) -> None:
@@ -164,9 +252,20 @@ def main(argv=None) -> None:
         'num_classes': data['num_classes'],
         'class_names': data['class_names'],
         'checkpoint': args.checkpoint,
+        'config': cfg,
     }
-    path = export(model, args.output, tuple(args.size), args.opset, metadata=metadata)
-    print(f'{path} written: images (B, 3, H, W) normalised -> logits (B, {data["num_classes"]}, H/s, W/s)')
+    if args.int8:
+        inputs, images = calibration_inputs(model, cfg, args.calibration, args.calibration_images)
+        with tempfile.TemporaryDirectory() as tmp:
+            float_path = export(model, Path(tmp) / 'float.onnx', tuple(args.size), args.opset)
+            path = quantize_int8(float_path, Path(args.output), inputs)
+        write_metadata(path, {**metadata, 'int8_calibration': {'folder': args.calibration, 'images': images}})
+    else:
+        path = export(model, args.output, tuple(args.size), args.opset, metadata=metadata)
+    print(
+        f'{path} written{" (int8)" if args.int8 else ""}: images (B, 3, H, W) normalised -> '
+        f'logits (B, {data["num_classes"]}, H/s, W/s)'
+    )
     if args.check:
         height, width = args.size
         sizes = [(height, width), (height + 32, width + 64)]

@@ -13,7 +13,7 @@ skipped. Outside autograd (eval under no_grad / inference_mode) each attention k
 the last size it saw, keyed by that size and by the table's storage and version counter, so
 weights loaded at any time (even after `.eval()`) take effect at once; the published code caches
 the gathered bias on `.eval()` and must be loaded before it. At 1024 x 1024 the gather and resize
-would otherwise cost about a sixth of a forward (benchmarks/attention_bias.py).
+would otherwise cost about a sixth of a forward (benchmarks/offseg_speed.py).
 
 Input sizes: the stride-2 attention of stage 2 halves the stride-16 grid and doubles it back, so
 ceil(H/16) and ceil(W/16) must be even (any multiple of 32 works); other sizes raise a ValueError.
@@ -90,7 +90,7 @@ def attention_logits(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch
     """scale · q·k + bias as one batched GEMM: q (B, heads, Nq, c), k (B, heads, c, Nk), bias (1, heads, Nq, Nk).
 
     The scaling and the bias add ride along with the product instead of two more passes over the
-    (B, heads, Nq, Nk) logits, which dominate memory traffic at large inputs (benchmarks/efficientformer_v2.py).
+    (B, heads, Nq, Nk) logits, which dominate memory traffic at large inputs (benchmarks/offseg_speed.py).
     """
     b, heads, nq, c = q.shape
     bias = bias.expand(b, -1, -1, -1).reshape(b * heads, nq, -1)
