@@ -44,7 +44,7 @@ def parse_args(argv=None):
     parser.add_argument('--flip', action='store_true', help='also average horizontally flipped predictions')
     parser.add_overrides()
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
-    parser.add_argument('--work-dir', help="where the JSON and charts go (default: the checkpoint's or the ONNX file's folder)")
+    parser.add_argument('--work-dir', help='where the JSON and charts go (default: the folder of the scored file)')
     parser.add_argument('--show-dir', help='folder for image | ground truth | prediction pictures')
     parser.add_argument('--show-limit', type=number(int, 1), help='pictures of the first N images only (default: all)')
     fast.add_arguments(parser)

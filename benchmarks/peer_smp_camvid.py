@@ -1,0 +1,255 @@
+"""segmentation_models_pytorch's CamVid example as a peer: its recipe on this repo's data, budget and scoring.
+
+    pip install -r benchmarks/requirements-peers.txt
+    OMP_NUM_THREADS=1 nice python benchmarks/peer_smp_camvid.py [--config configs/camvid.yaml] [--ours work_dirs/camvid]
+
+The peer is the recipe of SMP's examples/camvid_segmentation_multiclass.ipynb as a practitioner would
+run it here (nothing can be downloaded, so the encoder starts from random weights):
+  model      smp.FPN(encoder_name='resnet18', encoder_weights=None, classes=<the config's>)
+  loss       smp.losses.DiceLoss('multiclass', from_logits=True), the ignore label left out
+  optimizer  Adam, lr 2e-4, CosineAnnealingLR over the run down to 1e-5, stepped every iteration
+  data       albumentations: HorizontalFlip; ShiftScaleRotate (scale ±0.5, shift ±0.1, no rotation);
+             pad and random crop to the crop size; GaussNoise (p 0.2); Perspective (p 0.5); one of
+             CLAHE / brightness-contrast / gamma (p 0.9); one of sharpen / blur / motion blur (p 0.9);
+             one of brightness-contrast / hue-saturation (p 0.9). Padding and warps fill the label
+             with the ignore label, as the notebook fills with its "unlabelled" class.
+What it shares with --config: the train and val images (build_dataset), the crop size (the train
+pipeline's random_crop), batch, iterations, validation points (every train.val_interval and the
+last iteration), data.mean / data.std and the scoring (engine.evaluation with the config's eval
+section: whole val images padded to a multiple of 32, mIoU over the classes, ignore label left out).
+
+Ours is a train.py run of --config: the val mIoU of each validation read from --ours (a run's folder,
+its train.log), or trained here into <out>/ours (`--resume auto`). Printed: both curves, ours − peer
+and ours / peer at each validation point, and both wall times; written to <out>/peer_smp_camvid.json.
+"""
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import train  # noqa: E402
+from engine.cli import ArgumentParser, number, run_cli  # noqa: E402
+from engine.config import ConfigError  # noqa: E402
+from engine.data import build_dataset  # noqa: E402
+from engine.evaluation import evaluate  # noqa: E402
+from engine.inference import normalize  # noqa: E402
+from engine.rules import load_config  # noqa: E402
+
+DEFAULT_CONFIG = 'configs/camvid.yaml'
+VALIDATION_LINE = re.compile(r'iter (\d+): mIoU ([\d.]+)')
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(__doc__)
+    parser.add_argument(
+        '--config', default=DEFAULT_CONFIG, help=f'data, budget and scoring (default: {DEFAULT_CONFIG})'
+    )
+    parser.add_overrides('overrides of --config, for both (e.g. train.max_iters=600)')
+    parser.add_argument(
+        '--ours', type=Path, help='a finished train.py run of --config (its folder); default: train one'
+    )
+    parser.add_argument('--out', type=Path, default=Path('work_dirs/peer_smp_camvid'), help='(default: %(default)s)')
+    parser.add_argument('--seed', type=number(int, 0), default=0, help="the peer's seed (default: 0)")
+    parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
+    return parser.parse_args(argv)
+
+
+# -------------------------------------------------------------------------------------------- peer
+
+
+def crop_size(cfg: dict) -> tuple:
+    """(height, width) of the train pipeline's random_crop: the peer crops to the same size."""
+    for step in cfg['data']['train']['pipeline']:
+        if step['type'] == 'random_crop':
+            height, width = step['size']
+            return height, width
+    raise ConfigError("the peer crops as the config does, but data.train.pipeline has no 'random_crop' step")
+
+
+def peer_augmentation(size: tuple, ignore_index: int, seed: int):
+    """The notebook's training augmentation, cropping to `size` and filling labels with `ignore_index`."""
+    import albumentations as A
+
+    height, width = size
+    fill = {'border_mode': 0, 'fill': 0, 'fill_mask': ignore_index}
+    return A.Compose(
+        [
+            A.HorizontalFlip(p=0.5),
+            A.ShiftScaleRotate(scale_limit=0.5, rotate_limit=0, shift_limit=0.1, p=1, **fill),
+            A.PadIfNeeded(min_height=height, min_width=width, **fill),
+            A.RandomCrop(height=height, width=width),
+            A.GaussNoise(p=0.2),
+            A.Perspective(p=0.5, **fill),
+            A.OneOf([A.CLAHE(p=1), A.RandomBrightnessContrast(p=1), A.RandomGamma(p=1)], p=0.9),
+            A.OneOf([A.Sharpen(p=1), A.Blur(blur_limit=3, p=1), A.MotionBlur(blur_limit=3, p=1)], p=0.9),
+            A.OneOf([A.RandomBrightnessContrast(p=1), A.HueSaturationValue(p=1)], p=0.9),
+        ],
+        seed=seed,
+    )
+
+
+class Augmented(Dataset):
+    """The config's training pairs (raw, labels as train ids) through the peer's augmentation."""
+
+    def __init__(self, dataset, augmentation):
+        self.dataset, self.augmentation = dataset, augmentation
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image, label = self.dataset.load(index)
+        sample = self.augmentation(image=image, mask=label)
+        image = torch.from_numpy(np.ascontiguousarray(sample['image'].transpose(2, 0, 1)))
+        return image, torch.from_numpy(sample['mask'].astype(np.int64))
+
+
+def reseed_worker(worker_id: int) -> None:
+    """Each loader worker its own augmentation stream (a copied Compose would repeat its parent's)."""
+    info = torch.utils.data.get_worker_info()
+    info.dataset.augmentation.set_random_seed(info.seed % 2**32)
+
+
+def train_peer(cfg: dict, seed: int, device: torch.device, log) -> list:
+    """Train the peer on the config's data and budget; [(iteration, val mIoU)] at its validation points."""
+    import segmentation_models_pytorch as smp
+
+    torch.manual_seed(seed)
+    data, train_cfg = cfg['data'], cfg['train']
+    train_set, val_set = build_dataset(cfg, 'train'), build_dataset(cfg, 'val')
+    augmented = Augmented(train_set, peer_augmentation(crop_size(cfg), data['ignore_index'], seed))
+    loader = DataLoader(
+        augmented,
+        batch_size=train_cfg['batch_size'],
+        shuffle=True,
+        drop_last=True,
+        num_workers=data['workers'],
+        worker_init_fn=reseed_worker,
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=data['workers'] > 0,
+    )
+    val_loader = DataLoader(val_set, batch_size=1, num_workers=data['workers'])
+    model = smp.FPN(encoder_name='resnet18', encoder_weights=None, classes=data['num_classes']).to(device)
+    dice = smp.losses.DiceLoss('multiclass', from_logits=True, ignore_index=data['ignore_index'])
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
+    iterations, interval = train_cfg['max_iters'], train_cfg['val_interval']
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations, eta_min=1e-5)
+    curve, iteration = [], 0
+    while iteration < iterations:
+        for images, labels in loader:
+            images, labels = normalize(images.to(device), data['mean'], data['std']), labels.to(device)
+            loss = dice(model(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            iteration += 1
+            if iteration % train_cfg['log_interval'] == 0:
+                log(f'peer iter {iteration}/{iterations}: dice loss {loss.item():.4f}')
+            if iteration % interval == 0 or iteration == iterations:
+                scores = evaluate(
+                    model,
+                    val_loader,
+                    data['num_classes'],
+                    data['ignore_index'],
+                    data['mean'],
+                    data['std'],
+                    cfg['eval'],
+                    device,
+                    progress=False,
+                )
+                curve.append((iteration, scores['mIoU']))
+                log(f'peer iter {iteration}: mIoU {scores["mIoU"]:.2f}')
+                model.train()
+            if iteration == iterations:
+                break
+    return curve
+
+
+# -------------------------------------------------------------------------------------------- ours
+
+
+def our_curve(work_dir: Path) -> list:
+    """[(iteration, val mIoU)] of a train.py run, from its train.log (the last value of each iteration,
+    so a resumed run counts once)."""
+    log = work_dir / 'train.log'
+    if not log.is_file():
+        raise ConfigError(f'--ours {work_dir}: no train.log there (a train.py run folder is expected)')
+    points = {int(i): float(m) for i, m in VALIDATION_LINE.findall(log.read_text())}
+    if not points:
+        raise ConfigError(f'{log}: no validation line ("iter N: mIoU X") yet')
+    return sorted(points.items())
+
+
+def train_ours(args, work_dir: Path) -> None:
+    train.main(
+        [
+            '--config',
+            args.config,
+            '--work-dir',
+            str(work_dir),
+            '--resume',
+            'auto',
+            '--device',
+            args.device,
+            '--set',
+            *args.set,
+        ]
+    )
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def report(peer: list, ours: list, seconds: dict) -> list:
+    """Rows at the validation points both curves have: iteration, peer, ours, ours − peer, ours / peer."""
+    ours_at = dict(ours)
+    rows = [(i, p, ours_at[i], ours_at[i] - p, ours_at[i] / p if p else float('nan')) for i, p in peer if i in ours_at]
+    print('| iteration | SMP FPN-ResNet18 (peer) | this repo | ours − peer | ours / peer |\n|---|---|---|---|---|')
+    for iteration, p, o, difference, ratio in rows:
+        print(f'| {iteration} | {p:.2f} | {o:.2f} | {difference:+.2f} | {ratio:.2f} |')
+    print('wall time: ' + ', '.join(f'{name} {value / 60:.1f} min' for name, value in seconds.items()))
+    return rows
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    automatic = 'cuda' if torch.cuda.is_available() else 'cpu'
+    device = torch.device(automatic if args.device == 'auto' else args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    seconds = {}
+    start = time.perf_counter()
+    peer = train_peer(cfg, args.seed, device, lambda line: print(line, flush=True))
+    seconds['peer'] = time.perf_counter() - start
+    ours_dir = args.ours or args.out / 'ours'
+    if args.ours is None:
+        start = time.perf_counter()
+        train_ours(args, ours_dir)
+        seconds['ours'] = time.perf_counter() - start
+    ours = our_curve(ours_dir)
+    rows = report(peer, ours, seconds)
+    result = {
+        'config': args.config,
+        'set': args.set,
+        'peer': peer,
+        'ours': ours,
+        'ours_dir': str(ours_dir),
+        'rows': rows,
+        'seconds': seconds,
+    }
+    (args.out / 'peer_smp_camvid.json').write_text(json.dumps(result, indent=2) + '\n')
+    return result
+
+
+if __name__ == '__main__':
+    run_cli(main)

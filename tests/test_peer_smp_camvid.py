@@ -1,0 +1,34 @@
+"""benchmarks/peer_smp_camvid.py end to end on the demo scenes: both recipes, two validation points."""
+
+import json
+import sys
+import textwrap
+
+import pytest
+
+from conftest import ROOT, TINY
+
+pytest.importorskip('segmentation_models_pytorch')
+pytest.importorskip('albumentations')
+sys.path.insert(0, str(ROOT / 'benchmarks'))
+import peer_smp_camvid  # noqa: E402
+
+
+def test_peer_and_ours_are_scored_at_the_same_validation_points(tmp_path, capsys):
+    config = tmp_path / 'tiny.yaml'
+    config.write_text(textwrap.dedent(TINY.format(root=tmp_path / 'demo')))
+    budget = ['train.max_iters=2', 'train.val_interval=1', 'train.log_interval=1']
+    result = peer_smp_camvid.main(['--config', str(config), '--out', str(tmp_path / 'out'), '--device', 'cpu',
+                                   '--set', *budget])  # fmt: skip
+    assert [i for i, _ in result['peer']] == [1, 2] and [i for i, _ in result['ours']] == [1, 2]
+    for iteration, peer, ours, difference, ratio in result['rows']:
+        assert 0 <= peer <= 100 and 0 <= ours <= 100 and difference == pytest.approx(ours - peer)
+    printed = capsys.readouterr().out
+    assert 'peer iter 2: mIoU' in printed and '| 2 |' in printed and 'wall time: peer' in printed
+    saved = json.loads((tmp_path / 'out' / 'peer_smp_camvid.json').read_text())
+    assert saved['ours_dir'] == str(tmp_path / 'out' / 'ours') and len(saved['rows']) == 2
+
+
+def test_a_config_without_a_random_crop_is_refused():
+    with pytest.raises(peer_smp_camvid.ConfigError, match='random_crop'):
+        peer_smp_camvid.crop_size({'data': {'train': {'pipeline': [{'type': 'random_flip'}]}}})
