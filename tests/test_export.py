@@ -53,19 +53,3 @@ def test_lightham_export_at_batch_1_is_pytorch_eval_with_nmf_seed(tmp_path):
     (actual,) = session.run(['logits'], {'images': images.numpy()})
     assert (torch.from_numpy(actual) - expected).abs().max().item() < 1e-4
     assert 'initial_bases' not in vars(model.head.hamburger.ham)  # the export patched a copy
-
-
-def test_offseg_traced_at_its_bias_tables_size_still_resizes_them_at_others(tmp_path):
-    """At the tables' own size the bias resize is skipped in PyTorch; the traced graph must keep it."""
-    import onnxruntime
-
-    cfg = tiny_config('efficientformerv2_offseg')
-    cfg['backbone']['resolution'] = 64
-    model = create_model(cfg).eval()
-    output = export_onnx.export(model, tmp_path / 'offseg.onnx', size=(64, 64))
-    session = onnxruntime.InferenceSession(str(output), providers=['CPUExecutionProvider'])
-    images = torch.randn(1, 3, 96, 128)
-    with torch.no_grad():
-        expected = model(images)
-    (actual,) = session.run(['logits'], {'images': images.numpy()})
-    assert (torch.from_numpy(actual) - expected).abs().max().item() < 1e-4

@@ -29,7 +29,8 @@ FAMILIES = {
         {'type': 'ham', 'channels': 32, 'ham_channels': 32, 'md_r': 4, 'nmf_seed': 0},
     ),
     'efficientformerv2_offseg': (
-        {'type': 'efficientformerv2', 'variant': 's0'},  # FreqFusion + Offset Learning
+        # bias tables sized for 64x64: exported there, the graph must still resize them at other sizes
+        {'type': 'efficientformerv2', 'variant': 's0', 'resolution': 64},  # FreqFusion + Offset Learning
         {'type': 'offseg', 'channels': 32},
     ),
     'resnet_mask2former_ol': (

@@ -13,11 +13,13 @@ pytest.importorskip('albumentations')
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 import peer_smp_camvid  # noqa: E402
 
+SMALL_VAL = 'data.val.pipeline=[{type: resize, scale: [64, 64], keep_ratio: false}]'  # a quarter of the pixels
+
 
 def test_peer_and_ours_are_scored_at_the_same_validation_points(tmp_path, capsys):
     config = tmp_path / 'tiny.yaml'
     config.write_text(textwrap.dedent(TINY.format(root=tmp_path / 'demo')))
-    budget = ['train.max_iters=2', 'train.val_interval=1', 'train.log_interval=1']
+    budget = ['train.max_iters=2', 'train.val_interval=1', 'train.log_interval=1', SMALL_VAL]
     result = peer_smp_camvid.main(['--config', str(config), '--out', str(tmp_path / 'out'), '--device', 'cpu',
                                    '--set', *budget])  # fmt: skip
     assert [i for i, _ in result['peer']] == [1, 2] and [i for i, _ in result['ours']] == [1, 2]
