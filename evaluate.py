@@ -15,6 +15,7 @@ pairs folded (engine/fast.py): the same results up to float rounding.
 
 import json
 import math
+import time
 from pathlib import Path
 
 from torch.utils.data import DataLoader, Subset
@@ -107,6 +108,7 @@ def main(argv=None) -> None:
         model = fast.prepare_for_inference(model.to(device), args.channels_last, args.fold_bn, args.compile)
     data = cfg['data']
     amp_dtype = amp_dtype_for(cfg, device)
+    start = time.perf_counter()
     results = evaluate(
         model,
         loader,
@@ -120,9 +122,13 @@ def main(argv=None) -> None:
         progress=dist.is_main(),
         on_sample=show,
     )
+    seconds = time.perf_counter() - start
     confusion = results.pop('confusion')
     if dist.is_main():
         print(format_table(results, dataset.class_names))
+        print(
+            f'{len(subset)} images in {seconds:.1f} s ({1000 * seconds / len(subset):.0f} ms each, with data loading)'
+        )
         scored = Path(args.onnx or args.checkpoint)
         name = f'eval_{args.split}_{cfg["eval"]["mode"]}' + (f'_{scored.stem}' if args.onnx else '')
         output = Path(args.work_dir or scored.parent) / f'{name}.json'
@@ -134,6 +140,7 @@ def main(argv=None) -> None:
             'classes': dataset.class_names,
             **results,
             **per_class,
+            'seconds': seconds,
         }
         write_bytes(output, json.dumps(record, indent=2, allow_nan=False).encode())
         write_image(output.with_name(output.stem + '_iou.png'), iou_chart(results['IoU'], style))

@@ -82,8 +82,9 @@ def test_evaluate_reproduces_the_best_miou(run, capsys):
     evaluate.main(['--checkpoint', str(run / 'work' / 'best.pth'), '--device', 'cpu'])
     results = json.loads((run / 'work' / 'eval_val_whole.json').read_text())
     assert results['mIoU'] == pytest.approx(checkpoint['miou'], abs=1e-6)
-    assert len(results['IoU']) == 5 and results['classes'][1] == 'disc'
-    assert 'mIoU' in capsys.readouterr().out
+    assert len(results['IoU']) == 5 and results['classes'][1] == 'disc' and results['seconds'] > 0
+    printed = capsys.readouterr().out
+    assert 'mIoU' in printed and re.search(r'\d+ images in [\d.]+ s', printed)
 
 
 def test_evaluate_scores_the_float_and_int8_onnx_exports(run):
