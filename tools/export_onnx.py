@@ -36,8 +36,10 @@ normalisation, then the eval mode's padding, windows, scales and flips, recorded
 input. A few dozen images of the training set are the usual choice; the validation set then scores it.
 """
 
+import contextlib
 import copy
 import json
+import logging
 import sys
 import tempfile
 import warnings
@@ -148,6 +150,18 @@ def calibration_inputs(model: torch.nn.Module, cfg: dict, folder, count: int) ->
     return recorded, len(files[:count])
 
 
+@contextlib.contextmanager
+def quiet_root_logger():
+    """Only warnings and errors from the root logger inside."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def quantize_int8(float_path: Path, int8_path: Path, inputs: list) -> Path:
     """ONNX Runtime static quantization (see the module docstring), calibrated on `inputs`."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -163,17 +177,20 @@ def quantize_int8(float_path: Path, int8_path: Path, inputs: list) -> Path:
 
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / 'prepared.onnx'
-        quant_pre_process(str(float_path), str(prepared))  # shape inference and graph optimisation
-        quantize_static(
-            str(prepared),
-            str(int8_path),
-            Inputs(),
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=['Conv', 'MatMul'],
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-        )
+        # ONNX shape inference and graph optimisation; ONNX Runtime's symbolic shape inference gives up
+        # on graphs whose sizes are all dynamic (OffSeg's), and static quantization does not need it
+        quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
+        with quiet_root_logger():  # the quantizer reports each step through logging.info
+            quantize_static(
+                str(prepared),
+                str(int8_path),
+                Inputs(),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=['Conv', 'MatMul'],
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+            )
     return int8_path
 
 
