@@ -48,7 +48,11 @@ class OnnxSegmentor(nn.Module):
         self.metadata = {k: decoded(v) for k, v in self.session.get_modelmeta().custom_metadata_map.items()}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        (logits,) = self.session.run(['logits'], {'images': images.float().cpu().numpy()})
+        try:
+            (logits,) = self.session.run(['logits'], {'images': images.float().cpu().numpy()})
+        except Exception as error:  # ONNX Runtime's own exception types
+            message = str(error).strip().splitlines()[0]
+            raise OnnxError(f'{self.path}: ONNX Runtime cannot run it on {tuple(images.shape)} ({message})') from None
         return torch.from_numpy(logits).to(images.device)
 
 

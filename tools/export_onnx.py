@@ -28,8 +28,9 @@ the `onnx` package, and exports these models in seconds. --check runs ONNX Runti
 at the export size and at a second size against the PyTorch model and prints the max abs differences.
 The file's metadata also holds the resolved config, so `evaluate.py --onnx FILE` needs nothing else.
 
---int8: ONNX Runtime static quantization of the float graph (QDQ format; Conv and MatMul nodes with
-int8 weights, per output channel, and uint8 activations; everything else stays float). Activation
+--int8: ONNX Runtime static quantization of the float graph (QDQ format; Conv nodes with int8
+weights, per output channel, and uint8 activations; everything else stays float: ONNX Runtime's
+quantized MatMul cannot run the per-channel products of attention and Offset Learning). Activation
 ranges are calibrated (min-max) on the first --calibration-images images of the --calibration folder
 (sorted by name), fed exactly as evaluation feeds the model: the config's val pipeline and
 normalisation, then the eval mode's padding, windows, scales and flips, recorded at the model's
@@ -186,7 +187,7 @@ def quantize_int8(float_path: Path, int8_path: Path, inputs: list) -> Path:
                 str(int8_path),
                 Inputs(),
                 quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=['Conv', 'MatMul'],
+                op_types_to_quantize=['Conv'],
                 per_channel=True,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
