@@ -367,3 +367,19 @@ def test_numeric_command_line_options_are_range_checked(script, argv, message, c
         module.parse_args(argv)
     err = capsys.readouterr().err
     assert stop.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_evaluate_refuses_an_onnx_file_that_is_not_an_export_in_one_line(tmp_path, capsys):
+    import evaluate
+
+    onnx = pytest.importorskip('onnx')
+    from onnx import TensorProto, helper
+
+    tensor = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 3, 8, 8]) for name in ('x', 'y')]
+    graph = helper.make_graph([helper.make_node('Identity', ['x'], ['y'])], 'other', tensor[:1], tensor[1:])
+    path = tmp_path / 'other.onnx'
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid('', 17)], ir_version=9), str(path))
+    assert 'not a graph of tools/export_onnx.py' in cli_error(evaluate.main, ['--onnx', str(path)], capsys)
+    (tmp_path / 'broken.onnx').write_bytes(b'not onnx')
+    line = cli_error(evaluate.main, ['--onnx', str(tmp_path / 'broken.onnx')], capsys)
+    assert 'broken.onnx: ONNX Runtime cannot load it' in line
