@@ -106,22 +106,8 @@ def main(argv=None) -> None:
     show = ShowPredictions(Path(args.show_dir), subset, args.show_limit, style) if args.show_dir else None
     if not args.onnx:
         model = fast.prepare_for_inference(model.to(device), args.channels_last, args.fold_bn, args.compile)
-    data = cfg['data']
-    amp_dtype = amp_dtype_for(cfg, device)
     start = time.perf_counter()
-    results = evaluate(
-        model,
-        loader,
-        data['num_classes'],
-        data['ignore_index'],
-        data['mean'],
-        data['std'],
-        cfg['eval'],
-        device,
-        amp_dtype,
-        progress=dist.is_main(),
-        on_sample=show,
-    )
+    results = evaluate(model, loader, cfg, device, amp_dtype_for(cfg, device), progress=dist.is_main(), on_sample=show)
     seconds = time.perf_counter() - start
     confusion = results.pop('confusion')
     if dist.is_main():

@@ -156,17 +156,7 @@ def train_peer(cfg: dict, seed: int, device: torch.device, log) -> list:
             if iteration % train_cfg['log_interval'] == 0:
                 log(f'peer iter {iteration}/{iterations}: dice loss {loss.item():.4f}')
             if iteration % interval == 0 or iteration == iterations:
-                scores = evaluate(
-                    model,
-                    val_loader,
-                    data['num_classes'],
-                    data['ignore_index'],
-                    data['mean'],
-                    data['std'],
-                    cfg['eval'],
-                    device,
-                    progress=False,
-                )
+                scores = evaluate(model, val_loader, cfg, device, progress=False)
                 curve.append((iteration, scores['mIoU']))
                 log(f'peer iter {iteration}: mIoU {scores["mIoU"]:.2f}')
                 model.train()

@@ -8,21 +8,10 @@ from .metrics import ConfusionMatrix
 
 
 @torch.inference_mode()
-def evaluate(
-    model,
-    loader,
-    num_classes: int,
-    ignore_index: int,
-    mean,
-    std,
-    eval_cfg: dict,
-    device,
-    amp_dtype=None,
-    progress: bool = True,
-    on_sample=None,
-) -> dict:
-    """Run the configured inference over `loader` (batch 1: sizes differ) and return mIoU/mAcc/aAcc,
-    the per-class scores and the summed `confusion` matrix (num_classes, num_classes) on the CPU.
+def evaluate(model, loader, cfg: dict, device, amp_dtype=None, progress: bool = True, on_sample=None) -> dict:
+    """Run the inference of the config's `eval` section over `loader` (batch 1: sizes differ), with its
+    `data` section's classes, ignore index and normalisation, and return mIoU/mAcc/aAcc, the per-class
+    scores and the summed `confusion` matrix (num_classes, num_classes) on the CPU.
 
     Under torch.distributed each process scores its own share and the matrices are summed.
     `on_sample(position, image, label, prediction)`, if given, sees each image of this process's
@@ -31,8 +20,10 @@ def evaluate(
     """
     was_training = model.training
     model.eval()
-    confusion = ConfusionMatrix(num_classes, ignore_index, device)
-    options = inference_options(eval_cfg)
+    data = cfg['data']
+    num_classes, mean, std = data['num_classes'], data['mean'], data['std']
+    confusion = ConfusionMatrix(num_classes, data['ignore_index'], device)
+    options = inference_options(cfg['eval'])
     batches = tqdm(loader, desc='eval', leave=False, disable=None if progress else True, dynamic_ncols=True)
     for position, (images, labels) in enumerate(batches):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)

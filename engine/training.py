@@ -368,23 +368,10 @@ def validate_and_checkpoint(
     """Score the model (and its EMA) on the validation set, log the scores and pictures (classes drawn
     in `style`), write `best*.pth` when one improved, then the iteration checkpoint (rank 0 writes;
     every process takes part)."""
-    data = cfg['data']
     log_resources(log, state.iteration, state.optimizer, device)
     for name, module in state.candidates():
         shown = FirstSamples()
-        results = evaluate(
-            module,
-            val_loader,
-            data['num_classes'],
-            data['ignore_index'],
-            data['mean'],
-            data['std'],
-            cfg['eval'],
-            device,
-            amp_dtype,
-            progress=dist.is_main(),
-            on_sample=shown,
-        )
+        results = evaluate(module, val_loader, cfg, device, amp_dtype, progress=dist.is_main(), on_sample=shown)
         improved = results['mIoU'] > state.best[name].miou
         if improved:
             state.best[name] = Best(results['mIoU'], state.iteration)
