@@ -71,6 +71,7 @@ BIAS = (efficientformer_v2.BiasCache, 'get', uncached_bias)
 LOGITS = (efficientformer_v2, 'attention_logits', three_pass_logits)
 OFFSET_LEARNING = (OffsetLearning, 'forward', pixel_major_forward)
 """Each change as (where, name, the replaced code)."""
+CONFIGS = ('offseg_t', 'segformer_b0')
 
 
 def undone(*changes) -> contextlib.ExitStack:
@@ -84,8 +85,9 @@ def undone(*changes) -> contextlib.ExitStack:
 # ----------------------------------------------------------------------------------- measurements
 
 
-def compare(name: str, size: str, module, inputs: tuple, changes: tuple, args) -> dict:
-    """Time module(*inputs) with `changes` undone (before) and as it is (after); compare the outputs."""
+def compare(name: str, size: str, module, inputs: tuple, changes: tuple, args, beside: dict = None) -> dict:
+    """Time module(*inputs) with `changes` undone (before) and as it is (after), and the `beside` calls
+    ({name: call}) in the same rounds; compare the outputs."""
 
     def before():
         with torch.inference_mode(), undone(*changes):
@@ -97,7 +99,8 @@ def compare(name: str, size: str, module, inputs: tuple, changes: tuple, args) -
 
     reference, output = before(), after()
     reference, output = (torch.cat([t.flatten() for t in o]) if isinstance(o, list) else o for o in (reference, output))
-    times = time_calls({'before': before, 'after': after}, args.runs, args.warmup, torch.device('cpu'))
+    calls = {'before': before, 'after': after, **(beside or {})}
+    times = time_calls(calls, args.runs, args.warmup, torch.device('cpu'))
     ms = {key: statistics.median(seconds) * 1e3 for key, seconds in times.items()}
     return {
         'change': name,
@@ -109,21 +112,18 @@ def compare(name: str, size: str, module, inputs: tuple, changes: tuple, args) -
 
 
 def offseg_against_segformer(side: int, args) -> dict:
-    """OffSeg-T before and after, SegFormer-B0 as the reference, at side x side."""
-    models = {}
-    for name in ('segformer_b0', 'offseg_t'):
-        cfg = load_config(ROOT / f'configs/{name}.yaml', ['backbone.pretrained=null'])
-        models[name] = prepare_for_inference(create_model(cfg))
+    """OffSeg-T before and after, and SegFormer-B0 as the reference in the same rounds, at side x side."""
+    configs = {name: load_config(ROOT / f'configs/{name}.yaml', ['backbone.pretrained=null']) for name in CONFIGS}
+    offseg, segformer = (prepare_for_inference(create_model(cfg)) for cfg in configs.values())
     images = torch.randn(1, 3, side, side)
-    row = compare('OffSeg-T', f'{side}²', models['offseg_t'], (images,), (BIAS, LOGITS, OFFSET_LEARNING), args)
 
     def segformer_b0():
         with torch.inference_mode():
-            return models['segformer_b0'](images)
+            return segformer(images)
 
-    segformer = time_calls({'b0': segformer_b0}, args.runs, args.warmup, torch.device('cpu'))
-    row['segformer_b0'] = statistics.median(segformer['b0']) * 1e3
-    gmacs = sum(image_macs(meta_model(cfg), (side, side))[''].values()) / 1e9
+    changes = (BIAS, LOGITS, OFFSET_LEARNING)
+    row = compare('OffSeg-T', f'{side}²', offseg, (images,), changes, args, {'segformer_b0': segformer_b0})
+    gmacs = sum(image_macs(meta_model(configs['offseg_t']), (side, side))[''].values()) / 1e9
     row['ms_per_gmac'] = row['after'] / gmacs
     return row
 
