@@ -2,6 +2,7 @@
 
 from .deeplab import DeepLabV3Head, DeepLabV3PlusHead
 from .fcn import FCNHead
+from .fpn import FPNHead
 from .ham import LightHamHead
 from .mask2former import Mask2FormerHead
 from .offseg import OffSegHead
@@ -18,5 +19,6 @@ HEADS = {
     'ham': LightHamHead,
     'offseg': OffSegHead,
     'fcn': FCNHead,
+    'fpn': FPNHead,
     'mask2former': Mask2FormerHead,
 }
