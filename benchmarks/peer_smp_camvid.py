@@ -18,6 +18,9 @@ pipeline's random_crop), batch, iterations, validation points (every train.val_i
 last iteration), data.mean / data.std and the scoring (engine.evaluation with the config's eval
 section: whole val images padded to a multiple of 32, mIoU over the classes, ignore label left out).
 
+The peer's curve is kept in <out>/peer.json with what it was trained on (data, budget, scoring, seed)
+and reused while those match, so trying a new recipe of ours does not retrain the peer.
+
 Ours is a train.py run of --config: the val mIoU of each validation read from --ours (a run's folder,
 its train.log), or trained here into <out>/ours (`--resume auto`). Printed: both curves, ours − peer
 and ours / peer at each validation point, and both wall times; written to <out>/peer_smp_camvid.json.
@@ -165,6 +168,30 @@ def train_peer(cfg: dict, seed: int, device: torch.device, log) -> list:
     return curve
 
 
+def peer_setting(cfg: dict, seed: int) -> dict:
+    """Everything of the config and seed the peer's training and scoring read: its cache key."""
+    data = {key: value for key, value in cfg['data'].items() if key not in ('train', 'workers')}
+    train_cfg = {key: cfg['train'][key] for key in ('max_iters', 'batch_size', 'val_interval')}
+    return {'data': data, 'crop': list(crop_size(cfg)), 'train': train_cfg, 'eval': cfg['eval'], 'seed': seed}
+
+
+def peer_curve(cfg: dict, seed: int, device: torch.device, cache: Path) -> tuple:
+    """(curve, seconds): from `cache` when it was trained on the same setting, else trained and cached."""
+    setting = json.loads(json.dumps(peer_setting(cfg, seed)))  # tuples as lists, as read back
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved['setting'] == setting:
+            print(f'peer: curve of {cache} reused (same data, budget, scoring and seed)', flush=True)
+            return [tuple(point) for point in saved['curve']], saved['seconds']
+    start = time.perf_counter()
+    curve = train_peer(cfg, seed, device, lambda line: print(line, flush=True))
+    seconds = time.perf_counter() - start
+    partial = cache.with_suffix('.json.tmp')
+    partial.write_text(json.dumps({'setting': setting, 'curve': curve, 'seconds': seconds}, indent=2) + '\n')
+    partial.replace(cache)
+    return curve, seconds
+
+
 # -------------------------------------------------------------------------------------------- ours
 
 
@@ -218,9 +245,7 @@ def main(argv=None) -> dict:
     device = torch.device(automatic if args.device == 'auto' else args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     seconds = {}
-    start = time.perf_counter()
-    peer = train_peer(cfg, args.seed, device, lambda line: print(line, flush=True))
-    seconds['peer'] = time.perf_counter() - start
+    peer, seconds['peer'] = peer_curve(cfg, args.seed, device, args.out / 'peer.json')
     ours_dir = args.ours or args.out / 'ours'
     if args.ours is None:
         start = time.perf_counter()

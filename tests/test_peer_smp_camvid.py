@@ -34,3 +34,16 @@ def test_peer_and_ours_are_scored_at_the_same_validation_points(tmp_path, capsys
 def test_a_config_without_a_random_crop_is_refused():
     with pytest.raises(peer_smp_camvid.ConfigError, match='random_crop'):
         peer_smp_camvid.crop_size({'data': {'train': {'pipeline': [{'type': 'random_flip'}]}}})
+
+
+def test_the_peer_curve_is_reused_only_for_the_same_setting(tmp_path, monkeypatch):
+    trained = []
+    fake_training = lambda cfg, seed, device, log: trained.append(seed) or [(1, 5.0)]  # noqa: E731
+    monkeypatch.setattr(peer_smp_camvid, 'train_peer', fake_training)
+    cfg = {'data': {'type': 'demo', 'workers': 2, 'train': {'pipeline': [{'type': 'random_crop', 'size': [8, 8]}]}},
+           'train': {'max_iters': 1, 'batch_size': 2, 'val_interval': 1}, 'eval': {'mode': 'whole'}}  # fmt: skip
+    cache = tmp_path / 'peer.json'
+    for seed in (0, 0, 1):
+        curve, _ = peer_smp_camvid.peer_curve(cfg, seed, 'cpu', cache)
+        assert curve == [(1, 5.0)]
+    assert trained == [0, 1]

@@ -1,0 +1,200 @@
+"""Why a recipe learns CamVid well: controlled runs, each one change away from a base config.
+
+    OMP_NUM_THREADS=1 nice python benchmarks/camvid_recipes.py                       # every row, 600 iterations
+    OMP_NUM_THREADS=1 nice python benchmarks/camvid_recipes.py --rows base ce_dice --jobs 2
+    python benchmarks/camvid_recipes.py --report-only                                # the table so far
+
+Every row is a train.py run of --config (default configs/camvid.yaml, the shipped recipe) with the
+row's overrides and nothing else changed: same data, crops, batch and seed, --iters iterations of
+which the first eighteenth warm up (configs/camvid.yaml: 100 of 1800), validated on the whole val set
+at a third, two thirds and the end. The rows cover the loss, the augmentation, the optimizer and its
+learning rate, the schedule, the output stride and the decoder; ROWS names them with the change.
+
+Runs live in <out>/<row> (`--resume auto`: a rerun skips finished rows and continues stopped ones).
+The table (printed and written to <out>/recipes.md and recipes.json) gives, per row, the change, the
+val mIoU at each validation point, the final difference to the base row, and the run's wall time.
+"""
+
+import json
+import re
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / 'benchmarks'))
+
+from ablation import is_finished, say, train_process  # noqa: E402
+
+from engine.cli import ArgumentParser, number, run_cli  # noqa: E402
+from engine.config import ConfigError  # noqa: E402
+from engine.rules import load_config  # noqa: E402
+
+DEFAULT_CONFIG = 'configs/camvid.yaml'
+DEFAULT_ITERS = 600
+WARMUP_FRACTION = 18
+VALIDATIONS = 3
+STRONG_PIPELINE = [  # twice the scale range and stronger colour jitter than the mmseg pipeline of the base
+    {'type': 'random_resize', 'scale': [480, 360], 'ratio_range': [0.5, 2.0]},
+    {'type': 'random_crop', 'size': [256, 256], 'cat_max_ratio': 0.75},
+    {'type': 'random_flip', 'prob': 0.5},
+    {'type': 'photometric', 'brightness_delta': 48, 'contrast_range': [0.4, 1.6], 'saturation_range': [0.4, 1.6]},
+    {'type': 'pad', 'size': [256, 256]},
+]
+ROWS = {  # name -> (the change, its overrides of --config)
+    'base': ('none: the base config', []),
+    'ce_dice': ('loss: weighted CE + Dice', ['train.loss.dice=1.0']),
+    'dice': ('loss: Dice only', ['train.loss.ce=0', 'train.loss.dice=1.0']),
+    'lovasz': ('loss: Lovász-Softmax only', ['train.loss.ce=0', 'train.loss.lovasz=1.0']),
+    'ohem': (
+        'loss: weighted CE with OHEM (p < 0.7, ≥ 12500 pixels per crop)',
+        ['train.loss.ohem={thresh: 0.7, min_kept: 12500}'],
+    ),
+    'ce_unweighted': ('loss: CE without class weights', ['train.loss.class_weight=null']),
+    'fpn': ('decoder: FPN head, output stride 32', ['head={_delete_: true, type: fpn}', 'backbone.output_stride=32']),
+    'os8': (
+        'output stride 8 (ASPP dilations 1, 12, 24, 36)',
+        ['backbone.output_stride=8', 'head.dilations=[1, 12, 24, 36]'],
+    ),
+    'adam_2e-4': (
+        "optimizer: Adam lr 2e-4, no weight decay (the peer's)",
+        ['train.optimizer={type: adamw, lr: 0.0002, weight_decay: 0}'],
+    ),
+    'lr_3e-3': ('optimizer: AdamW lr 3e-3', ['train.optimizer.lr=0.003']),
+    'cosine': ('schedule: cosine instead of poly 0.9', ['train.schedule.type=cosine']),
+    'aug_strong': (
+        'augmentation: scale x U[0.5, 2], stronger colour jitter',
+        ['data.train.pipeline=' + json.dumps(STRONG_PIPELINE)],
+    ),
+}
+VALIDATION_LINE = re.compile(r'iter (\d+): mIoU ([\d.]+)')
+STAMP = re.compile(r'^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)  ', re.MULTILINE)
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(__doc__)
+    parser.add_argument('--config', default=DEFAULT_CONFIG, help=f'the base row (default: {DEFAULT_CONFIG})')
+    parser.add_argument('--rows', nargs='+', choices=list(ROWS), default=list(ROWS), help='(default: all)')
+    parser.add_argument(
+        '--iters', type=number(int, 1), default=DEFAULT_ITERS, help=f'iterations per run (default: {DEFAULT_ITERS})'
+    )
+    parser.add_overrides('extra overrides for every row (e.g. train.seed=1)')
+    parser.add_argument('--out', type=Path, default=Path('work_dirs/camvid_recipes'), help='(default: %(default)s)')
+    parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
+    parser.add_argument('--jobs', type=number(int, 1), default=1, help='train.py processes at a time (default: 1)')
+    parser.add_argument('--report-only', action='store_true', help='train nothing: the table of the runs so far')
+    return parser.parse_args(argv)
+
+
+def row_overrides(row: str, args) -> list:
+    """The budget (iterations, warm-up, validation points), the row's change, then the user's overrides."""
+    budget = [
+        f'train.max_iters={args.iters}',
+        f'train.val_interval={max(1, args.iters // VALIDATIONS)}',
+        f'train.schedule.warmup_iters={args.iters // WARMUP_FRACTION}',
+    ]
+    return [*budget, *ROWS[row][1], *args.set]
+
+
+def train_arguments(row: str, args) -> list:
+    work_dir = args.out / row
+    overrides = row_overrides(row, args)
+    load_config(args.config, overrides)  # a row that cannot run stops here, before any training
+    return [
+        '--config',
+        args.config,
+        '--work-dir',
+        str(work_dir),
+        '--resume',
+        'auto',
+        '--device',
+        args.device,
+        '--set',
+        *overrides,
+    ]
+
+
+def train_rows(args) -> None:
+    todo = []
+    for row in args.rows:
+        arguments = train_arguments(row, args)
+        if is_finished(args.out / row, args.iters):
+            say(f'{args.out / row}: finished, skipped')
+        else:
+            todo.append((args.out / row, arguments))
+    with ThreadPoolExecutor(args.jobs) as pool:
+        finished = list(pool.map(lambda run: train_process(*run), todo))
+    failed = [work_dir for (work_dir, _), ok in zip(todo, finished) if not ok]
+    if failed:
+        raise SystemExit(f'error: {len(failed)} run(s) failed, see console.txt in: ' + ', '.join(map(str, failed)))
+
+
+def curve(work_dir: Path) -> dict:
+    """{iteration: val mIoU} from a run's train.log (the last value of each iteration: a resumed run counts once)."""
+    log = work_dir / 'train.log'
+    return {int(i): float(m) for i, m in VALIDATION_LINE.findall(log.read_text())} if log.is_file() else {}
+
+
+def minutes(work_dir: Path):
+    """Minutes from train.log's first line to its last (None without a log): a stopped and resumed run
+    counts its pause too."""
+    log = work_dir / 'train.log'
+    stamps = STAMP.findall(log.read_text()) if log.is_file() else []
+    if not stamps:
+        return None
+    first, last = (datetime.strptime(stamp, '%Y-%m-%d %H:%M:%S') for stamp in (stamps[0], stamps[-1]))
+    return (last - first).total_seconds() / 60
+
+
+def report(args) -> list:
+    points = [max(1, args.iters // VALIDATIONS) * k for k in range(1, VALIDATIONS)] + [args.iters]
+    base_final = curve(args.out / 'base').get(args.iters)
+    rows = []
+    for row in args.rows:
+        scores = curve(args.out / row)
+        final = scores.get(args.iters)
+        difference = None if final is None or base_final is None else final - base_final
+        rows.append(
+            {
+                'row': row,
+                'change': ROWS[row][0],
+                'overrides': ROWS[row][1],
+                'miou': {p: scores.get(p) for p in points},
+                'difference': difference,
+                'minutes': minutes(args.out / row),
+            }
+        )
+    cell = lambda value, form: '' if value is None else format(value, form)  # noqa: E731
+    lines = [
+        f'| row | change from {args.config} | ' + ' | '.join(f'iter {p}' for p in points) + ' | final − base | min |',
+        '|---|---|' + '---|' * (len(points) + 2),
+    ]
+    for r in rows:
+        scores = ' | '.join(cell(r['miou'][p], '.2f') for p in points)
+        lines.append(
+            f'| `{r["row"]}` | {r["change"]} | {scores} | {cell(r["difference"], "+.2f")} | '
+            f'{cell(r["minutes"], ".0f")} |'
+        )
+    table = '\n'.join(lines)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / 'recipes.md').write_text(table + '\n')
+    (args.out / 'recipes.json').write_text(
+        json.dumps({'config': args.config, 'iters': args.iters, 'set': args.set, 'rows': rows}, indent=2) + '\n'
+    )
+    return rows
+
+
+def main(argv=None) -> list:
+    args = parse_args(argv)
+    if 'base' not in args.rows:
+        raise ConfigError("--rows: 'base' is needed, every row is compared with it")
+    if not args.report_only:
+        train_rows(args)
+    return report(args)
+
+
+if __name__ == '__main__':
+    run_cli(main)
