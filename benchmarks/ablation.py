@@ -255,18 +255,13 @@ def train_runs(runs: list, args) -> None:
 
 def train_arguments(work_dir: Path, pair: Pair, arm: str, seed: int, args) -> list:
     """train.py's command line of one run, continued from its last checkpoint if it has one."""
-    return [
-        '--config',
-        args.config,
-        '--work-dir',
-        str(work_dir),
-        '--resume',
-        'auto',
-        '--device',
-        args.device,
-        '--set',
-        *run_overrides(pair, ARMS[arm], seed, args),
-    ]
+    return resumable_run(args.config, work_dir, args.device, run_overrides(pair, ARMS[arm], seed, args))
+
+
+def resumable_run(config: str, work_dir: Path, device: str, overrides: list) -> list:
+    """train.py's arguments for a run of `config` with `overrides` in `work_dir`, continued if it stopped."""
+    run = ['--config', config, '--work-dir', str(work_dir), '--resume', 'auto', '--device', device]
+    return [*run, '--set', *overrides] if overrides else run  # --set takes one value at least
 
 
 def train_process(work_dir: Path, arguments: list) -> bool:

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 
-from ablation import is_finished, say, train_process  # noqa: E402
+from ablation import is_finished, resumable_run, say, train_process  # noqa: E402
 
 from engine.cli import ArgumentParser, number, run_cli  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
@@ -102,18 +102,7 @@ def train_arguments(row: str, args) -> list:
     work_dir = args.out / row
     overrides = row_overrides(row, args)
     load_config(args.config, overrides)  # a row that cannot run stops here, before any training
-    return [
-        '--config',
-        args.config,
-        '--work-dir',
-        str(work_dir),
-        '--resume',
-        'auto',
-        '--device',
-        args.device,
-        '--set',
-        *overrides,
-    ]
+    return resumable_run(args.config, work_dir, args.device, overrides)
 
 
 def train_rows(args) -> None:

@@ -38,6 +38,9 @@ from torch.utils.data import DataLoader, Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / 'benchmarks'))
+
+from ablation import resumable_run  # noqa: E402
 
 import train  # noqa: E402
 from engine.cli import ArgumentParser, number, run_cli  # noqa: E402
@@ -208,20 +211,7 @@ def our_curve(work_dir: Path) -> list:
 
 
 def train_ours(args, work_dir: Path) -> None:
-    train.main(
-        [
-            '--config',
-            args.config,
-            '--work-dir',
-            str(work_dir),
-            '--resume',
-            'auto',
-            '--device',
-            args.device,
-            '--set',
-            *args.set,
-        ]
-    )
+    train.main(resumable_run(args.config, work_dir, args.device, args.set))
 
 
 # ------------------------------------------------------------------------------------------ report
