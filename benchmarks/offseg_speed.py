@@ -12,6 +12,8 @@ compared (max |after - before| / max |before|):
   (models/backbones/efficientformer_v2.py, BiasCache). Timed on the S1 backbone.
 - attention logits: (q·k)·scale + bias as a product and two passes over the logits, against one
   baddbmm (`attention_logits`). Timed on the S1 backbone, the bias change in both.
+- attention in query blocks: the whole (B, heads, Nq, Nk) logits at once, against blocks of query rows
+  whose logits stay in cache through the softmax (`attend`). Timed on the S1 backbone.
 - Offset Learning: scores pixel-major (HW, K) with a LayerNorm over the last dim, against
   class-major (K, HW) with the LayerNorm's mean removed before the products (models/offset_learning.py).
   Timed on the stride-4 map of each size (256 channels), at ADE20K's 150 classes and CamVid's 11.
@@ -69,6 +71,7 @@ def pixel_major_forward(self, x):
 
 BIAS = (efficientformer_v2.BiasCache, 'get', uncached_bias)
 LOGITS = (efficientformer_v2, 'attention_logits', three_pass_logits)
+BLOCKS = (efficientformer_v2, 'LOGITS_PER_CHUNK', 2**62)  # before: all query rows in one block
 OFFSET_LEARNING = (OffsetLearning, 'forward', pixel_major_forward)
 """Each change as (where, name, the replaced code)."""
 CONFIGS = ('offseg_t', 'segformer_b0')
@@ -121,7 +124,7 @@ def offseg_against_segformer(side: int, args) -> dict:
         with torch.inference_mode():
             return segformer(images)
 
-    changes = (BIAS, LOGITS, OFFSET_LEARNING)
+    changes = (BIAS, LOGITS, BLOCKS, OFFSET_LEARNING)
     row = compare('OffSeg-T', f'{side}²', offseg, (images,), changes, args, {'segformer_b0': segformer_b0})
     gmacs = sum(image_macs(meta_model(configs['offseg_t']), (side, side))[''].values()) / 1e9
     row['ms_per_gmac'] = row['after'] / gmacs
@@ -135,6 +138,7 @@ def rows(args):
         images = torch.randn(1, 3, side, side)
         yield compare('attention bias', f'{side}²', backbone, (images,), (BIAS,), args)
         yield compare('attention logits', f'{side}²', backbone, (images,), (LOGITS,), args)
+        yield compare('attention in query blocks', f'{side}²', backbone, (images,), (BLOCKS,), args)
         for classes in (150, 11):
             head = OffsetLearning(classes, 256).eval()
             with torch.no_grad():

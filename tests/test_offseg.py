@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import assert_close_to_reference, load_vector
+from models.backbones import efficientformer_v2
 from models.backbones.efficientformer_v2 import EfficientFormerV2
 from models.heads.freqfusion import carafe
 from models.heads.offseg import OffSegHead
@@ -128,6 +129,24 @@ def test_cached_attention_biases_follow_new_weights_and_sizes():
             cached = model(x)
         recomputed = recomputing(x)  # autograd on: nothing is cached
         assert all(torch.equal(a, b) for a, b in zip(cached, recomputed))
+
+
+def test_attention_in_query_blocks_matches_one_block(monkeypatch):
+    """Blocks of query rows (here of a single row: a tiny LOGITS_PER_CHUNK) give the attention over
+    all rows at once, in eval and in the gradients of training."""
+    torch.manual_seed(0)
+    initial = EfficientFormerV2('s0', resolution=64)
+    x = torch.randn(2, 3, 128, 96)
+    outputs = {}
+    for per_chunk in (2**62, 64):
+        monkeypatch.setattr(efficientformer_v2, 'LOGITS_PER_CHUNK', per_chunk)
+        model = copy.deepcopy(initial)  # the same BN statistics before and after the training step
+        sum(f.square().mean() for f in model.train()(x)).backward()
+        with torch.no_grad():
+            outputs[per_chunk] = (model.eval()(x), [p.grad.clone() for p in model.parameters()])
+    (whole, whole_grads), (blocks, block_grads) = outputs.values()
+    for a, b in zip(whole + whole_grads, blocks + block_grads):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
 def naive_carafe(features, masks, k, groups, scale):

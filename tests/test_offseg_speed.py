@@ -13,6 +13,7 @@ def test_each_change_and_the_whole_model_keep_their_outputs():
     assert [row['change'] for row in rows] == [
         'attention bias',
         'attention logits',
+        'attention in query blocks',
         'Offset Learning, K=150',
         'Offset Learning, K=11',
         'OffSeg-T',

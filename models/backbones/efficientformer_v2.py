@@ -19,6 +19,7 @@ Input sizes: the stride-2 attention of stage 2 halves the stride-16 grid and dou
 ceil(H/16) and ceil(W/16) must be even (any multiple of 32 works); other sizes raise a ValueError.
 """
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -99,6 +100,31 @@ def attention_logits(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch
     )
 
 
+LOGITS_PER_CHUNK = 2**20
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor, normalize
+) -> torch.Tensor:
+    """normalize(scale · q·k + bias) · v, a block of query rows at a time: (B, heads, Nq, c_v).
+
+    Each block holds about LOGITS_PER_CHUNK logits (4 MB in float32), so they stay in cache from the
+    product through `normalize` (the softmax, with or without talking heads) to the product with v,
+    instead of the full (B, heads, Nq, Nk) logits making three trips through memory: 1.24x on the
+    S1 backbone at 1024² (benchmarks/offseg_speed.py). Rows are independent, so the result is the
+    same. Traced graphs (ONNX export) keep one block: their shapes may change after export.
+    """
+    b, heads, nq, _ = q.shape
+    rows = max(1, LOGITS_PER_CHUNK // (b * heads * k.shape[-1]))
+    if rows >= nq or torch.jit.is_tracing():
+        return normalize(attention_logits(q, k, scale, bias)) @ v
+    blocks = [
+        normalize(attention_logits(q[:, :, i : i + rows], k, scale, bias[:, :, i : i + rows])) @ v
+        for i in range(0, nq, rows)
+    ]
+    return torch.cat(blocks, dim=2)
+
+
 def split_heads(x: torch.Tensor, channels_per_head: int) -> torch.Tensor:
     """(B, heads·c, H, W) -> (B, heads, c, H·W); channel = head·c + j, as published."""
     return x.reshape(x.shape[0], NUM_HEADS, channels_per_head, -1)
@@ -154,6 +180,10 @@ class Attention4D(nn.Module):
         self.register_buffer('attention_bias_idxs_seg', relative_bias_index(table_size, table_size), persistent=False)
         self.bias_cache = BiasCache()
 
+    def talking_heads(self, logits: torch.Tensor) -> torch.Tensor:
+        """Heads mixed before and after the softmax (each logit mixed across heads at its position)."""
+        return self.talking_head2(self.talking_head1(logits).softmax(dim=-1))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride_conv is not None:
             x = self.stride_conv(x)
@@ -164,9 +194,8 @@ class Attention4D(nn.Module):
         v_local = self.v_local(v)
         v = split_heads(v, self.value_dim).transpose(2, 3)  # (B, heads, N, 128)
         bias = self.bias_cache.get(self.attention_biases_seg, self.attention_bias_idxs_seg, (q.shape[2], k.shape[3]))
-        attn = attention_logits(q, k, self.scale, bias)
-        attn = self.talking_head2(self.talking_head1(attn).softmax(dim=-1))
-        out = (attn @ v).transpose(2, 3).reshape(b, -1, h, w) + v_local
+        out = attend(q, k, v, self.scale, bias, self.talking_heads)
+        out = out.transpose(2, 3).reshape(b, -1, h, w) + v_local
         if self.stride_conv is not None:
             out = F.interpolate(out, scale_factor=2, mode='bilinear', align_corners=False)
         return self.proj(out)
@@ -222,8 +251,8 @@ class Attention4DDownsample(nn.Module):
         v_local = self.v_local(v)
         v = split_heads(v, self.value_dim).transpose(2, 3)  # (B, heads, N, 64)
         bias = self.bias_cache.get(self.attention_biases_seg, self.attention_bias_idxs_seg, (q.shape[2], k.shape[3]))
-        attn = attention_logits(q, k, self.scale, bias)
-        out = (attn.softmax(dim=-1) @ v).transpose(2, 3).reshape(b, -1, h, w) + v_local
+        out = attend(q, k, v, self.scale, bias, functools.partial(torch.softmax, dim=-1))
+        out = out.transpose(2, 3).reshape(b, -1, h, w) + v_local
         return self.proj(out)
 
 
