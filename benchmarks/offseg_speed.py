@@ -14,6 +14,9 @@ compared (max |after - before| / max |before|):
   baddbmm (`attention_logits`). Timed on the S1 backbone, the bias change in both.
 - attention in query blocks: the whole (B, heads, Nq, Nk) logits at once, against blocks of query rows
   whose logits stay in cache through the softmax (`attend`). Timed on the S1 backbone.
+- attention channel-major: values and output token-major (B, heads, N, c), transposed from and back
+  to NCHW around the products, against v · attnᵀ on the maps as they are, in blocks (`attend`);
+  undoing it undoes the blocks too. Timed on the S1 backbone.
 - Offset Learning: scores pixel-major (HW, K) with a LayerNorm over the last dim, against
   class-major (K, HW) with the LayerNorm's mean removed before the products (models/offset_learning.py).
   Timed on the stride-4 map of each size (256 channels), at ADE20K's 150 classes and CamVid's 11.
@@ -69,9 +72,16 @@ def pixel_major_forward(self, x):
     return self.mask_norm(masks).transpose(1, 2).reshape(b, -1, h, w)
 
 
+def row_major_attention(q, k, v, scale, bias, normalize):
+    """Before: values and output token-major (B, heads, N, c_v), transposed from and back to NCHW."""
+    logits = efficientformer_v2.attention_logits(q, k, scale, bias)
+    return (normalize(logits) @ v.transpose(2, 3)).transpose(2, 3)
+
+
 BIAS = (efficientformer_v2.BiasCache, 'get', uncached_bias)
 LOGITS = (efficientformer_v2, 'attention_logits', three_pass_logits)
 BLOCKS = (efficientformer_v2, 'LOGITS_PER_CHUNK', 2**62)  # before: all query rows in one block
+CHANNEL_MAJOR = (efficientformer_v2, 'attend', row_major_attention)
 OFFSET_LEARNING = (OffsetLearning, 'forward', pixel_major_forward)
 """Each change as (where, name, the replaced code)."""
 CONFIGS = ('offseg_t', 'segformer_b0')
@@ -124,7 +134,7 @@ def offseg_against_segformer(side: int, args) -> dict:
         with torch.inference_mode():
             return segformer(images)
 
-    changes = (BIAS, LOGITS, BLOCKS, OFFSET_LEARNING)
+    changes = (BIAS, LOGITS, CHANNEL_MAJOR, OFFSET_LEARNING)
     row = compare('OffSeg-T', f'{side}²', offseg, (images,), changes, args, {'segformer_b0': segformer_b0})
     gmacs = sum(image_macs(meta_model(configs['offseg_t']), (side, side))[''].values()) / 1e9
     row['ms_per_gmac'] = row['after'] / gmacs
@@ -139,6 +149,7 @@ def rows(args):
         yield compare('attention bias', f'{side}²', backbone, (images,), (BIAS,), args)
         yield compare('attention logits', f'{side}²', backbone, (images,), (LOGITS,), args)
         yield compare('attention in query blocks', f'{side}²', backbone, (images,), (BLOCKS,), args)
+        yield compare('attention channel-major', f'{side}²', backbone, (images,), (CHANNEL_MAJOR,), args)
         for classes in (150, 11):
             head = OffsetLearning(classes, 256).eval()
             with torch.no_grad():

@@ -14,6 +14,7 @@ def test_each_change_and_the_whole_model_keep_their_outputs():
         'attention bias',
         'attention logits',
         'attention in query blocks',
+        'attention channel-major',
         'Offset Learning, K=150',
         'Offset Learning, K=11',
         'OffSeg-T',

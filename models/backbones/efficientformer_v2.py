@@ -106,23 +106,26 @@ LOGITS_PER_CHUNK = 2**20
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor, normalize
 ) -> torch.Tensor:
-    """normalize(scale · q·k + bias) · v, a block of query rows at a time: (B, heads, Nq, c_v).
+    """The attention output channel-major, (v · normalize(scale · q·k + bias)ᵀ): (B, heads, c_v, Nq)
+    from q (B, heads, Nq, c), k (B, heads, c, Nk), v (B, heads, c_v, Nk), a block of query rows at a time.
 
-    Each block holds about LOGITS_PER_CHUNK logits (4 MB in float32), so they stay in cache from the
-    product through `normalize` (the softmax, with or without talking heads) to the product with v,
-    instead of the full (B, heads, Nq, Nk) logits making three trips through memory: 1.24x on the
-    S1 backbone at 1024² (benchmarks/offseg_speed.py). Rows are independent, so the result is the
-    same. Traced graphs (ONNX export) keep one block: their shapes may change after export.
+    Channel-major, v is the conv's output as it is and the result reshapes to NCHW for free: no
+    transposed copies of the widest maps of the backbone. Each block holds about LOGITS_PER_CHUNK
+    logits (4 MB in float32), so they stay in cache from the product through `normalize` (the
+    softmax, with or without talking heads) to the product with v, instead of the full (B, heads,
+    Nq, Nk) logits making three trips through memory: 1.24x on the S1 backbone at 1024²
+    (benchmarks/offseg_speed.py). Rows are independent, so the result is the same. Traced graphs
+    (ONNX export) keep one block: their shapes may change after export.
     """
     b, heads, nq, _ = q.shape
     rows = max(1, LOGITS_PER_CHUNK // (b * heads * k.shape[-1]))
     if rows >= nq or torch.jit.is_tracing():
-        return normalize(attention_logits(q, k, scale, bias)) @ v
+        return v @ normalize(attention_logits(q, k, scale, bias)).transpose(2, 3)
     blocks = [
-        normalize(attention_logits(q[:, :, i : i + rows], k, scale, bias[:, :, i : i + rows])) @ v
+        v @ normalize(attention_logits(q[:, :, i : i + rows], k, scale, bias[:, :, i : i + rows])).transpose(2, 3)
         for i in range(0, nq, rows)
     ]
-    return torch.cat(blocks, dim=2)
+    return torch.cat(blocks, dim=3)
 
 
 def split_heads(x: torch.Tensor, channels_per_head: int) -> torch.Tensor:
@@ -192,10 +195,9 @@ class Attention4D(nn.Module):
         k = split_heads(self.k(x), self.key_dim)  # (B, heads, 32, N)
         v = self.v(x)
         v_local = self.v_local(v)
-        v = split_heads(v, self.value_dim).transpose(2, 3)  # (B, heads, N, 128)
+        v = split_heads(v, self.value_dim)  # (B, heads, 128, N)
         bias = self.bias_cache.get(self.attention_biases_seg, self.attention_bias_idxs_seg, (q.shape[2], k.shape[3]))
-        out = attend(q, k, v, self.scale, bias, self.talking_heads)
-        out = out.transpose(2, 3).reshape(b, -1, h, w) + v_local
+        out = attend(q, k, v, self.scale, bias, self.talking_heads).reshape(b, -1, h, w) + v_local
         if self.stride_conv is not None:
             out = F.interpolate(out, scale_factor=2, mode='bilinear', align_corners=False)
         return self.proj(out)
@@ -249,10 +251,10 @@ class Attention4DDownsample(nn.Module):
         k = split_heads(self.k(x), self.key_dim)  # (B, heads, 16, N)
         v = self.v(x)
         v_local = self.v_local(v)
-        v = split_heads(v, self.value_dim).transpose(2, 3)  # (B, heads, N, 64)
+        v = split_heads(v, self.value_dim)  # (B, heads, 64, N)
         bias = self.bias_cache.get(self.attention_biases_seg, self.attention_bias_idxs_seg, (q.shape[2], k.shape[3]))
-        out = attend(q, k, v, self.scale, bias, functools.partial(torch.softmax, dim=-1))
-        out = out.transpose(2, 3).reshape(b, -1, h, w) + v_local
+        out = attend(q, k, v, self.scale, bias, functools.partial(torch.softmax, dim=-1)).reshape(b, -1, h, w)
+        out = out + v_local
         return self.proj(out)
 
 
