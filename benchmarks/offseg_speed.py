@@ -17,6 +17,8 @@ compared (max |after - before| / max |before|):
 - attention channel-major: values and output token-major (B, heads, N, c), transposed from and back
   to NCHW around the products, against v · attnᵀ on the maps as they are, in blocks (`attend`);
   undoing it undoes the blocks too. Timed on the S1 backbone.
+- upsampling channels_last: the stride-2 attention's output upsampled and projected in NCHW, against
+  channels_last (`Attention4D.upsample_and_project`). Timed on the S1 backbone.
 - Offset Learning: scores pixel-major (HW, K) with a LayerNorm over the last dim, against
   class-major (K, HW) with the LayerNorm's mean removed before the products (models/offset_learning.py).
   Timed on the stride-4 map of each size (256 channels), at ADE20K's 150 classes and CamVid's 11.
@@ -78,10 +80,16 @@ def row_major_attention(q, k, v, scale, bias, normalize):
     return (normalize(logits) @ v.transpose(2, 3)).transpose(2, 3)
 
 
+def nchw_upsample_and_project(self, out):
+    """Before: the stride-2 attention's output upsampled and projected in NCHW."""
+    return self.proj(F.interpolate(out, scale_factor=2, mode='bilinear', align_corners=False))
+
+
 BIAS = (efficientformer_v2.BiasCache, 'get', uncached_bias)
 LOGITS = (efficientformer_v2, 'attention_logits', three_pass_logits)
 BLOCKS = (efficientformer_v2, 'LOGITS_PER_CHUNK', 2**62)  # before: all query rows in one block
 CHANNEL_MAJOR = (efficientformer_v2, 'attend', row_major_attention)
+UPSAMPLE = (efficientformer_v2.Attention4D, 'upsample_and_project', nchw_upsample_and_project)
 OFFSET_LEARNING = (OffsetLearning, 'forward', pixel_major_forward)
 """Each change as (where, name, the replaced code)."""
 CONFIGS = ('offseg_t', 'segformer_b0')
@@ -147,7 +155,7 @@ def offseg_against_segformer(side: int, args) -> dict:
         with torch.inference_mode():
             return segformer(images)
 
-    changes = (BIAS, LOGITS, CHANNEL_MAJOR, OFFSET_LEARNING)
+    changes = (BIAS, LOGITS, CHANNEL_MAJOR, UPSAMPLE, OFFSET_LEARNING)
     row = compare('OffSeg-T', f'{side}²', offseg, (images,), changes, args, {'segformer_b0': segformer_b0})
     gmacs = sum(image_macs(meta_model(configs['offseg_t']), (side, side))[''].values()) / 1e9
     row['ms_per_gmac'] = row['after'] / gmacs
@@ -163,6 +171,7 @@ def rows(args):
         yield compare('attention logits', f'{side}²', backbone, (images,), (LOGITS,), args)
         yield compare('attention in query blocks', f'{side}²', backbone, (images,), (BLOCKS,), args)
         yield compare('attention channel-major', f'{side}²', backbone, (images,), (CHANNEL_MAJOR,), args)
+        yield compare('upsampling channels_last', f'{side}²', backbone, (images,), (UPSAMPLE,), args)
         for classes in (150, 11):
             head = OffsetLearning(classes, 256).eval()
             with torch.no_grad():

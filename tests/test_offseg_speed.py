@@ -15,6 +15,7 @@ def test_each_change_and_the_whole_model_keep_their_outputs():
         'attention logits',
         'attention in query blocks',
         'attention channel-major',
+        'upsampling channels_last',
         'Offset Learning, K=150',
         'Offset Learning, K=11',
         'OffSeg-T',

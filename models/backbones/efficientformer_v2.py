@@ -198,9 +198,15 @@ class Attention4D(nn.Module):
         v = split_heads(v, self.value_dim)  # (B, heads, 128, N)
         bias = self.bias_cache.get(self.attention_biases_seg, self.attention_bias_idxs_seg, (q.shape[2], k.shape[3]))
         out = attend(q, k, v, self.scale, bias, self.talking_heads).reshape(b, -1, h, w) + v_local
-        if self.stride_conv is not None:
-            out = F.interpolate(out, scale_factor=2, mode='bilinear', align_corners=False)
-        return self.proj(out)
+        return self.proj(out) if self.stride_conv is None else self.upsample_and_project(out)
+
+    def upsample_and_project(self, out: torch.Tensor) -> torch.Tensor:
+        """proj(out upsampled x2 bilinearly), computed channels_last and returned NCHW: on these
+        many-channel, few-pixel maps PyTorch's NCHW bilinear resize makes a slow layout copy of its
+        own (1.14x on the S1 backbone at 512², benchmarks/offseg_speed.py)."""
+        out = out.contiguous(memory_format=torch.channels_last)
+        out = F.interpolate(out, scale_factor=2, mode='bilinear', align_corners=False)
+        return self.proj(out).contiguous()
 
 
 class LGQuery(nn.Module):
