@@ -37,6 +37,7 @@ mean +- std (ddof 1), and per pair the paired difference OL - plain per seed wit
 """
 
 import json
+import re
 import shlex
 import statistics
 import subprocess
@@ -262,6 +263,16 @@ def resumable_run(config: str, work_dir: Path, device: str, overrides: list) -> 
     """train.py's arguments for a run of `config` with `overrides` in `work_dir`, continued if it stopped."""
     run = ['--config', config, '--work-dir', str(work_dir), '--resume', 'auto', '--device', device]
     return [*run, '--set', *overrides] if overrides else run  # --set takes one value at least
+
+
+VALIDATION_LINE = re.compile(r'iter (\d+): mIoU ([\d.]+)')
+
+
+def validation_curve(work_dir: Path) -> dict:
+    """{iteration: val mIoU} from a train.py run's train.log ({} without one); the last value of each
+    iteration, so a resumed run counts once."""
+    log = work_dir / 'train.log'
+    return {int(i): float(m) for i, m in VALIDATION_LINE.findall(log.read_text())} if log.is_file() else {}
 
 
 def train_process(work_dir: Path, arguments: list) -> bool:

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 
-from ablation import is_finished, resumable_run, say, train_process  # noqa: E402
+from ablation import is_finished, resumable_run, say, train_process, validation_curve  # noqa: E402
 
 from engine.cli import ArgumentParser, number, run_cli  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
@@ -69,7 +69,6 @@ ROWS = {  # name -> (the change, its overrides of --config)
         ['data.train.pipeline=' + json.dumps(STRONG_PIPELINE)],
     ),
 }
-VALIDATION_LINE = re.compile(r'iter (\d+): mIoU ([\d.]+)')
 STAMP = re.compile(r'^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)  ', re.MULTILINE)
 
 
@@ -120,12 +119,6 @@ def train_rows(args) -> None:
         raise SystemExit(f'error: {len(failed)} run(s) failed, see console.txt in: ' + ', '.join(map(str, failed)))
 
 
-def curve(work_dir: Path) -> dict:
-    """{iteration: val mIoU} from a run's train.log (the last value of each iteration: a resumed run counts once)."""
-    log = work_dir / 'train.log'
-    return {int(i): float(m) for i, m in VALIDATION_LINE.findall(log.read_text())} if log.is_file() else {}
-
-
 def minutes(work_dir: Path):
     """Minutes from train.log's first line to its last (None without a log): a stopped and resumed run
     counts its pause too."""
@@ -139,10 +132,10 @@ def minutes(work_dir: Path):
 
 def report(args) -> list:
     points = [max(1, args.iters // VALIDATIONS) * k for k in range(1, VALIDATIONS)] + [args.iters]
-    base_final = curve(args.out / 'base').get(args.iters)
+    base_final = validation_curve(args.out / 'base').get(args.iters)
     rows = []
     for row in args.rows:
-        scores = curve(args.out / row)
+        scores = validation_curve(args.out / row)
         final = scores.get(args.iters)
         difference = None if final is None or base_final is None else final - base_final
         rows.append(

@@ -27,7 +27,6 @@ and ours / peer at each validation point, and both wall times; written to <out>/
 """
 
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 
-from ablation import resumable_run  # noqa: E402
+from ablation import resumable_run, validation_curve  # noqa: E402
 
 import train  # noqa: E402
 from engine.cli import ArgumentParser, number, run_cli  # noqa: E402
@@ -51,7 +50,6 @@ from engine.inference import normalize  # noqa: E402
 from engine.rules import load_config  # noqa: E402
 
 DEFAULT_CONFIG = 'configs/camvid.yaml'
-VALIDATION_LINE = re.compile(r'iter (\d+): mIoU ([\d.]+)')
 
 
 def parse_args(argv=None):
@@ -204,7 +202,7 @@ def our_curve(work_dir: Path) -> list:
     log = work_dir / 'train.log'
     if not log.is_file():
         raise ConfigError(f'--ours {work_dir}: no train.log there (a train.py run folder is expected)')
-    points = {int(i): float(m) for i, m in VALIDATION_LINE.findall(log.read_text())}
+    points = validation_curve(work_dir)
     if not points:
         raise ConfigError(f'{log}: no validation line ("iter N: mIoU X") yet')
     return sorted(points.items())
