@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT / 'benchmarks'))
 from ablation import resumable_run, validation_curve  # noqa: E402
 
 import train  # noqa: E402
+from datasets.transforms import albumentations  # noqa: E402
 from engine.cli import ArgumentParser, number, run_cli  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
 from engine.data import build_dataset  # noqa: E402
@@ -81,8 +82,7 @@ def crop_size(cfg: dict) -> tuple:
 
 def peer_augmentation(size: tuple, ignore_index: int, seed: int):
     """The notebook's training augmentation, cropping to `size` and filling labels with `ignore_index`."""
-    import albumentations as A
-
+    A = albumentations()
     height, width = size
     fill = {'border_mode': 0, 'fill': 0, 'fill_mask': ignore_index}
     return A.Compose(

@@ -6,6 +6,8 @@ reaches the device, where `normalize` runs; colour changes are 256-entry lookup 
 exactly mmseg's float arithmetic at a fraction of its cost. All randomness comes from `rng`.
 """
 
+import inspect
+import os
 from typing import Annotated
 
 import cv2
@@ -208,6 +210,58 @@ class Pad:
         return image, label
 
 
+def albumentations():
+    """The albumentations module, imported on first use without its update check (a network call)."""
+    os.environ.setdefault('NO_ALBUMENTATIONS_UPDATE', '1')
+    import albumentations
+
+    return albumentations
+
+
+def build_albumentation(spec, ignore_index: int):
+    """One albumentations transform from `{type: <class name>, **arguments}`; compositions (OneOf,
+    SomeOf, Sequential) build their `transforms` the same way, and every transform that fills borders
+    (shift-scale, perspective, pad) fills the label with `ignore_index` unless told otherwise."""
+    library = albumentations()
+    if not isinstance(spec, dict) or not isinstance(spec.get('type'), str):
+        raise ValueError(f"each albumentations transform is a mapping with a 'type' (a class name), got {spec!r}")
+    cls = getattr(library, spec['type'], None)
+    if not (isinstance(cls, type) and issubclass(cls, (library.BasicTransform, library.BaseCompose))):
+        raise ValueError(f'albumentations has no transform {spec["type"]!r}')
+    kwargs = {key: value for key, value in spec.items() if key != 'type'}
+    accepted = inspect.signature(cls).parameters
+    unknown = [key for key in kwargs if key not in accepted]
+    if unknown:  # albumentations itself only warns
+        accepts = ', '.join(accepted)
+        raise ValueError(f'albumentations {cls.__name__} has no argument {unknown[0]!r} (accepts: {accepts})')
+    if issubclass(cls, library.BaseCompose):
+        kwargs['transforms'] = [build_albumentation(s, ignore_index) for s in kwargs.get('transforms', [])]
+    elif 'fill_mask' in accepted:
+        kwargs.setdefault('fill_mask', ignore_index)
+    try:
+        return cls(**kwargs)
+    except ValueError as error:  # raised from pydantic's ValidationError: one line per invalid argument
+        if not hasattr(error.__cause__, 'errors'):
+            raise ValueError(f'albumentations {cls.__name__}: {error}') from None
+        reasons = '; '.join(f'{".".join(map(str, e["loc"]))}: {e["msg"]}' for e in error.__cause__.errors())
+        raise ValueError(f'albumentations {cls.__name__}: {reasons}') from None
+
+
+class Albumentations:
+    """A list of albumentations transforms as one step, for the geometric and photometric jitter mmseg's
+    pipeline lacks (shift-scale, perspective, noise, CLAHE, gamma, blur, sharpen): albumentations is the
+    maintained library for them, on the same OpenCV arrays. Its random state is reseeded from `rng`
+    for every sample, so the step is as reproducible and resumable as the others."""
+
+    def __init__(self, transforms: list, ignore_index: int = 255):
+        self.compose = albumentations().Compose([build_albumentation(s, ignore_index) for s in transforms])
+
+    def __call__(self, image, label, rng):
+        self.compose.set_random_seed(int(rng.integers(2**32)))
+        sample = self.compose(image=image, mask=label)
+        return np.ascontiguousarray(sample['image']), np.ascontiguousarray(sample['mask'])
+
+
 TRANSFORMS = {
     'resize': Resize,
     'random_resize': RandomResize,
@@ -216,9 +270,10 @@ TRANSFORMS = {
     'random_flip': RandomFlip,
     'photometric': PhotoMetricDistortion,
     'pad': Pad,
+    'albumentations': Albumentations,
 }
 
-IGNORE_AWARE = (RandomCrop, Pad)
+IGNORE_AWARE = (RandomCrop, Pad, Albumentations)
 
 
 class Pipeline:

@@ -125,6 +125,18 @@ def test_an_out_of_range_value_for_any_bounded_key_is_one_config_error(name):
         ),
         ('data.train.pipeline=[{type: random_flip, prob: 1.5}]', "'data.train.pipeline[0].prob' must be a number <= 1"),
         ('data.train.pipeline=[{type: random_crop}]', "'data.train.pipeline[0]' (RandomCrop) needs 'size'"),
+        (
+            'data.train.pipeline=[{type: albumentations, transforms: [{type: OneOf, transforms: [{type: Blurr}]}]}]',
+            "data.train.pipeline: albumentations has no transform 'Blurr'",
+        ),
+        (
+            'data.train.pipeline=[{type: albumentations, transforms: [{type: GaussNoise, sigma: 3}]}]',
+            "albumentations GaussNoise has no argument 'sigma' (accepts: std_range",
+        ),
+        (
+            'data.train.pipeline=[{type: albumentations, transforms: [{type: GaussNoise, p: 2}]}]',
+            'albumentations GaussNoise: p: Input should be less than or equal to 1',
+        ),
         ('eval.mode=slide', "eval.mode 'slide' needs eval.crop_size and eval.stride"),
         ('data.ignore_index=2', 'data.ignore_index 2 is a class id'),
         ('backbone.variant=b9', "ResNet variant 'b9' unknown"),

@@ -11,6 +11,7 @@ from datasets import SegmentationDataset
 from datasets.sampler import TrainSampler
 from datasets.transforms import (
     IMAGENET_MEAN,
+    Albumentations,
     Pad,
     PhotoMetricDistortion,
     Pipeline,
@@ -181,8 +182,31 @@ def write_scenes(root, count=6):
     return root
 
 
-def test_samples_depend_on_seed_and_draw_only_not_on_loader_workers(tmp_path):
-    steps = GEOMETRIC + [{'type': 'photometric'}]
+def test_albumentations_draw_from_the_pipeline_rng_and_fill_labels_with_the_ignore_index():
+    label = blobs(0)
+    image = COLOURS[label]
+    shrink = Albumentations([{'type': 'Affine', 'scale': [0.5, 0.5], 'p': 1, 'border_mode': 0}], ignore_index=11)
+    warped_image, warped_label = shrink(image, label, np.random.default_rng(0))
+    border = warped_label == 11
+    assert 0.5 < border.mean() < 0.9  # a half-size image leaves three quarters of the frame to fill
+    assert (warped_image[border] == 0).all() and (warped_label[~border] < 5).all()
+
+    jitter = Albumentations([{'type': 'HueSaturationValue', 'p': 1}, {'type': 'GaussNoise', 'p': 1}])
+    first, again = jitter(image, label, np.random.default_rng(5)), jitter(image, label, np.random.default_rng(5))
+    assert np.array_equal(first[0], again[0]) and np.array_equal(first[1], label)
+    assert not np.array_equal(first[0], jitter(image, label, np.random.default_rng(6))[0])
+
+
+@pytest.mark.parametrize(
+    'extra',
+    [
+        [{'type': 'photometric'}],
+        [{'type': 'albumentations', 'transforms': [{'type': 'Perspective', 'p': 1}, {'type': 'GaussNoise'}]}],
+    ],
+    ids=['photometric', 'albumentations'],
+)
+def test_samples_depend_on_seed_and_draw_only_not_on_loader_workers(tmp_path, extra):
+    steps = GEOMETRIC + extra
     dataset = SegmentationDataset(write_scenes(tmp_path), 'train', 5, pipeline=steps, seed=3)
     assert all(torch.equal(a, b) for a, b in zip(dataset[(2, 17)], dataset[(2, 17)]))
     assert not torch.equal(dataset[(2, 17)][0], dataset[(2, 18)][0])
