@@ -10,12 +10,12 @@ Each pair is one model (the backbone, head and aux_head sections of a YAML file,
 with --model-from-config) trained twice per seed: with the head's plain per-pixel classifier ("plain")
 and with Offset Learning in its place ("OL"). Everything else comes from --config, the protocol:
 
-Default protocol (configs/camvid.yaml, CamVid train -> val, 11 classes, from scratch):
+Default protocol (configs/camvid_deeplabv3plus.yaml, CamVid train -> val, 11 classes, from scratch):
   data      its data section: 480x360 rescaled x U[0.5, 1.5], 256x256 crops, flip, photometric
             distortion; validation on the 101 whole val images.
   recipe    its train section: batch 8, AdamW lr 1e-3 (every parameter), weight decay 0.01, poly
             (power 0.9), class-weighted cross-entropy; --iters iterations (default 100), of which the
-            first tenth warm up (camvid.yaml: 100 of 1800); one validation, at the end.
+            first tenth warm up (camvid_deeplabv3plus.yaml: 100 of 1800); one validation, at the end.
   models    backbone.pretrained: null (no ImageNet weights offline), each model's own head settings.
 How it adapts the published recipes (SegFormer, SegNeXt, OffSeg: AdamW 6e-5 with head lr x10, 1500
 warm-up iterations, poly power 1, batch 16 of 512x512 crops, 160k iterations from ImageNet weights):
@@ -58,19 +58,19 @@ from engine.config import ConfigError, read_yaml  # noqa: E402
 from engine.rules import input_size, load_config  # noqa: E402
 from tools.benchmark import flatten, meta_model, size_figures  # noqa: E402
 
-DEFAULT_CONFIG = 'configs/camvid.yaml'
+DEFAULT_CONFIG = 'configs/camvid_deeplabv3plus.yaml'
 DEFAULT_ITERS = 100
 MODEL_CONFIGS = {  # pair name -> the config whose model sections it trains
     'segformer_b0': 'configs/segformer_b0.yaml',  # MiT-B0 + mmseg SegFormer head
     'segnext_t': 'configs/segnext_t.yaml',  # MSCAN-T + LightHam
     'offseg_t': 'configs/offseg_t.yaml',  # EfficientFormerV2-S1 + OffSeg head
-    'resnet18_deeplabv3plus': 'configs/camvid.yaml',  # ResNet-18 (output stride 16) + DeepLabV3+
+    'resnet18_deeplabv3plus': 'configs/camvid_deeplabv3plus.yaml',  # ResNet-18 (output stride 16) + DeepLabV3+
 }
 MODEL_SECTIONS = ('backbone', 'head', 'aux_head')
 ARMS = {'plain': False, 'OL': True}
 ARM_KEY = 'head.offset_learning'
 CLASSIFIER = 'head.classifier.'
-WARMUP_FRACTION = 10  # warm-up iterations = --iters // 10 (configs/camvid.yaml: 100 of 1800)
+WARMUP_FRACTION = 10  # warm-up iterations = --iters // 10 (configs/camvid_deeplabv3plus.yaml: 100 of 1800)
 
 
 @dataclass

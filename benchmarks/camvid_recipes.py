@@ -4,9 +4,9 @@
     OMP_NUM_THREADS=1 nice python benchmarks/camvid_recipes.py --rows base ce_dice --jobs 2
     python benchmarks/camvid_recipes.py --report-only                                # the table so far
 
-Every row is a train.py run of --config (default configs/camvid.yaml, the shipped recipe) with the
-row's overrides and nothing else changed: same data, crops, batch and seed, --iters iterations of
-which the first eighteenth warm up (configs/camvid.yaml: 100 of 1800), validated on the whole val set
+Every row is a train.py run of --config (default configs/camvid_deeplabv3plus.yaml, the recipe the
+study started from) with the row's overrides and nothing else changed: same data, crops, batch and
+seed, --iters iterations of which the first eighteenth warm up (100 of 1800), validated on the whole val set
 at a third, two thirds and the end. The rows cover the loss, the augmentation, the optimizer and its
 learning rate, the schedule, the output stride and the decoder; ROWS names them with the change.
 
@@ -22,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'benchmarks'))
@@ -32,7 +34,7 @@ from engine.cli import ArgumentParser, number, run_cli  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
 from engine.rules import load_config  # noqa: E402
 
-DEFAULT_CONFIG = 'configs/camvid.yaml'
+DEFAULT_CONFIG = 'configs/camvid_deeplabv3plus.yaml'
 DEFAULT_ITERS = 600
 WARMUP_FRACTION = 18
 VALIDATIONS = 3
@@ -43,6 +45,7 @@ STRONG_PIPELINE = [  # twice the scale range and stronger colour jitter than the
     {'type': 'photometric', 'brightness_delta': 48, 'contrast_range': [0.4, 1.6], 'saturation_range': [0.4, 1.6]},
     {'type': 'pad', 'size': [256, 256]},
 ]
+SMP_PIPELINE = yaml.safe_load((ROOT / 'configs' / 'camvid.yaml').read_text())['data']['train']['pipeline']
 ROWS = {  # name -> (the change, its overrides of --config)
     'base': ('none: the base config', []),
     'ce_dice': ('loss: weighted CE + Dice', ['train.loss.dice=1.0']),
@@ -67,6 +70,10 @@ ROWS = {  # name -> (the change, its overrides of --config)
     'aug_strong': (
         'augmentation: scale x U[0.5, 2], stronger colour jitter',
         ['data.train.pipeline=' + json.dumps(STRONG_PIPELINE)],
+    ),
+    'aug_smp': (
+        "augmentation: SMP's CamVid example (albumentations: shift-scale, perspective, noise, blur, colour)",
+        ['data.train.pipeline=' + json.dumps(SMP_PIPELINE)],
     ),
 }
 STAMP = re.compile(r'^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)  ', re.MULTILINE)
