@@ -72,12 +72,20 @@ def parse_args(argv=None):
 
 
 def crop_size(cfg: dict) -> tuple:
-    """(height, width) of the train pipeline's random_crop: the peer crops to the same size."""
+    """(height, width) of the train pipeline's crop (a random_crop step, or an albumentations step's
+    RandomCrop): the peer crops to the same size."""
     for step in cfg['data']['train']['pipeline']:
         if step['type'] == 'random_crop':
             height, width = step['size']
             return height, width
-    raise ConfigError("the peer crops as the config does, but data.train.pipeline has no 'random_crop' step")
+        if step['type'] == 'albumentations':
+            crops = [transform for transform in step['transforms'] if transform['type'] == 'RandomCrop']
+            if crops:
+                return crops[0]['height'], crops[0]['width']
+    raise ConfigError(
+        "the peer crops as the config does, but data.train.pipeline has no 'random_crop' step "
+        '(nor an albumentations RandomCrop)'
+    )
 
 
 def peer_augmentation(size: tuple, ignore_index: int, seed: int):

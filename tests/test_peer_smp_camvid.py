@@ -13,6 +13,8 @@ pytest.importorskip('albumentations')
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 import peer_smp_camvid  # noqa: E402
 
+from engine.rules import load_config  # noqa: E402
+
 SMALL_VAL = 'data.val.pipeline=[{type: resize, scale: [64, 64], keep_ratio: false}]'  # a quarter of the pixels
 
 
@@ -34,6 +36,12 @@ def test_peer_and_ours_are_scored_at_the_same_validation_points(tmp_path, capsys
 def test_a_config_without_a_random_crop_is_refused():
     with pytest.raises(peer_smp_camvid.ConfigError, match='random_crop'):
         peer_smp_camvid.crop_size({'data': {'train': {'pipeline': [{'type': 'random_flip'}]}}})
+
+
+def test_the_peer_crops_as_an_albumentations_pipeline_does():
+    cfg = load_config(ROOT / 'configs' / 'camvid.yaml')
+    assert cfg['data']['train']['pipeline'][0]['type'] == 'albumentations'
+    assert peer_smp_camvid.crop_size(cfg) == (256, 256)
 
 
 def test_the_peer_curve_is_reused_only_for_the_same_setting(tmp_path, monkeypatch):
