@@ -57,7 +57,15 @@ DEFAULTS = {
         'optimizer': {'type': 'adamw', 'lr': 6e-5, 'weight_decay': 0.01, 'betas': [0.9, 0.999], 'momentum': 0.9},
         'param_groups': {},
         'schedule': {'type': 'poly', 'power': 1.0, 'min_lr': 0.0, 'warmup_iters': 0, 'warmup_ratio': 1e-6},
-        'loss': {'class_weight': None, 'ce': 1.0, 'ohem': None, 'dice': 0.0, 'lovasz': 0.0, 'avg_non_ignore': True},
+        'loss': {
+            'class_weight': None,
+            'ce': 1.0,
+            'ohem': None,
+            'dice': 0.0,
+            'dice_style': 'mmseg',
+            'lovasz': 0.0,
+            'avg_non_ignore': True,
+        },
     },
     'eval': {'mode': 'whole', 'crop_size': None, 'stride': None, 'scales': [1.0], 'flip': False, 'size_divisor': 32},
     'output': {'work_dir': None},
@@ -139,6 +147,7 @@ CHOICES = {
     'train.amp': (False, 'bf16', 'fp16'),
     'train.optimizer.type': ('adamw', 'sgd'),
     'train.schedule.type': ('poly', 'cosine', 'constant'),
+    'train.loss.dice_style': ('mmseg', 'smp'),
     'eval.mode': ('whole', 'slide'),
 }
 

@@ -8,7 +8,7 @@ Every term runs in float32 with autocast off, so the loss is the same under AMP.
 import torch
 import torch.nn.functional as F
 
-from .config import DEFAULTS, ConfigError, is_number
+from .config import CHOICES, DEFAULTS, ConfigError, is_number
 from .mask_losses import MaskClassificationLoss
 
 TERMS = ('ce', 'dice', 'lovasz')
@@ -65,19 +65,29 @@ def cross_entropy(
     return (nll * weight).sum() / weight.sum().clamp(min=torch.finfo(weight.dtype).tiny)
 
 
-def dice_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """V-Net Dice on softmax probabilities (mmseg's DiceLoss with smooth 1, exponent 2): per image and
-    class, 1 - (2 sum(p t) + smooth) / (sum(p^2) + sum(t^2) + smooth) with one-hot targets t, then
-    the mean over images and classes. Sums run over valid pixels only."""
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, style: str = 'mmseg') -> torch.Tensor:
+    """Soft Dice on softmax probabilities p with one-hot targets t, summed over valid pixels only.
+
+    'mmseg': V-Net Dice as mmseg's DiceLoss (smooth 1, exponent 2): per image and class,
+    1 - (2 sum(p t) + 1) / (sum(p^2) + sum(t^2) + 1), then the mean over images and classes.
+    'smp': segmentation_models_pytorch's DiceLoss (multiclass): per class over the whole batch,
+    1 - 2 sum(p t) / (sum(p) + sum(t)), zero for classes absent from the batch's labels, then the
+    mean over all classes. Linear in p and pooled over the batch, it tracks the IoU the val set is
+    scored by more closely than per-image Dice does.
+    """
     batch, num_classes = logits.shape[:2]
     probs = logits.softmax(dim=1) * valid.unsqueeze(1)
     true_prob = probs.gather(1, target.unsqueeze(1)).flatten(1)
-    # sum(p t) and sum(t^2) per class, without materialising the one-hot target.
+    # sum(p t) and sum(t) (= sum(t^2)) per image and class, without materialising the one-hot target.
     target = target.flatten(1)
     intersection = probs.new_zeros(batch, num_classes).scatter_add_(1, target, true_prob)
     target_area = probs.new_zeros(batch, num_classes).scatter_add_(1, target, valid.flatten(1).float())
-    prob_area = probs.pow(2).sum(dim=(2, 3))
-    return (1 - (2 * intersection + smooth) / (prob_area + target_area + smooth)).mean()
+    if style == 'mmseg':
+        prob_area = probs.pow(2).sum(dim=(2, 3))
+        return (1 - (2 * intersection + 1) / (prob_area + target_area + 1)).mean()
+    intersection, target_area = intersection.sum(0), target_area.sum(0)
+    score = 2 * intersection / (probs.sum(dim=(0, 2, 3)) + target_area).clamp(min=1e-7)
+    return ((1 - score) * (target_area > 0)).mean()
 
 
 def lovasz_softmax(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -123,6 +133,7 @@ class SegmentationLoss:
         )
         self.ohem = None if cfg['ohem'] is None else {**OHEM_DEFAULTS, **cfg['ohem']}
         self.avg_non_ignore = cfg['avg_non_ignore']
+        self.dice_style = cfg['dice_style']
         self.mask_classification = MaskClassificationLoss(ignore_index)
 
     def __call__(self, outputs, labels: torch.Tensor) -> torch.Tensor:
@@ -159,7 +170,7 @@ class SegmentationLoss:
                     logits, target, valid, self.class_weight_on(logits), self.ohem, self.avg_non_ignore
                 )
             if 'dice' in self.weights:
-                terms['dice'] = dice_loss(logits, target, valid)
+                terms['dice'] = dice_loss(logits, target, valid, self.dice_style)
             if 'lovasz' in self.weights:
                 terms['lovasz'] = lovasz_softmax(logits, target, valid)
             return terms
@@ -183,6 +194,9 @@ def check_loss_config(loss_cfg: dict, num_classes: int = None) -> dict:
             raise ConfigError(f"unknown key 'train.loss.{key}' (valid: {', '.join(DEFAULTS['train']['loss'])})")
         if key in TERMS and not (is_number(value) and value >= 0):
             raise ConfigError(f"'train.loss.{key}' must be a weight >= 0, got {value!r}")
+    dice_styles = CHOICES['train.loss.dice_style']
+    if loss_cfg.get('dice_style', DEFAULTS['train']['loss']['dice_style']) not in dice_styles:
+        raise ConfigError(f"'train.loss.dice_style' must be one of {list(dice_styles)}, got {loss_cfg['dice_style']!r}")
     if not any(loss_cfg.get(name, DEFAULTS['train']['loss'][name]) for name in TERMS):
         raise ConfigError(f'train.loss: at least one of {", ".join(TERMS)} must have a weight > 0')
     class_weight = loss_cfg.get('class_weight')

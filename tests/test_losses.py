@@ -51,9 +51,11 @@ def test_logits_are_upsampled_bilinearly_to_the_label_size():
     assert loss_of(logits, labels) == pytest.approx(F.cross_entropy(upsampled, labels).item(), rel=1e-6)
 
 
-def test_a_batch_of_ignored_pixels_gives_zero_not_nan():
+@pytest.mark.parametrize('dice_style', ['mmseg', 'smp'])
+def test_a_batch_of_ignored_pixels_gives_zero_not_nan(dice_style):
     logits = torch.randn(1, 3, 4, 4, requires_grad=True)
-    loss = SegmentationLoss(IGNORE, {'dice': 1.0, 'lovasz': 1.0})(logits, torch.full((1, 4, 4), IGNORE))
+    cfg = {'dice': 1.0, 'dice_style': dice_style, 'lovasz': 1.0}
+    loss = SegmentationLoss(IGNORE, cfg)(logits, torch.full((1, 4, 4), IGNORE))
     loss.backward()
     assert loss.item() == 0 and torch.all(logits.grad == 0)
 
@@ -126,6 +128,25 @@ def test_dice_of_a_perfect_prediction_is_zero():
     assert loss_of(logits, labels, ce=0, dice=1) == pytest.approx(0, abs=1e-6)
 
 
+def test_smp_dice_by_hand_pools_the_batch_and_skips_absent_classes():
+    # Two images of two pixels, 3 classes; class 2 appears in no label, so it adds 0 to the mean.
+    # Class 0 (labels of pixels 1, 3): sum(p t) = 0.5 + 0.25, sum(p) = 0.5 + 0.5 + 0.25 + 0.25, sum(t) = 2.
+    # Class 1 (pixels 2, 4): sum(p t) = 0.25 + 0.5, sum(p) = 1.25, sum(t) = 2: 1 - 1.5 / 3.25.
+    probs = torch.tensor([[[0.5, 0.5], [0.25, 0.25], [0.25, 0.25]], [[0.25, 0.25], [0.25, 0.5], [0.5, 0.25]]])
+    logits = probs.log().view(2, 3, 1, 2)
+    labels = torch.tensor([[0, 1], [0, 1]]).view(2, 1, 2)
+    expected = ((1 - 1.5 / 3.5) + (1 - 1.5 / 3.25)) / 3
+    assert loss_of(logits, labels, ce=0, dice=1, dice_style='smp') == pytest.approx(expected, rel=1e-5)
+
+
+def test_smp_dice_equals_segmentation_models_pytorch():
+    smp = pytest.importorskip('segmentation_models_pytorch')
+    logits, labels = random_batch(classes=5)
+    labels[labels == 3] = 4  # one class absent from the batch
+    reference = smp.losses.DiceLoss('multiclass', from_logits=True, ignore_index=IGNORE)(logits, labels)
+    assert loss_of(logits, labels, ce=0, dice=1, dice_style='smp') == pytest.approx(reference.item(), rel=1e-5)
+
+
 # ------------------------------------------------------------------------------------------- Lovász
 
 
@@ -175,10 +196,19 @@ def test_aux_head_gets_the_same_sum_times_its_weight():
     assert terms.keys() == {'loss', 'ce', 'dice', 'aux_ce', 'aux_dice'}
 
 
-@pytest.mark.parametrize('term', ['ce', 'ohem', 'dice', 'lovasz'])
-def test_ignored_pixels_do_not_affect_any_term(term):
+@pytest.mark.parametrize(
+    'cfg',
+    [
+        {'ce': 1.0},
+        {'ce': 1.0, 'ohem': {'thresh': 0.7, 'min_kept': 5}},
+        {'ce': 0.0, 'dice': 1.0},
+        {'ce': 0.0, 'dice': 1.0, 'dice_style': 'smp'},
+        {'ce': 0.0, 'lovasz': 1.0},
+    ],
+    ids=['ce', 'ohem', 'dice', 'smp_dice', 'lovasz'],
+)
+def test_ignored_pixels_do_not_affect_any_term(cfg):
     logits, labels = random_batch()
-    cfg = {'ce': 1.0, 'ohem': {'thresh': 0.7, 'min_kept': 5}} if term == 'ohem' else {'ce': 0.0, term: 1.0}
     changed = logits.clone()
     changed[(labels == IGNORE).unsqueeze(1).expand_as(logits)] = 50 * torch.randn(int((labels == IGNORE).sum()) * 4)
     assert loss_of(changed, labels, **cfg) == pytest.approx(loss_of(logits, labels, **cfg), rel=1e-6)
@@ -218,6 +248,7 @@ def test_low_precision_logits_and_autocast_compute_in_float32():
         ({'ohem': {}, 'ce': 0, 'dice': 1}, 'train.loss.ce'),
         ({'focal': 1.0}, 'train.loss.focal'),
         ({'dice': -1}, 'train.loss.dice'),
+        ({'dice': 1, 'dice_style': 'vnet'}, 'train.loss.dice_style'),
         ({'ce': 0}, 'at least one of'),
         ({'class_weight': 'balanced'}, 'train.loss.class_weight'),
     ],
