@@ -49,7 +49,15 @@ SMP_PIPELINE = yaml.safe_load((ROOT / 'configs' / 'camvid.yaml').read_text())['d
 ROWS = {  # name -> (the change, its overrides of --config)
     'base': ('none: the base config', []),
     'ce_dice': ('loss: weighted CE + Dice', ['train.loss.dice=1.0']),
+    'ce_dice_smp': (
+        "loss: weighted CE + SMP's Dice (pooled over the batch)",
+        ['train.loss.dice=1.0', 'train.loss.dice_style=smp'],
+    ),
     'dice': ('loss: Dice only', ['train.loss.ce=0', 'train.loss.dice=1.0']),
+    'dice_smp': (
+        "loss: SMP's Dice only (the peer's)",
+        ['train.loss.ce=0', 'train.loss.dice=1.0', 'train.loss.dice_style=smp'],
+    ),
     'lovasz': ('loss: Lovász-Softmax only', ['train.loss.ce=0', 'train.loss.lovasz=1.0']),
     'ohem': (
         'loss: weighted CE with OHEM (p < 0.7, ≥ 12500 pixels per crop)',
