@@ -72,8 +72,7 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, s
     1 - (2 sum(p t) + 1) / (sum(p^2) + sum(t^2) + 1), then the mean over images and classes.
     'smp': segmentation_models_pytorch's DiceLoss (multiclass): per class over the whole batch,
     1 - 2 sum(p t) / (sum(p) + sum(t)), zero for classes absent from the batch's labels, then the
-    mean over all classes. Linear in p and pooled over the batch, it tracks the IoU the val set is
-    scored by more closely than per-image Dice does.
+    mean over all classes: pooled over the batch, as mIoU pools its counts over the val set.
     """
     batch, num_classes = logits.shape[:2]
     probs = logits.softmax(dim=1) * valid.unsqueeze(1)
