@@ -22,8 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'benchmarks'))
@@ -31,7 +29,7 @@ sys.path.insert(0, str(ROOT / 'benchmarks'))
 from ablation import is_finished, resumable_run, say, train_process, validation_curve  # noqa: E402
 
 from engine.cli import ArgumentParser, number, run_cli  # noqa: E402
-from engine.config import ConfigError  # noqa: E402
+from engine.config import ConfigError, read_yaml  # noqa: E402
 from engine.rules import load_config  # noqa: E402
 
 DEFAULT_CONFIG = 'configs/camvid_deeplabv3plus.yaml'
@@ -45,7 +43,7 @@ STRONG_PIPELINE = [  # twice the scale range and stronger colour jitter than the
     {'type': 'photometric', 'brightness_delta': 48, 'contrast_range': [0.4, 1.6], 'saturation_range': [0.4, 1.6]},
     {'type': 'pad', 'size': [256, 256]},
 ]
-SMP_PIPELINE = yaml.safe_load((ROOT / 'configs' / 'camvid.yaml').read_text())['data']['train']['pipeline']
+SMP_PIPELINE = read_yaml(ROOT / 'configs' / 'camvid.yaml')['data']['train']['pipeline']
 ROWS = {  # name -> (the change, its overrides of --config)
     'base': ('none: the base config', []),
     'ce_dice': ('loss: weighted CE + Dice', ['train.loss.dice=1.0']),
