@@ -16,6 +16,7 @@ from engine.config import ConfigError
 from engine.rules import load_config
 
 GUIDE = sorted((SHARED / 'seeds').glob('004_*'))
+DEEPLAB_CAMVID = ROOT / 'configs' / 'camvid_deeplabv3plus.yaml'  # a config with DeepLabV3+-only head keys
 
 DATA = """
 data:
@@ -120,20 +121,19 @@ def test_proj_dim_is_the_heads_width(tmp_path):
 def test_changing_a_section_type_drops_the_keys_the_new_type_does_not_take():
     """camvid_deeplabv3plus.yaml's DeepLabV3+ keys (dilations, c1_channels) do not follow the head to SegFormer;
     the keys the new head takes (channels, dropout, offset_learning) do."""
-    cfg = load_config(ROOT / 'configs' / 'camvid_deeplabv3plus.yaml', ['head.type=segformer'])
+    cfg = load_config(DEEPLAB_CAMVID, ['head.type=segformer'])
     assert 'dilations' not in cfg['head'] and cfg['head']['type'] == 'segformer'
-    kept = load_config(ROOT / 'configs' / 'camvid_deeplabv3plus.yaml')['head']
+    kept = load_config(DEEPLAB_CAMVID)['head']
     assert {k: v for k, v in kept.items() if k in ('channels', 'dropout', 'offset_learning')} == {
         k: v for k, v in cfg['head'].items() if k != 'type'
     }
-    swapped = load_config(ROOT / 'configs' / 'camvid_deeplabv3plus.yaml', ['backbone.type=mit', 'backbone.variant=b0'])
+    swapped = load_config(DEEPLAB_CAMVID, ['backbone.type=mit', 'backbone.variant=b0'])
     assert swapped['backbone'] == {'type': 'mit', 'variant': 'b0', 'pretrained': None}
 
 
 def test_delete_replaces_a_section_instead_of_merging_into_it(tmp_path):
     child = tmp_path / 'child.yaml'
-    base = ROOT / 'configs' / 'camvid_deeplabv3plus.yaml'
-    child.write_text(f'_base_: {base}\nhead: {{_delete_: true, type: aspp}}\n')
+    child.write_text(f'_base_: {DEEPLAB_CAMVID}\nhead: {{_delete_: true, type: aspp}}\n')
     assert load_config(child)['head'] == {'type': 'aspp'}
 
 
