@@ -3,6 +3,8 @@
 timm's ResNet exposes 5 feature levels (the stem first), so the four stages are out_indices 1..4.
 `output_stride` 8 or 16 dilates the last stages (DeepLab "D8"/"D16"); the deep-stem variants
 `50c`/`101c` are mmseg's ResNetV1c, `50d`/`101d` add average-pool shortcuts.
+`zero_init_last` is timm's: the last BatchNorm of every block starts at zero, so each block starts
+as its shortcut. It only matters from random weights; torchvision (and SMP's encoders) start at one.
 """
 
 from typing import NamedTuple
@@ -23,6 +25,7 @@ class ResNet(nn.Module):
         output_stride: int = 32,
         drop_path_rate: float = 0.0,
         checkpointing: bool = False,
+        zero_init_last: bool = True,
     ):
         super().__init__()
         spec = lookup('ResNet', VARIANTS, str(variant))
@@ -35,6 +38,7 @@ class ResNet(nn.Module):
             out_indices=(1, 2, 3, 4),
             output_stride=output_stride,
             drop_path_rate=drop_path_rate,
+            zero_init_last=zero_init_last,
         )
         self.body.set_grad_checkpointing(checkpointing)
         self.out_channels = self.body.feature_info.channels()
