@@ -8,7 +8,8 @@ Every row is a train.py run of --config (default configs/camvid_deeplabv3plus.ya
 study started from) with the row's overrides and nothing else changed: same data, crops, batch and
 seed, --iters iterations of which the first eighteenth warm up (100 of 1800), validated on the whole val set
 at a third, two thirds and the end. The rows cover the loss, the augmentation, the optimizer and its
-learning rate, the schedule, the output stride and the decoder; ROWS names them with the change.
+learning rate, the schedule, the output stride, the decoder and the initialisation; ROWS names them with
+the change.
 
 Runs live in <out>/<row> (`--resume auto`: a rerun skips finished rows and continues stopped ones).
 The table (printed and written to <out>/recipes.md and recipes.json) gives, per row, the change, the
@@ -63,6 +64,10 @@ ROWS = {  # name -> (the change, its overrides of --config)
     ),
     'ce_unweighted': ('loss: CE without class weights', ['train.loss.class_weight=null']),
     'fpn': ('decoder: FPN head, output stride 32', ['head={_delete_: true, type: fpn}', 'backbone.output_stride=32']),
+    'init_one': (
+        "init: every residual block's last BatchNorm starts at one (torchvision's, SMP's), not zero (timm's)",
+        ['backbone.zero_init_last=false'],
+    ),
     'os8': (
         'output stride 8 (ASPP dilations 1, 12, 24, 36)',
         ['backbone.output_stride=8', 'head.dilations=[1, 12, 24, 36]'],
