@@ -130,15 +130,17 @@ def test_resnet_parameter_counts_match_timm_plus_classifier(variant):
     assert abs((count(backbone) + classifier) / 1e6 - RESNET_FULL_PARAMS_M[variant]) < 0.005
 
 
-
 @pytest.mark.parametrize('zero_init_last, start', [(True, 0.0), (False, 1.0)])
 def test_resnet_zero_init_last_sets_where_every_block_starts(tmp_path, zero_init_last, start):
     """timm's default starts each block's last BatchNorm at zero; `zero_init_last: false` at one, as
     torchvision's ResNet (SMP's encoder) does."""
-    backbone = create_backbone(yaml_config(tmp_path, {'type': 'resnet', 'variant': 18, 'zero_init_last': zero_init_last}))
+    backbone = create_backbone(
+        yaml_config(tmp_path, {'type': 'resnet', 'variant': 18, 'zero_init_last': zero_init_last})
+    )
     last_norms = [block.bn2.weight for stage in (1, 2, 3, 4) for block in getattr(backbone.body, f'layer{stage}')]
     assert all(torch.equal(weight, torch.full_like(weight, start)) for weight in last_norms)
     assert torch.equal(backbone.body.bn1.weight, torch.ones_like(backbone.body.bn1.weight))
+
 
 # --- forward shapes -----------------------------------------------------------------------------
 
