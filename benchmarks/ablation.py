@@ -265,14 +265,16 @@ def resumable_run(config: str, work_dir: Path, device: str, overrides: list) -> 
     return [*run, '--set', *overrides] if overrides else run  # --set takes one value at least
 
 
-VALIDATION_LINE = re.compile(r'iter (\d+): mIoU ([\d.]+)')
+VALIDATION_LINE = re.compile(r'iter (\d+)( \(EMA\))?: mIoU ([\d.]+)')
 
 
-def validation_curve(work_dir: Path) -> dict:
-    """{iteration: val mIoU} from a train.py run's train.log ({} without one); the last value of each
-    iteration, so a resumed run counts once."""
+def validation_curve(work_dir: Path, ema: bool = False) -> dict:
+    """{iteration: val mIoU} of the model (`ema`: of its moving average) from a train.py run's train.log
+    ({} without one); the last value of each iteration, so a resumed run counts once."""
     log = work_dir / 'train.log'
-    return {int(i): float(m) for i, m in VALIDATION_LINE.findall(log.read_text())} if log.is_file() else {}
+    if not log.is_file():
+        return {}
+    return {int(i): float(m) for i, tag, m in VALIDATION_LINE.findall(log.read_text()) if bool(tag) == ema}
 
 
 def train_process(work_dir: Path, arguments: list) -> bool:

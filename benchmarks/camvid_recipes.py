@@ -9,13 +9,22 @@ study started from) with the row's overrides and nothing else changed: same data
 seed, --iters iterations of which the first eighteenth warm up (100 of 1800), validated on the whole val set
 at a third, two thirds and the end. The rows cover the loss, the augmentation, the optimizer and its
 learning rate, the schedule, the output stride, the decoder and the initialisation; ROWS names them with
-the change.
+the change. Rows compose with '+': `--rows base aug_mmseg+peer_optim` runs one row with both changes.
+
+The full-budget study behind configs/camvid.yaml (its winning row, `dice_smp+aug_mmseg+cosine`) starts
+from the previous recipe and validates the moving average of the weights beside the raw ones; a seed
+is one more --set (and its own --out):
+
+    python benchmarks/camvid_recipes.py --config configs/camvid_fpn_smp_aug.yaml --iters 1800 \
+        --set train.ema_decay=0.995 train.seed=0 --out work_dirs/camvid_study/seed0 \
+        --rows base aug_mmseg dice_smp+aug_mmseg dice_smp+aug_mmseg+cosine
 
 Runs live in <out>/<row> (`--resume auto`: a rerun skips finished rows and continues stopped ones).
 The table (printed and written to <out>/recipes.md and recipes.json) gives, per row, the change, the
 val mIoU at each validation point, the final difference to the base row, and the run's wall time.
 """
 
+import argparse
 import json
 import re
 import sys
@@ -44,7 +53,8 @@ STRONG_PIPELINE = [  # twice the scale range and stronger colour jitter than the
     {'type': 'photometric', 'brightness_delta': 48, 'contrast_range': [0.4, 1.6], 'saturation_range': [0.4, 1.6]},
     {'type': 'pad', 'size': [256, 256]},
 ]
-SMP_PIPELINE = read_yaml(ROOT / 'configs' / 'camvid.yaml')['data']['train']['pipeline']
+SMP_PIPELINE = read_yaml(ROOT / 'configs' / 'camvid_fpn_smp_aug.yaml')['data']['train']['pipeline']
+MMSEG_PIPELINE = read_yaml(ROOT / 'configs' / '_base_' / 'datasets' / 'camvid.yaml')['data']['train']['pipeline']
 ROWS = {  # name -> (the change, its overrides of --config)
     'base': ('none: the base config', []),
     'ce_dice': ('loss: weighted CE + Dice', ['train.loss.dice=1.0']),
@@ -76,12 +86,36 @@ ROWS = {  # name -> (the change, its overrides of --config)
         "optimizer: Adam lr 2e-4, no weight decay (the peer's)",
         ['train.optimizer={type: adamw, lr: 0.0002, weight_decay: 0}'],
     ),
+    'peer_optim': (
+        "optimizer: Adam lr 2e-4, no weight decay, cosine to 1e-5 without warm-up (the peer's)",
+        [
+            'train.optimizer={type: adamw, lr: 0.0002, weight_decay: 0}',
+            'train.schedule={type: cosine, min_lr: 0.05, warmup_iters: 0}',
+        ],
+    ),
+    'sgd': (
+        'optimizer: SGD lr 0.01, momentum 0.9, weight decay 5e-4 (mmseg)',
+        ['train.optimizer={type: sgd, lr: 0.01, momentum: 0.9, weight_decay: 0.0005}'],
+    ),
+    'lr_5e-4': ('optimizer: AdamW lr 5e-4', ['train.optimizer.lr=0.0005']),
+    'lr_2e-3': ('optimizer: AdamW lr 2e-3', ['train.optimizer.lr=0.002']),
     'lr_3e-3': ('optimizer: AdamW lr 3e-3', ['train.optimizer.lr=0.003']),
     'cosine': ('schedule: cosine instead of poly 0.9', ['train.schedule.type=cosine']),
     'aug_strong': (
         'augmentation: scale x U[0.5, 2], stronger colour jitter',
         ['data.train.pipeline=' + json.dumps(STRONG_PIPELINE)],
     ),
+    'aug_mmseg': (
+        "augmentation: mmseg's (rescale x U[0.5, 1.5], crop, flip, photometric distortion)",
+        ['data.train.pipeline=' + json.dumps(MMSEG_PIPELINE)],
+    ),
+    'head_bn': ('decoder: BatchNorm in the head', ['head.norm=bn']),
+    'aux': (
+        'decoder: an auxiliary FCN head on the stride-16 features (loss weight 0.4)',
+        ['aux_head={type: fcn, in_index: 2, channels: 256, loss_weight: 0.4}'],
+    ),
+    'os16': ('output stride 16 (the last stage dilated)', ['backbone.output_stride=16']),
+    'r34': ('backbone: ResNet-34', ['backbone.variant=34']),
     'aug_smp': (
         "augmentation: SMP's CamVid example (albumentations: shift-scale, perspective, noise, blur, colour)",
         ['data.train.pipeline=' + json.dumps(SMP_PIPELINE)],
@@ -93,7 +127,9 @@ STAMP = re.compile(r'^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)  ', re.MULTILINE)
 def parse_args(argv=None):
     parser = ArgumentParser(__doc__)
     parser.add_argument('--config', default=DEFAULT_CONFIG, help=f'the base row (default: {DEFAULT_CONFIG})')
-    parser.add_argument('--rows', nargs='+', choices=list(ROWS), default=list(ROWS), help='(default: all)')
+    parser.add_argument(
+        '--rows', nargs='+', type=row_name, default=list(ROWS), help="rows, or rows joined by '+' (default: all)"
+    )
     parser.add_argument(
         '--iters', type=number(int, 1), default=DEFAULT_ITERS, help=f'iterations per run (default: {DEFAULT_ITERS})'
     )
@@ -105,6 +141,20 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def row_name(text: str) -> str:
+    """An argparse `type`: a row of ROWS, or rows joined by '+' (their changes applied in that order)."""
+    unknown = [part for part in text.split('+') if part not in ROWS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f'unknown row {unknown[0]!r} (rows: {", ".join(ROWS)})')
+    return text
+
+
+def row_change(row: str) -> tuple:
+    """(the change in words, its overrides) of a row or of rows joined by '+'."""
+    parts = [ROWS[part] for part in row.split('+')]
+    return '; '.join(change for change, _ in parts), [override for _, overrides in parts for override in overrides]
+
+
 def row_overrides(row: str, args) -> list:
     """The budget (iterations, warm-up, validation points), the row's change, then the user's overrides."""
     budget = [
@@ -112,7 +162,7 @@ def row_overrides(row: str, args) -> list:
         f'train.val_interval={max(1, args.iters // VALIDATIONS)}',
         f'train.schedule.warmup_iters={args.iters // WARMUP_FRACTION}',
     ]
-    return [*budget, *ROWS[row][1], *args.set]
+    return [*budget, *row_change(row)[1], *args.set]
 
 
 def train_arguments(row: str, args) -> list:
@@ -153,26 +203,34 @@ def report(args) -> list:
     base_final = validation_curve(args.out / 'base').get(args.iters)
     rows = []
     for row in args.rows:
-        scores = validation_curve(args.out / row)
+        scores, averaged = validation_curve(args.out / row), validation_curve(args.out / row, ema=True)
         final = scores.get(args.iters)
         difference = None if final is None or base_final is None else final - base_final
         rows.append(
             {
                 'row': row,
-                'change': ROWS[row][0],
-                'overrides': ROWS[row][1],
+                'change': row_change(row)[0],
+                'overrides': row_change(row)[1],
                 'miou': {p: scores.get(p) for p in points},
+                'miou_ema': {p: averaged.get(p) for p in points},
                 'difference': difference,
                 'minutes': minutes(args.out / row),
             }
         )
     cell = lambda value, form: '' if value is None else format(value, form)  # noqa: E731
+    with_ema = any(value is not None for r in rows for value in r['miou_ema'].values())
+
+    def at(r: dict, p: int) -> str:
+        raw = cell(r['miou'][p], '.2f')
+        return f'{raw} / {cell(r["miou_ema"][p], ".2f")}' if with_ema else raw
+
+    heading = ' | '.join(f'iter {p}' + (' (raw / EMA)' if with_ema else '') for p in points)
     lines = [
-        f'| row | change from {args.config} | ' + ' | '.join(f'iter {p}' for p in points) + ' | final − base | min |',
+        f'| row | change from {args.config} | {heading} | final − base | min |',
         '|---|---|' + '---|' * (len(points) + 2),
     ]
     for r in rows:
-        scores = ' | '.join(cell(r['miou'][p], '.2f') for p in points)
+        scores = ' | '.join(at(r, p) for p in points)
         lines.append(
             f'| `{r["row"]}` | {r["change"]} | {scores} | {cell(r["difference"], "+.2f")} | '
             f'{cell(r["minutes"], ".0f")} |'
