@@ -22,8 +22,10 @@ The peer's curve is kept in <out>/peer.json with what it was trained on (data, b
 and reused while those match, so trying a new recipe of ours does not retrain the peer.
 
 Ours is a train.py run of --config: the val mIoU of each validation read from --ours (a run's folder,
-its train.log), or trained here into <out>/ours (`--resume auto`). Printed: both curves, ours − peer
-and ours / peer at each validation point, and both wall times; written to <out>/peer_smp_camvid.json.
+its train.log), or trained here into <out>/ours (`--resume auto`); where the run keeps a moving average
+of its weights (train.ema_decay), that average is what the recipe delivers and what is compared.
+Printed: both curves, ours − peer and ours / peer at each validation point, and both wall times;
+written to <out>/peer_smp_camvid.json.
 """
 
 import json
@@ -204,16 +206,18 @@ def peer_curve(cfg: dict, seed: int, device: torch.device, cache: Path) -> tuple
 # -------------------------------------------------------------------------------------------- ours
 
 
-def our_curve(work_dir: Path) -> list:
-    """[(iteration, val mIoU)] of a train.py run, from its train.log (the last value of each iteration,
-    so a resumed run counts once)."""
+def our_curve(work_dir: Path) -> tuple:
+    """([(iteration, val mIoU)], what was scored) of a train.py run, from its train.log: the weights the
+    recipe delivers, i.e. the moving average where the run kept one (train.ema_decay), else the model.
+    The last value of each iteration counts, so a resumed run counts once."""
     log = work_dir / 'train.log'
     if not log.is_file():
         raise ConfigError(f'--ours {work_dir}: no train.log there (a train.py run folder is expected)')
-    points = validation_curve(work_dir)
+    averaged = validation_curve(work_dir, ema=True)
+    points = averaged or validation_curve(work_dir)
     if not points:
         raise ConfigError(f'{log}: no validation line ("iter N: mIoU X") yet')
-    return sorted(points.items())
+    return sorted(points.items()), 'moving average of the weights' if averaged else 'weights'
 
 
 def train_ours(args, work_dir: Path) -> None:
@@ -223,10 +227,11 @@ def train_ours(args, work_dir: Path) -> None:
 # ------------------------------------------------------------------------------------------ report
 
 
-def report(peer: list, ours: list, seconds: dict) -> list:
+def report(peer: list, ours: list, scored: str, seconds: dict) -> list:
     """Rows at the validation points both curves have: iteration, peer, ours, ours − peer, ours / peer."""
     ours_at = dict(ours)
     rows = [(i, p, ours_at[i], ours_at[i] - p, ours_at[i] / p if p else float('nan')) for i, p in peer if i in ours_at]
+    print(f'this repo: val mIoU of the {scored}')
     print('| iteration | SMP FPN-ResNet18 (peer) | this repo | ours − peer | ours / peer |\n|---|---|---|---|---|')
     for iteration, p, o, difference, ratio in rows:
         print(f'| {iteration} | {p:.2f} | {o:.2f} | {difference:+.2f} | {ratio:.2f} |')
@@ -247,13 +252,14 @@ def main(argv=None) -> dict:
         start = time.perf_counter()
         train_ours(args, ours_dir)
         seconds['ours'] = time.perf_counter() - start
-    ours = our_curve(ours_dir)
-    rows = report(peer, ours, seconds)
+    ours, scored = our_curve(ours_dir)
+    rows = report(peer, ours, scored, seconds)
     result = {
         'config': args.config,
         'set': args.set,
         'peer': peer,
         'ours': ours,
+        'ours_scored': scored,
         'ours_dir': str(ours_dir),
         'rows': rows,
         'seconds': seconds,

@@ -21,10 +21,14 @@ SMALL_VAL = 'data.val.pipeline=[{type: resize, scale: [64, 64], keep_ratio: fals
 def test_peer_and_ours_are_scored_at_the_same_validation_points(tmp_path, capsys):
     config = tmp_path / 'tiny.yaml'
     config.write_text(textwrap.dedent(TINY.format(root=tmp_path / 'demo')))
-    budget = ['train.max_iters=2', 'train.val_interval=1', 'train.log_interval=1', SMALL_VAL]
+    budget = ['train.max_iters=2', 'train.val_interval=1', 'train.log_interval=1', 'train.ema_decay=0.5', SMALL_VAL]
     result = peer_smp_camvid.main(['--config', str(config), '--out', str(tmp_path / 'out'), '--device', 'cpu',
                                    '--set', *budget])  # fmt: skip
     assert [i for i, _ in result['peer']] == [1, 2] and [i for i, _ in result['ours']] == [1, 2]
+    # The run kept a moving average of its weights: that is what the recipe delivers and what is compared.
+    ours_log = (tmp_path / 'out' / 'ours' / 'train.log').read_text()
+    assert result['ours_scored'] == 'moving average of the weights'
+    assert all(f'iter {i} (EMA): mIoU {miou:.2f}' in ours_log for i, miou in result['ours'])
     for iteration, peer, ours, difference, ratio in result['rows']:
         assert 0 <= peer <= 100 and 0 <= ours <= 100 and difference == pytest.approx(ours - peer)
     printed = capsys.readouterr().out
@@ -39,7 +43,7 @@ def test_a_config_without_a_random_crop_is_refused():
 
 
 def test_the_peer_crops_as_an_albumentations_pipeline_does():
-    cfg = load_config(ROOT / 'configs' / 'camvid.yaml')
+    cfg = load_config(ROOT / 'configs' / 'camvid_fpn_smp_aug.yaml')
     assert cfg['data']['train']['pipeline'][0]['type'] == 'albumentations'
     assert peer_smp_camvid.crop_size(cfg) == (256, 256)
 
