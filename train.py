@@ -291,14 +291,21 @@ def fit(args, cfg: dict, run: Run, log: Logger) -> None:
 
 
 def closing_line(state: TrainState, work_dir: Path) -> str:
-    """What the run leaves behind, naming only checkpoints that were written."""
-    best = state.best['model']
-    if best.iteration:
-        return f'done: best mIoU {best.miou:.2f} at iteration {best.iteration}; checkpoint {work_dir / "best.pth"}'
-    return (
-        f'done: no validation gave an mIoU (no valid label pixel in the validation set?), so no best.pth; '
-        f'last checkpoint {work_dir / "last.pth"}'
-    )
+    """What the run leaves behind, naming only checkpoints that were written: the best model and, where
+    the run keeps one, the best moving average of its weights."""
+    best, averaged = state.best['model'], state.best['ema']
+    if not best.iteration:
+        return (
+            f'done: no validation gave an mIoU (no valid label pixel in the validation set?), so no best.pth; '
+            f'last checkpoint {work_dir / "last.pth"}'
+        )
+    line = f'done: best mIoU {best.miou:.2f} at iteration {best.iteration}; checkpoint {work_dir / "best.pth"}'
+    if averaged.iteration:
+        line += (
+            f'\nmoving average of the weights: best mIoU {averaged.miou:.2f} at iteration {averaged.iteration}; '
+            f'checkpoint {work_dir / "best_ema.pth"}'
+        )
+    return line
 
 
 if __name__ == '__main__':

@@ -222,6 +222,9 @@ def test_fine_tuning_with_load_from_and_an_ema(run, tmp_path):
     assert re.search(rf'loaded (\d+)/\1 tensors from {re.escape(str(run / "work" / "best.pth"))}', log)
     assert 'keys' not in log  # everything fitted
     assert 'iter 2 (EMA): mIoU' in log
+    averaged = re.search(r'moving average of the weights: best mIoU ([\d.]+) at iteration (\d+); checkpoint (\S+)', log)
+    assert averaged and averaged[3] == str(work / 'best_ema.pth')
+    assert float(averaged[1]) == pytest.approx(load_checkpoint(work / 'best_ema.pth')['miou'], abs=0.005)
     assert sorted(p.name for p in work.glob('*.pth')) == ['best.pth', 'best_ema.pth', 'iter_000002.pth', 'last.pth']
     checkpoint = load_checkpoint(work / 'last.pth')
     ema = load_checkpoint(work / 'best_ema.pth')['model']
