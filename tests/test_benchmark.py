@@ -1,4 +1,4 @@
-"""tools/benchmark.py: sizes of every config, GMACs against the published counts, the CLI's outputs."""
+"""tools/benchmark.py: sizes of every model, GMACs against the published counts, the CLI's outputs."""
 
 import json
 from pathlib import Path
@@ -8,6 +8,7 @@ import torch
 
 from conftest import ROOT, published_offset_learning_forward
 from engine.config import ConfigError
+from engine.rules import load_config
 from tools import benchmark
 from train import create_model
 
@@ -28,18 +29,36 @@ def run(tmp_path, *argv) -> list:
     return json.loads(path.read_text())
 
 
-def test_every_config_has_params_and_gmacs(tmp_path):
-    results = run(
-        tmp_path, '--all', ROOT / 'configs', '--macs-only', '--size', '64', '64', '--csv', tmp_path / 'results.csv'
-    )
-    assert [Path(r['config']).name for r in results] == [p.name for p in CONFIGS]
+def one_config_per_model(paths: list) -> list:
+    """The first config of each model (backbone, head and auxiliary head sections): a model's dataset
+    variants differ in the class count alone, so counting each of them again tests nothing new (every
+    config is built in test_published_models)."""
+    models = {}
+    for path in paths:
+        cfg = load_config(path, ['backbone.pretrained=null'])
+        models.setdefault(json.dumps([cfg['backbone'], cfg['head'], cfg['aux_head']], sort_keys=True), path)
+    return list(models.values())
+
+
+def test_every_model_has_params_and_gmacs(tmp_path):
+    chosen = one_config_per_model(CONFIGS)
+    assert {'offseg_t.yaml', 'segformer_b0.yaml', 'mask2former_swin_t_ol.yaml'} <= {p.name for p in chosen}
+    results = run(tmp_path, '--all', *chosen, '--macs-only', '--size', '64', '64', '--csv', tmp_path / 'results.csv')
+    assert [Path(r['config']).name for r in results] == [p.name for p in chosen]
     for result in results:
         assert result['params_m'] > 0.1 and result['gmacs'] > 0, result
         is_offseg = 'offseg' in result['model']
         assert (result['gmacs_paper_convention'] is not None) == is_offseg, result
         if is_offseg:
             assert 0 < result['gmacs_paper_convention'] < result['gmacs']
-    assert len((tmp_path / 'results.csv').read_text().splitlines()) == len(CONFIGS) + 1
+    assert len((tmp_path / 'results.csv').read_text().splitlines()) == len(chosen) + 1
+
+
+def test_all_takes_folders_and_glob_patterns_in_the_order_given():
+    camvid = ROOT / 'configs' / 'camvid.yaml'
+    found = benchmark.config_paths([str(camvid), str(ROOT / 'configs'), str(ROOT / 'configs' / 'segformer_b*_ol.yaml')])
+    assert found[0] == camvid and found[1 : len(CONFIGS) + 1] == CONFIGS
+    assert [p.name for p in found[len(CONFIGS) + 1 :]] == [f'segformer_b{i}_ol.yaml' for i in range(6)]
 
 
 @pytest.mark.parametrize('name', ['segformer_b0', 'offseg_t'])
