@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Subset
 
 from datasets.sampler import TrainSampler, shard
@@ -26,7 +25,7 @@ from engine.cli import ArgumentParser, amp_dtype_for, run_cli
 from engine.config import choose, dump_config
 from engine.data import build_dataset
 from engine.losses import SegmentationLoss
-from engine.optim import build_optimizer, build_scheduler
+from engine.optim import build_ema, build_optimizer, build_scheduler
 from engine.rules import load_config, pretrained_file, section_kwargs
 from engine.training import (
     Batches,
@@ -160,11 +159,7 @@ def build_train_state(cfg: dict, run: Run, model: nn.Module) -> tuple:
     optimizer, groups_table = build_optimizer(model, train_cfg['optimizer'], train_cfg['param_groups'])
     scheduler = build_scheduler(optimizer, train_cfg['max_iters'], train_cfg['schedule'])
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp_dtype == torch.float16)
-    ema = (
-        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(train_cfg['ema_decay']), use_buffers=True)
-        if train_cfg['ema_decay']
-        else None
-    )
+    ema = build_ema(model, train_cfg['ema_decay']) if train_cfg['ema_decay'] else None
     return TrainState(cfg, model, optimizer, scheduler, scaler, ema), groups_table
 
 

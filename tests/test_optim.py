@@ -1,5 +1,6 @@
-"""LR schedules against their closed forms, stepped through a real optimizer, and the parameter groups
-of the SegFormer recipe (head lr x10, norms without decay, mmcv's longest-key rule)."""
+"""LR schedules against their closed forms, stepped through a real optimizer, the parameter groups of the
+SegFormer recipe (head lr x10, norms without decay, mmcv's longest-key rule), and the normalised moving
+average of the weights against its closed form."""
 
 import math
 from pathlib import Path
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from engine.config import ConfigError, read_config
-from engine.optim import build_optimizer, build_scheduler, group_rule
+from engine.optim import build_ema, build_optimizer, build_scheduler, group_rule
 from train import create_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
@@ -187,3 +188,29 @@ def test_a_misspelt_rule_is_an_error_not_a_silent_no_op(rules, message):
         build_optimizer(
             torch.nn.Linear(2, 2), {'type': 'adamw', 'lr': 1e-3, 'weight_decay': 0.01, 'betas': [0.9, 0.999]}, rules
         )
+
+
+def test_the_moving_average_is_normalised_and_copies_integer_buffers():
+    """After t updates: sum_k (1 - d) d^(t-k) w_k / (1 - d^t), weights summing to one, so the first
+    (near-random) weights keep no extra mass; BatchNorm's step count is copied."""
+    decay, steps = 0.9, 30
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1), torch.nn.BatchNorm2d(3))
+    ema = build_ema(model, decay)
+    seen = []
+    for _ in range(steps):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model(torch.randn(4, 2, 5, 5))  # moves the BatchNorm statistics and its step count
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        ema.update_parameters(model)
+    averaged = ema.module.state_dict()
+    for key, value in averaged.items():
+        if not value.is_floating_point():
+            assert torch.equal(value, seen[-1][key]), key
+            continue
+        weights = [(1 - decay) * decay ** (steps - k) for k in range(1, steps + 1)]
+        expected = sum(w * state[key].double() for w, state in zip(weights, seen)) / (1 - decay**steps)
+        torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-6)
+    assert sum(weights) / (1 - decay**steps) == pytest.approx(1.0)
