@@ -19,7 +19,10 @@ last iteration), data.mean / data.std and the scoring (engine.evaluation with th
 section: whole val images padded to a multiple of 32, mIoU over the classes, ignore label left out).
 
 The peer's curve is kept in <out>/peer.json with what it was trained on (data, budget, scoring, seed)
-and reused while those match, so trying a new recipe of ours does not retrain the peer.
+and reused while those match, so trying a new recipe of ours does not retrain the peer. A peer run that
+was stopped continues from its last validation point (<out>/peer_state.pth), and ends as the
+uninterrupted run does: the iterations up to each validation point draw their batches and augmentation
+from a stream seeded by (seed, which validation point) alone.
 
 Ours is a train.py run of --config: the val mIoU of each validation read from --ours (a run's folder,
 its train.log), or trained here into <out>/ours (`--resume auto`); where the run keeps a moving average
@@ -28,6 +31,7 @@ Printed: both curves, ours − peer and ours / peer at each validation point, an
 written to <out>/peer_smp_camvid.json.
 """
 
+import itertools
 import json
 import sys
 import time
@@ -45,12 +49,14 @@ from ablation import resumable_run, validation_curve  # noqa: E402
 
 import train  # noqa: E402
 from datasets.transforms import albumentations  # noqa: E402
+from engine.checkpoint import save_checkpoint  # noqa: E402
 from engine.cli import ArgumentParser, number, run_cli  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
 from engine.data import build_dataset  # noqa: E402
 from engine.evaluation import evaluate  # noqa: E402
 from engine.inference import normalize  # noqa: E402
 from engine.rules import load_config  # noqa: E402
+from engine.training import get_rng_state, set_rng_state  # noqa: E402
 
 DEFAULT_CONFIG = 'configs/camvid.yaml'
 
@@ -133,33 +139,58 @@ def reseed_worker(worker_id: int) -> None:
     info.dataset.augmentation.set_random_seed(info.seed % 2**32)
 
 
-def train_peer(cfg: dict, seed: int, device: torch.device, log) -> list:
-    """Train the peer on the config's data and budget; [(iteration, val mIoU)] at its validation points."""
+def stretch_batches(augmented: Augmented, cfg: dict, seed: int, stretch: int, count: int):
+    """`count` training batches of the `stretch`-th run of iterations up to a validation point, in an
+    order and with an augmentation seeded by (seed, stretch) alone: a run resumed at a validation point
+    sees the batches the uninterrupted run sees."""
+    stream = int(np.random.SeedSequence([seed, stretch]).generate_state(1)[0])
+    augmented.augmentation.set_random_seed(stream)
+    workers = cfg['data']['workers']
+    loader = DataLoader(
+        augmented,
+        batch_size=cfg['train']['batch_size'],
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        worker_init_fn=reseed_worker,
+        generator=torch.Generator().manual_seed(stream),
+        persistent_workers=workers > 0,
+    )
+    epochs = (batch for _ in itertools.count() for batch in loader)
+    return itertools.islice(epochs, count)
+
+
+def train_peer(cfg: dict, seed: int, device: torch.device, log, state_path: Path) -> tuple:
+    """Train the peer on the config's data and budget: ([(iteration, val mIoU)] at its validation points,
+    seconds spent). The training state at each validation point is written to `state_path` (atomically)
+    and continued from when a run of the same setting stopped after it."""
     import segmentation_models_pytorch as smp
 
     torch.manual_seed(seed)
     data, train_cfg = cfg['data'], cfg['train']
     train_set, val_set = build_dataset(cfg, 'train'), build_dataset(cfg, 'val')
     augmented = Augmented(train_set, peer_augmentation(crop_size(cfg), data['ignore_index'], seed))
-    loader = DataLoader(
-        augmented,
-        batch_size=train_cfg['batch_size'],
-        shuffle=True,
-        drop_last=True,
-        num_workers=data['workers'],
-        worker_init_fn=reseed_worker,
-        generator=torch.Generator().manual_seed(seed),
-        persistent_workers=data['workers'] > 0,
-    )
     val_loader = DataLoader(val_set, batch_size=1, num_workers=data['workers'])
     model = smp.FPN(encoder_name='resnet18', encoder_weights=None, classes=data['num_classes']).to(device)
     dice = smp.losses.DiceLoss('multiclass', from_logits=True, ignore_index=data['ignore_index'])
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
     iterations, interval = train_cfg['max_iters'], train_cfg['val_interval']
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations, eta_min=1e-5)
-    curve, iteration = [], 0
+    setting = json.dumps(peer_setting(cfg, seed), sort_keys=True)
+    curve, iteration, seconds = [], 0, 0.0
+    if state_path.is_file():
+        state = torch.load(state_path, map_location='cpu', weights_only=True)
+        if state['setting'] == setting:
+            model.load_state_dict(state['model'])
+            optimizer.load_state_dict(state['optimizer'])
+            schedule.load_state_dict(state['schedule'])
+            set_rng_state(state['rng'])
+            curve, iteration, seconds = [tuple(point) for point in state['curve']], state['iteration'], state['seconds']
+            log(f'peer: continuing from iteration {iteration} ({state_path})')
     while iteration < iterations:
-        for images, labels in loader:
+        start = time.perf_counter()
+        count = min(interval, iterations - iteration)
+        for images, labels in stretch_batches(augmented, cfg, seed, iteration // interval, count):
             images, labels = normalize(images.to(device), data['mean'], data['std']), labels.to(device)
             loss = dice(model(images), labels)
             optimizer.zero_grad(set_to_none=True)
@@ -169,14 +200,15 @@ def train_peer(cfg: dict, seed: int, device: torch.device, log) -> list:
             iteration += 1
             if iteration % train_cfg['log_interval'] == 0:
                 log(f'peer iter {iteration}/{iterations}: dice loss {loss.item():.4f}')
-            if iteration % interval == 0 or iteration == iterations:
-                scores = evaluate(model, val_loader, cfg, device, progress=False)
-                curve.append((iteration, scores['mIoU']))
-                log(f'peer iter {iteration}: mIoU {scores["mIoU"]:.2f}')
-                model.train()
-            if iteration == iterations:
-                break
-    return curve
+        scores = evaluate(model, val_loader, cfg, device, progress=False)
+        model.train()
+        curve.append((iteration, scores['mIoU']))
+        seconds += time.perf_counter() - start
+        state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'schedule': schedule.state_dict()}
+        state.update(setting=setting, rng=get_rng_state(), curve=curve, iteration=iteration, seconds=seconds)
+        save_checkpoint(state, state_path)
+        log(f'peer iter {iteration}: mIoU {scores["mIoU"]:.2f}')
+    return curve, seconds
 
 
 def peer_setting(cfg: dict, seed: int) -> dict:
@@ -194,12 +226,12 @@ def peer_curve(cfg: dict, seed: int, device: torch.device, cache: Path) -> tuple
         if saved['setting'] == setting:
             print(f'peer: curve of {cache} reused (same data, budget, scoring and seed)', flush=True)
             return [tuple(point) for point in saved['curve']], saved['seconds']
-    start = time.perf_counter()
-    curve = train_peer(cfg, seed, device, lambda line: print(line, flush=True))
-    seconds = time.perf_counter() - start
+    state = cache.with_name('peer_state.pth')
+    curve, seconds = train_peer(cfg, seed, device, lambda line: print(line, flush=True), state)
     partial = cache.with_suffix('.json.tmp')
     partial.write_text(json.dumps({'setting': setting, 'curve': curve, 'seconds': seconds}, indent=2) + '\n')
     partial.replace(cache)
+    state.unlink(missing_ok=True)
     return curve, seconds
 
 

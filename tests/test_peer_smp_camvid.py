@@ -5,6 +5,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from conftest import ROOT, TINY
 
@@ -15,6 +16,7 @@ import peer_smp_camvid  # noqa: E402
 
 from engine.rules import load_config  # noqa: E402
 
+CPU = torch.device('cpu')
 SMALL_VAL = 'data.val.pipeline=[{type: resize, scale: [64, 64], keep_ratio: false}]'  # a quarter of the pixels
 
 
@@ -50,7 +52,7 @@ def test_the_peer_crops_as_an_albumentations_pipeline_does():
 
 def test_the_peer_curve_is_reused_only_for_the_same_setting(tmp_path, monkeypatch):
     trained = []
-    fake_training = lambda cfg, seed, device, log: trained.append(seed) or [(1, 5.0)]  # noqa: E731
+    fake_training = lambda cfg, seed, device, log, state: trained.append(seed) or ([(1, 5.0)], 1.0)  # noqa: E731
     monkeypatch.setattr(peer_smp_camvid, 'train_peer', fake_training)
     cfg = {'data': {'type': 'demo', 'workers': 2, 'train': {'pipeline': [{'type': 'random_crop', 'size': [8, 8]}]}},
            'train': {'max_iters': 1, 'batch_size': 2, 'val_interval': 1}, 'eval': {'mode': 'whole'}}  # fmt: skip
@@ -59,3 +61,27 @@ def test_the_peer_curve_is_reused_only_for_the_same_setting(tmp_path, monkeypatc
         curve, _ = peer_smp_camvid.peer_curve(cfg, seed, 'cpu', cache)
         assert curve == [(1, 5.0)]
     assert trained == [0, 1]
+
+
+class Stop(Exception):
+    pass
+
+
+def test_a_stopped_peer_run_continues_from_its_last_validation_as_if_never_stopped(tmp_path):
+    config = tmp_path / 'tiny.yaml'
+    config.write_text(textwrap.dedent(TINY.format(root=tmp_path / 'demo')))
+    budget = ['train.max_iters=4', 'train.val_interval=2', 'train.log_interval=1', 'data.workers=0', SMALL_VAL]
+    cfg = load_config(config, budget)
+    uninterrupted, _ = peer_smp_camvid.train_peer(cfg, 0, CPU, lambda line: None, tmp_path / 'whole.pth')
+
+    def stop_after_first_validation(line):
+        if line.startswith('peer iter 2: mIoU'):
+            raise Stop
+
+    state, lines = tmp_path / 'stopped.pth', []
+    with pytest.raises(Stop):
+        peer_smp_camvid.train_peer(cfg, 0, CPU, stop_after_first_validation, state)
+    resumed, _ = peer_smp_camvid.train_peer(cfg, 0, CPU, lines.append, state)
+    assert lines[0].startswith('peer: continuing from iteration 2')
+    assert not any(line.startswith(('peer iter 1/', 'peer iter 2/')) for line in lines)  # not trained again
+    assert resumed == uninterrupted and [i for i, _ in resumed] == [2, 4]
