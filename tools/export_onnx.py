@@ -2,8 +2,8 @@
 
     python tools/export_onnx.py --checkpoint work_dirs/demo/best.pth --output model.onnx
                                 [--size 512 512] [--opset 17] [--check] [--config CFG] [--set KEY=VALUE ...]
-    python tools/export_onnx.py --checkpoint work_dirs/camvid/best.pth --output model_int8.onnx \
-                                --int8 --calibration ../shared/data/camvid/train/images [--calibration-images 32]
+    python tools/export_onnx.py --checkpoint work_dirs/camvid/best_ema.pth --output model_int8.onnx
+                                --int8 --calibration ../shared/data/camvid/images/train [--calibration-images 32]
     python evaluate.py --onnx model_int8.onnx          # its mIoU on the config's val set, as for a checkpoint
 
 The model is built as evaluate.py builds it (the checkpoint's stored config, or --config), put in
