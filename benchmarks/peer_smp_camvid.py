@@ -27,14 +27,16 @@ from a stream seeded by (seed, which validation point) alone.
 Ours is a train.py run of --config: the val mIoU of each validation read from --ours (a run's folder,
 its train.log), or trained here into <out>/ours (`--resume auto`); where the run keeps a moving average
 of its weights (train.ema_decay), that average is what the recipe delivers and what is compared.
-Printed: both curves, ours − peer and ours / peer at each validation point, and both wall times;
-written to <out>/peer_smp_camvid.json.
+Printed: both curves, ours − peer and ours / peer at each validation point, and both wall times (for
+--ours, from its train.log's first line to its last); written to <out>/peer_smp_camvid.json.
 """
 
 import itertools
 import json
+import re
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +61,7 @@ from engine.rules import load_config  # noqa: E402
 from engine.training import get_rng_state, set_rng_state  # noqa: E402
 
 DEFAULT_CONFIG = 'configs/camvid.yaml'
+LOG_TIME = re.compile(r'^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) ', re.MULTILINE)  # train.log's line stamps
 
 
 def parse_args(argv=None):
@@ -252,6 +255,16 @@ def our_curve(work_dir: Path) -> tuple:
     return sorted(points.items()), 'moving average of the weights' if averaged else 'weights'
 
 
+def logged_seconds(work_dir: Path):
+    """Seconds from the first to the last time-stamped line of a run's train.log (the pause of a resumed
+    run included), or None without two such lines."""
+    stamps = LOG_TIME.findall((work_dir / 'train.log').read_text())
+    if len(stamps) < 2:
+        return None
+    first, last = (datetime.strptime(stamp, '%Y-%m-%d %H:%M:%S') for stamp in (stamps[0], stamps[-1]))
+    return (last - first).total_seconds()
+
+
 def train_ours(args, work_dir: Path) -> None:
     train.main(resumable_run(args.config, work_dir, args.device, args.set))
 
@@ -267,7 +280,8 @@ def report(peer: list, ours: list, scored: str, seconds: dict) -> list:
     print('| iteration | SMP FPN-ResNet18 (peer) | this repo | ours − peer | ours / peer |\n|---|---|---|---|---|')
     for iteration, p, o, difference, ratio in rows:
         print(f'| {iteration} | {p:.2f} | {o:.2f} | {difference:+.2f} | {ratio:.2f} |')
-    print('wall time: ' + ', '.join(f'{name} {value / 60:.1f} min' for name, value in seconds.items()))
+    times = [f'{name} {value / 60:.1f} min' for name, value in seconds.items() if value is not None]
+    print('wall time: ' + ', '.join(times))
     return rows
 
 
@@ -285,6 +299,8 @@ def main(argv=None) -> dict:
         train_ours(args, ours_dir)
         seconds['ours'] = time.perf_counter() - start
     ours, scored = our_curve(ours_dir)
+    if args.ours is not None:
+        seconds['ours'] = logged_seconds(ours_dir)
     rows = report(peer, ours, scored, seconds)
     result = {
         'config': args.config,

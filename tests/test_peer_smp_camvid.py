@@ -85,3 +85,13 @@ def test_a_stopped_peer_run_continues_from_its_last_validation_as_if_never_stopp
     assert lines[0].startswith('peer: continuing from iteration 2')
     assert not any(line.startswith(('peer iter 1/', 'peer iter 2/')) for line in lines)  # not trained again
     assert resumed == uninterrupted and [i for i, _ in resumed] == [2, 4]
+
+
+def test_a_given_run_is_timed_from_its_log(tmp_path):
+    (tmp_path / 'train.log').write_text(
+        '2026-12-04 20:38:53  resnet + fpn: 13.049M parameters\n'
+        '2026-12-04 21:14:57  iter 600: mIoU 45.06\n'
+        '  a continuation line without a stamp\n'
+        '2026-12-04 22:11:03  done: best mIoU 59.54 at iteration 1800\n'
+    )
+    assert peer_smp_camvid.logged_seconds(tmp_path) == 92 * 60 + 10
