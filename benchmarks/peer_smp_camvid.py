@@ -58,7 +58,7 @@ from engine.data import build_dataset  # noqa: E402
 from engine.evaluation import evaluate  # noqa: E402
 from engine.inference import normalize  # noqa: E402
 from engine.rules import load_config  # noqa: E402
-from engine.training import get_rng_state, set_rng_state  # noqa: E402
+from engine.training import LOG_TIME_FORMAT, get_rng_state, set_rng_state  # noqa: E402
 
 DEFAULT_CONFIG = 'configs/camvid.yaml'
 LOG_TIME = re.compile(r'^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) ', re.MULTILINE)  # train.log's line stamps
@@ -261,7 +261,7 @@ def logged_seconds(work_dir: Path):
     stamps = LOG_TIME.findall((work_dir / 'train.log').read_text())
     if len(stamps) < 2:
         return None
-    first, last = (datetime.strptime(stamp, '%Y-%m-%d %H:%M:%S') for stamp in (stamps[0], stamps[-1]))
+    first, last = (datetime.strptime(stamp, LOG_TIME_FORMAT) for stamp in (stamps[0], stamps[-1]))
     return (last - first).total_seconds()
 
 

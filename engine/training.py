@@ -28,6 +28,7 @@ from .visualize import ClassStyle, confusion_heatmap, iou_chart, side_by_side
 
 # Loggers whose records (weight-loading reports, resume fallbacks) also belong in train.log.
 LIBRARY_LOGGERS = ('models', 'engine')
+LOG_TIME_FORMAT = '%Y-%m-%d %H:%M:%S'  # the stamp of every train.log line
 
 SHOWN_IMAGES = 4  # validation images drawn into TensorBoard at each validation: the first ones, always the same
 
@@ -53,7 +54,7 @@ class Logger:
     def __call__(self, message: str) -> None:
         if self.file:
             tqdm.write(message)
-            stamp = time.strftime('%Y-%m-%d %H:%M:%S')
+            stamp = time.strftime(LOG_TIME_FORMAT)
             self.file.write(''.join(f'{stamp}  {line}\n' for line in message.splitlines()))
             self.file.flush()
 
