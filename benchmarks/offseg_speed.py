@@ -19,12 +19,21 @@ compared (max |after - before| / max |before|):
   undoing it undoes the blocks too. Timed on the S1 backbone.
 - upsampling channels_last: the stride-2 attention's output upsampled and projected in NCHW, against
   channels_last (`Attention4D.upsample_and_project`). Timed on the S1 backbone.
+- stem channels_last: EfficientFormerV2 in NCHW throughout, against its stem and conv-only stages
+  channels_last outside autograd, with GELU on the NHWC view (`CHANNELS_LAST_LAYERS`, `GELU`). Timed
+  on the S1 backbone.
+- similarity norm: FreqFusion's per-pixel channel norms by torch.linalg.vector_norm, against a
+  product and a sum (`freqfusion.channel_norm`). Timed on OffSeg-T's last FreqFusion (32 channels
+  at stride 4, 224 at stride 8).
 - Offset Learning: scores pixel-major (HW, K) with a LayerNorm over the last dim, against
   class-major (K, HW) with the LayerNorm's mean removed before the products (models/offset_learning.py).
   Timed on the stride-4 map of each size (256 channels), at ADE20K's 150 classes and CamVid's 11.
 - OffSeg-T: the whole model (BN folded, as evaluate.py runs it) with every change undone, against
   the repo's, and SegFormer-B0 beside them: the last column is SegFormer-B0's time over OffSeg-T's
   (> 1: OffSeg-T faster), and ms/GMAC shows how latency scales with the multiply-adds.
+
+prepare_for_inference also makes the process keep the memory it frees, for every row alike:
+benchmarks/freed_memory.py times that change, which cannot be undone inside a process.
 """
 
 import argparse
@@ -43,6 +52,8 @@ from engine.fast import prepare_for_inference  # noqa: E402
 from engine.rules import load_config  # noqa: E402
 from models.backbones import efficientformer_v2  # noqa: E402
 from models.backbones.efficientformer_v2 import EfficientFormerV2  # noqa: E402
+from models.heads import freqfusion  # noqa: E402
+from models.heads.freqfusion import FreqFusion  # noqa: E402
 from models.offset_learning import OffsetLearning  # noqa: E402
 from tools.benchmark import image_macs, meta_model, time_calls  # noqa: E402
 from train import create_model  # noqa: E402
@@ -80,6 +91,11 @@ def row_major_attention(q, k, v, scale, bias, normalize):
     return (normalize(logits) @ v.transpose(2, 3)).transpose(2, 3)
 
 
+def vector_norm(x):
+    """Before: FreqFusion's channel norms by torch.linalg.vector_norm."""
+    return torch.linalg.vector_norm(x, dim=1, keepdim=True)
+
+
 def nchw_upsample_and_project(self, out):
     """Before: the stride-2 attention's output upsampled and projected in NCHW."""
     return self.proj(F.interpolate(out, scale_factor=2, mode='bilinear', align_corners=False))
@@ -90,6 +106,8 @@ LOGITS = (efficientformer_v2, 'attention_logits', three_pass_logits)
 BLOCKS = (efficientformer_v2, 'LOGITS_PER_CHUNK', 2**62)  # before: all query rows in one block
 CHANNEL_MAJOR = (efficientformer_v2, 'attend', row_major_attention)
 UPSAMPLE = (efficientformer_v2.Attention4D, 'upsample_and_project', nchw_upsample_and_project)
+STEM = (efficientformer_v2, 'CHANNELS_LAST_LAYERS', 0)  # before: NCHW throughout
+NORM = (freqfusion, 'channel_norm', vector_norm)
 OFFSET_LEARNING = (OffsetLearning, 'forward', pixel_major_forward)
 """Each change as (where, name, the replaced code)."""
 CONFIGS = ('offseg_t', 'segformer_b0')
@@ -132,7 +150,9 @@ def compare(name: str, size: str, module, inputs: tuple, changes: tuple, args, b
             return module(*inputs)
 
     reference, output = before(), after()
-    reference, output = (torch.cat([t.flatten() for t in o]) if isinstance(o, list) else o for o in (reference, output))
+    reference, output = (
+        torch.cat([t.flatten() for t in o]) if isinstance(o, (list, tuple)) else o for o in (reference, output)
+    )
     calls = {'before': before, 'after': after, **(beside or {})}
     times = time_calls(calls, args.runs, args.warmup, torch.device('cpu'))
     ms = {key: statistics.median(seconds) * 1e3 for key, seconds in times.items()}
@@ -155,7 +175,7 @@ def offseg_against_segformer(side: int, args) -> dict:
         with torch.inference_mode():
             return segformer(images)
 
-    changes = (BIAS, LOGITS, CHANNEL_MAJOR, UPSAMPLE, OFFSET_LEARNING)
+    changes = (BIAS, LOGITS, CHANNEL_MAJOR, UPSAMPLE, STEM, NORM, OFFSET_LEARNING)
     row = compare('OffSeg-T', f'{side}²', offseg, (images,), changes, args, {'segformer_b0': segformer_b0})
     gmacs = sum(image_macs(meta_model(configs['offseg_t']), (side, side))[''].values()) / 1e9
     row['ms_per_gmac'] = row['after'] / gmacs
@@ -165,6 +185,7 @@ def offseg_against_segformer(side: int, args) -> dict:
 def rows(args):
     torch.manual_seed(0)
     backbone = EfficientFormerV2('s1').eval()
+    fusion = FreqFusion(32, 224, (32 + 224) // 4).eval()
     for side in args.sizes:
         images = torch.randn(1, 3, side, side)
         yield compare('attention bias', f'{side}²', backbone, (images,), (BIAS,), args)
@@ -172,6 +193,9 @@ def rows(args):
         yield compare('attention in query blocks', f'{side}²', backbone, (images,), (BLOCKS,), args)
         yield compare('attention channel-major', f'{side}²', backbone, (images,), (CHANNEL_MAJOR,), args)
         yield compare('upsampling channels_last', f'{side}²', backbone, (images,), (UPSAMPLE,), args)
+        yield compare('stem channels_last', f'{side}²', backbone, (images,), (STEM,), args)
+        maps = (torch.randn(1, 32, side // 4, side // 4), torch.randn(1, 224, side // 8, side // 8))
+        yield compare('similarity norm', f'{side}²', fusion, maps, (NORM,), args)
         for classes in (150, 11):
             head = OffsetLearning(classes, 256).eval()
             with torch.no_grad():

@@ -109,9 +109,11 @@ def test_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(q.grad, p.grad, msg=name)
 
 
-def test_cached_attention_biases_follow_new_weights_and_sizes():
+def test_cached_attention_biases_follow_new_weights_and_sizes(monkeypatch):
     """In eval under no_grad the gathered, resized biases are kept; a load_state_dict after a forward
-    and an input of another size must still give what a model recomputing them gives, bit for bit."""
+    and an input of another size must still give what a model recomputing them gives, bit for bit
+    (in NCHW throughout: the channels_last stem rounds differently)."""
+    monkeypatch.setattr(efficientformer_v2, 'CHANNELS_LAST_LAYERS', 0)
     torch.manual_seed(0)
     model = EfficientFormerV2('s0', resolution=64).eval()
     images = (torch.randn(1, 3, 64, 64), torch.randn(1, 3, 128, 96))  # the tables' own size, and a resize
@@ -129,6 +131,28 @@ def test_cached_attention_biases_follow_new_weights_and_sizes():
             cached = model(x)
         recomputed = recomputing(x)  # autograd on: nothing is cached
         assert all(torch.equal(a, b) for a, b in zip(cached, recomputed))
+
+
+def test_channels_last_stem_keeps_the_outputs(monkeypatch):
+    """Outside autograd the stem and the conv-only stages run channels_last: the features equal those
+    of NCHW throughout up to float rounding, and come out NCHW-contiguous either way."""
+    torch.manual_seed(0)
+    model = EfficientFormerV2('s1', resolution=64).eval()
+    x = torch.randn(1, 3, 128, 96)
+    outputs = []
+    for layers in (0, efficientformer_v2.CHANNELS_LAST_LAYERS):
+        monkeypatch.setattr(efficientformer_v2, 'CHANNELS_LAST_LAYERS', layers)
+        with torch.no_grad():
+            outputs.append(model(x))
+    for nchw, mixed in zip(*outputs):
+        assert mixed.is_contiguous()
+        torch.testing.assert_close(mixed, nchw, rtol=1e-5, atol=1e-5 * nchw.abs().max().item())
+
+
+def test_gelu_on_a_channels_last_map_is_nn_gelu_of_the_nchw_map():
+    x = torch.randn(2, 16, 8, 8)
+    out = efficientformer_v2.GELU()(x.contiguous(memory_format=torch.channels_last))
+    assert torch.equal(out, torch.nn.GELU()(x)) and out.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_attention_in_query_blocks_matches_one_block(monkeypatch):

@@ -16,6 +16,8 @@ def test_each_change_and_the_whole_model_keep_their_outputs():
         'attention in query blocks',
         'attention channel-major',
         'upsampling channels_last',
+        'stem channels_last',
+        'similarity norm',
         'Offset Learning, K=150',
         'Offset Learning, K=11',
         'OffSeg-T',

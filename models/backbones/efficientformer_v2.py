@@ -15,6 +15,12 @@ weights loaded at any time (even after `.eval()`) take effect at once; the publi
 the gathered bias on `.eval()` and must be loaded before it. At 1024 x 1024 the gather and resize
 would otherwise cost about a sixth of a forward (benchmarks/offseg_speed.py).
 
+Memory order. Outside autograd the stem and the two conv-only stages (strides 4 and 8) run
+channels_last, and the stage outputs are handed on in NCHW: their depthwise 3x3 convs are several
+times faster on NHWC maps with oneDNN on CPU, while the attention stages are faster in NCHW
+(`CHANNELS_LAST_LAYERS`; 1.04x on the S1 model at 512x512, benchmarks/offseg_speed.py). GELU runs
+on the NHWC view of a channels_last map (`GELU`). Training keeps NCHW throughout.
+
 Input sizes: the stride-2 attention of stage 2 halves the stride-16 grid and doubles it back, so
 ceil(H/16) and ceil(W/16) must be even (any multiple of 32 works); other sizes raise a ValueError.
 """
@@ -32,6 +38,19 @@ from torch.utils.checkpoint import checkpoint
 from .variants import lookup
 
 NUM_HEADS = 8
+CHANNELS_LAST_LAYERS = 4
+"""The stem and `network[:CHANNELS_LAST_LAYERS]` (the stride-4 and stride-8 stages and their
+downsamplers) run channels_last outside autograd; 0 keeps every layer NCHW."""
+
+
+class GELU(nn.GELU):
+    """nn.GELU that keeps its speed on channels_last maps: PyTorch's CPU kernel is about 4x slower on
+    an (N, C, H, W) tensor stored NHWC than on a contiguous one (2.14), so it runs on the NHWC view."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return super().forward(x)
 
 
 def conv_bn(
@@ -145,7 +164,7 @@ class Mlp(nn.Module):
         self.mid_norm = nn.BatchNorm2d(hidden)
         self.fc2 = nn.Conv2d(hidden, dim, 1)
         self.norm2 = nn.BatchNorm2d(dim)
-        self.act = nn.GELU()
+        self.act = GELU()
         for conv in (self.fc1, self.fc2):  # published init; `mid` keeps PyTorch's default
             nn.init.trunc_normal_(conv.weight, std=0.02)
             nn.init.zeros_(conv.bias)
@@ -179,7 +198,7 @@ class Attention4D(nn.Module):
         self.v_local = conv_bn(values, values, 3, groups=values)
         self.talking_head1 = nn.Conv2d(NUM_HEADS, NUM_HEADS, 1)
         self.talking_head2 = nn.Conv2d(NUM_HEADS, NUM_HEADS, 1)
-        self.proj = nn.Sequential(nn.GELU(), *conv_bn(values, dim))
+        self.proj = nn.Sequential(GELU(), *conv_bn(values, dim))
         self.attention_biases_seg = nn.Parameter(torch.zeros(NUM_HEADS, table_size**2))
         self.register_buffer('attention_bias_idxs_seg', relative_bias_index(table_size, table_size), persistent=False)
         self.bias_cache = BiasCache()
@@ -241,7 +260,7 @@ class Attention4DDownsample(nn.Module):
         self.k = conv_bn(dim, qk)
         self.v = conv_bn(dim, values)
         self.v_local = conv_bn(values, values, 3, stride=2, groups=values)
-        self.proj = nn.Sequential(nn.GELU(), *conv_bn(values, out_dim))
+        self.proj = nn.Sequential(GELU(), *conv_bn(values, out_dim))
         q_size = math.ceil(table_size / 2)
         self.attention_biases_seg = nn.Parameter(torch.zeros(NUM_HEADS, table_size**2))
         self.register_buffer(
@@ -339,9 +358,9 @@ class EfficientFormerV2(nn.Module):
         self.checkpointing = checkpointing
         self.patch_embed = nn.Sequential(
             *conv_bn(3, widths[0] // 2, 3, stride=2),
-            nn.GELU(),
+            GELU(),
             *conv_bn(widths[0] // 2, widths[0], 3, stride=2),
-            nn.GELU(),
+            GELU(),
         )
         total = sum(len(r) for r in ratios)
         network, index = [], 0
@@ -370,9 +389,12 @@ class EfficientFormerV2(nn.Module):
                 f'EfficientFormerV2 needs ceil(H/16) and ceil(W/16) even (e.g. sides that are '
                 f'multiples of 32); got an input of {h}x{w}'
             )
-        x = self.patch_embed(x)
+        channels_last = not torch.is_grad_enabled() and CHANNELS_LAST_LAYERS > 0
+        x = self.patch_embed(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
         features = []
         for i, layer in enumerate(self.network):
+            if i == CHANNELS_LAST_LAYERS:
+                x = x.contiguous()
             if i % 2:
                 x = layer(x)
                 continue
@@ -381,7 +403,7 @@ class EfficientFormerV2(nn.Module):
                     x = checkpoint(block, x, use_reentrant=False)
                 else:
                     x = block(x)
-            features.append(x)
+            features.append(x.contiguous())
         return features
 
     @staticmethod
