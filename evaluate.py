@@ -3,14 +3,15 @@ per-class IoU bar chart and a confusion-matrix heat map (PNG) beside the JSON.
 
     python evaluate.py --checkpoint work_dirs/demo/best.pth [--split val] [--mode whole|slide]
                        [--scales 0.75 1.0 1.25] [--flip] [--config CFG] [--set KEY=VALUE ...]
-                       [--show-dir DIR [--show-limit N]] [--channels-last] [--compile] [--no-fold-bn]
+                       [--show-dir DIR [--show-limit N]] [--channels-last [auto|on|off]] [--compile] [--no-fold-bn]
     python evaluate.py --onnx model_int8.onnx [...]      # an exported graph, run by ONNX Runtime (CPU)
 
 The model and data come from the config stored in the checkpoint or the ONNX file (or --config). Predictions are
 resized to each label's original size before scoring. --show-dir writes, for each evaluated image
 (or the first N), image | ground truth | prediction side by side with a legend of the classes in
 view; ignored pixels are hatched. Runs under torchrun as well. The model runs with its conv+BN
-pairs folded (engine/fast.py): the same results up to float rounding.
+pairs folded, and channels_last where that times faster on the device (engine/fast.py): the same
+results up to float rounding.
 """
 
 import json
@@ -106,6 +107,8 @@ def main(argv=None) -> None:
     show = ShowPredictions(Path(args.show_dir), subset, args.show_limit, style) if args.show_dir else None
     if not args.onnx:
         model = fast.prepare_for_inference(model.to(device), args.channels_last, args.fold_bn, args.compile)
+        if dist.is_main():
+            print(f'memory order: {"channels_last" if fast.uses_channels_last(model) else "NCHW"}')
     start = time.perf_counter()
     results = evaluate(model, loader, cfg, device, amp_dtype_for(cfg, device), progress=dist.is_main(), on_sample=show)
     seconds = time.perf_counter() - start

@@ -25,6 +25,9 @@ compared (max |after - before| / max |before|):
 - similarity norm: FreqFusion's per-pixel channel norms by torch.linalg.vector_norm, against a
   product and a sum (`freqfusion.channel_norm`). Timed on OffSeg-T's last FreqFusion (32 channels
   at stride 4, 224 at stride 8).
+- CARAFE in channel blocks: CARAFE's k² passes over the whole output, against blocks of channels
+  of CARAFE_BLOCK_BYTES, each interleaved into the output while in cache (`freqfusion.carafe`). Timed
+  on the same FreqFusion.
 - Offset Learning: scores pixel-major (HW, K) with a LayerNorm over the last dim, against
   class-major (K, HW) with the LayerNorm's mean removed before the products (models/offset_learning.py).
   Timed on the stride-4 map of each size (256 channels), at ADE20K's 150 classes and CamVid's 11.
@@ -108,6 +111,7 @@ CHANNEL_MAJOR = (efficientformer_v2, 'attend', row_major_attention)
 UPSAMPLE = (efficientformer_v2.Attention4D, 'upsample_and_project', nchw_upsample_and_project)
 STEM = (efficientformer_v2, 'CHANNELS_LAST_LAYERS', 0)  # before: NCHW throughout
 NORM = (freqfusion, 'channel_norm', vector_norm)
+CARAFE_BLOCKS = (freqfusion, 'CARAFE_BLOCK_BYTES', 2**62)  # before: one block
 OFFSET_LEARNING = (OffsetLearning, 'forward', pixel_major_forward)
 """Each change as (where, name, the replaced code)."""
 CONFIGS = ('offseg_t', 'segformer_b0')
@@ -175,7 +179,7 @@ def offseg_against_segformer(side: int, args) -> dict:
         with torch.inference_mode():
             return segformer(images)
 
-    changes = (BIAS, LOGITS, CHANNEL_MAJOR, UPSAMPLE, STEM, NORM, OFFSET_LEARNING)
+    changes = (BIAS, LOGITS, CHANNEL_MAJOR, UPSAMPLE, STEM, NORM, CARAFE_BLOCKS, OFFSET_LEARNING)
     row = compare('OffSeg-T', f'{side}²', offseg, (images,), changes, args, {'segformer_b0': segformer_b0})
     gmacs = sum(image_macs(meta_model(configs['offseg_t']), (side, side))[''].values()) / 1e9
     row['ms_per_gmac'] = row['after'] / gmacs
@@ -196,6 +200,7 @@ def rows(args):
         yield compare('stem channels_last', f'{side}²', backbone, (images,), (STEM,), args)
         maps = (torch.randn(1, 32, side // 4, side // 4), torch.randn(1, 224, side // 8, side // 8))
         yield compare('similarity norm', f'{side}²', fusion, maps, (NORM,), args)
+        yield compare('CARAFE in channel blocks', f'{side}²', fusion, maps, (CARAFE_BLOCKS,), args)
         for classes in (150, 11):
             head = OffsetLearning(classes, 256).eval()
             with torch.no_grad():

@@ -2,6 +2,7 @@
 the outputs, the model handed in (a training model) is never changed, and on CPU freed memory stays
 with the process."""
 
+import argparse
 import copy
 import sys
 
@@ -9,8 +10,16 @@ import pytest
 import torch
 from torch import nn
 
+from engine import fast
 from engine.config import resolve
-from engine.fast import find_conv_bn_pairs, fold_conv_bn, keep_freed_memory, prepare_for_inference
+from engine.fast import (
+    find_conv_bn_pairs,
+    fold_conv_bn,
+    keep_freed_memory,
+    on_off_auto,
+    prepare_for_inference,
+    uses_channels_last,
+)
 from tools.benchmark import rss_mb
 from train import create_model
 
@@ -199,3 +208,24 @@ def test_freed_memory_stays_with_the_process_for_the_next_forward():
     resident = rss_mb('VmRSS')
     del block
     assert resident - rss_mb('VmRSS') < 16
+
+
+def test_the_memory_order_is_chosen_by_timing_both_when_asked(monkeypatch):
+    """channels_last=None times both orders and keeps the faster one; either way the outputs stay."""
+    model = tiny_model('mit_segformer_ol')
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        reference = model.eval()(images)
+    assert isinstance(fast.channels_last_pays(model, images, rounds=1), bool)
+    for faster in (True, False):
+        monkeypatch.setattr(fast, 'channels_last_pays', lambda model, example, faster=faster: faster)
+        prepared = prepare_for_inference(model, channels_last=None)
+        assert uses_channels_last(prepared) == faster
+        with torch.no_grad():
+            torch.testing.assert_close(prepared(images), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_channels_last_switch_reads_auto_on_off():
+    assert [on_off_auto(v) for v in ('auto', 'on', 'off')] == [None, True, False]
+    with pytest.raises(argparse.ArgumentTypeError, match="'yes': expected auto, on or off"):
+        on_off_auto('yes')

@@ -10,6 +10,7 @@ import torch
 from conftest import assert_close_to_reference, load_vector
 from models.backbones import efficientformer_v2
 from models.backbones.efficientformer_v2 import EfficientFormerV2
+from models.heads import freqfusion
 from models.heads.freqfusion import carafe
 from models.heads.offseg import OffSegHead
 from models.weights import load_pretrained
@@ -185,13 +186,16 @@ def naive_carafe(features, masks, k, groups, scale):
 
 
 @pytest.mark.parametrize('k,groups,scale', [(3, 1, 1), (5, 1, 1), (3, 1, 2), (5, 1, 2), (3, 2, 2)])
-def test_carafe_matches_naive_loop(k, groups, scale):
+@pytest.mark.parametrize('block_bytes', [None, 1])
+def test_carafe_matches_naive_loop(k, groups, scale, block_bytes, monkeypatch):
+    """In one pass (autograd on), and outside autograd in blocks of one channel."""
     gen = torch.Generator().manual_seed(k * 10 + scale)
     features = torch.randn(2, 4, 4, 5, generator=gen, dtype=torch.float64)
     masks = torch.randn(2, groups * k * k, 4 * scale, 5 * scale, generator=gen, dtype=torch.float64)
-    torch.testing.assert_close(
-        carafe(features, masks, k, groups, scale), naive_carafe(features, masks, k, groups, scale)
-    )
+    with torch.set_grad_enabled(block_bytes is None):
+        monkeypatch.setattr(freqfusion, 'CARAFE_BLOCK_BYTES', block_bytes or freqfusion.CARAFE_BLOCK_BYTES)
+        out = carafe(features, masks, k, groups, scale)
+    torch.testing.assert_close(out, naive_carafe(features, masks, k, groups, scale))
 
 
 def published_backbone_state(model: EfficientFormerV2) -> dict:

@@ -18,6 +18,7 @@ def test_each_change_and_the_whole_model_keep_their_outputs():
         'upsampling channels_last',
         'stem channels_last',
         'similarity norm',
+        'CARAFE in channel blocks',
         'Offset Learning, K=150',
         'Offset Learning, K=11',
         'OffSeg-T',

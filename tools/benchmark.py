@@ -19,8 +19,9 @@ What the numbers are:
            SegFormer and SegNeXt papers count everything, as GMACs does.
   latency  one call on a random batch. infer: the forward of the model in eval mode under
            torch.inference_mode (logits at the head's stride, no resize), through
-           engine.fast.prepare_for_inference (BN folded unless --no-fold-bn; --channels-last,
-           --compile). train: forward, the config's loss, backward and the config's optimizer
+           engine.fast.prepare_for_inference (BN folded unless --no-fold-bn; channels_last as
+           --channels-last says, by default where it times faster; --compile), the input in the
+           model's memory order. train: forward, the config's loss, backward and the config's optimizer
            step. Median and 90th percentile of --runs calls after --warmup calls; on CUDA each
            call is synchronised before and after.
   memory   CUDA: torch.cuda.max_memory_allocated over warm-up and runs (statistics reset before).
@@ -264,7 +265,7 @@ def train_call(model, cfg: dict, images: torch.Tensor, amp):
 
 def prepare(model, args):
     """The inference fast paths of engine/fast.py; a plain eager model when none is asked for."""
-    if not (args.fold_bn or args.channels_last or args.compile):
+    if not (args.fold_bn or args.channels_last is not False or args.compile):
         return model
     return fast.prepare_for_inference(
         model, channels_last=args.channels_last, fold_bn=args.fold_bn, compile=args.compile
@@ -442,7 +443,12 @@ def benchmark(path: Path, args) -> dict:
     device = torch.device(args.device)
     batch = args.batch or (2 if args.mode == 'train' else 1)
     model = build_model(cfg, device)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    if args.mode == 'train':
+        model = model.to(memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    else:
+        model = model.eval() if args.compare else prepare(model.eval(), args)
+    channels_last = fast.uses_channels_last(model)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     images = torch.randn(batch, 3, *size, device=device).contiguous(memory_format=memory_format)
     result.update(
         device=str(device),
@@ -452,13 +458,11 @@ def benchmark(path: Path, args) -> dict:
         runs=args.runs,
         warmup=args.warmup,
         amp=args.amp,
-        channels_last=args.channels_last,
+        channels_last=channels_last,
     )
     if args.mode == 'train':
-        model = model.to(memory_format=memory_format).train()
-        call = train_call(model, cfg, images, args.amp)
+        call = train_call(model.train(), cfg, images, args.amp)
     else:
-        model = model.eval() if args.compare else prepare(model.eval(), args)
         result.update(fold_bn=args.fold_bn and not args.compare, compile=args.compile)
         call = inference_call(model, images, args.amp)
     with peak_memory(device) as memory:

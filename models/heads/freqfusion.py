@@ -13,6 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+CARAFE_BLOCK_BYTES = 1 << 22
+"""Outside autograd, CARAFE accumulates blocks of channels of about this many bytes, each interleaved
+into the output while it is still in cache (an L3-sized share here)."""
+
 
 def carafe(
     features: torch.Tensor, masks: torch.Tensor, kernel_size: int, group_size: int, scale_factor: int
@@ -28,7 +32,9 @@ def carafe(
     is ever built. The output is accumulated with its s×s sub-pixel positions as separate planes,
     (N, G, C/G, s, s, H, W), so that every multiply-add runs along contiguous rows, and is
     interleaved into (sH, sW) once at the end: about 4x faster at s = 2 than accumulating into the
-    interleaved layout, for one extra output-sized buffer (benchmarks/carafe.py).
+    interleaved layout, for one extra output-sized buffer (benchmarks/carafe.py). Outside autograd
+    and tracing, the channels go in blocks of CARAFE_BLOCK_BYTES, so that the k² passes over each
+    block stay in cache: 1.9-2.3x faster on OffSeg-T's widest map at 512x512 and 1024x1024.
     """
     n, c, h, w = features.shape
     k, s, g = kernel_size, scale_factor, group_size
@@ -41,11 +47,26 @@ def carafe(
     padded = F.pad(features, (pad, pad, pad, pad)).reshape(n, g, c // g, 1, 1, h + 2 * pad, w + 2 * pad)
     # output pixel (y, x) = (s·Y + a, s·X + b): masks to (N, G, k², 1, a, b, Y, X)
     masks = masks.reshape(n, g, k * k, 1, h, s, w, s).permute(0, 1, 2, 3, 5, 7, 4, 6).contiguous()
-    out = padded[..., :h, :w] * masks[:, :, 0]  # tap (0, 0): (N, G, C/G, s, s, H, W)
-    for tap in range(1, k * k):
-        i, j = divmod(tap, k)
+    step = max(1, CARAFE_BLOCK_BYTES // (n * g * s * s * h * w * features.element_size()))
+    if step >= c // g or torch.is_grad_enabled() or torch.jit.is_tracing():
+        return reassemble_planes(padded, masks, k).permute(0, 1, 2, 5, 3, 6, 4).reshape(n, c, h * s, w * s)
+    out = features.new_empty(n, g, c // g, h, s, w, s)
+    for start in range(0, c // g, step):
+        out[:, :, start : start + step] = reassemble_planes(padded[:, :, start : start + step], masks, k).permute(
+            0, 1, 2, 5, 3, 6, 4
+        )
+    return out.view(n, c, h * s, w * s)
+
+
+def reassemble_planes(padded: torch.Tensor, masks: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """CARAFE's k² multiply-adds, tap by tap: padded features (N, G, C', 1, 1, H + 2p, W + 2p), masks
+    (N, G, k², 1, s, s, H, W) -> sub-pixel planes (N, G, C', s, s, H, W)."""
+    h, w = masks.shape[-2:]
+    out = padded[..., :h, :w] * masks[:, :, 0]  # tap (0, 0)
+    for tap in range(1, kernel_size * kernel_size):
+        i, j = divmod(tap, kernel_size)
         out.addcmul_(padded[..., i : i + h, j : j + w], masks[:, :, tap])
-    return out.permute(0, 1, 2, 5, 3, 6, 4).reshape(n, c, h * s, w * s)
+    return out
 
 
 def kernel_softmax(mask: torch.Tensor) -> torch.Tensor:
