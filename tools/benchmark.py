@@ -551,7 +551,12 @@ def header(results: list) -> str:
         'Offset Learning matmuls'
     ]
     if 'mode' in first:
-        options = ', '.join(name for name in ('fold_bn', 'channels_last', 'compile') if first.get(name))
+        options = [name for name in ('fold_bn', 'compile') if first.get(name)]
+        nhwc = list(dict.fromkeys(Path(result['config']).stem for result in results if result.get('channels_last')))
+        if nhwc:  # chosen per model where --channels-last is auto
+            everywhere = len(nhwc) == len({result['config'] for result in results})
+            options.append('channels_last' if everywhere else f'channels_last for {", ".join(nhwc)}')
+        options = ', '.join(options)
         lines.append(
             f'{first["mode"]} on {first["device"]}, batch {first["batch"]}, {first["threads"]} thread(s), '
             f'median of {first["runs"]} runs after {first["warmup"]} warm-up, amp {first["amp"] or "off"}, '
