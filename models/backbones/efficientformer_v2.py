@@ -18,8 +18,9 @@ would otherwise cost about a sixth of a forward (benchmarks/offseg_speed.py).
 Memory order. Outside autograd the stem and the two conv-only stages (strides 4 and 8) run
 channels_last, and the stage outputs are handed on in NCHW: their depthwise 3x3 convs are several
 times faster on NHWC maps with oneDNN on CPU, while the attention stages are faster in NCHW
-(`CHANNELS_LAST_LAYERS`; 1.04x on the S1 model at 512x512, benchmarks/offseg_speed.py). GELU runs
-on the NHWC view of a channels_last map (`GELU`). Training keeps NCHW throughout.
+(`CHANNELS_LAST_LAYERS`; 1.02-1.08x on the S1 backbone from 256x256 to 1024x1024,
+benchmarks/offseg_speed.py). GELU runs on the NHWC view of a channels_last map (`GELU`). Training
+keeps NCHW throughout.
 
 Input sizes: the stride-2 attention of stage 2 halves the stride-16 grid and doubles it back, so
 ceil(H/16) and ceil(W/16) must be even (any multiple of 32 works); other sizes raise a ValueError.

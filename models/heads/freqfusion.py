@@ -34,7 +34,8 @@ def carafe(
     interleaved into (sH, sW) once at the end: about 4x faster at s = 2 than accumulating into the
     interleaved layout, for one extra output-sized buffer (benchmarks/carafe.py). Outside autograd
     and tracing, the channels go in blocks of CARAFE_BLOCK_BYTES, so that the k² passes over each
-    block stay in cache: 1.9-2.3x faster on OffSeg-T's widest map at 512x512 and 1024x1024.
+    block stay in cache: OffSeg-T's last FreqFusion 1.10x faster at 512x512, 1.15x at 1024x1024
+    (benchmarks/offseg_speed.py).
     """
     n, c, h, w = features.shape
     k, s, g = kernel_size, scale_factor, group_size
