@@ -135,6 +135,22 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, KEPT_BLOCK_BYTES) and mallopt(M_TRIM_THRESHOLD, KEPT_BLOCK_BYTES))
 
 
+def time_calls(calls: dict, runs: int, warmup: int, device: torch.device) -> dict:
+    """{name: [seconds of each timed call]}. The calls run in turn within each round, so that load
+    from other processes falls on all of them alike and their ratios come from the same conditions."""
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    times = {name: [] for name in calls}
+    for round_ in range(warmup + runs):
+        for name, call in calls.items():
+            sync()
+            start = time.perf_counter()
+            call()
+            sync()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
 def channels_last_pays(model: nn.Module, example: torch.Tensor, rounds: int = 3) -> bool:
     """Whether `model` (in eval mode) runs `example` faster with channels_last weights and input than in
     NCHW, timed on its own device: one warm-up and `rounds` interleaved calls of each, medians, and
@@ -145,25 +161,21 @@ def channels_last_pays(model: nn.Module, example: torch.Tensor, rounds: int = 3)
     OffSeg-T slower (0.85x in a run beside other jobs).
     """
     nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    inputs = {False: (model, example), True: (nhwc, example.contiguous(memory_format=torch.channels_last))}
-    sync = torch.cuda.synchronize if example.device.type == 'cuda' else (lambda: None)
-    seconds = {False: [], True: []}
+    nhwc_example = example.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        for round_ in range(rounds + 1):
-            for layout, (net, images) in inputs.items():
-                sync()
-                start = time.perf_counter()
-                net(images)
-                sync()
-                if round_:
-                    seconds[layout].append(time.perf_counter() - start)
+        seconds = time_calls(
+            {False: lambda: model(example), True: lambda: nhwc(nhwc_example)}, rounds, 1, example.device
+        )
     return statistics.median(seconds[True]) < 0.95 * statistics.median(seconds[False])
 
 
 def uses_channels_last(model: nn.Module) -> bool:
-    """Whether the convolution weights of `model` are stored channels_last (`prepare_for_inference`)."""
-    weight = next((p for p in model.parameters() if p.dim() == 4), None)
-    return weight is not None and weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    """Whether the convolution weights of `model` are stored channels_last (`prepare_for_inference`);
+    1x1 kernels, the same in either order, do not tell."""
+    return any(
+        p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+        for p in model.parameters()
+    )
 
 
 def prepare_for_inference(

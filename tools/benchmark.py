@@ -45,7 +45,6 @@ import math
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -57,6 +56,7 @@ sys.path.insert(0, str(ROOT))
 from engine import fast  # noqa: E402
 from engine.cli import AMP_DTYPES, ArgumentParser, number, run_cli  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
+from engine.fast import time_calls  # noqa: E402
 from engine.losses import SegmentationLoss  # noqa: E402
 from engine.optim import build_optimizer  # noqa: E402
 from engine.rules import load_config  # noqa: E402
@@ -146,22 +146,6 @@ def size_figures(cfg: dict, size) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- timing
-
-
-def time_calls(calls: dict, runs: int, warmup: int, device: torch.device) -> dict:
-    """{name: [seconds of each timed call]}. The calls run in turn within each round, so that load
-    from other processes falls on all of them alike and their ratios come from the same conditions."""
-    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-    times = {name: [] for name in calls}
-    for round_ in range(warmup + runs):
-        for name, call in calls.items():
-            sync()
-            start = time.perf_counter()
-            call()
-            sync()
-            if round_ >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return times
 
 
 def top_operators(call, device: torch.device, count: int = 15) -> list:
