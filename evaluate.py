@@ -108,7 +108,7 @@ def main(argv=None) -> None:
     if not args.onnx:
         model = fast.prepare_for_inference(model.to(device), args.channels_last, args.fold_bn, args.compile)
         if dist.is_main():
-            print(f'memory order: {"channels_last" if fast.uses_channels_last(model) else "NCHW"}')
+            print(f'memory order: {fast.memory_order(model)}')
     start = time.perf_counter()
     results = evaluate(model, loader, cfg, device, amp_dtype_for(cfg, device), progress=dist.is_main(), on_sample=show)
     seconds = time.perf_counter() - start

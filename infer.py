@@ -138,7 +138,7 @@ def main(argv=None) -> None:
     model = create_model(cfg)
     load_model_weights(model, checkpoint, args.checkpoint)
     model = fast.prepare_for_inference(model.to(device), args.channels_last, args.fold_bn, args.compile)
-    print(f'memory order: {"channels_last" if fast.uses_channels_last(model) else "NCHW"}')
+    print(f'memory order: {fast.memory_order(model)}')
     amp_dtype = amp_dtype_for(cfg, device)
     dataset_class = DATASETS[data['type']]
     style = ClassStyle(

@@ -178,6 +178,11 @@ def uses_channels_last(model: nn.Module) -> bool:
     )
 
 
+def memory_order(model: nn.Module) -> str:
+    """'channels_last' or 'NCHW', as evaluate.py and infer.py report the order they run in."""
+    return 'channels_last' if uses_channels_last(model) else 'NCHW'
+
+
 def prepare_for_inference(
     model: nn.Module,
     channels_last: bool | None = False,

@@ -221,6 +221,7 @@ def test_the_memory_order_is_chosen_by_timing_both_when_asked(monkeypatch):
         monkeypatch.setattr(fast, 'channels_last_pays', lambda model, example, faster=faster: faster)
         prepared = prepare_for_inference(model, channels_last=None)
         assert uses_channels_last(prepared) == faster
+        assert fast.memory_order(prepared) == ('channels_last' if faster else 'NCHW')
         with torch.no_grad():
             torch.testing.assert_close(prepared(images), reference, rtol=1e-4, atol=1e-4)
 

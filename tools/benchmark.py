@@ -551,7 +551,7 @@ def header(results: list) -> str:
 
 def extras(result: dict) -> str:
     """The comparison and breakdown sections of one result, if any."""
-    name, lines = Path(result['config']).stem, []
+    name, lines = f'{Path(result["config"]).stem} at {"x".join(map(str, result["size"]))}', []
     if 'compare_hf' in result:
         r = result['compare_hf']
         lines.append(
@@ -567,7 +567,7 @@ def extras(result: dict) -> str:
             f'{r["onnx_over_eager"]:.3f} (interleaved)'
         )
     if 'profile' in result:
-        lines.append(f'{name} at {"x".join(map(str, result["size"]))}, top operators of one forward by self time:')
+        lines.append(f'{name}, top operators of one forward by self time:')
         lines.append(f'  {"operator":<40}{"self ms":>10}{"share":>8}{"calls":>7}')
         for r in result['profile']:
             lines.append(f'  {r["op"]:<40}{r["self_ms"]:>10.2f}{r["share"]:>8.3f}{r["calls"]:>7}')
