@@ -105,12 +105,15 @@ def main(argv=None) -> None:
     loader = DataLoader(subset, batch_size=1, num_workers=cfg['data']['workers'], pin_memory=device.type == 'cuda')
     style = ClassStyle.of(dataset)
     show = ShowPredictions(Path(args.show_dir), subset, args.show_limit, style) if args.show_dir else None
+    amp_dtype = amp_dtype_for(cfg, device)
     if not args.onnx:
-        model = fast.prepare_for_inference(model.to(device), args.channels_last, args.fold_bn, args.compile)
+        model = fast.prepare_for_inference(
+            model.to(device), args.channels_last, args.fold_bn, args.compile, amp_dtype=amp_dtype
+        )
         if dist.is_main():
             print(f'memory order: {fast.memory_order(model)}')
     start = time.perf_counter()
-    results = evaluate(model, loader, cfg, device, amp_dtype_for(cfg, device), progress=dist.is_main(), on_sample=show)
+    results = evaluate(model, loader, cfg, device, amp_dtype, progress=dist.is_main(), on_sample=show)
     seconds = time.perf_counter() - start
     confusion = results.pop('confusion')
     if dist.is_main():

@@ -137,9 +137,11 @@ def main(argv=None) -> None:
     device, _, _ = dist.setup(args.device)
     model = create_model(cfg)
     load_model_weights(model, checkpoint, args.checkpoint)
-    model = fast.prepare_for_inference(model.to(device), args.channels_last, args.fold_bn, args.compile)
-    print(f'memory order: {fast.memory_order(model)}')
     amp_dtype = amp_dtype_for(cfg, device)
+    model = fast.prepare_for_inference(
+        model.to(device), args.channels_last, args.fold_bn, args.compile, amp_dtype=amp_dtype
+    )
+    print(f'memory order: {fast.memory_order(model)}')
     dataset_class = DATASETS[data['type']]
     style = ClassStyle(
         resolve_class_names(dataset_class, data['num_classes'], data['class_names']),

@@ -210,6 +210,21 @@ def test_freed_memory_stays_with_the_process_for_the_next_forward():
     assert resident - rss_mb('VmRSS') < 16
 
 
+def test_the_memory_order_is_timed_under_the_autocast_dtype_inference_uses():
+    """On CUDA evaluate.py runs under train.amp's autocast, so the probe must time that, not float32."""
+    model = tiny_model('mit_segformer_ol').eval()
+    seen = []
+    model.register_forward_pre_hook(
+        lambda module, inputs: seen.append((torch.is_autocast_enabled('cpu'), torch.get_autocast_dtype('cpu')))
+    )
+    images = torch.randn(1, 3, 64, 64)
+    fast.channels_last_pays(model, images, rounds=1, amp_dtype=torch.bfloat16)
+    assert len(seen) == 4 and set(seen) == {(True, torch.bfloat16)}  # a warm-up and a timed call per order
+    seen.clear()
+    fast.channels_last_pays(model, images, rounds=1)
+    assert len(seen) == 4 and not any(enabled for enabled, _ in seen)
+
+
 def test_the_memory_order_is_chosen_by_timing_both_when_asked(monkeypatch):
     """channels_last=None times both orders and keeps the faster one; either way the outputs stay."""
     model = tiny_model('mit_segformer_ol')
@@ -218,7 +233,7 @@ def test_the_memory_order_is_chosen_by_timing_both_when_asked(monkeypatch):
         reference = model.eval()(images)
     assert isinstance(fast.channels_last_pays(model, images, rounds=1), bool)
     for faster in (True, False):
-        monkeypatch.setattr(fast, 'channels_last_pays', lambda model, example, faster=faster: faster)
+        monkeypatch.setattr(fast, 'channels_last_pays', lambda model, example, amp_dtype, faster=faster: faster)
         prepared = prepare_for_inference(model, channels_last=None)
         assert uses_channels_last(prepared) == faster
         assert fast.memory_order(prepared) == ('channels_last' if faster else 'NCHW')

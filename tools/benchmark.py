@@ -252,7 +252,7 @@ def prepare(model, args):
     if not (args.fold_bn or args.channels_last is not False or args.compile):
         return model
     return fast.prepare_for_inference(
-        model, channels_last=args.channels_last, fold_bn=args.fold_bn, compile=args.compile
+        model, args.channels_last, args.fold_bn, args.compile, amp_dtype=AMP_DTYPES.get(args.amp)
     )
 
 
