@@ -24,8 +24,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from engine import fast  # noqa: E402
+from engine.fast import time_calls  # noqa: E402
 from engine.rules import load_config  # noqa: E402
-from tools.benchmark import inference_call, rss_mb, time_calls  # noqa: E402
+from tools.benchmark import inference_call, rss_mb  # noqa: E402
 from train import create_model  # noqa: E402
 
 ARMS = ('glibc defaults', 'freed memory kept')

@@ -51,14 +51,14 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from engine.fast import prepare_for_inference  # noqa: E402
+from engine.fast import prepare_for_inference, time_calls  # noqa: E402
 from engine.rules import load_config  # noqa: E402
 from models.backbones import efficientformer_v2  # noqa: E402
 from models.backbones.efficientformer_v2 import EfficientFormerV2  # noqa: E402
 from models.heads import freqfusion  # noqa: E402
 from models.heads.freqfusion import FreqFusion  # noqa: E402
 from models.offset_learning import OffsetLearning  # noqa: E402
-from tools.benchmark import image_macs, meta_model, time_calls  # noqa: E402
+from tools.benchmark import image_macs, meta_model  # noqa: E402
 from train import create_model  # noqa: E402
 
 # ------------------------------------------------------------------------------- the replaced code

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from engine.fast import time_calls  # noqa: E402
 from models.backbones.mit import MiT  # noqa: E402
 from models.heads.segformer import (
     ExtremelyFastSegFormerHead,
@@ -21,7 +22,7 @@ from models.heads.segformer import (
     SegFormerMLPHead,  # noqa: E402
     UltraFastSegFormerHead,
 )
-from tools.benchmark import count_macs, latency_ms, module_macs, time_calls  # noqa: E402
+from tools.benchmark import count_macs, latency_ms, module_macs  # noqa: E402
 
 
 def main():

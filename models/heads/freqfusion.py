@@ -50,24 +50,23 @@ def carafe(
     masks = masks.reshape(n, g, k * k, 1, h, s, w, s).permute(0, 1, 2, 3, 5, 7, 4, 6).contiguous()
     step = max(1, CARAFE_BLOCK_BYTES // (n * g * s * s * h * w * features.element_size()))
     if step >= c // g or torch.is_grad_enabled() or torch.jit.is_tracing():
-        return reassemble_planes(padded, masks, k).permute(0, 1, 2, 5, 3, 6, 4).reshape(n, c, h * s, w * s)
+        return reassemble_planes(padded, masks, k).reshape(n, c, h * s, w * s)
     out = features.new_empty(n, g, c // g, h, s, w, s)
     for start in range(0, c // g, step):
-        out[:, :, start : start + step] = reassemble_planes(padded[:, :, start : start + step], masks, k).permute(
-            0, 1, 2, 5, 3, 6, 4
-        )
+        out[:, :, start : start + step] = reassemble_planes(padded[:, :, start : start + step], masks, k)
     return out.view(n, c, h * s, w * s)
 
 
 def reassemble_planes(padded: torch.Tensor, masks: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """CARAFE's k² multiply-adds, tap by tap: padded features (N, G, C', 1, 1, H + 2p, W + 2p), masks
-    (N, G, k², 1, s, s, H, W) -> sub-pixel planes (N, G, C', s, s, H, W)."""
+    (N, G, k², 1, s, s, H, W) -> sub-pixel planes (N, G, C', s, s, H, W), returned as the view
+    (N, G, C', H, s, W, s) in output pixel order, for the caller to interleave in one copy."""
     h, w = masks.shape[-2:]
     out = padded[..., :h, :w] * masks[:, :, 0]  # tap (0, 0)
     for tap in range(1, kernel_size * kernel_size):
         i, j = divmod(tap, kernel_size)
         out.addcmul_(padded[..., i : i + h, j : j + w], masks[:, :, tap])
-    return out
+    return out.permute(0, 1, 2, 5, 3, 6, 4)
 
 
 def kernel_softmax(mask: torch.Tensor) -> torch.Tensor:
