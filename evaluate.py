@@ -2,16 +2,17 @@
 per-class IoU bar chart and a confusion-matrix heat map (PNG) beside the JSON.
 
     python evaluate.py --checkpoint work_dirs/demo/best.pth [--split val] [--mode whole|slide]
-                       [--scales 0.75 1.0 1.25] [--flip] [--config CFG] [--set KEY=VALUE ...]
+                       [--tta | --scales 0.75 1.0 1.25 [--flip]] [--config CFG] [--set KEY=VALUE ...]
                        [--show-dir DIR [--show-limit N]] [--channels-last [auto|on|off]] [--compile] [--no-fold-bn]
     python evaluate.py --onnx model_int8.onnx [...]      # an exported graph, run by ONNX Runtime (CPU)
 
-The model and data come from the config stored in the checkpoint or the ONNX file (or --config). Predictions are
-resized to each label's original size before scoring. --show-dir writes, for each evaluated image
-(or the first N), image | ground truth | prediction side by side with a legend of the classes in
-view; ignored pixels are hatched. Runs under torchrun as well. The model runs with its conv+BN
-pairs folded, and channels_last where that times faster on the device (engine/fast.py): the same
-results up to float rounding.
+The model and data come from the config stored in the checkpoint or the ONNX file (or --config).
+Predictions are resized to each label's original size before scoring, as mmseg 1.x does
+(engine/inference.py); --tta is mmseg's test-time augmentation (scales 0.5 to 1.75 of the loaded
+image, and flips). --show-dir writes, for each evaluated image (or the first N), image | ground
+truth | prediction side by side with a legend of the classes in view; ignored pixels are hatched.
+Runs under torchrun as well. The model runs with its conv+BN pairs folded, and channels_last where
+that times faster on the device (engine/fast.py): the same results up to float rounding.
 """
 
 import json
@@ -27,6 +28,7 @@ from engine.checkpoint import load_checkpoint
 from engine.cli import ArgumentParser, amp_dtype_for, config_for_checkpoint, number, run_cli
 from engine.data import build_dataset
 from engine.evaluation import evaluate
+from engine.inference import TTA_SCALES
 from engine.onnx_runtime import OnnxSegmentor
 from engine.outputs import write_bytes, write_image
 from engine.visualize import ClassStyle, confusion_heatmap, iou_chart, side_by_side
@@ -42,7 +44,11 @@ def parse_args(argv=None):
     parser.add_argument('--config', help="YAML to use instead of the checkpoint's stored config")
     parser.add_argument('--split', default='val', help='dataset split to score (default: val)')
     parser.add_argument('--mode', choices=['whole', 'slide'], help='inference mode (default: eval.mode)')
-    parser.add_argument('--scales', nargs='+', type=number(float, 0.01), help='test scales for multi-scale inference')
+    tta = parser.add_mutually_exclusive_group()
+    tta.add_argument('--tta', action='store_true', help=f"mmseg's test-time augmentation: scales {TTA_SCALES} and flip")
+    tta.add_argument(
+        '--scales', nargs='+', type=number(float, 0.01), help='factors of the loaded image to average over'
+    )
     parser.add_argument('--flip', action='store_true', help='also average horizontally flipped predictions')
     parser.add_overrides()
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
@@ -57,8 +63,9 @@ def cli_overrides(args) -> list:
     """The command-line options as config overrides, so the config rules check them like any other value."""
     overrides = [f'data.val.split={args.split}']
     overrides += [f'eval.mode={args.mode}'] if args.mode else []
-    overrides += [f'eval.scales={args.scales}'] if args.scales else []
-    return overrides + (['eval.flip=true'] if args.flip else [])
+    scales = list(TTA_SCALES) if args.tta else args.scales
+    overrides += [f'eval.scales={scales}'] if scales else []
+    return overrides + (['eval.flip=true'] if args.flip or args.tta else [])
 
 
 def format_table(results: dict, class_names: list) -> str:

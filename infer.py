@@ -32,7 +32,7 @@ from datasets.transforms import Pipeline
 from engine import dist, fast
 from engine.checkpoint import load_checkpoint
 from engine.cli import ArgumentParser, amp_dtype_for, config_for_checkpoint, number, run_cli
-from engine.inference import infer_logits, inference_options, normalize
+from engine.inference import eval_pipeline, inference_options, predict_scores
 from engine.outputs import OutputError, write_bytes, write_class_ids, write_image
 from engine.visualize import ClassStyle, legend, overlay
 from models.weights import load_model_weights
@@ -149,7 +149,7 @@ def main(argv=None) -> None:
         data['ignore_index'],
     )
     write_class_key(output, style)
-    pipeline = Pipeline(data['val']['pipeline'], data['ignore_index'], data['mean'])
+    pipeline = Pipeline(eval_pipeline(cfg), data['ignore_index'], data['mean'])
     options = inference_options(cfg['eval'])
     failed = []
     with tqdm(total=len(images), desc='infer', dynamic_ncols=True, disable=None) as bar:
@@ -174,14 +174,8 @@ def main(argv=None) -> None:
                     torch.inference_mode(),
                     torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
                 ):
-                    logits = infer_logits(
-                        model,
-                        normalize(batch, data['mean'], data['std']),
-                        data['num_classes'],
-                        group[0][1].shape[:2],
-                        **options,
-                    )
-                for (path, original, _), prediction in zip(group, logits.argmax(1).cpu().numpy()):
+                    scores = predict_scores(model, batch, data['mean'], data['std'], group[0][1].shape[:2], **options)
+                for (path, original, _), prediction in zip(group, scores.argmax(1).cpu().numpy()):
                     ids_file, overlay_file = plan[path]
                     write_class_ids(ids_file, prediction, style.palette)
                     write_image(overlay_file, overlay(original, prediction, style, args.opacity))

@@ -38,6 +38,16 @@ def rescale_size(height: int, width: int, scale) -> tuple:
     return int(height * factor + 0.5), int(width * factor + 0.5)
 
 
+def scale_image(image: np.ndarray, factor: float) -> np.ndarray:
+    """mmcv's `Resize(scale_factor=factor, keep_ratio=True)`, the resize of mmseg's test-time
+    augmentation: the target (w, h) is rounded half up, then rescaled to keep the aspect ratio,
+    rounded again; bilinear, by OpenCV."""
+    height, width = image.shape[:2]
+    target = (int(width * factor + 0.5), int(height * factor + 0.5))
+    size = rescale_size(height, width, target)
+    return image if size == (height, width) else resize_pair(image, None, size)[0]
+
+
 def resize_pair(image, label, size):
     height, width = size
     image = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)

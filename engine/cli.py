@@ -8,6 +8,7 @@ import sys
 import torch
 
 from datasets import DatasetError
+from models.errors import InputSizeError
 from models.weights import CheckpointError
 
 from .config import ConfigError, resolve
@@ -18,13 +19,13 @@ AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
 def run_cli(main_fn) -> None:
-    """Bad input (config, data, checkpoint) or an output that must not or cannot be written ends with one
-    clear line and exit code 2, not a traceback. Weight-loading reports (models.weights) go to stderr
-    as `note:` lines."""
+    """Bad input (config, data, checkpoint, an image size the model cannot take) or an output that
+    must not or cannot be written ends with one clear line and exit code 2, not a traceback.
+    Weight-loading reports (models.weights) go to stderr as `note:` lines."""
     logging.basicConfig(level=logging.INFO, format='note: %(message)s', stream=sys.stderr)
     try:
         main_fn()
-    except (ConfigError, DatasetError, CheckpointError, OutputError) as error:
+    except (ConfigError, DatasetError, CheckpointError, InputSizeError, OutputError) as error:
         print(f'error: {error}', file=sys.stderr)
         sys.exit(2)
 

@@ -3,15 +3,17 @@
 import torch
 from tqdm import tqdm
 
-from .inference import infer_logits, inference_options, normalize
+from .inference import inference_options, predict_scores
 from .metrics import ConfusionMatrix
 
 
 @torch.inference_mode()
 def evaluate(model, loader, cfg: dict, device, amp_dtype=None, progress: bool = True, on_sample=None) -> dict:
-    """Run the inference of the config's `eval` section over `loader` (batch 1: sizes differ), with its
-    `data` section's classes, ignore index and normalisation, and return mIoU/mAcc/aAcc, the per-class
-    scores and the summed `confusion` matrix (num_classes, num_classes) on the CPU.
+    """Run the inference of the config's `eval` section (engine/inference.py) over `loader` (batch 1:
+    sizes differ; `build_dataset`'s val set, which gives the loaded images under test-time
+    augmentation), with its `data` section's classes, ignore index and normalisation, and return
+    mIoU/mAcc/aAcc, the per-class scores and the summed `confusion` matrix (num_classes,
+    num_classes) on the CPU.
 
     Under torch.distributed each process scores its own share and the matrices are summed.
     `on_sample(position, image, label, prediction)`, if given, sees each image of this process's
@@ -21,15 +23,14 @@ def evaluate(model, loader, cfg: dict, device, amp_dtype=None, progress: bool = 
     was_training = model.training
     model.eval()
     data = cfg['data']
-    num_classes, mean, std = data['num_classes'], data['mean'], data['std']
-    confusion = ConfusionMatrix(num_classes, data['ignore_index'], device)
+    confusion = ConfusionMatrix(data['num_classes'], data['ignore_index'], device)
     options = inference_options(cfg['eval'])
     batches = tqdm(loader, desc='eval', leave=False, disable=None if progress else True, dynamic_ncols=True)
     for position, (images, labels) in enumerate(batches):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = infer_logits(model, normalize(images, mean, std), num_classes, labels.shape[-2:], **options)
-        predictions = logits.argmax(dim=1)
+            scores = predict_scores(model, images, data['mean'], data['std'], labels.shape[-2:], **options)
+        predictions = scores.argmax(dim=1)
         confusion.update(predictions, labels)
         if on_sample:
             on_sample(position, images[0], labels[0], predictions[0])

@@ -1,8 +1,9 @@
 """An exported ONNX graph (tools/export_onnx.py) behind a Segmentor's interface, for evaluate.py.
 
-The graph takes normalised images and returns logits at the head's stride, as the PyTorch model does,
-so the same whole / slide / multi-scale inference and scoring run on either, and the speed gained and
-the mIoU lost by a deployment (an int8 graph) are measured on the same validation set.
+The graph takes normalised images and returns what the PyTorch model returns (logits at the head's
+stride, or mask classification's class and mask logits), so the same whole / slide / multi-scale
+inference and scoring run on either, and the speed gained and the mIoU lost by a deployment (an int8
+graph) are measured on the same validation set.
 """
 
 import json
@@ -10,7 +11,26 @@ import json
 import torch
 from torch import nn
 
+from models.heads.mask_classification import MaskClassification
 from models.weights import CheckpointError
+
+MASK_OUTPUTS = list(MaskClassification._fields)
+"""The graph's outputs for a mask-classification model; a per-pixel model's is `logits`."""
+
+
+def output_tensors(output) -> dict:
+    """A model's output as the graph's named outputs."""
+    if isinstance(output, MaskClassification):
+        return output._asdict()
+    return {'logits': output}
+
+
+def output_axes(output) -> dict:
+    """The dynamic axes of each named output, for torch.onnx.export."""
+    return {
+        name: {0: 'batch', **({2: f'{name}_height', 3: f'{name}_width'} if tensor.dim() == 4 else {})}
+        for name, tensor in output_tensors(output).items()
+    }
 
 
 def open_session(path, threads: int = None):
@@ -32,7 +52,8 @@ class OnnxError(CheckpointError):
 
 
 class OnnxSegmentor(nn.Module):
-    """(B, 3, H, W) normalised images -> (B, K, H/s, W/s) logits, computed by ONNX Runtime on the CPU.
+    """(B, 3, H, W) normalised images -> the model's output (logits (B, K, H/s, W/s), or
+    `MaskClassification`), computed by ONNX Runtime on the CPU.
 
     `metadata` holds what the exporter stored beside the graph (mean, std, num_classes, class_names,
     config, checkpoint), each JSON-decoded where it is JSON.
@@ -43,17 +64,19 @@ class OnnxSegmentor(nn.Module):
         self.path = str(path)
         self.session = open_session(path, threads)
         names = ([i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])
-        if names != (['images'], ['logits']):
+        if names not in ((['images'], ['logits']), (['images'], MASK_OUTPUTS)):
             raise OnnxError(f'{path}: not a graph of tools/export_onnx.py (inputs, outputs: {names})')
+        self.output_names = names[1]
         self.metadata = {k: decoded(v) for k, v in self.session.get_modelmeta().custom_metadata_map.items()}
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor):
         try:
-            (logits,) = self.session.run(['logits'], {'images': images.float().cpu().numpy()})
+            arrays = self.session.run(self.output_names, {'images': images.float().cpu().numpy()})
         except Exception as error:  # ONNX Runtime's own exception types
             message = str(error).strip().splitlines()[0]
             raise OnnxError(f'{self.path}: ONNX Runtime cannot run it on {tuple(images.shape)} ({message})') from None
-        return torch.from_numpy(logits).to(images.device)
+        tensors = [torch.from_numpy(a).to(images.device) for a in arrays]
+        return MaskClassification(*tensors) if self.output_names == MASK_OUTPUTS else tensors[0]
 
 
 def decoded(value: str):

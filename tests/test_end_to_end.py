@@ -87,6 +87,16 @@ def test_evaluate_reproduces_the_best_miou(run, capsys):
     assert 'mIoU' in printed and re.search(r'\d+ images in [\d.]+ s', printed)
 
 
+def test_evaluate_tta_is_mmsegs_scales_and_flip_of_the_loaded_images(run, tmp_path):
+    """--tta sets mmseg's six scales and flip, which the val set serves the loaded images for."""
+    evaluate.main(
+        ['--checkpoint', str(run / 'work' / 'best.pth'), '--device', 'cpu', '--tta', '--work-dir', str(tmp_path)]
+    )
+    results = json.loads((tmp_path / 'eval_val_whole.json').read_text())
+    assert results['eval']['scales'] == [0.5, 0.75, 1.0, 1.25, 1.5, 1.75] and results['eval']['flip'] is True
+    assert 0 <= results['mIoU'] <= 100
+
+
 def test_evaluate_scores_the_float_and_int8_onnx_exports(run):
     """evaluate.py --onnx: the float graph scores what the checkpoint scores; the int8 one, calibrated
     on training images, is scored on the same val set (results beside the graph, named after it)."""

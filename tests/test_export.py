@@ -53,3 +53,22 @@ def test_lightham_export_at_batch_1_is_pytorch_eval_with_nmf_seed(tmp_path):
     (actual,) = session.run(['logits'], {'images': images.numpy()})
     assert (torch.from_numpy(actual) - expected).abs().max().item() < 1e-4
     assert 'initial_bases' not in vars(model.head.hamburger.ham)  # the export patched a copy
+
+
+def test_a_mask2former_graph_predicts_as_pytorch_through_the_shared_inference(tmp_path):
+    """Its two outputs come back as `MaskClassification` from OnnxSegmentor (evaluate.py --onnx), so
+    the mask logits are resized before they are combined, as for the PyTorch model."""
+    from engine.inference import predict_scores
+    from engine.onnx_runtime import OnnxSegmentor
+
+    model = tiny_model('resnet_mask2former_ol')
+    path = export_onnx.export(model, tmp_path / 'm2f.onnx', size=(64, 64))
+    graph = OnnxSegmentor(path)
+    assert graph.output_names == ['class_logits', 'mask_logits']
+    images = torch.randint(0, 256, (1, 3, 70, 150), dtype=torch.uint8)
+    options = dict(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], out_size=(90, 200), size_divisor=32)
+    with torch.no_grad():
+        expected = predict_scores(model.eval(), images, **options)
+    actual = predict_scores(graph, images, **options)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(actual.argmax(1), expected.argmax(1))

@@ -1,5 +1,6 @@
 """Mask2Former(+OL): the reference vectors, the published parameter counts, deformable attention against
-a naive loop, Offset Learning for masks against the published order of operations, semantic inference."""
+a naive loop, Offset Learning for masks against the published order of operations, semantic inference
+(its place in the path to image size: tests/test_official_inference.py)."""
 
 import itertools
 import math
@@ -11,7 +12,7 @@ from test_published_models import pair_model
 from conftest import ROOT, assert_close_to_reference, load_vector
 from engine.checkpoint import load_checkpoint
 from engine.cli import config_for_checkpoint
-from engine.inference import infer_logits
+from engine.inference import single_view
 from engine.losses import SegmentationLoss
 from engine.optim import group_rule
 from engine.rules import load_config
@@ -19,7 +20,8 @@ from models import OffsetLearningMask
 from models.backbones import BACKBONES
 from models.backbones.swin import Swin
 from models.heads.deformable_attention import multi_scale_deformable_attention
-from models.heads.mask2former import Mask2FormerHead, semantic_logits, sine_position_encoding
+from models.heads.mask2former import Mask2FormerHead, sine_position_encoding
+from models.heads.mask_classification import MaskClassification, semantic_scores
 from models.weights import load_model_weights
 from tools.convert_checkpoint import convert
 from train import create_model
@@ -73,7 +75,7 @@ def test_ol_vector_logits_and_predictions(reference):
     with torch.no_grad():
         features = model.backbone(data['input'])
         predictions = model.head.predictions(features)
-        logits = model(data['input'])
+        logits = semantic_scores(model(data['input']))
     for hook in hooks:
         hook.remove()
     assert_close_to_reference(logits, data['logits'], 'logits')
@@ -112,7 +114,7 @@ SMALL_HEAD = {
 @pytest.mark.parametrize('backbone', sorted(BACKBONES))
 def test_every_backbone_pairs_with_mask2former(backbone, offset_learning):
     """A small head on each family's tiny variant: the set-prediction loss reaches the first backbone
-    layer, the class and mask embeddings and OL; eval gives semantic logits at stride 4."""
+    layer, the class and mask embeddings and OL; eval gives class and mask logits, masks at stride 4."""
     model = pair_model(backbone, {**SMALL_HEAD, 'offset_learning': offset_learning})
     outputs = model(torch.randn(2, 3, 64, 96))
     SegmentationLoss(255, {}).terms(outputs, torch.randint(0, 5, (2, 64, 96)))['loss'].backward()
@@ -125,7 +127,8 @@ def test_every_backbone_pairs_with_mask2former(backbone, offset_learning):
     ]
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in checked)
     with torch.no_grad():
-        assert model.eval()(torch.randn(1, 3, 64, 96)).shape == (1, 5, 16, 24)
+        output = model.eval()(torch.randn(1, 3, 64, 96))
+    assert output.class_logits.shape == (1, 7, 6) and output.mask_logits.shape == (1, 7, 16, 24)
 
 
 def test_training_mode_returns_every_prediction_point():
@@ -144,7 +147,8 @@ def test_training_mode_returns_every_prediction_point():
     outputs = head.train()(features)
     assert len(outputs['cls_scores']) == len(outputs['mask_preds']) == 4
     assert outputs['cls_scores'][0].shape == (2, 7, 6) and outputs['mask_preds'][0].shape == (2, 7, 16, 16)
-    assert head.eval()(features).shape == (2, 5, 16, 16)
+    output = head.eval()(features)
+    assert isinstance(output, MaskClassification) and output.mask_logits.shape == (2, 7, 16, 16)
 
 
 def naive_deformable_attention(value, shapes, locations, weights):
@@ -201,7 +205,20 @@ def test_semantic_logits_by_hand():
     cls_scores = torch.tensor([[[math.log(3), 0.0, 0.0], [0.0, 0.0, math.log(2)]]])  # p = (.6 .2 .2), (.25 .25 .5)
     mask_preds = torch.tensor([[[[0.0]], [[math.log(3)]]]])  # sigmoid 0.5, 0.75
     expected = torch.tensor([[[[0.6 * 0.5 + 0.25 * 0.75]], [[0.2 * 0.5 + 0.25 * 0.75]]]])
-    torch.testing.assert_close(semantic_logits(cls_scores, mask_preds), expected)
+    torch.testing.assert_close(semantic_scores(MaskClassification(cls_scores, mask_preds)), expected)
+
+
+def test_semantic_scores_resize_the_masks_in_chunks_of_queries(monkeypatch):
+    """Masks resized then combined; chunks of queries (bounded memory) give the same sum."""
+    generator = torch.Generator().manual_seed(0)
+    output = MaskClassification(
+        torch.randn(2, 9, 4, generator=generator), 8 * torch.randn(2, 9, 6, 10, generator=generator)
+    )
+    masks = torch.nn.functional.interpolate(output.mask_logits, size=(23, 41), mode='bilinear', align_corners=False)
+    expected = torch.einsum('bqk,bqhw->bkhw', output.class_logits.softmax(-1)[..., :-1], masks.sigmoid())
+    torch.testing.assert_close(semantic_scores(output, (23, 41)), expected)
+    monkeypatch.setattr('models.heads.mask_classification.CHUNK_ELEMENTS', 2 * 2 * 23 * 41)  # 2 queries a chunk
+    torch.testing.assert_close(semantic_scores(output, (23, 41)), expected)
 
 
 def test_sine_position_encoding_by_hand():
@@ -240,8 +257,8 @@ def test_a_query_whose_mask_blocks_everything_attends_everywhere():
     head.decoder_layers[0].register_forward_pre_hook(lambda module, args: seen.append(args[4]))
     features = [torch.rand(1, c, 64 // s, 64 // s) for c, s in zip([16, 32, 64, 128], [4, 8, 16, 32])]
     with torch.no_grad():
-        logits = head(features)
-    assert not seen[0].any() and torch.isfinite(logits).all()
+        output = head(features)
+    assert not seen[0].any() and all(torch.isfinite(t).all() for t in output)
 
 
 def test_published_recipe_parameter_groups():
@@ -318,14 +335,14 @@ def test_plain_mmseg_checkpoint_converts_and_extra_keys_are_listed(tmp_path):
     assert reports['ol'][0].startswith('2 keys unexpected in the checkpoint: head.offset_learning.')
 
 
-def test_whole_and_slide_inference_take_the_semantic_logits():
-    """engine/inference.py unchanged: whole, one full-size window and overlapping windows."""
+def test_whole_and_slide_inference_combine_masks_at_the_window_size():
+    """Whole, one full-size window and overlapping windows."""
     model = pair_model('resnet', {**SMALL_HEAD, 'offset_learning': True}).eval()
     images = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
-        expected = torch.nn.functional.interpolate(model(images), size=(64, 96), mode='bilinear')
-        torch.testing.assert_close(infer_logits(model, images, 5), expected)
-        one_window = infer_logits(model, images, 5, mode='slide', crop_size=(64, 96), stride=(64, 96))
+        expected = semantic_scores(model(images), (64, 96))
+        torch.testing.assert_close(single_view(model, images), expected)
+        one_window = single_view(model, images, 'slide', crop_size=(64, 96), stride=(64, 96))
         torch.testing.assert_close(one_window, expected)
-        windows = infer_logits(model, images, 5, mode='slide', crop_size=(64, 64), stride=(32, 32))
+        windows = single_view(model, images, 'slide', crop_size=(64, 64), stride=(32, 32))
     assert windows.shape == (1, 5, 64, 96) and torch.isfinite(windows).all()

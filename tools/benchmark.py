@@ -58,6 +58,7 @@ from engine.cli import AMP_DTYPES, ArgumentParser, number, run_cli  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
 from engine.fast import time_calls  # noqa: E402
 from engine.losses import SegmentationLoss  # noqa: E402
+from engine.onnx_runtime import output_tensors  # noqa: E402
 from engine.optim import build_optimizer  # noqa: E402
 from engine.rules import load_config  # noqa: E402
 from models import OffsetLearning, OffsetLearningMask  # noqa: E402
@@ -337,7 +338,11 @@ def compare_onnx(session, model, images: torch.Tensor, amp, runs: int, warmup: i
     name = session.get_inputs()[0].name
     array = images.float().cpu().numpy()
     eager = inference_call(model, images, amp)
-    diff = (eager().float().cpu() - torch.from_numpy(session.run(None, {name: array})[0])).abs().max().item()
+    expected = output_tensors(eager()).values()
+    diff = max(
+        (reference.float().cpu() - torch.from_numpy(result)).abs().max().item()
+        for reference, result in zip(expected, session.run(None, {name: array}))
+    )
     times = time_calls(
         {'eager': eager, 'onnxruntime': lambda: session.run(None, {name: array})}, runs, warmup, images.device
     )

@@ -17,7 +17,9 @@ eval mode and its conv+BN pairs folded (engine/fast.py). The graph:
   s = 4 for the OffSeg, DeepLabV3+ and SegFormer heads; 8 for LightHam (SegNeXt), the two fast
   SegFormer heads and SegFormer with Offset Learning; the backbone's output stride for DeepLabV3
   (each head's docstring says; for sides that are not multiples of s the backbone's rounding
-  decides). Class ids are the argmax over K after a bilinear resize to (H, W), as infer.py does.
+  decides). Mask2Former's graph has two outputs instead, `class_logits` (B, Q, K+1) and
+  `mask_logits` (B, Q, H/4, W/4). Class ids come from them as evaluate.py and infer.py take them
+  (engine/inference.py: whole / slide, resized to (H, W), argmax over K).
 
 Any size the PyTorch model accepts works; --size only sets the tracing example (OffSeg needs sides
 that are multiples of 32). LightHam's NMF starts from random bases (see models/heads/ham.py): in the
@@ -59,7 +61,8 @@ from datasets.transforms import Pipeline  # noqa: E402
 from engine.checkpoint import load_checkpoint  # noqa: E402
 from engine.cli import ArgumentParser, config_for_checkpoint, number, run_cli  # noqa: E402
 from engine.fast import prepare_for_inference  # noqa: E402
-from engine.inference import infer_logits, inference_options, normalize  # noqa: E402
+from engine.inference import eval_pipeline, inference_options, predict_scores  # noqa: E402
+from engine.onnx_runtime import output_axes, output_tensors  # noqa: E402
 from models.heads.ham import Hamburger  # noqa: E402
 from models.weights import load_model_weights  # noqa: E402
 from train import create_model  # noqa: E402
@@ -98,6 +101,8 @@ def export(
     exported = prepare_for_inference(model, fold_bn=fold_bn).cpu()
     fix_nmf_bases(exported)
     example = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        axes = output_axes(exported(example))
     with warnings.catch_warnings():
         # the models' input-size checks are Python conditions on shapes: traced as constants, as intended
         warnings.simplefilter('ignore', torch.jit.TracerWarning)
@@ -109,11 +114,8 @@ def export(
             dynamo=False,
             opset_version=opset,
             input_names=['images'],
-            output_names=['logits'],
-            dynamic_axes={
-                'images': {0: 'batch', 2: 'height', 3: 'width'},
-                'logits': {0: 'batch', 2: 'logits_height', 3: 'logits_width'},
-            },
+            output_names=list(axes),
+            dynamic_axes={'images': {0: 'batch', 2: 'height', 3: 'width'}, **axes},
         )
     write_metadata(path, metadata or {})
     return path
@@ -136,7 +138,7 @@ def calibration_inputs(model: torch.nn.Module, cfg: dict, folder, count: int) ->
     if not files:
         raise DatasetError(f'--calibration {folder}: no image files ({", ".join(IMAGE_SUFFIXES)}) in that folder')
     data = cfg['data']
-    pipeline = Pipeline(data['val']['pipeline'], data['ignore_index'], data['mean'])
+    pipeline = Pipeline(eval_pipeline(cfg), data['ignore_index'], data['mean'])
     recorded = []
 
     def record(images: torch.Tensor) -> torch.Tensor:
@@ -146,8 +148,8 @@ def calibration_inputs(model: torch.nn.Module, cfg: dict, folder, count: int) ->
     with torch.inference_mode():
         for path in files[:count]:
             image, _ = pipeline(read_image(path), None, np.random.default_rng(0))
-            images = normalize(torch.from_numpy(image.transpose(2, 0, 1).copy())[None], data['mean'], data['std'])
-            infer_logits(record, images, data['num_classes'], **inference_options(cfg['eval']))
+            images = torch.from_numpy(image.transpose(2, 0, 1).copy())[None]
+            predict_scores(record, images, data['mean'], data['std'], **inference_options(cfg['eval']))
     return recorded, len(files[:count])
 
 
@@ -209,14 +211,26 @@ def check(path, model: torch.nn.Module, sizes, batch: int = 1) -> list:
     for height, width in sizes:
         images = torch.randn(batch, 3, height, width, generator=generator)
         with torch.no_grad():
-            expected = model(images.to(next(model.parameters()).device)).float().cpu()
-        (actual,) = session.run(['logits'], {'images': images.numpy()})
-        if tuple(actual.shape) != tuple(expected.shape):
-            raise AssertionError(
-                f'{path}: ONNX logits of shape {actual.shape} at {height}x{width}, PyTorch {tuple(expected.shape)}'
-            )
-        differences.append((torch.from_numpy(actual) - expected).abs().max().item())
+            expected = output_tensors(model(images.to(next(model.parameters()).device)))
+        actual = session.run(list(expected), {'images': images.numpy()})
+        difference = 0.0
+        for (name, reference), result in zip(expected.items(), actual):
+            if tuple(result.shape) != tuple(reference.shape):
+                raise AssertionError(
+                    f'{path}: ONNX {name} of shape {result.shape} at {height}x{width}, PyTorch {tuple(reference.shape)}'
+                )
+            difference = max(difference, (torch.from_numpy(result) - reference.float().cpu()).abs().max().item())
+        differences.append(difference)
     return differences
+
+
+def describe_outputs(path) -> str:
+    """The graph's outputs with their shapes, e.g. 'logits (batch, 150, logits_height, logits_width)'."""
+
+    def shape(output) -> str:
+        return ', '.join(d.dim_param or str(d.dim_value) for d in output.type.tensor_type.shape.dim)
+
+    return ' and '.join(f'{o.name} ({shape(o)})' for o in onnx.load(str(path)).graph.output)
 
 
 def parse_args(argv=None):
@@ -280,10 +294,7 @@ def main(argv=None) -> None:
         write_metadata(path, {**metadata, 'int8_calibration': {'folder': args.calibration, 'images': images}})
     else:
         path = export(model, args.output, tuple(args.size), args.opset, metadata=metadata)
-    print(
-        f'{path} written{" (int8)" if args.int8 else ""}: images (B, 3, H, W) normalised -> '
-        f'logits (B, {data["num_classes"]}, H/s, W/s)'
-    )
+    print(f'{path} written{" (int8)" if args.int8 else ""}: images (B, 3, H, W) normalised -> {describe_outputs(path)}')
     if args.check:
         height, width = args.size
         sizes = [(height, width), (height + 32, width + 64)]

@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 from engine.cli import ArgumentParser  # noqa: E402
 from engine.rules import load_config  # noqa: E402
 from models import BACKBONES, OffsetLearning  # noqa: E402
+from models.heads.mask_classification import MaskClassification  # noqa: E402
 from train import create_model  # noqa: E402
 
 BEGIN, END = '<!-- model_table: begin -->', '<!-- model_table: end -->'
@@ -52,7 +53,8 @@ def describe(path: Path) -> dict:
     cfg = load_config(path, ['backbone.pretrained=null'])
     with torch.device('meta'):
         model = create_model(cfg).eval()
-        logits = model(torch.empty(1, 3, 512, 512))
+        output = model(torch.empty(1, 3, 512, 512))
+    maps = output.mask_logits if isinstance(output, MaskClassification) else output
     params = count(model)
     classifier = getattr(model.head, 'classifier', None)  # mask classification (Mask2Former) has none
     if isinstance(classifier, OffsetLearning):
@@ -66,7 +68,7 @@ def describe(path: Path) -> dict:
         'backbone': f'{cfg["backbone"]["type"]} {cfg["backbone"].get("variant", "")}',
         'head': cfg['head']['type'] + (' + OL' if cfg['head'].get('offset_learning') else ''),
         'classes': cfg['data']['num_classes'],
-        'stride': 512 // logits.shape[-1],
+        'stride': 512 // maps.shape[-1],
         'params': params,
         'with_conv_seg': with_conv_seg,
         'paper_params': paper.get('params_m'),

@@ -36,6 +36,7 @@ from timm.layers import DropPath
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import InputSizeError
 from .variants import lookup
 
 NUM_HEADS = 8
@@ -386,9 +387,9 @@ class EfficientFormerV2(nn.Module):
     def forward(self, x: torch.Tensor) -> list:
         h, w = x.shape[-2:]
         if math.ceil(h / 16) % 2 or math.ceil(w / 16) % 2:
-            raise ValueError(
+            raise InputSizeError(
                 f'EfficientFormerV2 needs ceil(H/16) and ceil(W/16) even (e.g. sides that are '
-                f'multiples of 32); got an input of {h}x{w}'
+                f'multiples of 32); got an input of {h}x{w} (at test time, eval.size_divisor: 32 pads to that)'
             )
         channels_last = not torch.is_grad_enabled() and CHANNELS_LAST_LAYERS > 0
         x = self.patch_embed(x.contiguous(memory_format=torch.channels_last) if channels_last else x)

@@ -14,8 +14,9 @@ predicts one binary mask and one class (or "no object"). The pieces, as in mmdet
 With `offset_learning` (OffSeg's Mask2Former+OL) each prediction's masks come from
 `OffsetLearningMask`, always applied to the original mask features, and so do the attention masks.
 
-Eval output: semantic logits (B, K, H/4, W/4) = Σ_queries softmax(class)[:K] · sigmoid(mask), mmseg's
-inference. Training output: {'cls_scores': [(B, Q, K+1)], 'mask_preds': [(B, Q, H/4, W/4)]}, one
+Eval output: the last prediction's class and mask logits (`MaskClassification`), which inference
+turns into per-class scores at the size it needs (`semantic_scores`, mmseg's semantic inference).
+Training output: {'cls_scores': [(B, Q, K+1)], 'mask_preds': [(B, Q, H/4, W/4)]}, one
 entry per prediction point, for the set-prediction loss (`engine/mask_losses.py`).
 """
 
@@ -29,6 +30,7 @@ from torch import nn
 from ..offset_learning import OffsetLearningMask
 from .deformable_attention import MultiScaleDeformableAttention
 from .layers import ConvModule, resize
+from .mask_classification import MaskClassification
 
 NUM_LEVELS = 3
 """The pixel decoder refines, and the decoder attends to, the stride-32/16/8 maps."""
@@ -162,10 +164,11 @@ class MaskedAttentionDecoderLayer(nn.Module):
 
 
 class Mask2FormerHead(nn.Module):
-    """mmseg's `Mask2FormerHead` (+ OL): semantic logits at stride 4 in eval, all predictions in training.
+    """mmseg's `Mask2FormerHead` (+ OL): the last prediction in eval, all predictions in training.
 
-    List of 4 backbone maps -> semantic logits (B, num_classes, H/4, W/4) in eval mode, the
-    predictions of every point (see the module docstring) in training mode.
+    List of 4 backbone maps -> `MaskClassification` (class logits (B, Q, K+1), mask logits
+    (B, Q, H/4, W/4)) in eval mode, the predictions of every point (see the module docstring) in
+    training mode.
 
     The published ADE20K model: channels 256, 100 queries, 9 decoder layers (3 rounds over the
     levels), 6 encoder layers, 8 heads, FFNs 1024 (encoder) and 2048 (decoder) wide. `channels`
@@ -214,7 +217,7 @@ class Mask2FormerHead(nn.Module):
         predictions = self.predictions(features)
         if self.training:
             return predictions
-        return semantic_logits(predictions['cls_scores'][-1], predictions['mask_preds'][-1])
+        return MaskClassification(predictions['cls_scores'][-1], predictions['mask_preds'][-1])
 
     def predictions(self, features: list) -> dict:
         """{'cls_scores': [(B, Q, K+1)], 'mask_preds': [(B, Q, H/4, W/4)]} of all prediction points."""
@@ -258,12 +261,6 @@ class Mask2FormerHead(nn.Module):
                 key = re.sub(pattern, replacement, key)
             converted[key] = value
         return converted
-
-
-def semantic_logits(cls_scores: torch.Tensor, mask_preds: torch.Tensor) -> torch.Tensor:
-    """mmseg's semantic inference: (B, Q, K+1) class logits, (B, Q, H, W) mask logits -> (B, K, H, W)
-    Σ_q softmax(class)_q[:K] · sigmoid(mask_q); the last class column is "no object"."""
-    return torch.einsum('bqk,bqhw->bkhw', cls_scores.softmax(dim=-1)[..., :-1], mask_preds.sigmoid())
 
 
 RENAMES = [  # applied in order; our keys match none of them
