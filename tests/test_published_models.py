@@ -15,7 +15,8 @@ import infer
 from conftest import ROOT, assert_close_to_reference, load_vector
 from engine.checkpoint import load_checkpoint
 from engine.cli import config_for_checkpoint
-from engine.config import resolve
+from engine.config import read_config, resolve
+from engine.inference import TTA_SCALES
 from engine.rules import check_config, load_config
 from models import OffsetLearning
 from models.heads import HEADS
@@ -46,6 +47,46 @@ def test_every_config_validates_and_matches_its_papers_parameter_count(path):
         _, classes, channels = model.head.classifier.cls_repr.shape
         params += channels * classes + classes
     assert abs(params / 1e6 - paper['params_m']) <= 0.05, f"{params / 1e6:.3f}M vs the paper's {paper['params_m']}M"
+
+
+def published_settings_table() -> dict:
+    """configs/README.md's table of the published configs' test settings: {config name: row}."""
+    text = (ROOT / 'configs' / 'README.md').read_text()
+    lines = text[text.index('### The test settings of the published configs') :].splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith('| config |'))
+    columns = [c.strip() for c in lines[header].strip('|').split('|')]
+    rows = {}
+    for line in lines[header + 2 :]:
+        if not line.startswith('|'):
+            break
+        row = dict(zip(columns, (c.strip() for c in line.strip('|').split('|'))))
+        rows[row['config'].strip('`')] = row
+    return rows
+
+
+def test_every_published_config_tests_as_its_table_row_says():
+    """The table next to the configs (written from the official configs) and the configs cannot drift
+    apart: one row per config with a `paper` section, and its test resize, padding, whole/slide
+    windows, TTA and paper mIoU are the config's."""
+    table = published_settings_table()
+    published = {path.stem: read_config(path) for path in CONFIGS if read_config(path)['paper']}
+    assert sorted(table) == sorted(published)
+    tta = f'{TTA_SCALES[0]}–{TTA_SCALES[-1]} + flip'
+    for name, cfg in published.items():
+        row, eval_cfg = table[name], cfg['eval']
+        (resize,) = [step['scale'] for step in cfg['data']['val']['pipeline'] if step['type'] == 'resize']
+        mode = 'whole' if eval_cfg['mode'] == 'whole' else f'slide {eval_cfg["crop_size"][0]}/{eval_cfg["stride"][0]}'
+        if eval_cfg['mode'] == 'slide':  # the table writes square windows and strides by their side
+            assert (
+                eval_cfg['crop_size'][0] == eval_cfg['crop_size'][1] and eval_cfg['stride'][0] == eval_cfg['stride'][1]
+            )
+        padding = str(eval_cfg['size_divisor']) if eval_cfg['size_divisor'] > 1 else 'none'
+        paper = cfg['paper']
+        assert row['test resize'] == f'({resize[0]}, {resize[1]})', name
+        assert (row['padding'], row['inference'], row['TTA']) == (padding, mode, tta), name
+        assert row['paper mIoU'] == str(paper.get('miou', '–')), name
+        assert row['paper mIoU (TTA)'] == str(paper.get('miou_ms', '–')), name
+        assert eval_cfg['scales'] == [1.0] and not eval_cfg['flip'], f'{name}: the published numbers are single scale'
 
 
 def converted_model(name: str, folder):
