@@ -190,6 +190,11 @@ FAMILIES = {
         {'type': 'segformer', 'channels': 32, 'offset_learning': True},
         {'mode': 'slide', 'crop_size': (96, 96), 'stride': (64, 64), 'size_divisor': 1},
     ),
+    'offseg (slide 64/48, no padding; 64-pixel windows on an 80x340 image: EfficientFormerV2 takes multiples of 32)': (
+        'efficientformerv2',
+        {'type': 'offseg', 'new_channels': [32, 32, 64, 64], 'channels': 64},
+        {'mode': 'slide', 'crop_size': (64, 64), 'stride': (48, 48), 'size_divisor': 1},
+    ),
     'segnext (whole, padded to 32)': (
         'mscan',
         {'type': 'ham', 'ham_channels': 32, 'channels': 32, 'nmf_seed': 0},
@@ -232,7 +237,7 @@ def test_single_scale_equals_mmseg(name, models):
     """A 75x330 test image (aspect 4.4; slide windows of 96 are taller than it), scored at a
     label size of 90x400 (the test resize undone)."""
     model, options = family_model(models, name), FAMILIES[name][2]
-    image, label_size = street_image(75, 330), (90, 400)
+    image, label_size = street_image(*((80, 340) if name.startswith('offseg') else (75, 330))), (90, 400)
     test_cfg = {'mode': options.get('mode', 'whole'), **options}
     official = mmseg_predict(model, image, label_size, test_cfg, options['size_divisor'], 5)
     assert_same_prediction(ours(model, image, label_size, **options), official)
