@@ -5,12 +5,17 @@
     python train.py --config configs/demo.yaml --resume auto          # continue exactly after a stop or kill
     python train.py --config configs/camvid.yaml --load-from CKPT     # fine-tune from a checkpoint's weights
 
+SIGTERM, SIGUSR1 and SIGINT (Ctrl-C; --stop-signals) finish the current step, write a training
+checkpoint at that iteration and end the run with exit code 128 + the signal's number: what a cluster
+sends before it preempts a job. --resume auto then continues exactly (engine/preemption.py).
+
 The factories below map the config to models; the rest of the file is the training loop.
 """
 
 import contextlib
 import copy
 import datetime
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,13 +25,14 @@ from torch.utils.data import DataLoader, Subset
 
 from datasets.sampler import TrainSampler, shard
 from engine import dist
-from engine.checkpoint import claim_work_dir, remove_partial_writes, resume_checkpoint
+from engine.checkpoint import claim_work_dir, remove_partial_writes, resume_checkpoint, save_iteration_checkpoint
 from engine.cli import ArgumentParser, amp_dtype_for, run_cli
 from engine.config import choose, dump_config
 from engine.data import build_dataset
 from engine.losses import SegmentationLoss
 from engine.optim import build_ema, build_optimizer, build_scheduler
-from engine.rules import load_config, pretrained_file, section_kwargs
+from engine.preemption import SIGNALS, STOP_SIGNALS, StopRequest, ignore_stop_signals
+from engine.rules import load_config, pretrained_file, section_kwargs, training_warnings
 from engine.training import (
     Batches,
     Logger,
@@ -102,6 +108,15 @@ def parse_args(argv=None):
         help='initialise the weights from a checkpoint (fine-tuning: a fresh optimizer and schedule; '
         'ignored when resuming)',
     )
+    parser.add_argument(
+        '--stop-signals',
+        nargs='+',
+        choices=SIGNALS,
+        default=list(STOP_SIGNALS),
+        metavar='SIGNAL',
+        help=f'signals that end the run with a checkpoint at the current iteration (default: {" ".join(STOP_SIGNALS)}; '
+        f'any of {", ".join(SIGNALS)})',
+    )
     return parser.parse_args(argv)
 
 
@@ -170,6 +185,7 @@ def build_loaders(cfg: dict, run: Run, train_set, val_set, start_iter: int) -> t
         num_workers=cfg['data']['workers'],
         pin_memory=run.device.type == 'cuda',
         persistent_workers=cfg['data']['workers'] > 0,
+        worker_init_fn=ignore_stop_signals,
     )
     samples_per_iter = run.micro_batch * cfg['train']['accum_steps']
     sampler = TrainSampler(
@@ -235,18 +251,22 @@ def main(argv=None) -> None:
     cfg = load_config(args.config, args.set)
     run = start_run(args, cfg)
     lock = claim_work_dir(run.work_dir, args.resume is not None, args.overwrite) if dist.is_main() else None
-    with lock or contextlib.nullcontext(), Logger(run.work_dir if dist.is_main() else None) as log:
-        fit(args, cfg, run, log)
-    dist.cleanup()
+    try:
+        with lock or contextlib.nullcontext():
+            resume = resume_checkpoint(args.resume, run.work_dir)  # before anything is written there
+            with Logger(run.work_dir if dist.is_main() else None) as log:
+                fit(args, cfg, run, log, *resume)
+    finally:
+        dist.cleanup()
 
 
-def fit(args, cfg: dict, run: Run, log: Logger) -> None:
-    """Build, restore, then train to `train.max_iters`, validating and checkpointing on the way."""
+def fit(args, cfg: dict, run: Run, log: Logger, resume=None, checkpoint=None) -> None:
+    """Build, restore (from `checkpoint`, read from `resume`), then train to `train.max_iters`,
+    validating and checkpointing on the way."""
     train_cfg, data_cfg = cfg['train'], cfg['data']
     # Data first: a wrong folder fails here, before the model is built.
     train_set, val_set = build_dataset(cfg, 'train', run.work_dir), build_dataset(cfg, 'val', run.work_dir)
     stored = run_config(cfg, run, train_set)
-    resume, checkpoint = resume_checkpoint(args.resume, run.work_dir)
     model = build_model(cfg, run, load_from=None if checkpoint else args.load_from)
     find_unused = run.world_size > 1 and has_unused_parameters(model, run.device)
     state, groups_table = build_train_state(stored, run, model)
@@ -262,11 +282,14 @@ def fit(args, cfg: dict, run: Run, log: Logger) -> None:
     )
     prepare_work_dir(run, stored, log)
     log(describe_run(cfg, run, state, groups_table, train_set, val_set, find_unused))
+    for warning in training_warnings(cfg):
+        log(f'warning: {warning}')
     style = ClassStyle.of(val_set)
 
     train_model.train()
     meter, max_iters = ProgressMeter(run.device, train_cfg['batch_size']), train_cfg['max_iters']
-    with progress_bar(total=max_iters, initial=state.iteration, desc='train') as bar:
+    stop = StopRequest(args.stop_signals)
+    with stop, progress_bar(total=max_iters, initial=state.iteration, desc='train') as bar:
         while state.iteration < max_iters:
             terms = train_step(
                 train_model, state, criterion, batches, train_cfg['accum_steps'], run.amp_dtype, train_cfg['grad_clip']
@@ -282,7 +305,25 @@ def fit(args, cfg: dict, run: Run, log: Logger) -> None:
                     validate_and_checkpoint(
                         state, val_loader, stored, run.device, run.amp_dtype, log, run.work_dir, style
                     )
+            if state.iteration < max_iters and (number := stop.agreed()):
+                save_and_stop(state, stored, run, log, meter, number)
     log(closing_line(state, run.work_dir))
+
+
+def save_and_stop(state: TrainState, cfg: dict, run: Run, log: Logger, meter: ProgressMeter, number: int) -> None:
+    """A stop signal reached some process: write the training state at this iteration (unless
+    validation just did), say how to continue, and end with 128 + the signal's number."""
+    meter.check_finite(run.work_dir)  # never checkpoint a broken state
+    if not due(state.iteration, cfg['train']['val_interval'], cfg['train']['max_iters']):
+        checkpoint = state.state_dict()
+        if dist.is_main():
+            save_iteration_checkpoint(checkpoint, run.work_dir, cfg['train']['keep_checkpoints'])
+        dist.barrier()
+    log(
+        f'stopped by {signal.Signals(number).name} at iteration {state.iteration}; the training state is in '
+        f'{run.work_dir / "last.pth"}: continue with --resume auto'
+    )
+    raise SystemExit(128 + number)
 
 
 def closing_line(state: TrainState, work_dir: Path) -> str:

@@ -3,6 +3,7 @@ checkpoint was trained with, and the autocast dtype of a run."""
 
 import argparse
 import logging
+import signal
 import sys
 
 import torch
@@ -18,16 +19,39 @@ from .rules import accepted_keys, check_config, load_config
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM outside training's own handling of them (engine/preemption.py). A
+    KeyboardInterrupt, so that DataLoader workers leave it to the main process, as they do Ctrl-C."""
+
+    def __init__(self, number: int):
+        super().__init__(signal.Signals(number).name)
+        self.number = number
+
+
+def interrupt(number, frame) -> None:
+    raise Interrupted(number)
+
+
 def run_cli(main_fn) -> None:
     """Bad input (config, data, checkpoint, an image size the model cannot take) or an output that
-    must not or cannot be written ends with one clear line and exit code 2, not a traceback.
-    Weight-loading reports (models.weights) go to stderr as `note:` lines."""
+    must not or cannot be written ends with one clear line and exit code 2, not a traceback; Ctrl-C
+    and SIGTERM with one line and 128 + the signal's number (files being written are not left half
+    written: they are written atomically). Weight-loading reports (models.weights) go to stderr as
+    `note:` lines."""
     logging.basicConfig(level=logging.INFO, format='note: %(message)s', stream=sys.stderr)
+    previous = {number: signal.signal(number, interrupt) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         main_fn()
     except (ConfigError, DatasetError, CheckpointError, InputSizeError, OutputError) as error:
         print(f'error: {error}', file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as stop:
+        number = getattr(stop, 'number', signal.SIGINT)
+        print(f'\nstopped by {signal.Signals(number).name}', file=sys.stderr)
+        sys.exit(128 + number)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 class ArgumentParser(argparse.ArgumentParser):
