@@ -26,11 +26,12 @@ from datasets.sampler import shard
 from engine import dist, fast
 from engine.checkpoint import load_checkpoint
 from engine.cli import ArgumentParser, amp_dtype_for, config_for_checkpoint, number, run_cli
+from engine.config import ConfigError
 from engine.data import build_dataset
 from engine.evaluation import evaluate
 from engine.inference import TTA_SCALES
 from engine.onnx_runtime import OnnxSegmentor
-from engine.outputs import write_bytes, write_image
+from engine.outputs import Manifest, write_bytes, write_image
 from engine.visualize import ClassStyle, confusion_heatmap, iou_chart, side_by_side
 from models.weights import load_model_weights
 from train import create_model
@@ -78,16 +79,21 @@ def format_table(results: dict, class_names: list) -> str:
 
 class ShowPredictions:
     """An `on_sample` hook for `evaluate`: the picture of each of the first `limit` images of the dataset
-    into `folder`, named by dataset position and image name."""
+    into `folder`, named by dataset position and image name. Every name is claimed before anything is
+    scored: a file of that name that an earlier evaluate.py did not write (pictures.txt lists what it
+    did) is refused, never replaced."""
 
     def __init__(self, folder: Path, subset: Subset, limit, style: ClassStyle):
-        self.folder, self.subset, self.limit, self.style = folder, subset, limit, style
+        self.style, self.files = style, {}
+        manifest = Manifest(folder, 'pictures.txt')
+        for position, index in enumerate(subset.indices):
+            if limit is None or index < limit:
+                self.files[position] = folder / f'{index:05d}_{Path(subset.dataset.samples[index][0]).stem}.png'
+                manifest.claim(self.files[position])
 
     def __call__(self, position: int, image, label, prediction) -> None:
-        index = self.subset.indices[position]
-        if self.limit is None or index < self.limit:
-            name = Path(self.subset.dataset.samples[index][0]).stem
-            write_image(self.folder / f'{index:05d}_{name}.png', side_by_side(image, label, prediction, self.style))
+        if position in self.files:
+            write_image(self.files[position], side_by_side(image, label, prediction, self.style))
 
 
 def model_and_config(args) -> tuple:
@@ -95,7 +101,13 @@ def model_and_config(args) -> tuple:
     overrides = [*args.set, *cli_overrides(args)]
     if args.onnx:
         model = OnnxSegmentor(args.onnx)
-        return model, config_for_checkpoint({'config': model.metadata.get('config')}, args.onnx, args.config, overrides)
+        cfg = config_for_checkpoint({'config': model.metadata.get('config')}, args.onnx, args.config, overrides)
+        if model.metadata.get('num_classes') != cfg['data']['num_classes']:
+            raise ConfigError(
+                f'{args.onnx} scores {model.metadata.get("num_classes")} classes, the config '
+                f'{cfg["data"]["num_classes"]} (data.num_classes): a graph of another model or dataset'
+            )
+        return model, cfg
     checkpoint = load_checkpoint(args.checkpoint)
     cfg = config_for_checkpoint(checkpoint, args.checkpoint, args.config, overrides)
     model = create_model(cfg)
@@ -129,7 +141,7 @@ def main(argv=None) -> None:
             f'{len(subset)} images in {seconds:.1f} s ({1000 * seconds / len(subset):.0f} ms each, with data loading)'
         )
         scored = Path(args.onnx or args.checkpoint)
-        name = f'eval_{args.split}_{cfg["eval"]["mode"]}' + (f'_{scored.stem}' if args.onnx else '')
+        name = f'eval_{args.split}_{cfg["eval"]["mode"]}_{scored.stem}'  # each scored file its own results
         output = Path(args.work_dir or scored.parent) / f'{name}.json'
         per_class = {k: [None if math.isnan(x) else x for x in results[k]] for k in ('IoU', 'Acc')}
         record = {

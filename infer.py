@@ -8,9 +8,11 @@
 `np.asarray(PIL.Image.open(f))` gives the ids), and `<name>_overlay.jpg` (or .png, --overlay-format:
 the colours blended on the image at --opacity), keeping relative folders; `<output>/legend.png` and
 `<output>/classes.json` (id, name, colour of each class) say which colour is which class.
-Nothing is written if an output file would be one of the inputs or two inputs would share an output
-file (`a.jpg` and `a.png`). Non-images are skipped with a warning; unreadable images are reported and
-skipped. Images of equal size share a batch. --channels-last, --compile and --no-fold-bn choose the
+Nothing is written if an output file would be one of the inputs, two inputs would share an output
+file (`a.jpg` and `a.png`), or an output file is already there and infer.py did not write it
+(`<output>/predictions.txt` lists what it wrote); no image to predict, or none readable, is an
+error. Non-images are skipped with a warning; unreadable images are reported and skipped. Linked
+sub-folders are searched too. Images of equal size share a batch. --channels-last, --compile and --no-fold-bn choose the
 fast paths of engine/fast.py (by default conv+BN pairs folded, and channels_last where that times
 faster on the device).
 """
@@ -33,7 +35,7 @@ from engine import dist, fast
 from engine.checkpoint import load_checkpoint
 from engine.cli import ArgumentParser, amp_dtype_for, config_for_checkpoint, number, run_cli
 from engine.inference import eval_pipeline, inference_options, predict_scores
-from engine.outputs import OutputError, write_bytes, write_class_ids, write_image
+from engine.outputs import Manifest, OutputError, write_bytes, write_class_ids, write_image
 from engine.visualize import ClassStyle, legend, overlay
 from models.weights import load_model_weights
 from train import create_model
@@ -65,12 +67,25 @@ def find_inputs(pattern: str) -> tuple:
     if path.is_file():
         return path.parent, [path]
     if path.is_dir():
-        return path, sorted(p for p in path.rglob('*') if p.is_file())
+        return path, files_below(path)
     matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
     if not matches:
         raise DatasetError(f"--input '{pattern}': no such file or folder, and no file matches it as a glob")
     magic = next(i for i, part in enumerate(path.parts) if glob.has_magic(part))
     return Path(*path.parts[:magic]) if magic else Path('.'), matches
+
+
+def files_below(folder: Path) -> list:
+    """Every file under `folder`, sorted, through linked sub-folders too (each real folder once)."""
+    found, seen = [], set()
+    for root, folders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            folders.clear()
+            continue
+        seen.add(real)
+        found += [Path(root) / name for name in names if (Path(root) / name).is_file()]
+    return sorted(found)
 
 
 def plan_outputs(base: Path, images: list, output: Path, overlay_format: str) -> dict:
@@ -132,7 +147,13 @@ def main(argv=None) -> None:
     images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
     output = Path(args.output)
     plan = plan_outputs(base, images, output, args.overlay_format)
-    check_outputs(plan, {output / 'legend.png': 'the legend', output / 'classes.json': 'the class list'}, files)
+    if not images:
+        raise DatasetError(f"--input '{args.input}': no image files ({', '.join(IMAGE_SUFFIXES)}) to predict")
+    shared = {output / 'legend.png': 'the legend', output / 'classes.json': 'the class list'}
+    check_outputs(plan, shared, files)
+    manifest = Manifest(output, 'predictions.txt')  # what infer.py wrote there: it may write those again
+    for file in [*shared, *(file for files in plan.values() for file in files)]:
+        manifest.claim(file)
 
     device, _, _ = dist.setup(args.device)
     model = create_model(cfg)
@@ -160,7 +181,7 @@ def main(argv=None) -> None:
                     original = read_image(path)
                 except DatasetError as error:
                     failed.append(path)
-                    tqdm.write(f'error: {error}; skipped', file=sys.stderr)
+                    tqdm.write(f'warning: {error}; skipped', file=sys.stderr)
                     bar.update()
                     continue
                 resized, _ = pipeline(original, None, np.random.default_rng(0))
@@ -183,6 +204,8 @@ def main(argv=None) -> None:
     done = len(images) - len(failed)
     print(f'{done} images predicted into {args.output}; {len(skipped)} non-images skipped, {len(failed)} unreadable')
     dist.cleanup()
+    if not done:
+        raise DatasetError(f"--input '{args.input}': none of its {len(images)} image files could be read")
 
 
 if __name__ == '__main__':

@@ -1,53 +1,63 @@
 """Checkpoints are plain dicts ({'model', 'config', ...}) written atomically and read with weights_only.
 
 A training run keeps `iter_NNNNNN.pth` files (the last few), `last.pth` (a hard link to the newest,
-so it costs no disk) and `best.pth`.
+so it costs no disk) and `best.pth`. It names every checkpoint file in `run_files.txt` before it
+writes it: the files `--overwrite` may remove are those, never a user's file that matches a pattern.
 """
 
-import errno
 import fcntl
 import logging
 import os
+import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from models.weights import CheckpointError
 
+from .outputs import Manifest, OutputError, atomic_write
+
 log = logging.getLogger(__name__)
 
 
+MANIFEST = 'run_files.txt'
+"""The checkpoint files a training run wrote in its work dir, one name a line."""
+ITERATION_FILE = re.compile(r'iter_(\d{6,})\.pth')
+
+
+def run_manifest(work_dir: Path) -> Manifest:
+    return Manifest(work_dir, MANIFEST)
+
+
+def save_run_checkpoint(state: dict, path: Path) -> None:
+    """A training run's checkpoint: named in the run's manifest, then written atomically."""
+    claim_run_file(path)
+    save_checkpoint(state, path)
+
+
+def claim_run_file(path: Path) -> None:
+    try:
+        run_manifest(path.parent).claim(path)
+    except OutputError as error:
+        raise CheckpointError(str(error)) from None
+
+
 def save_checkpoint(state: dict, path: Path) -> None:
-    """Write to a temporary file in the same folder, flush to disk, then rename over `path`:
-    a run killed at any moment leaves either the old checkpoint or the new one, never half of one."""
+    """Written atomically (engine/outputs.py): a run killed at any moment leaves either the old
+    checkpoint or the new one, never half of one."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f'.{path.name}.', dir=path.parent)
-    except OSError as error:
-        raise CheckpointError(f'cannot write {path}: {error.strerror or error}') from error
-    try:
-        with os.fdopen(handle, 'wb') as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException as error:
-        Path(temporary).unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            reason = 'no space left on device' if error.errno == errno.ENOSPC else error.strerror or str(error)
-            raise CheckpointError(
-                f'cannot write {path}: {reason} (the checkpoints written before are intact)'
-            ) from error
-        raise
+        atomic_write(path, lambda file: torch.save(state, file))
+    except OutputError as error:
+        raise CheckpointError(f'{error} (the checkpoints written before are intact)') from None
 
 
 def save_iteration_checkpoint(state: dict, work_dir: Path, keep: int = 3) -> Path:
     """`iter_NNNNNN.pth`, then `last.pth` pointed at it, then all but the newest `keep` iteration files
     deleted (0: keep all). Each step leaves a complete checkpoint behind if the run dies right after it."""
     path = work_dir / f'iter_{state["iteration"]:06d}.pth'
-    save_checkpoint(state, path)
+    save_run_checkpoint(state, path)
+    claim_run_file(work_dir / 'last.pth')
     replace_with_link(path, work_dir / 'last.pth')
     if keep > 0:
         for old in iteration_checkpoints(work_dir)[:-keep]:
@@ -55,13 +65,13 @@ def save_iteration_checkpoint(state: dict, work_dir: Path, keep: int = 3) -> Pat
     return path
 
 
-def iteration_of(path: Path) -> int:
-    return int(path.stem.removeprefix('iter_'))
-
-
 def iteration_checkpoints(work_dir: Path) -> list:
-    """The run's `iter_NNNNNN.pth` files, oldest first."""
-    return sorted(Path(work_dir).glob('iter_*.pth'), key=iteration_of)
+    """The run's `iter_NNNNNN.pth` files, oldest first (a user's `iter_backup.pth` is none of them)."""
+    numbered = {}
+    for path in Path(work_dir).glob('iter_*.pth'):
+        if match := ITERATION_FILE.fullmatch(path.name):
+            numbered[int(match.group(1))] = path
+    return [numbered[i] for i in sorted(numbered)]
 
 
 def replace_with_link(source: Path, target: Path) -> None:
@@ -76,20 +86,33 @@ def replace_with_link(source: Path, target: Path) -> None:
     os.replace(temporary, target)
 
 
-RUN_FILES = ('last.pth', 'best.pth', 'best_ema.pth', 'iter_*.pth')
+def is_checkpoint_name(name: str) -> bool:
+    """A name train.py gives checkpoints: in a work dir, a file of such a name that no manifest names
+    is another run's (never removed; a fresh run there is refused, a resumed one adopts it)."""
+    return name in ('last.pth', 'best.pth', 'best_ema.pth') or bool(ITERATION_FILE.fullmatch(name))
 
 
 def run_checkpoints(work_dir: Path) -> list:
-    """The checkpoint files a training run leaves in `work_dir`."""
-    return sorted(path for pattern in RUN_FILES for path in Path(work_dir).glob(pattern))
+    """The checkpoint files a training run left in `work_dir` (named in its manifest, still there)."""
+    return run_manifest(work_dir).files()
+
+
+def unrecorded_checkpoints(work_dir: Path) -> list:
+    """Files named like a run's checkpoints that no manifest names (an older run's, or a user's)."""
+    recorded = run_manifest(work_dir).names
+    return sorted(p for p in Path(work_dir).glob('*.pth') if is_checkpoint_name(p.name) and p.name not in recorded)
 
 
 def claim_work_dir(work_dir: Path, resuming: bool, overwrite: bool):
     """Take `work_dir` for this run: refuse it while another run holds it (a lock the kernel releases when
     that process ends, however it ends), and refuse to start afresh over another run's checkpoints
-    unless `overwrite`, which then removes them. Returns the open lock file, held for the run's life."""
-    work_dir.mkdir(parents=True, exist_ok=True)
-    lock = open(work_dir / '.lock', 'a+')
+    unless `overwrite`, which then removes those its manifest names (and refuses checkpoint files no
+    manifest names). Returns the open lock file, held for the run's life."""
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(work_dir / '.lock', 'a+')
+    except OSError as error:
+        raise CheckpointError(f'cannot use {work_dir} as the work dir: {error.strerror or error}') from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -97,19 +120,32 @@ def claim_work_dir(work_dir: Path, resuming: bool, overwrite: bool):
         raise CheckpointError(
             f'{work_dir} is in use by another training run; wait for it or pick another --work-dir'
         ) from None
-    existing = run_checkpoints(work_dir)
-    if existing and not resuming:
+    existing, foreign = run_checkpoints(work_dir), unrecorded_checkpoints(work_dir)
+    if resuming:  # the user says this is the run's folder: its checkpoints are the run's
+        manifest = run_manifest(work_dir)
+        for path in foreign:
+            manifest.record(path)
+        return lock
+    if not (existing or foreign):
+        return lock
+    if not overwrite or foreign:
+        lock.close()
         if not overwrite:
-            lock.close()
             raise CheckpointError(
-                f"{work_dir} already holds a run's checkpoints ({', '.join(p.name for p in existing[:4])}"
-                f'{" ..." if len(existing) > 4 else ""}): continue it with --resume auto, or start '
-                'afresh with --overwrite (which deletes them)'
+                f"{work_dir} already holds a run's checkpoints ({names(existing + foreign)}): continue it with "
+                '--resume auto, or start afresh with --overwrite (which deletes the checkpoints that run wrote)'
             )
-        for path in existing:
-            path.unlink()
-        log.warning(f'--overwrite: removed {len(existing)} checkpoints of an earlier run in {work_dir}')
+        raise CheckpointError(
+            f'{work_dir} holds checkpoint files that no run recorded in {MANIFEST} ({names(foreign)}): '
+            '--overwrite removes only files a run wrote; move them away or choose another --work-dir'
+        )
+    run_manifest(work_dir).forget()
+    log.warning(f'--overwrite: removed {len(existing)} checkpoints of an earlier run in {work_dir}')
     return lock
+
+
+def names(paths: list, shown: int = 4) -> str:
+    return ', '.join(p.name for p in paths[:shown]) + (' ...' if len(paths) > shown else '')
 
 
 def remove_partial_writes(work_dir: Path) -> None:
@@ -147,15 +183,23 @@ def resume_checkpoint(resume, work_dir: Path) -> tuple:
     folder = Path(work_dir) if resume == 'auto' else Path(resume)
     if resume != 'auto' and not folder.is_dir():
         return folder, training_checkpoint(folder)
-    candidates = [folder / 'last.pth', *reversed(iteration_checkpoints(folder))]
-    for path in (p for p in candidates if p.is_file()):
+    candidates = [p for p in (folder / 'last.pth', *reversed(iteration_checkpoints(folder))) if p.is_file()]
+    problems = []
+    for path in candidates:
         try:
             return path, training_checkpoint(path)
         except CheckpointError as error:
+            problems.append(str(error))
             log.warning(f'{error}; trying an older checkpoint')
-    if resume == 'auto':
+    found = run_checkpoints(folder) + unrecorded_checkpoints(folder)
+    if resume == 'auto' and not found:
         return None, None
-    raise CheckpointError(f'--resume {folder}: the folder holds no intact training checkpoint (last.pth or iter_*.pth)')
+    raise CheckpointError(
+        f'--resume {resume}: {folder} holds no intact training checkpoint (last.pth or iter_*.pth)'
+        + (f'; found {names(found)}' if found else '')
+        + (f' ({"; ".join(problems)})' if problems else '')
+        + '; nothing was changed'
+    )
 
 
 def training_checkpoint(path: Path) -> dict:

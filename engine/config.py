@@ -9,6 +9,7 @@ dataset's own options). Any mistake raises `ConfigError` naming the key and file
 import copy
 import difflib
 import inspect
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -115,7 +116,7 @@ BOUNDS = {
     'train.accum_steps': (at.Ge(1),),
     'train.val_interval': (at.Ge(1),),
     'train.log_interval': (at.Ge(1),),
-    'train.seed': (at.Ge(0),),
+    'train.seed': (at.Ge(0), at.Lt(2**32)),
     'train.grad_clip': (at.Gt(0),),
     'train.ema_decay': (at.Gt(0), at.Lt(1)),
     'train.keep_checkpoints': (at.Ge(0),),
@@ -167,8 +168,22 @@ def resolve(cfg: dict, overrides=(), source: str = 'config', accepts=None) -> di
     for override in overrides:
         merge(cfg, translate(parse_override(override), f"--set '{override}'"), accepts)
     cfg = merge(copy.deepcopy(DEFAULTS), cfg)
+    check_finite(cfg, source)
     validate(cfg, DEFAULTS, source)
     return cfg
+
+
+def check_finite(value, source: str, name: str = '') -> None:
+    """No number anywhere in the config is infinite or NaN (YAML's .inf and .nan): every bound below
+    reads as 'a number >= ...', which infinity would otherwise pass."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_finite(item, source, f'{name}.{key}' if name else str(key))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            check_finite(item, source, f'{name}[{index}]')
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{source}: '{name}' must be a finite number, got {value}")
 
 
 def read_yaml(path: Path, seen=(), accepts=None) -> dict:
@@ -177,17 +192,40 @@ def read_yaml(path: Path, seen=(), accepts=None) -> dict:
     if path.resolve() in seen:
         raise ConfigError(f'{path}: _base_ includes itself in a cycle')
     try:
-        cfg = yaml.safe_load(path.read_text()) or {}
+        cfg = yaml.load(path.read_text(encoding='utf-8'), Loader=UniqueKeyLoader) or {}
+    except UnicodeDecodeError as error:
+        raise ConfigError(f'{path}: not a UTF-8 text file (byte {error.start}); configs are YAML in UTF-8') from None
     except yaml.YAMLError as error:
-        raise ConfigError(f'{path}: not valid YAML ({error})') from error
+        mark = getattr(error, 'problem_mark', None)
+        where = f', line {mark.line + 1}' if mark else ''
+        raise ConfigError(f'{path}{where}: not valid YAML ({getattr(error, "problem", None) or error})') from None
     if not isinstance(cfg, dict):
         raise ConfigError(f'{path}: expected a mapping of sections at the top level')
     translate(cfg, str(path))
     bases = cfg.pop('_base_', [])
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(base, str) for base in bases):
+        raise ConfigError(f"{path}: '_base_' must be a file name or a list of them, got {bases!r}")
     merged = {}
-    for base in [bases] if isinstance(bases, str) else bases:
+    for base in bases:
         merge(merged, read_yaml(path.parent / base, seen + (path.resolve(),), accepts), accepts)
     return merge(merged, cfg, accepts)
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, but a key given twice in one mapping is an error: YAML keeps the last
+    silently, and a config where `lr` appears twice is one whose author meant one of them."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def merge(base: dict, update: dict, accepts=None, prefix: str = '') -> dict:

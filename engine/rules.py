@@ -8,6 +8,7 @@ and combinations that cannot run. Every failure is a `ConfigError` naming the fi
 
 import functools
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ from datasets import DATASETS
 from datasets.transforms import TRANSFORMS, Pipeline
 from models import BACKBONES, HEADS
 
-from .config import DEFAULTS, ConfigError, check_kwargs, choose, keyword_parameters, read_config
+from .config import DEFAULTS, ConfigError, check_kwargs, choose, is_number, keyword_parameters, read_config
 from .data import DATASET_ARGUMENTS, dataset_options
 from .losses import check_loss_config
 from .optim import check_rules
@@ -35,8 +36,8 @@ PRETRAINED_FILES = {  # `backbone.pretrained: true`: the official ImageNet file,
 # Keys of a model section that are not constructor arguments.
 NOT_ARGUMENTS = {
     'backbone': ('type', 'pretrained'),
-    'head': ('type', 'loss_weight'),
-    'aux_head': ('type', 'loss_weight'),
+    'head': ('type',),
+    'aux_head': ('type', 'loss_weight'),  # its share of the loss (engine/losses.py)
 }
 
 
@@ -68,6 +69,8 @@ def load_config(path, overrides=()) -> dict:
 
 
 MODEL_SECTIONS = {'backbone': BACKBONES, 'head': HEADS, 'aux_head': HEADS}
+MASK_CLASSIFICATION_HEADS = ('mask2former',)
+"""Heads trained by the set-prediction loss rather than the per-pixel terms of `train.loss`."""
 
 
 def accepted_keys(section: str, type_name):
@@ -106,7 +109,17 @@ def check_model(cfg: dict, source: str) -> None:
                 choose(section, cfg[section].get('type'), HEADS, source), section_kwargs(cfg, section), section, source
             )
     sections = {name: cfg[name] for name in ('backbone', 'head', 'aux_head')}
-    problem = model_problem(json.dumps(sections, sort_keys=True), cfg['data']['num_classes'], input_size(cfg))
+    # In training mode with the images each process sees in a step: BatchNorm over a pooled 1x1 map (ASPP's
+    # image pooling) cannot train on one image, which torchrun or a small batch can leave to a process.
+    images = cfg['train']['batch_size'] // (int(os.environ.get('WORLD_SIZE', 1)) * cfg['train']['accum_steps'])
+    problem = model_problem(
+        json.dumps(sections, sort_keys=True), cfg['data']['num_classes'], input_size(cfg), max(images, 1)
+    )
+    if problem and 'Expected more than 1 value per channel' in problem:
+        problem = (
+            f'{problem.split(":")[0]}: BatchNorm over a 1x1 map cannot train on {images} image(s) per process '
+            '(train.batch_size / processes / train.accum_steps); give each process at least 2'
+        )
     if problem:
         raise ConfigError(f'{source}: {problem}')
 
@@ -118,22 +131,23 @@ def input_size(cfg: dict) -> tuple:
 
 
 @functools.lru_cache(maxsize=256)
-def model_problem(sections: str, num_classes: int, size: tuple):
-    """Why the model cannot be built or run on a (1, 3, *size) batch, or None. Built and run on the meta
-    device (shapes only: no memory, no arithmetic), so an unknown variant, an `in_index` out of range or
-    a backbone whose strides the head cannot take fail when the config is read, not after the data scan."""
+def model_problem(sections: str, num_classes: int, size: tuple, batch: int = 2):
+    """Why the model cannot be built or run in training mode on a (batch, 3, *size) batch, or None. Built
+    and run on the meta device (shapes only: no memory, no arithmetic), so an unknown variant, an
+    `in_index` out of range or a backbone whose strides the head cannot take fail when the config is
+    read, not after the data scan."""
     sections = json.loads(sections)
     section = 'backbone'
     try:
         with torch.device('meta'):
-            backbone = BACKBONES[sections['backbone']['type']](**section_kwargs(sections, 'backbone')).eval()
+            backbone = BACKBONES[sections['backbone']['type']](**section_kwargs(sections, 'backbone'))
             heads = {}
             for section in ('head', 'aux_head'):
                 if sections[section]:
                     cls = HEADS[sections[section]['type']]
-                    heads[section] = cls(backbone.out_channels, num_classes, **section_kwargs(sections, section)).eval()
+                    heads[section] = cls(backbone.out_channels, num_classes, **section_kwargs(sections, section))
             section = 'backbone'
-            features = backbone(torch.empty(1, 3, *size))
+            features = backbone(torch.empty(batch, 3, *size))
             for section, head in heads.items():
                 head(features)
     except NotImplementedError:
@@ -144,11 +158,35 @@ def model_problem(sections: str, num_classes: int, size: tuple):
 
 
 def check_training(cfg: dict, source: str) -> None:
-    check_rules(cfg['train']['param_groups'], source)
+    train = cfg['train']
+    check_rules(train['param_groups'], source)
     try:
-        check_loss_config(cfg['train']['loss'], cfg['data']['num_classes'])
+        check_loss_config(train['loss'], cfg['data']['num_classes'])
     except ConfigError as error:
         raise ConfigError(f'{source}: {error}') from None
+    aux_weight = (cfg['aux_head'] or {}).get('loss_weight', 0.4)
+    if not is_number(aux_weight) or aux_weight < 0:
+        raise ConfigError(f"{source}: 'aux_head.loss_weight' must be a number >= 0, got {aux_weight!r}")
+    if cfg['head']['type'] in MASK_CLASSIFICATION_HEADS:
+        changed = sorted(k for k, v in train['loss'].items() if v != DEFAULTS['train']['loss'][k])
+        if changed:
+            raise ConfigError(
+                f'{source}: train.loss.{", train.loss.".join(changed)} set, but the '
+                f'{cfg["head"]["type"]} head trains with its set-prediction loss (engine/mask_losses.py), '
+                'which does not read train.loss'
+            )
+
+
+def training_warnings(cfg: dict) -> list:
+    """Settings that run but are probably not what was meant (train.py logs them as warnings)."""
+    train, found = cfg['train'], []
+    if train['schedule']['warmup_iters'] >= train['max_iters']:
+        found.append(
+            f'train.schedule.warmup_iters ({train["schedule"]["warmup_iters"]}) is not below train.max_iters '
+            f'({train["max_iters"]}): the whole run is warm-up, at a fraction of train.optimizer.lr '
+            '(--set train.schedule.warmup_iters=N shortens it)'
+        )
+    return found
 
 
 def check_data(cfg: dict, source: str) -> None:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from models.weights import load_model_weights
 
 from . import dist
-from .checkpoint import save_checkpoint, save_iteration_checkpoint
+from .checkpoint import save_iteration_checkpoint, save_run_checkpoint
 from .config import ConfigError
 from .evaluation import evaluate
 from .inference import normalize
@@ -85,13 +85,18 @@ class Logger:
         self(f'warning: {message}')
 
     def close(self) -> None:
+        """Flush and close the log and TensorBoard; a failure there (a full disk) is a warning, so that
+        it does not hide the error that ended the run."""
         if self.file:
             warnings.showwarning = self.show_warning
             for name in LIBRARY_LOGGERS:
                 logging.getLogger(name).removeHandler(self.handler)
                 logging.getLogger(name).propagate = True
-            self.file.close()
-            self.writer.close()
+            for closable, name in ((self.file, 'train.log'), (self.writer, 'the TensorBoard log')):
+                try:
+                    closable.close()
+                except (OSError, RuntimeError) as error:
+                    print(f'warning: {name} could not be written completely ({error})', file=sys.stderr)
 
 
 def progress_bar(**options) -> tqdm:
@@ -378,7 +383,7 @@ def validate_and_checkpoint(
             state.best[name] = Best(results['mIoU'], state.iteration)
         log_validation(log, state.iteration, name, results, state.best[name], style, shown.samples)
         if improved and dist.is_main():
-            save_checkpoint(state.best_checkpoint(name, module), work_dir / BEST_FILES[name])
+            save_run_checkpoint(state.best_checkpoint(name, module), work_dir / BEST_FILES[name])
     checkpoint = state.state_dict()
     if dist.is_main():
         save_iteration_checkpoint(checkpoint, work_dir, cfg['train']['keep_checkpoints'])

@@ -3,7 +3,9 @@ door, and no command loses a file it did not create."""
 
 import errno
 import hashlib
+import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +25,7 @@ from engine import checkpoint as checkpoints
 from engine.checkpoint import claim_work_dir, load_checkpoint, resume_checkpoint
 from engine.cli import run_cli
 from engine.config import BOUNDS, DEFAULTS, FREE_FORM, ConfigError
-from engine.rules import load_config
+from engine.rules import load_config, training_warnings
 from models.weights import CheckpointError
 
 DEMO = ROOT / 'configs' / 'demo.yaml'
@@ -141,6 +143,16 @@ def test_an_out_of_range_value_for_any_bounded_key_is_one_config_error(name):
         ('data.ignore_index=2', 'data.ignore_index 2 is a class id'),
         ('backbone.variant=b9', "ResNet variant 'b9' unknown"),
         ('head={type: ham, in_index: [1, 2, 5]}', 'head (ham) cannot be built or run with this config'),
+        # infinities pass any '> 0' bound: every number must be finite
+        ('train.schedule.power=.inf', "'train.schedule.power' must be a finite number, got inf"),
+        ('data.std=[.inf, 1, 1]', "'data.std[0]' must be a finite number, got inf"),
+        ('train.optimizer.lr=.nan', "'train.optimizer.lr' must be a finite number, got nan"),
+        ('train.loss.ce=.inf', "'train.loss.ce' must be a finite number, got inf"),
+        ('head.dropout=.inf', "'head.dropout' must be a finite number, got inf"),
+        ('train.seed=99999999999999999999', "'train.seed' must be a number < 4294967296"),
+        ('aux_head={type: fcn, loss_weight: -0.4}', "'aux_head.loss_weight' must be a number >= 0, got -0.4"),
+        ('head.loss_weight=2', "unknown key 'head.loss_weight'"),
+        ('train.batch_size=1', 'BatchNorm over a 1x1 map cannot train on 1 image(s) per process'),
     ],
 )
 def test_bad_values_are_named_when_the_config_is_read(override, message):
@@ -164,17 +176,52 @@ def test_a_fresh_run_in_a_work_dir_with_checkpoints_is_refused_and_changes_nothi
     assert fingerprints(work) == before
 
 
-def test_overwrite_starts_afresh(trained, tmp_path):
+def test_overwrite_starts_afresh_removing_only_what_the_run_wrote(trained, tmp_path):
+    """--overwrite removes the checkpoints the earlier run named in its manifest; a user's file that
+    looks like one (`iter_backup.pth`) stays as it was, and --resume auto never takes it for a checkpoint."""
     config, work = trained
     copy_dir = tmp_path / 'again'
-    for path in work.glob('*.pth'):
-        (copy_dir / path.name).parent.mkdir(exist_ok=True)
-        (copy_dir / path.name).write_bytes(path.read_bytes())
-    (copy_dir / 'iter_000099.pth').write_bytes((work / 'last.pth').read_bytes())  # an older, longer run's
-    train.main(
-        ['--config', str(config), '--work-dir', str(copy_dir), '--device', 'cpu', '--overwrite', *TWO_ITERATIONS]
-    )
-    assert sorted(p.name for p in copy_dir.glob('*.pth')) == ['best.pth', 'iter_000002.pth', 'last.pth']
+    shutil.copytree(work, copy_dir)
+    (copy_dir / 'iter_backup.pth').write_bytes((work / 'best.pth').read_bytes())
+    kept = fingerprints(copy_dir)[copy_dir / 'iter_backup.pth']
+    run = ['--config', str(config), '--work-dir', str(copy_dir), '--device', 'cpu', *TWO_ITERATIONS]
+    train.main([*run, '--overwrite'])
+    assert sorted(p.name for p in copy_dir.glob('*.pth')) == [
+        'best.pth',
+        'iter_000002.pth',
+        'iter_backup.pth',
+        'last.pth',
+    ]
+    assert fingerprints(copy_dir)[copy_dir / 'iter_backup.pth'] == kept
+    assert resume_checkpoint('auto', copy_dir)[0] == copy_dir / 'last.pth'
+    (copy_dir / 'last.pth').unlink()
+    assert resume_checkpoint('auto', copy_dir)[0] == copy_dir / 'iter_000002.pth'
+
+
+def test_overwrite_refuses_checkpoint_files_no_run_recorded(trained, tmp_path, capsys):
+    config, work = trained
+    folder = tmp_path / 'copied'
+    folder.mkdir()
+    (folder / 'best.pth').write_bytes((work / 'best.pth').read_bytes())  # copied by hand: no manifest
+    before = fingerprints(folder)
+    run = ['--config', str(config), '--work-dir', str(folder), '--device', 'cpu', *TWO_ITERATIONS]
+    line = cli_error(train.main, [*run, '--overwrite'], capsys)
+    assert 'no run recorded' in line and 'best.pth' in line
+    assert {path: fingerprints(folder)[path] for path in before} == before  # (a lock file is added)
+
+
+def test_resume_auto_with_no_intact_training_checkpoint_stops_and_keeps_the_best(trained, tmp_path, capsys):
+    config, work = trained
+    folder = tmp_path / 'damaged'
+    shutil.copytree(work, folder)
+    for path in folder.glob('*.pth'):
+        if path.name != 'best.pth':
+            path.write_bytes(b'cut short')
+    before = fingerprints(folder)
+    run = ['--config', str(config), '--work-dir', str(folder), '--device', 'cpu', *TWO_ITERATIONS]
+    line = cli_error(train.main, [*run, '--resume', 'auto'], capsys)
+    assert 'no intact training checkpoint' in line and 'best.pth' in line and 'nothing was changed' in line
+    assert fingerprints(folder) == before
 
 
 def test_two_runs_in_one_work_dir_are_refused_and_a_killed_run_leaves_no_stale_lock(tmp_path, capsys):
@@ -231,7 +278,9 @@ def test_a_full_disk_names_the_file_and_keeps_the_earlier_checkpoints(trained, t
         capsys,
     )
     # best.pth or iter_000004.pth, whichever this run writes first at iteration 4
-    assert re.search(rf'cannot write {re.escape(str(run_dir))}/(best|iter_000004)\.pth: no space left on device', line)
+    assert re.search(
+        rf"cannot write '{re.escape(str(run_dir))}/(best|iter_000004)\.pth': no space left on device", line
+    )
     monkeypatch.setattr(checkpoints.torch, 'save', real_save)
     assert load_checkpoint(run_dir / 'last.pth')['iteration'] == 2
     assert not list(run_dir.glob('.*.pth.*'))  # no half-written file left behind
@@ -395,3 +444,196 @@ def test_evaluate_refuses_an_onnx_file_that_is_not_an_export_in_one_line(tmp_pat
     (tmp_path / 'broken.onnx').write_bytes(b'not onnx')
     line = cli_error(evaluate.main, ['--onnx', str(tmp_path / 'broken.onnx')], capsys)
     assert 'broken.onnx: ONNX Runtime cannot load it' in line
+
+
+def write_config(folder, text: str, encoding: str = 'utf-8'):
+    path = folder / 'config.yaml'
+    path.write_bytes(text.encode(encoding))
+    return path
+
+
+@pytest.mark.parametrize(
+    'content, message',
+    [
+        (
+            f'_base_: {DEMO}\ntrain:\n  max_iters: 5\n  max_iters: 6\n',
+            "line 4: not valid YAML (key 'max_iters' appears twice",
+        ),
+        ('_base_: 5\n', "'_base_' must be a file name or a list of them, got 5"),
+        ('# caf\xe9 au lait\ntrain: {max_iters: 5}\n'.encode('latin-1'), 'not a UTF-8 text file (byte 5)'),
+        (bytes(range(256)), 'not a UTF-8 text file'),
+    ],
+    ids=['duplicate key', 'base not a file name', 'latin-1', 'binary'],
+)
+def test_a_config_file_that_is_not_clean_yaml_is_one_line(content, message, tmp_path, capsys):
+    path = tmp_path / 'config.yaml'
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    line = cli_error(train.main, ['--config', str(path), '--work-dir', str(tmp_path / 'work')], capsys)
+    assert str(path) in line and message in line
+
+
+def test_mask2former_refuses_per_pixel_loss_settings_it_would_ignore():
+    with pytest.raises(ConfigError, match=re.escape('train.loss.dice set, but the mask2former head trains')):
+        load_config(ROOT / 'configs' / 'mask2former_camvid.yaml', ['train.loss.dice=1.0'])
+
+
+def test_export_refuses_to_write_over_the_checkpoint_or_a_users_file(trained, tmp_path, capsys):
+    from tools import export_onnx
+
+    _, work = trained
+    before = fingerprints(work)
+    line = cli_error(
+        export_onnx.main, ['--checkpoint', str(work / 'best.pth'), '--output', str(work / 'best.pth')], capsys
+    )
+    assert f"--output '{work / 'best.pth'}' is already there and is not a graph of tools/export_onnx.py" in line
+    notes = tmp_path / 'notes.onnx'
+    notes.write_text('my notes')
+    line = cli_error(export_onnx.main, ['--checkpoint', str(work / 'best.pth'), '--output', str(notes)], capsys)
+    assert 'not a graph of tools/export_onnx.py' in line and notes.read_text() == 'my notes'
+    assert fingerprints(work) == before and sorted(p.name for p in tmp_path.iterdir()) == ['notes.onnx']
+
+
+def test_evaluate_show_dir_never_replaces_a_users_picture(trained, tmp_path, capsys):
+    import evaluate
+
+    _, work = trained
+    show = tmp_path / 'show'
+    show.mkdir()
+    argv = ['--checkpoint', str(work / 'best.pth'), '--device', 'cpu', '--work-dir', str(tmp_path), '--show-limit', '1']
+    evaluate.main([*argv, '--show-dir', str(show)])
+    (picture,) = [p for p in show.iterdir() if p.suffix == '.png']
+    evaluate.main([*argv, '--show-dir', str(show)])  # its own earlier picture: written again
+    theirs = tmp_path / 'theirs'
+    theirs.mkdir()
+    (theirs / picture.name).write_bytes(b'a picture of mine')
+    line = cli_error(evaluate.main, [*argv, '--show-dir', str(theirs)], capsys)
+    assert f"'{theirs / picture.name}' is already there and was not written by this command" in line
+    assert (theirs / picture.name).read_bytes() == b'a picture of mine'
+
+
+@pytest.mark.parametrize('inputs', ['empty', 'unreadable', 'video'])
+def test_infer_with_no_image_to_predict_is_an_error(inputs, trained, tmp_path, capsys):
+    import infer
+
+    _, work = trained
+    folder = tmp_path / 'in'
+    folder.mkdir()
+    if inputs == 'unreadable':
+        (folder / 'a.jpg').write_bytes(b'not a jpeg')
+    if inputs == 'video':
+        (folder / 'clip.mp4').write_bytes(b'\x00\x00\x00\x18ftypmp42')
+    argv = ['--checkpoint', str(work / 'best.pth'), '--input', str(folder), '--output', str(tmp_path / 'out')]
+    line = cli_error(infer.main, [*argv, '--device', 'cpu'], capsys)
+    assert f"--input '{folder}'" in line and ('no image files' in line or 'none of its 1 image files' in line)
+
+
+def test_infer_follows_a_linked_sub_folder(trained, tmp_path):
+    import infer
+
+    _, work = trained
+    real = tmp_path / 'elsewhere'
+    real.mkdir()
+    cv2.imwrite(str(real / 'a.png'), np.zeros((32, 32, 3), np.uint8))
+    (tmp_path / 'in').mkdir()
+    (tmp_path / 'in' / 'linked').symlink_to(real)
+    (tmp_path / 'in' / 'loop').symlink_to(tmp_path / 'in')  # a cycle is searched once
+    infer.main(
+        [
+            '--checkpoint',
+            str(work / 'best.pth'),
+            '--input',
+            str(tmp_path / 'in'),
+            '--output',
+            str(tmp_path / 'out'),
+            '--device',
+            'cpu',
+        ]
+    )
+    assert (tmp_path / 'out' / 'linked' / 'a.png').is_file()
+
+
+def test_the_converter_refuses_a_file_that_does_not_fit_the_config_and_writes_nothing(tmp_path, capsys):
+    """Published SegFormer-B0 weights offered to the +OL config: its classifier does not fit. Refused
+    without --partial; with it, written and the misfits listed."""
+    from conftest import load_vector
+    from tools import convert_checkpoint
+
+    source, target = tmp_path / 'segformer_b0_mmseg.pth', tmp_path / 'converted.pth'
+    torch.save({'state_dict': load_vector('segformer_b0')['state_dict']}, source)
+    argv = [str(source), str(target), '--config', str(ROOT / 'configs' / 'segformer_b0_ol.yaml')]
+    line = cli_error(convert_checkpoint.main, [*argv, '--set', 'backbone.pretrained=null'], capsys)
+    assert 'does not fit' in line and 'nothing written' in line and '--partial' in line
+    assert not target.exists()
+    convert_checkpoint.main([*argv, '--partial'])
+    assert 'note: ' in capsys.readouterr().out and target.is_file()
+
+
+def test_cuda_asked_for_on_a_machine_without_it_is_one_line(trained, capsys):
+    import evaluate
+
+    if torch.cuda.is_available():
+        pytest.skip('this machine has CUDA')
+    _, work = trained
+    line = cli_error(evaluate.main, ['--checkpoint', str(work / 'best.pth'), '--device', 'cuda'], capsys)
+    assert '--device cuda: CUDA is not available' in line
+
+
+@pytest.mark.parametrize('kind', ['a file', 'read-only'])
+def test_a_work_dir_that_cannot_be_written_is_one_line(kind, trained, tmp_path, capsys):
+    config, _ = trained
+    if kind == 'a file':
+        work = tmp_path / 'taken'
+        work.write_text('a file where the work dir would be')
+        target = work / 'run'
+    else:
+        work = tmp_path / 'locked'
+        work.mkdir()
+        work.chmod(0o500)
+        target = work / 'run'
+        if os.access(work, os.W_OK):  # root writes anywhere
+            pytest.skip('this user can write to read-only folders')
+    line = cli_error(train.main, ['--config', str(config), '--work-dir', str(target), '--device', 'cpu'], capsys)
+    assert f'cannot use {target} as the work dir' in line
+
+
+def test_a_disk_filling_up_during_training_is_one_line_and_keeps_what_was_there(trained, tmp_path, capsys):
+    """A real full disk (a 2 MB tmpfs): torch.save fails inside its zip writer, and the run still ends
+    with one line naming the checkpoint, no half-written file, and the TensorBoard flush error does
+    not replace it."""
+    config, _ = trained
+    mount_point = tmp_path / 'small'
+    mount_point.mkdir()
+    if subprocess.run(
+        ['mount', '-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', str(mount_point)], capture_output=True
+    ).returncode:
+        pytest.skip('cannot mount a tmpfs here')
+    try:
+        work = mount_point / 'work'
+        line = cli_error(
+            train.main, ['--config', str(config), '--work-dir', str(work), '--device', 'cpu', *TWO_ITERATIONS], capsys
+        )
+        assert re.search(
+            rf"cannot write '{re.escape(str(work))}/(best|iter_000002)\.pth': no space left on device", line
+        )
+        assert not list(work.glob('.*.pth.*'))
+    finally:
+        subprocess.run(['umount', str(mount_point)], check=True)
+
+
+def test_a_warm_up_longer_than_the_run_is_a_warning_in_train_log():
+    """It runs (a smoke test of a published recipe for a few iterations is legitimate), but says so."""
+    (warning,) = training_warnings(load_config(DEMO, ['train.max_iters=20']))
+    assert 'train.schedule.warmup_iters (50) is not below train.max_iters (20)' in warning
+    assert training_warnings(load_config(DEMO)) == []
+
+
+def test_evaluate_refuses_a_graph_whose_classes_are_not_the_configs(trained, tmp_path, capsys):
+    import evaluate
+    from tools import export_onnx
+
+    pytest.importorskip('onnxruntime')
+    _, work = trained
+    graph = tmp_path / 'tiny.onnx'
+    export_onnx.main(['--checkpoint', str(work / 'best.pth'), '--output', str(graph), '--size', '64', '64'])
+    line = cli_error(evaluate.main, ['--onnx', str(graph), '--set', 'data.num_classes=3'], capsys)
+    assert f'{graph} scores 5 classes, the config 3 (data.num_classes)' in line

@@ -80,7 +80,7 @@ def test_mismatched_checkpoint_is_refused(run):
 def test_evaluate_reproduces_the_best_miou(run, capsys):
     checkpoint = load_checkpoint(run / 'work' / 'best.pth')
     evaluate.main(['--checkpoint', str(run / 'work' / 'best.pth'), '--device', 'cpu'])
-    results = json.loads((run / 'work' / 'eval_val_whole.json').read_text())
+    results = json.loads((run / 'work' / 'eval_val_whole_best.json').read_text())
     assert results['mIoU'] == pytest.approx(checkpoint['miou'], abs=1e-6)
     assert len(results['IoU']) == 5 and results['classes'][1] == 'disc' and results['seconds'] > 0
     printed = capsys.readouterr().out

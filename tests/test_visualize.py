@@ -154,9 +154,9 @@ def test_evaluate_show_dir_writes_side_by_side_pictures_and_charts(run, tmp_path
         label = cv2.imread(str(run / 'demo' / 'annotations' / 'val' / f'{index:04d}.png'), cv2.IMREAD_UNCHANGED)
         in_legend = colours(picture[ROW + SIZE :])
         assert {tuple(DEMO.PALETTE[c]) for c in np.unique(label) if c != 255} <= in_legend
-    assert 'confusion' not in json.loads((tmp_path / 'eval_val_whole.json').read_text())
-    assert read_rgb(tmp_path / 'eval_val_whole_iou.png').shape[0] > 100
-    assert read_rgb(tmp_path / 'eval_val_whole_confusion.png').shape[0] > 100
+    assert 'confusion' not in json.loads((tmp_path / 'eval_val_whole_best.json').read_text())
+    assert read_rgb(tmp_path / 'eval_val_whole_best_iou.png').shape[0] > 100
+    assert read_rgb(tmp_path / 'eval_val_whole_best_confusion.png').shape[0] > 100
 
 
 def write_inputs(folder: Path, run) -> None:

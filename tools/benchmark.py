@@ -40,6 +40,7 @@ import csv
 import ctypes
 import gc
 import glob
+import io
 import json
 import math
 import statistics
@@ -60,6 +61,7 @@ from engine.fast import time_calls  # noqa: E402
 from engine.losses import SegmentationLoss  # noqa: E402
 from engine.onnx_runtime import output_tensors  # noqa: E402
 from engine.optim import build_optimizer  # noqa: E402
+from engine.outputs import write_bytes  # noqa: E402
 from engine.rules import load_config  # noqa: E402
 from models import OffsetLearning, OffsetLearningMask  # noqa: E402
 from models.backbones.efficientformer_v2 import Attention4D, Attention4DDownsample  # noqa: E402
@@ -601,10 +603,11 @@ def flatten(result: dict, prefix: str = '') -> dict:
 def write_csv(results: list, path: Path) -> None:
     rows = [flatten(result) for result in results]
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    with open(path, 'w', newline='') as file:
-        writer = csv.DictWriter(file, columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline='')
+    writer = csv.DictWriter(text, columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_bytes(path, text.getvalue().encode())
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -692,7 +695,7 @@ def main(argv=None) -> list:
     for section in filter(None, map(extras, results)):
         print(section)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + '\n')
+        write_bytes(args.json, (json.dumps(results, indent=2) + '\n').encode())
     if args.csv:
         write_csv(results, args.csv)
     return results

@@ -1,17 +1,19 @@
 """Convert a published checkpoint into this repo's format ({'model', 'config'}, as train.py writes).
 
     python tools/convert_checkpoint.py segformer_b0_ade.pth work_dirs/b0.pth --config configs/segformer_b0.yaml
-    python tools/convert_checkpoint.py hf_segformer_folder/ out.pth --config configs/segformer_b0_mlp.yaml
+    python tools/convert_checkpoint.py hf_segformer_folder/ out.pth --config configs/segformer_b0.yaml
 
 SRC is an mmseg / OffSeg checkpoint (SegFormer(+OL), SegNeXt(+OL), OffSeg, Mask2Former(+OL), DeepLab),
 an official ImageNet backbone file (MiT `mit_b*.pth`, MSCAN `mscan_*.pth`, EfficientFormerV2
 `eformer_*.pth`, Swin `swin_*_patch4_window7_224.pth`) or a Hugging Face SegFormer folder. The
 model is built from --config; every part is converted by its own key map. Keys that do not fit are
 listed, never dropped silently; the one documented exception is the unused `conv_seg` of the
-published Offset Learning heads. Parts the file does not hold (the head, for an ImageNet backbone
-file) keep their fresh initialisation and are listed.
+published Offset Learning heads. A file that does not fit the config (another variant, a head-only
+file) is refused and nothing is written; with --partial, the parts the file does not hold (the head,
+for an ImageNet backbone file) keep their fresh initialisation and are listed.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -20,13 +22,15 @@ sys.path.insert(0, str(ROOT))
 
 from engine.checkpoint import save_checkpoint  # noqa: E402
 from engine.cli import ArgumentParser, run_cli  # noqa: E402
+from engine.outputs import OutputError  # noqa: E402
 from engine.rules import load_config  # noqa: E402
-from models.weights import convert_model_state, load_into, read_state_dict  # noqa: E402
+from models.weights import CheckpointError, convert_model_state, load_into, read_state_dict  # noqa: E402
 from train import create_model  # noqa: E402
 
 
-def convert(source: str, target: str, config: str, overrides=()) -> list:
-    """Write `target`; returns the report lines (keys that did not fit)."""
+def convert(source: str, target: str, config: str, overrides=(), partial: bool = True) -> list:
+    """Write `target`; returns the report lines (keys that did not fit). Without `partial`, a report
+    is an error and nothing is written."""
     cfg = load_config(config, [*overrides, 'backbone.pretrained=null'])  # the weights come from `source`
     model = create_model(cfg)
     converted, unclaimed = convert_model_state(model, read_state_dict(source))
@@ -37,6 +41,13 @@ def convert(source: str, target: str, config: str, overrides=()) -> list:
             + ', '.join(unclaimed[:8])
             + (' ...' if len(unclaimed) > 8 else '')
         )
+    if report and not partial:
+        raise CheckpointError(
+            f'{source} does not fit {config}: ' + '; '.join(report) + '; nothing written (another variant or '
+            'config? --partial keeps the parts the file does not hold at their initialisation)'
+        )
+    if Path(target).exists() and Path(source).exists() and os.path.samefile(source, target):
+        raise OutputError(f"'{target}' is the source checkpoint; write the conversion to another file")
     save_checkpoint({'model': model.state_dict(), 'config': cfg, 'converted_from': str(source)}, Path(target))
     return report
 
@@ -46,9 +57,12 @@ def main(argv=None) -> None:
     parser.add_argument('source', help='published checkpoint file or Hugging Face folder')
     parser.add_argument('target', help='output checkpoint (.pth)')
     parser.add_argument('--config', required=True, help='YAML describing the model the weights belong to')
+    parser.add_argument(
+        '--partial', action='store_true', help='write the checkpoint even where keys do not fit (they are listed)'
+    )
     parser.add_overrides()
     args = parser.parse_args(argv)
-    report = convert(args.source, args.target, args.config, args.set)
+    report = convert(args.source, args.target, args.config, args.set, args.partial)
     for line in report:
         print(f'note: {line}')
     print(f'wrote {args.target}' + (' (every key matched)' if not report else ''))

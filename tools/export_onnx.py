@@ -43,6 +43,7 @@ import contextlib
 import copy
 import json
 import logging
+import os
 import sys
 import tempfile
 import warnings
@@ -63,6 +64,7 @@ from engine.cli import ArgumentParser, config_for_checkpoint, number, run_cli  #
 from engine.fast import prepare_for_inference  # noqa: E402
 from engine.inference import eval_pipeline, inference_options, predict_scores  # noqa: E402
 from engine.onnx_runtime import output_axes, output_tensors  # noqa: E402
+from engine.outputs import OutputError  # noqa: E402
 from models.heads.ham import Hamburger  # noqa: E402
 from models.weights import load_model_weights  # noqa: E402
 from train import create_model  # noqa: E402
@@ -97,7 +99,6 @@ def export(
     with dynamic batch, height and width; `metadata` goes into the file (values that are not strings
     as JSON). Returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     exported = prepare_for_inference(model, fold_bn=fold_bn).cpu()
     fix_nmf_bases(exported)
     example = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
@@ -224,6 +225,30 @@ def check(path, model: torch.nn.Module, sizes, batch: int = 1) -> list:
     return differences
 
 
+def check_output(path: Path, checkpoint) -> None:
+    """--output may be a new file, or an earlier graph of this exporter (replaced); never the checkpoint
+    or another file, which would be lost."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"cannot write '{path}': {error.strerror or error}") from None
+    if not path.exists():
+        return
+    if path.is_dir() or os.path.samefile(path, checkpoint) or 'config' not in graph_metadata(path):
+        raise OutputError(
+            f"--output '{path}' is already there and is not a graph of tools/export_onnx.py (it would be "
+            'lost); choose another file name'
+        )
+
+
+def graph_metadata(path: Path) -> dict:
+    """The metadata keys of an ONNX file; empty for a file that is not one."""
+    try:
+        return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    except Exception:  # any file can be handed in: protobuf raises its own decode errors
+        return {}
+
+
 def describe_outputs(path) -> str:
     """The graph's outputs with their shapes, e.g. 'logits (batch, 150, logits_height, logits_width)'."""
 
@@ -286,14 +311,21 @@ def main(argv=None) -> None:
         'checkpoint': args.checkpoint,
         'config': cfg,
     }
+    path = Path(args.output)
+    check_output(path, args.checkpoint)
     if args.int8:
         inputs, images = calibration_inputs(model, cfg, args.calibration, args.calibration_images)
-        with tempfile.TemporaryDirectory() as tmp:
-            float_path = export(model, Path(tmp) / 'float.onnx', tuple(args.size), args.opset)
-            path = quantize_int8(float_path, Path(args.output), inputs)
-        write_metadata(path, {**metadata, 'int8_calibration': {'folder': args.calibration, 'images': images}})
-    else:
-        path = export(model, args.output, tuple(args.size), args.opset, metadata=metadata)
+        metadata['int8_calibration'] = {'folder': args.calibration, 'images': images}
+    # Built beside the target and renamed into place: a failure leaves nothing, or the earlier graph.
+    with tempfile.TemporaryDirectory(prefix=f'.{path.name}.', dir=path.parent) as tmp:
+        graph = export(model, Path(tmp) / 'float.onnx', tuple(args.size), args.opset)
+        if args.int8:
+            graph = quantize_int8(graph, Path(tmp) / 'int8.onnx', inputs)
+        write_metadata(graph, metadata)
+        try:
+            os.replace(graph, path)
+        except OSError as error:
+            raise OutputError(f"cannot write '{path}': {error.strerror or error}") from None
     print(f'{path} written{" (int8)" if args.int8 else ""}: images (B, 3, H, W) normalised -> {describe_outputs(path)}')
     if args.check:
         height, width = args.size
