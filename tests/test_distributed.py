@@ -79,23 +79,22 @@ def environment() -> dict:
     return {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1', 'PYTHONPATH': str(REPO)}
 
 
+def train_arguments(config, work_dir) -> list:
+    """train.py and its arguments for a run of `config` in `work_dir` on the CPU."""
+    return [str(REPO / 'train.py'), '--config', str(config), '--work-dir', str(work_dir), '--device', 'cpu']
+
+
+def torchrun_command(config, work_dir, *options: str) -> list:
+    """train.py under `torchrun --nproc_per_node=2` (gloo on the CPU), with torchrun's `options`."""
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', *options]
+    return [*torchrun, *train_arguments(config, work_dir)]
+
+
 def torchrun_two_processes(config, work_dir, timeout: int = 300) -> None:
-    """train.py under `torchrun --nproc_per_node=2` (gloo on the CPU); fails the test if it fails."""
-    command = [
-        sys.executable,
-        '-m',
-        'torch.distributed.run',
-        '--standalone',
-        '--nproc_per_node=2',
-        str(REPO / 'train.py'),
-        '--config',
-        str(config),
-        '--work-dir',
-        str(work_dir),
-        '--device',
-        'cpu',
-    ]
-    result = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=timeout)
+    """train.py under torchrun with two processes; fails the test if it fails."""
+    result = subprocess.run(
+        torchrun_command(config, work_dir), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=timeout
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_mask2former import SMALL_HEAD as SMALL_MASK2FORMER
 from test_published_models import pair_model
 
 from engine.inference import predict_scores
@@ -22,15 +23,6 @@ from models.heads.mask_classification import MaskClassification
 
 MEAN, STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
 TTA_RATIOS = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]  # mmseg's tta_pipeline
-SMALL_MASK2FORMER = {
-    'type': 'mask2former',
-    'channels': 64,
-    'num_queries': 7,
-    'num_decoder_layers': 3,
-    'num_encoder_layers': 1,
-    'encoder_ffn_channels': 64,
-    'decoder_ffn_channels': 64,
-}
 
 
 class Sharpened(torch.nn.Module):

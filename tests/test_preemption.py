@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import REPO, environment, write_config, write_rectangles
+from test_distributed import REPO, environment, torchrun_command, train_arguments, write_config, write_rectangles
 
 import train
 from engine import checkpoint as checkpoint_module
@@ -57,16 +57,7 @@ def assert_same_training_state(actual: dict, expected: dict) -> None:
 
 
 def train_command(config: Path, work_dir: Path) -> list:
-    return [
-        sys.executable,
-        str(REPO / 'train.py'),
-        '--config',
-        str(config),
-        '--work-dir',
-        str(work_dir),
-        '--device',
-        'cpu',
-    ]
+    return [sys.executable, *train_arguments(config, work_dir)]
 
 
 def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 240) -> None:
@@ -153,24 +144,8 @@ def rank_of(pid: int) -> int:
     return int(next(v for v in environ if v.startswith(b'RANK=')).split(b'=')[1])
 
 
-def torchrun(config: Path, work_dir: Path, *extra: str) -> list:
-    return [
-        sys.executable,
-        '-m',
-        'torch.distributed.run',
-        '--standalone',
-        '--nproc_per_node=2',
-        *extra,
-        str(REPO / 'train.py'),
-        '--config',
-        str(config),
-        '--work-dir',
-        str(work_dir),
-        '--device',
-        'cpu',
-        '--resume',
-        'auto',
-    ]
+def torchrun(config: Path, work_dir: Path, *options: str) -> list:
+    return [*torchrun_command(config, work_dir, *options), '--resume', 'auto']
 
 
 def test_torchrun_processes_stop_together_and_the_restarted_group_resumes_by_itself(config, tmp_path):
