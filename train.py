@@ -32,7 +32,7 @@ from engine.data import build_dataset
 from engine.losses import SegmentationLoss
 from engine.optim import build_ema, build_optimizer, build_scheduler
 from engine.preemption import SIGNALS, STOP_SIGNALS, StopRequest, ignore_stop_signals
-from engine.rules import load_config, pretrained_file, section_kwargs, training_warnings
+from engine.rules import check_training_batch, load_config, pretrained_file, section_kwargs, training_warnings
 from engine.training import (
     Batches,
     Logger,
@@ -250,6 +250,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     cfg = load_config(args.config, args.set)
     run = start_run(args, cfg)
+    check_training_batch(cfg, run.micro_batch, args.config)
     lock = claim_work_dir(run.work_dir, args.resume is not None, args.overwrite) if dist.is_main() else None
     try:
         with lock or contextlib.nullcontext():

@@ -8,7 +8,6 @@ and combinations that cannot run. Every failure is a `ConfigError` naming the fi
 
 import functools
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -109,19 +108,22 @@ def check_model(cfg: dict, source: str) -> None:
                 choose(section, cfg[section].get('type'), HEADS, source), section_kwargs(cfg, section), section, source
             )
     sections = {name: cfg[name] for name in ('backbone', 'head', 'aux_head')}
-    # In training mode with the images each process sees in a step: BatchNorm over a pooled 1x1 map (ASPP's
-    # image pooling) cannot train on one image, which torchrun or a small batch can leave to a process.
-    images = cfg['train']['batch_size'] // (int(os.environ.get('WORLD_SIZE', 1)) * cfg['train']['accum_steps'])
-    problem = model_problem(
-        json.dumps(sections, sort_keys=True), cfg['data']['num_classes'], input_size(cfg), max(images, 1)
-    )
-    if problem and 'Expected more than 1 value per channel' in problem:
-        problem = (
-            f'{problem.split(":")[0]}: BatchNorm over a 1x1 map cannot train on {images} image(s) per process '
-            '(train.batch_size / processes / train.accum_steps); give each process at least 2'
-        )
+    problem = model_problem(json.dumps(sections, sort_keys=True), cfg['data']['num_classes'], input_size(cfg))
     if problem:
         raise ConfigError(f'{source}: {problem}')
+
+
+def check_training_batch(cfg: dict, images: int, source: str) -> None:
+    """The model trains on `images` images per process and step (train.py, once the processes are
+    known): BatchNorm over a pooled 1x1 map (ASPP's image pooling) cannot train on one image, which
+    torchrun or a small batch can leave to a process. Checked on the meta device in training mode."""
+    sections = json.dumps({name: cfg[name] for name in ('backbone', 'head', 'aux_head')}, sort_keys=True)
+    problem = model_problem(sections, cfg['data']['num_classes'], input_size(cfg), images, training=True)
+    if problem and 'Expected more than 1 value per channel' in problem:
+        raise ConfigError(
+            f'{source}: {problem.split(":")[0]}: BatchNorm over a 1x1 map cannot train on {images} image(s) per '
+            'process (train.batch_size / processes / train.accum_steps); give each process at least 2'
+        )
 
 
 def input_size(cfg: dict) -> tuple:
@@ -131,21 +133,23 @@ def input_size(cfg: dict) -> tuple:
 
 
 @functools.lru_cache(maxsize=256)
-def model_problem(sections: str, num_classes: int, size: tuple, batch: int = 2):
-    """Why the model cannot be built or run in training mode on a (batch, 3, *size) batch, or None. Built
-    and run on the meta device (shapes only: no memory, no arithmetic), so an unknown variant, an
-    `in_index` out of range or a backbone whose strides the head cannot take fail when the config is
-    read, not after the data scan."""
+def model_problem(sections: str, num_classes: int, size: tuple, batch: int = 1, training: bool = False):
+    """Why the model cannot be built or run on a (batch, 3, *size) batch (in eval mode, or training), or
+    None. Built and run on the meta device (shapes only: no memory, no arithmetic), so an unknown
+    variant, an `in_index` out of range or a backbone whose strides the head cannot take fail when the
+    config is read, not after the data scan."""
     sections = json.loads(sections)
     section = 'backbone'
     try:
         with torch.device('meta'):
-            backbone = BACKBONES[sections['backbone']['type']](**section_kwargs(sections, 'backbone'))
+            backbone = BACKBONES[sections['backbone']['type']](**section_kwargs(sections, 'backbone')).train(training)
             heads = {}
             for section in ('head', 'aux_head'):
                 if sections[section]:
                     cls = HEADS[sections[section]['type']]
-                    heads[section] = cls(backbone.out_channels, num_classes, **section_kwargs(sections, section))
+                    heads[section] = cls(backbone.out_channels, num_classes, **section_kwargs(sections, section)).train(
+                        training
+                    )
             section = 'backbone'
             features = backbone(torch.empty(batch, 3, *size))
             for section, head in heads.items():

@@ -152,7 +152,6 @@ def test_an_out_of_range_value_for_any_bounded_key_is_one_config_error(name):
         ('train.seed=99999999999999999999', "'train.seed' must be a number < 4294967296"),
         ('aux_head={type: fcn, loss_weight: -0.4}', "'aux_head.loss_weight' must be a number >= 0, got -0.4"),
         ('head.loss_weight=2', "unknown key 'head.loss_weight'"),
-        ('train.batch_size=1', 'BatchNorm over a 1x1 map cannot train on 1 image(s) per process'),
     ],
 )
 def test_bad_values_are_named_when_the_config_is_read(override, message):
@@ -637,3 +636,13 @@ def test_evaluate_refuses_a_graph_whose_classes_are_not_the_configs(trained, tmp
     export_onnx.main(['--checkpoint', str(work / 'best.pth'), '--output', str(graph), '--size', '64', '64'])
     line = cli_error(evaluate.main, ['--onnx', str(graph), '--set', 'data.num_classes=3'], capsys)
     assert f'{graph} scores 5 classes, the config 3 (data.num_classes)' in line
+
+
+def test_batchnorm_with_one_image_per_process_is_refused_before_training(trained, tmp_path, capsys):
+    """ASPP's image pooling normalises a 1x1 map: one image per process cannot train it (here batch 1;
+    under torchrun, batch 8 over 8 processes)."""
+    config, _ = trained
+    argv = ['--config', str(config), '--work-dir', str(tmp_path / 'work'), '--device', 'cpu']
+    line = cli_error(train.main, [*argv, '--set', 'train.batch_size=1'], capsys)
+    assert 'BatchNorm over a 1x1 map cannot train on 1 image(s) per process' in line
+    assert not (tmp_path / 'work').exists()
