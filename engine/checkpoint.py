@@ -32,15 +32,8 @@ def run_manifest(work_dir: Path) -> Manifest:
 
 def save_run_checkpoint(state: dict, path: Path) -> None:
     """A training run's checkpoint: named in the run's manifest, then written atomically."""
-    claim_run_file(path)
+    run_manifest(path.parent).claim(path)
     save_checkpoint(state, path)
-
-
-def claim_run_file(path: Path) -> None:
-    try:
-        run_manifest(path.parent).claim(path)
-    except OutputError as error:
-        raise CheckpointError(str(error)) from None
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
@@ -57,7 +50,7 @@ def save_iteration_checkpoint(state: dict, work_dir: Path, keep: int = 3) -> Pat
     deleted (0: keep all). Each step leaves a complete checkpoint behind if the run dies right after it."""
     path = work_dir / f'iter_{state["iteration"]:06d}.pth'
     save_run_checkpoint(state, path)
-    claim_run_file(work_dir / 'last.pth')
+    run_manifest(work_dir).claim(work_dir / 'last.pth')
     replace_with_link(path, work_dir / 'last.pth')
     if keep > 0:
         for old in iteration_checkpoints(work_dir)[:-keep]:

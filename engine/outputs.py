@@ -102,10 +102,7 @@ class Manifest:
     def claim(self, path: Path) -> None:
         """Record `path` (in the folder, or below it) as this command's, or refuse it: a file that is
         there and is not in the list is someone else's."""
-        name = str(Path(path).relative_to(self.folder))
-        if name in self.names:
-            return
-        if Path(path).exists():
+        if str(Path(path).relative_to(self.folder)) not in self.names and Path(path).exists():
             raise OutputError(
                 f"'{path}' is already there and was not written by this command; remove it or "
                 'choose another output folder'
