@@ -58,6 +58,7 @@ import train  # noqa: E402
 from engine.checkpoint import load_checkpoint  # noqa: E402
 from engine.cli import ArgumentParser, number, run_cli  # noqa: E402
 from engine.config import ConfigError, read_yaml  # noqa: E402
+from engine.outputs import write_results  # noqa: E402
 from engine.rules import input_size, load_config  # noqa: E402
 from tools.benchmark import flatten, meta_model, size_figures  # noqa: E402
 
@@ -386,12 +387,14 @@ def write_report(results: list, protocol: dict, args, argv) -> str:
     """The table, printed and written with the protocol and the command to <out>/ablation.{md,json}."""
     text = table(results, args.seeds)
     command = shlex.join(['python', 'benchmarks/ablation.py', *argv])
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / 'ablation.md').write_text(
-        f'`{command}`\n\nprotocol: {json.dumps(protocol)}\n\nval mIoU (%) after {args.iters} iterations\n\n{text}\n'
-    )
-    (args.out / 'ablation.json').write_text(
-        json.dumps({'command': command, 'protocol': protocol, 'seeds': args.seeds, 'pairs': results}, indent=2) + '\n'
+    record = {'command': command, 'protocol': protocol, 'seeds': args.seeds, 'pairs': results}
+    write_results(
+        args.out,
+        {
+            'ablation.md': f'`{command}`\n\nprotocol: {json.dumps(protocol)}\n\n'
+            f'val mIoU (%) after {args.iters} iterations\n\n{text}\n',
+            'ablation.json': json.dumps(record, indent=2) + '\n',
+        },
     )
     print(text)
     return text

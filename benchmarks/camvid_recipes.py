@@ -40,6 +40,7 @@ from ablation import is_finished, resumable_run, say, train_process, validation_
 
 from engine.cli import ArgumentParser, number, run_cli  # noqa: E402
 from engine.config import ConfigError, read_yaml  # noqa: E402
+from engine.outputs import write_results  # noqa: E402
 from engine.rules import load_config  # noqa: E402
 
 DEFAULT_CONFIG = 'configs/camvid_deeplabv3plus.yaml'
@@ -237,11 +238,8 @@ def report(args) -> list:
         )
     table = '\n'.join(lines)
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / 'recipes.md').write_text(table + '\n')
-    (args.out / 'recipes.json').write_text(
-        json.dumps({'config': args.config, 'iters': args.iters, 'set': args.set, 'rows': rows}, indent=2) + '\n'
-    )
+    record = {'config': args.config, 'iters': args.iters, 'set': args.set, 'rows': rows}
+    write_results(args.out, {'recipes.md': table + '\n', 'recipes.json': json.dumps(record, indent=2) + '\n'})
     return rows
 
 

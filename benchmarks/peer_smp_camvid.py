@@ -57,6 +57,7 @@ from engine.config import ConfigError  # noqa: E402
 from engine.data import build_dataset  # noqa: E402
 from engine.evaluation import evaluate  # noqa: E402
 from engine.inference import normalize  # noqa: E402
+from engine.outputs import write_results  # noqa: E402
 from engine.rules import load_config  # noqa: E402
 from engine.training import LOG_TIME_FORMAT, get_rng_state, set_rng_state  # noqa: E402
 
@@ -231,9 +232,8 @@ def peer_curve(cfg: dict, seed: int, device: torch.device, cache: Path) -> tuple
             return [tuple(point) for point in saved['curve']], saved['seconds']
     state = cache.with_name('peer_state.pth')
     curve, seconds = train_peer(cfg, seed, device, lambda line: print(line, flush=True), state)
-    partial = cache.with_suffix('.json.tmp')
-    partial.write_text(json.dumps({'setting': setting, 'curve': curve, 'seconds': seconds}, indent=2) + '\n')
-    partial.replace(cache)
+    record = {'setting': setting, 'curve': curve, 'seconds': seconds}
+    write_results(cache.parent, {cache.name: json.dumps(record, indent=2) + '\n'})
     state.unlink(missing_ok=True)
     return curve, seconds
 
@@ -290,7 +290,6 @@ def main(argv=None) -> dict:
     cfg = load_config(args.config, args.set)
     automatic = 'cuda' if torch.cuda.is_available() else 'cpu'
     device = torch.device(automatic if args.device == 'auto' else args.device)
-    args.out.mkdir(parents=True, exist_ok=True)
     seconds = {}
     peer, seconds['peer'] = peer_curve(cfg, args.seed, device, args.out / 'peer.json')
     ours_dir = args.ours or args.out / 'ours'
@@ -312,7 +311,7 @@ def main(argv=None) -> dict:
         'rows': rows,
         'seconds': seconds,
     }
-    (args.out / 'peer_smp_camvid.json').write_text(json.dumps(result, indent=2) + '\n')
+    write_results(args.out, {'peer_smp_camvid.json': json.dumps(result, indent=2) + '\n'})
     return result
 
 

@@ -63,6 +63,21 @@ def write_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, lambda file: file.write(data))
 
 
+def write_text(path: Path, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def write_results(folder: Path, texts: dict) -> None:
+    """Result files {name: text} of a script that keeps them in an output folder of its own: each is
+    claimed in the folder's list (`results.txt`) first, so an earlier run's results are replaced and a
+    file someone else put there is not."""
+    manifest = Manifest(folder, 'results.txt')
+    for name in texts:
+        manifest.claim(Path(folder) / name)
+    for name, text in texts.items():
+        write_text(Path(folder) / name, text)
+
+
 def write_image(path: Path, image: np.ndarray, jpeg_quality: int = 95) -> None:
     """An RGB (H, W, 3) or single-channel (H, W) uint8/uint16 array, in the format of the file's suffix."""
     pixels = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image

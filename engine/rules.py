@@ -32,6 +32,8 @@ PRETRAINED_FILES = {  # `backbone.pretrained: true`: the official ImageNet file,
     'swin': 'swin_{variant}_patch4_window7_224.pth',
 }
 
+DEEPLAB_SPAN = 288  # the widest ASPP dilation times the output stride in DeepLab v3/v3+ (18 x 16, 36 x 8)
+
 # Keys of a model section that are not constructor arguments.
 NOT_ARGUMENTS = {
     'backbone': ('type', 'pretrained'),
@@ -190,7 +192,28 @@ def training_warnings(cfg: dict) -> list:
             f'({train["max_iters"]}): the whole run is warm-up, at a fraction of train.optimizer.lr '
             '(--set train.schedule.warmup_iters=N shortens it)'
         )
+    span = atrous_span(cfg)
+    if span > DEEPLAB_SPAN:
+        head, stride = cfg['head'], cfg['backbone'].get('output_stride', 32)
+        found.append(
+            f'head.dilations {list(head_dilations(head))} at output stride {stride} reach {span} input pixels '
+            f'from the centre, beyond the {DEEPLAB_SPAN} DeepLab pairs them with (dilations 12/24/36 at output '
+            'stride 8, 6/12/18 at 16, 3/6/9 at 32): dilations meant for another output stride? '
+            '(--set head.dilations=[...] or backbone.output_stride=...)'
+        )
     return found
+
+
+def head_dilations(head: dict) -> tuple:
+    return tuple(head.get('dilations', keyword_parameters(HEADS[head['type']])[0]['dilations'].default))
+
+
+def atrous_span(cfg: dict) -> int:
+    """How far, in input pixels, the widest atrous branch of a DeepLab head reaches (0 for other heads)."""
+    head = cfg['head']
+    if 'dilations' not in keyword_parameters(HEADS[head['type']])[0]:
+        return 0
+    return max(head_dilations(head)) * cfg['backbone'].get('output_stride', 32)
 
 
 def check_data(cfg: dict, source: str) -> None:

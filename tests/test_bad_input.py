@@ -58,6 +58,19 @@ def trained(tmp_path_factory):
     return config, folder / 'work'
 
 
+@pytest.fixture(autouse=True)
+def trained_run_unchanged(request):
+    """Whatever a test does with the trained run (evaluate it, infer, export, copy, fail), every file
+    that was there is byte-identical afterwards: commands write beside a run, never over it."""
+    if 'trained' not in request.fixturenames:
+        yield
+        return
+    folder = request.getfixturevalue('trained')[0].parent
+    before = fingerprints(folder)
+    yield
+    assert {path: fingerprints(folder).get(path) for path in before} == before
+
+
 # --- every documented key: a wrong kind or an out-of-range value is one ConfigError ----------------
 
 
@@ -626,6 +639,14 @@ def test_a_warm_up_longer_than_the_run_is_a_warning_in_train_log():
     assert training_warnings(load_config(DEMO)) == []
 
 
+def test_deeplab_dilations_meant_for_another_output_stride_are_a_warning():
+    """The demo's DeepLabV3+ (output stride 16, dilations up to 18) put on an undilated ResNet."""
+    (warning,) = training_warnings(load_config(DEMO, ['backbone.output_stride=32']))
+    assert 'head.dilations [1, 6, 12, 18] at output stride 32 reach 576 input pixels' in warning
+    scaled = ['backbone.output_stride=32', 'head.dilations=[1,3,6,9]']
+    assert training_warnings(load_config(DEMO, scaled)) == []
+
+
 def test_evaluate_refuses_a_graph_whose_classes_are_not_the_configs(trained, tmp_path, capsys):
     import evaluate
     from tools import export_onnx
@@ -646,3 +667,15 @@ def test_batchnorm_with_one_image_per_process_is_refused_before_training(trained
     line = cli_error(train.main, [*argv, '--set', 'train.batch_size=1'], capsys)
     assert 'BatchNorm over a 1x1 map cannot train on 1 image(s) per process' in line
     assert not (tmp_path / 'work').exists()
+
+
+def test_benchmark_results_replace_their_own_files_and_refuse_a_users(tmp_path):
+    from engine.outputs import OutputError, write_results
+
+    write_results(tmp_path, {'table.md': 'first\n'})
+    write_results(tmp_path, {'table.md': 'second\n'})
+    assert (tmp_path / 'table.md').read_text() == 'second\n'
+    (tmp_path / 'notes.md').write_text('mine')
+    with pytest.raises(OutputError, match=r"notes\.md' is already there and was not written by this command"):
+        write_results(tmp_path, {'table.md': 'third\n', 'notes.md': 'theirs'})
+    assert (tmp_path / 'notes.md').read_text() == 'mine' and (tmp_path / 'table.md').read_text() == 'second\n'

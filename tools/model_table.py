@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine.cli import ArgumentParser  # noqa: E402
+from engine.outputs import write_text  # noqa: E402
 from engine.rules import load_config  # noqa: E402
 from models import BACKBONES, OffsetLearning  # noqa: E402
 from models.heads.mask_classification import MaskClassification  # noqa: E402
@@ -114,7 +115,7 @@ def main() -> None:
     path = ROOT / 'ARCHITECTURES.md'
     document = path.read_text()
     start, end = document.index(BEGIN), document.index(END) + len(END)
-    path.write_text(document[:start] + text + document[end:])
+    write_text(path, document[:start] + text + document[end:])
 
 
 if __name__ == '__main__':
