@@ -68,7 +68,8 @@ def trained_run_unchanged(request):
     folder = request.getfixturevalue('trained')[0].parent
     before = fingerprints(folder)
     yield
-    assert {path: fingerprints(folder).get(path) for path in before} == before
+    after = fingerprints(folder)
+    assert {path: after.get(path) for path in before} == before
 
 
 # --- every documented key: a wrong kind or an out-of-range value is one ConfigError ----------------
