@@ -1,4 +1,5 @@
-"""Score a checkpoint: mIoU, mAcc, aAcc and a per-class table on the console and as JSON, with a
+"""Score a checkpoint: the scores of `eval.metrics` (mIoU, mAcc, aAcc unless the config lists others:
+--set eval.metrics=[mIoU,mDice,mFscore]) and a per-class table on the console and as JSON, with a
 per-class IoU bar chart and a confusion-matrix heat map (PNG) beside the JSON.
 
     python evaluate.py --checkpoint work_dirs/demo/best.pth [--split val] [--mode whole|slide]
@@ -24,17 +25,16 @@ from torch.utils.data import DataLoader, Subset
 
 from datasets.sampler import shard
 from engine import dist, fast
-from engine.checkpoint import load_checkpoint
 from engine.cli import ArgumentParser, amp_dtype_for, config_for_checkpoint, number, run_cli
 from engine.config import ConfigError
 from engine.data import build_dataset
 from engine.evaluation import evaluate
 from engine.inference import TTA_SCALES
+from engine.metrics import per_class_key, reported
 from engine.onnx_runtime import OnnxSegmentor
 from engine.outputs import Manifest, write_bytes, write_image
 from engine.visualize import ClassStyle, confusion_heatmap, iou_chart, side_by_side
-from models.weights import load_model_weights
-from train import create_model
+from train import load_trained
 
 
 def parse_args(argv=None):
@@ -69,11 +69,15 @@ def cli_overrides(args) -> list:
     return overrides + (['eval.flip=true'] if args.flip or args.tta else [])
 
 
-def format_table(results: dict, class_names: list) -> str:
-    lines = [f'{"class":<20}{"IoU":>8}{"Acc":>8}']
-    for name, iou, acc in zip(class_names, results['IoU'], results['Acc']):
-        lines.append(f'{name:<20}{iou:>8.2f}{acc:>8.2f}' if not math.isnan(iou) else f'{name:<20}{"-":>8}{"-":>8}')
-    lines.append(f'mIoU {results["mIoU"]:.2f}   mAcc {results["mAcc"]:.2f}   aAcc {results["aAcc"]:.2f}')
+def format_table(results: dict, metric_names: list, class_names: list) -> str:
+    """A row per class with its value of each class-mean metric ('-' where undefined), then the scores."""
+    names = reported(metric_names)
+    keys = [key for key in map(per_class_key, names) if key]
+    lines = [f'{"class":<20}' + ''.join(f'{key:>10}' for key in keys)]
+    for row, name in enumerate(class_names):
+        values = [results[key][row] for key in keys]
+        lines.append(f'{name:<20}' + ''.join(f'{"-":>10}' if math.isnan(v) else f'{v:>10.2f}' for v in values))
+    lines.append('   '.join(f'{name} {results[name]:.2f}' for name in names))
     return '\n'.join(lines)
 
 
@@ -108,11 +112,7 @@ def model_and_config(args) -> tuple:
                 f'{cfg["data"]["num_classes"]} (data.num_classes): a graph of another model or dataset'
             )
         return model, cfg
-    checkpoint = load_checkpoint(args.checkpoint)
-    cfg = config_for_checkpoint(checkpoint, args.checkpoint, args.config, overrides)
-    model = create_model(cfg)
-    load_model_weights(model, checkpoint, args.checkpoint)
-    return model, cfg
+    return load_trained(args.checkpoint, args.config, overrides)
 
 
 def main(argv=None) -> None:
@@ -136,14 +136,14 @@ def main(argv=None) -> None:
     seconds = time.perf_counter() - start
     confusion = results.pop('confusion')
     if dist.is_main():
-        print(format_table(results, dataset.class_names))
+        print(format_table(results, cfg['eval']['metrics'], dataset.class_names))
         print(
             f'{len(subset)} images in {seconds:.1f} s ({1000 * seconds / len(subset):.0f} ms each, with data loading)'
         )
         scored = Path(args.onnx or args.checkpoint)
         name = f'eval_{args.split}_{cfg["eval"]["mode"]}_{scored.stem}'  # each scored file its own results
         output = Path(args.work_dir or scored.parent) / f'{name}.json'
-        per_class = {k: [None if math.isnan(x) else x for x in results[k]] for k in ('IoU', 'Acc')}
+        per_class = {k: [None if math.isnan(x) else x for x in v] for k, v in results.items() if isinstance(v, list)}
         record = {
             'onnx' if args.onnx else 'checkpoint': str(scored),
             'split': args.split,

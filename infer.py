@@ -32,13 +32,11 @@ from datasets import DATASETS
 from datasets.base import IMAGE_SUFFIXES, DatasetError, read_image, resolve_class_names, resolve_palette
 from datasets.transforms import Pipeline
 from engine import dist, fast
-from engine.checkpoint import load_checkpoint
-from engine.cli import ArgumentParser, amp_dtype_for, config_for_checkpoint, number, run_cli
+from engine.cli import ArgumentParser, amp_dtype_for, number, run_cli
 from engine.inference import eval_pipeline, inference_options, predict_scores
 from engine.outputs import Manifest, OutputError, write_bytes, write_class_ids, write_image
 from engine.visualize import ClassStyle, legend, overlay
-from models.weights import load_model_weights
-from train import create_model
+from train import load_trained
 
 LEGEND_WIDTH = 640
 
@@ -136,9 +134,8 @@ def write_class_key(output: Path, style: ClassStyle) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    checkpoint = load_checkpoint(args.checkpoint)
     mode = [f'eval.mode={args.mode}'] if args.mode else []
-    cfg = config_for_checkpoint(checkpoint, args.checkpoint, args.config, [*args.set, *mode])
+    model, cfg = load_trained(args.checkpoint, args.config, [*args.set, *mode])
     data = cfg['data']
     base, files = find_inputs(args.input)
     skipped = [f for f in files if f.suffix.lower() not in IMAGE_SUFFIXES]
@@ -156,8 +153,6 @@ def main(argv=None) -> None:
         manifest.claim(file)
 
     device, _, _ = dist.setup(args.device)
-    model = create_model(cfg)
-    load_model_weights(model, checkpoint, args.checkpoint)
     amp_dtype = amp_dtype_for(cfg, device)
     model = fast.prepare_for_inference(
         model.to(device), args.channels_last, args.fold_bn, args.compile, amp_dtype=amp_dtype

@@ -25,31 +25,36 @@ from torch.utils.data import DataLoader, Subset
 
 from datasets.sampler import TrainSampler, shard
 from engine import dist
-from engine.checkpoint import claim_work_dir, remove_partial_writes, resume_checkpoint, save_iteration_checkpoint
-from engine.cli import ArgumentParser, amp_dtype_for, run_cli
+from engine.checkpoint import (
+    claim_work_dir,
+    load_checkpoint,
+    remove_partial_writes,
+    resume_checkpoint,
+    save_iteration_checkpoint,
+)
+from engine.cli import ArgumentParser, amp_dtype_for, config_for_checkpoint, run_cli
 from engine.config import choose, dump_config
 from engine.data import build_dataset
-from engine.losses import SegmentationLoss
+from engine.logger import Logger, progress_bar
+from engine.losses import build_criterion
 from engine.optim import build_ema, build_optimizer, build_scheduler
 from engine.preemption import SIGNALS, STOP_SIGNALS, StopRequest, ignore_stop_signals
 from engine.rules import check_training_batch, load_config, pretrained_file, section_kwargs, training_warnings
 from engine.training import (
     Batches,
-    Logger,
     ProgressMeter,
     TrainState,
     count_params,
     has_unused_parameters,
     per_process_batch,
-    progress_bar,
     train_step,
     validate_and_checkpoint,
 )
 from engine.visualize import ClassStyle
 from models import BACKBONES, HEADS, Segmentor
-from models.weights import load_pretrained, load_weights_from
+from models.weights import load_model_weights, load_pretrained, load_weights_from
 
-__all__ = ['load_config', 'create_backbone', 'get_backbone_channels', 'create_head', 'create_model']
+__all__ = ['load_config', 'create_backbone', 'get_backbone_channels', 'create_head', 'create_model', 'load_trained']
 
 
 # ----------------------------------------------------------------------------------------- factories
@@ -83,6 +88,17 @@ def create_model(cfg: dict) -> Segmentor:
     channels, num_classes = get_backbone_channels(cfg), cfg['data']['num_classes']
     aux_head = create_head(cfg, channels, num_classes, 'aux_head') if cfg['aux_head'] else None
     return Segmentor(create_backbone(cfg), create_head(cfg, channels, num_classes), aux_head)
+
+
+def load_trained(checkpoint, config=None, overrides=()) -> tuple:
+    """(model, cfg): a trained model ready for inference (its weights loaded, in eval mode, on the CPU)
+    and its resolved config, which is `config` if given, else the one the checkpoint stores, with
+    `overrides`. What evaluate.py, infer.py and the export tool start from."""
+    stored = load_checkpoint(checkpoint)
+    cfg = config_for_checkpoint(stored, checkpoint, config, overrides)
+    model = create_model(cfg)
+    load_model_weights(model, stored, str(checkpoint))
+    return model.eval(), cfg
 
 
 def parse_args(argv=None):
@@ -237,9 +253,9 @@ def log_progress(log: Logger, meter: ProgressMeter, state: TrainState, max_iters
         + '  '.join(f'{k} {v:.6f}' for k, v in means.items())
         + f'  lr {lr:.4g}  {speed:.1f} images/s  eta {eta}'
     )
-    log.scalars(
-        state.iteration, {**{f'train/{k}': v for k, v in means.items()}, 'train/lr': lr, 'train/images_per_s': speed}
-    )
+    values = {**means, 'lr': lr, 'images_per_s': speed}
+    log.scalars(state.iteration, {f'train/{k}': v for k, v in values.items()})
+    log.record(state.iteration, 'train', values)
 
 
 def due(iteration: int, interval: int, max_iters: int) -> bool:
@@ -278,11 +294,10 @@ def fit(args, cfg: dict, run: Run, log: Logger, resume=None, checkpoint=None) ->
     batches = Batches(train_loader, run.device, data_cfg['mean'], data_cfg['std'], run.memory_format)
     state.seed_processes(train_cfg['seed'], run.rank, run.world_size)  # after the loader drew its base seed
     train_model = wrap_for_processes(state.model, run, find_unused)
-    criterion = SegmentationLoss(
-        data_cfg['ignore_index'], train_cfg['loss'], (cfg['aux_head'] or {}).get('loss_weight', 0.4)
-    )
+    criterion = build_criterion(cfg)
     prepare_work_dir(run, stored, log)
     log(describe_run(cfg, run, state, groups_table, train_set, val_set, find_unused))
+    log.record(state.iteration, 'start', {})
     for warning in training_warnings(cfg):
         log(f'warning: {warning}')
     style = ClassStyle.of(val_set)

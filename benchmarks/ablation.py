@@ -40,7 +40,6 @@ mean +- std (ddof 1), and per pair the paired difference OL - plain per seed wit
 """
 
 import json
-import re
 import shlex
 import statistics
 import subprocess
@@ -268,18 +267,6 @@ def resumable_run(config: str, work_dir: Path, device: str, overrides: list) -> 
     """train.py's arguments for a run of `config` with `overrides` in `work_dir`, continued if it stopped."""
     run = ['--config', config, '--work-dir', str(work_dir), '--resume', 'auto', '--device', device]
     return [*run, '--set', *overrides] if overrides else run  # --set takes one value at least
-
-
-VALIDATION_LINE = re.compile(r'iter (\d+)( \(EMA\))?: mIoU ([\d.]+)')
-
-
-def validation_curve(work_dir: Path, ema: bool = False) -> dict:
-    """{iteration: val mIoU} of the model (`ema`: of its moving average) from a train.py run's train.log
-    ({} without one); the last value of each iteration, so a resumed run counts once."""
-    log = work_dir / 'train.log'
-    if not log.is_file():
-        return {}
-    return {int(i): float(m) for i, tag, m in VALIDATION_LINE.findall(log.read_text()) if bool(tag) == ema}
 
 
 def train_process(work_dir: Path, arguments: list) -> bool:

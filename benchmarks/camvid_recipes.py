@@ -26,20 +26,19 @@ val mIoU at each validation point, the final difference to the base row, and the
 
 import argparse
 import json
-import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 
-from ablation import is_finished, resumable_run, say, train_process, validation_curve  # noqa: E402
+from ablation import is_finished, resumable_run, say, train_process  # noqa: E402
 
 from engine.cli import ArgumentParser, number, run_cli  # noqa: E402
 from engine.config import ConfigError, read_yaml  # noqa: E402
+from engine.logger import run_seconds, validation_curve  # noqa: E402
 from engine.outputs import write_results  # noqa: E402
 from engine.rules import load_config  # noqa: E402
 
@@ -56,6 +55,7 @@ STRONG_PIPELINE = [  # twice the scale range and stronger colour jitter than the
 ]
 SMP_PIPELINE = read_yaml(ROOT / 'configs' / 'camvid_fpn_smp_aug.yaml')['data']['train']['pipeline']
 MMSEG_PIPELINE = read_yaml(ROOT / 'configs' / '_base_' / 'datasets' / 'camvid.yaml')['data']['train']['pipeline']
+NO_CE = ['train.loss.ce=0', 'train.loss.class_weight=null']  # the cross-entropy off, with its class weights
 ROWS = {  # name -> (the change, its overrides of --config)
     'base': ('none: the base config', []),
     'ce_dice': ('loss: weighted CE + Dice', ['train.loss.dice=1.0']),
@@ -63,12 +63,9 @@ ROWS = {  # name -> (the change, its overrides of --config)
         "loss: weighted CE + SMP's Dice (pooled over the batch)",
         ['train.loss.dice=1.0', 'train.loss.dice_style=smp'],
     ),
-    'dice': ('loss: Dice only', ['train.loss.ce=0', 'train.loss.dice=1.0']),
-    'dice_smp': (
-        "loss: SMP's Dice only (the peer's)",
-        ['train.loss.ce=0', 'train.loss.dice=1.0', 'train.loss.dice_style=smp'],
-    ),
-    'lovasz': ('loss: Lovász-Softmax only', ['train.loss.ce=0', 'train.loss.lovasz=1.0']),
+    'dice': ('loss: Dice only', [*NO_CE, 'train.loss.dice=1.0']),
+    'dice_smp': ("loss: SMP's Dice only (the peer's)", [*NO_CE, 'train.loss.dice=1.0', 'train.loss.dice_style=smp']),
+    'lovasz': ('loss: Lovász-Softmax only', [*NO_CE, 'train.loss.lovasz=1.0']),
     'ohem': (
         'loss: weighted CE with OHEM (p < 0.7, ≥ 12500 pixels per crop)',
         ['train.loss.ohem={thresh: 0.7, min_kept: 12500}'],
@@ -122,7 +119,6 @@ ROWS = {  # name -> (the change, its overrides of --config)
         ['data.train.pipeline=' + json.dumps(SMP_PIPELINE)],
     ),
 }
-STAMP = re.compile(r'^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)  ', re.MULTILINE)
 
 
 def parse_args(argv=None):
@@ -189,14 +185,10 @@ def train_rows(args) -> None:
 
 
 def minutes(work_dir: Path):
-    """Minutes from train.log's first line to its last (None without a log): a stopped and resumed run
+    """Minutes from the run's start to its last record (None before two): a stopped and resumed run
     counts its pause too."""
-    log = work_dir / 'train.log'
-    stamps = STAMP.findall(log.read_text()) if log.is_file() else []
-    if not stamps:
-        return None
-    first, last = (datetime.strptime(stamp, '%Y-%m-%d %H:%M:%S') for stamp in (stamps[0], stamps[-1]))
-    return (last - first).total_seconds() / 60
+    seconds = run_seconds(work_dir)
+    return None if seconds is None else seconds / 60
 
 
 def report(args) -> list:
@@ -204,7 +196,7 @@ def report(args) -> list:
     base_final = validation_curve(args.out / 'base').get(args.iters)
     rows = []
     for row in args.rows:
-        scores, averaged = validation_curve(args.out / row), validation_curve(args.out / row, ema=True)
+        scores, averaged = validation_curve(args.out / row), validation_curve(args.out / row, 'val_ema')
         final = scores.get(args.iters)
         difference = None if final is None or base_final is None else final - base_final
         rows.append(

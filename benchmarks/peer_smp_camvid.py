@@ -25,18 +25,16 @@ uninterrupted run does: the iterations up to each validation point draw their ba
 from a stream seeded by (seed, which validation point) alone.
 
 Ours is a train.py run of --config: the val mIoU of each validation read from --ours (a run's folder,
-its train.log), or trained here into <out>/ours (`--resume auto`); where the run keeps a moving average
+its metrics.jsonl), or trained here into <out>/ours (`--resume auto`); where the run keeps a moving average
 of its weights (train.ema_decay), that average is what the recipe delivers and what is compared.
 Printed: both curves, ours − peer and ours / peer at each validation point, and both wall times (for
---ours, from its train.log's first line to its last); written to <out>/peer_smp_camvid.json.
+--ours, from its start to its last record); written to <out>/peer_smp_camvid.json.
 """
 
 import itertools
 import json
-import re
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 
-from ablation import resumable_run, validation_curve  # noqa: E402
+from ablation import resumable_run  # noqa: E402
 
 import train  # noqa: E402
 from datasets.transforms import albumentations  # noqa: E402
@@ -57,12 +55,12 @@ from engine.config import ConfigError  # noqa: E402
 from engine.data import build_dataset  # noqa: E402
 from engine.evaluation import evaluate  # noqa: E402
 from engine.inference import normalize  # noqa: E402
+from engine.logger import METRICS_FILE, run_seconds, validation_curve  # noqa: E402
 from engine.outputs import write_results  # noqa: E402
 from engine.rules import load_config  # noqa: E402
-from engine.training import LOG_TIME_FORMAT, get_rng_state, set_rng_state  # noqa: E402
+from engine.training import get_rng_state, set_rng_state  # noqa: E402
 
 DEFAULT_CONFIG = 'configs/camvid.yaml'
-LOG_TIME = re.compile(r'^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) ', re.MULTILINE)  # train.log's line stamps
 
 
 def parse_args(argv=None):
@@ -242,27 +240,16 @@ def peer_curve(cfg: dict, seed: int, device: torch.device, cache: Path) -> tuple
 
 
 def our_curve(work_dir: Path) -> tuple:
-    """([(iteration, val mIoU)], what was scored) of a train.py run, from its train.log: the weights the
-    recipe delivers, i.e. the moving average where the run kept one (train.ema_decay), else the model.
-    The last value of each iteration counts, so a resumed run counts once."""
-    log = work_dir / 'train.log'
-    if not log.is_file():
-        raise ConfigError(f'--ours {work_dir}: no train.log there (a train.py run folder is expected)')
-    averaged = validation_curve(work_dir, ema=True)
+    """([(iteration, val mIoU)], what was scored) of a train.py run, from its metrics.jsonl: the weights
+    the recipe delivers, i.e. the moving average where the run kept one (train.ema_decay), else the
+    model. The last value of each iteration counts, so a resumed run counts once."""
+    if not (work_dir / METRICS_FILE).is_file():
+        raise ConfigError(f'--ours {work_dir}: no {METRICS_FILE} there (a train.py run folder is expected)')
+    averaged = validation_curve(work_dir, 'val_ema')
     points = averaged or validation_curve(work_dir)
     if not points:
-        raise ConfigError(f'{log}: no validation line ("iter N: mIoU X") yet')
+        raise ConfigError(f'{work_dir / METRICS_FILE}: no validation yet')
     return sorted(points.items()), 'moving average of the weights' if averaged else 'weights'
-
-
-def logged_seconds(work_dir: Path):
-    """Seconds from the first to the last time-stamped line of a run's train.log (the pause of a resumed
-    run included), or None without two such lines."""
-    stamps = LOG_TIME.findall((work_dir / 'train.log').read_text())
-    if len(stamps) < 2:
-        return None
-    first, last = (datetime.strptime(stamp, LOG_TIME_FORMAT) for stamp in (stamps[0], stamps[-1]))
-    return (last - first).total_seconds()
 
 
 def train_ours(args, work_dir: Path) -> None:
@@ -299,7 +286,7 @@ def main(argv=None) -> dict:
         seconds['ours'] = time.perf_counter() - start
     ours, scored = our_curve(ours_dir)
     if args.ours is not None:
-        seconds['ours'] = logged_seconds(ours_dir)
+        seconds['ours'] = run_seconds(ours_dir)
     rows = report(peer, ours, scored, seconds)
     result = {
         'config': args.config,

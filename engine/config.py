@@ -18,6 +18,10 @@ from pathlib import Path
 import annotated_types as at
 import yaml
 
+from .loss_terms import LOSS_TERMS
+from .mask_losses import MaskClassificationLoss
+from .metrics import DEFAULT_METRICS
+
 
 class ConfigError(ValueError):
     """A config that cannot describe a run: the message names the key, the file and what was expected."""
@@ -58,17 +62,18 @@ DEFAULTS = {
         'optimizer': {'type': 'adamw', 'lr': 6e-5, 'weight_decay': 0.01, 'betas': [0.9, 0.999], 'momentum': 0.9},
         'param_groups': {},
         'schedule': {'type': 'poly', 'power': 1.0, 'min_lr': 0.0, 'warmup_iters': 0, 'warmup_ratio': 1e-6},
-        'loss': {
-            'class_weight': None,
-            'ce': 1.0,
-            'ohem': None,
-            'dice': 0.0,
-            'dice_style': 'mmseg',
-            'lovasz': 0.0,
-            'avg_non_ignore': True,
-        },
+        'loss': {},  # each term of engine/loss_terms.py: its weight, then its options (filled below)
+        'mask_loss': {},  # the set-prediction loss's settings: engine/mask_losses.py (filled below)
     },
-    'eval': {'mode': 'whole', 'crop_size': None, 'stride': None, 'scales': [1.0], 'flip': False, 'size_divisor': 32},
+    'eval': {
+        'mode': 'whole',
+        'crop_size': None,
+        'stride': None,
+        'scales': [1.0],
+        'flip': False,
+        'size_divisor': 32,
+        'metrics': list(DEFAULT_METRICS),
+    },
     'output': {'work_dir': None},
     'paper': None,
 }
@@ -88,8 +93,6 @@ TYPES = {
     'train.amp': (bool, str),
     'train.grad_clip': (float, int, type(None)),
     'train.ema_decay': (float, type(None)),
-    'train.loss.class_weight': (list, type(None)),
-    'train.loss.ohem': (dict, type(None)),
     'eval.crop_size': (list, type(None)),
     'eval.stride': (list, type(None)),
     'output.work_dir': (str, type(None)),
@@ -128,14 +131,11 @@ BOUNDS = {
     'train.schedule.min_lr': (at.Ge(0), at.Le(1)),
     'train.schedule.warmup_iters': (at.Ge(0),),
     'train.schedule.warmup_ratio': (at.Gt(0), at.Le(1)),
-    'train.loss.class_weight': (at.Len(1), Each((at.Ge(0),))),
-    'train.loss.ce': (at.Ge(0),),
-    'train.loss.dice': (at.Ge(0),),
-    'train.loss.lovasz': (at.Ge(0),),
     'eval.crop_size': (at.Len(2, 2), Each((at.Ge(1),))),
     'eval.stride': (at.Len(2, 2), Each((at.Ge(1),))),
     'eval.scales': (at.Len(1), Each((at.Gt(0),))),
     'eval.size_divisor': (at.Ge(1),),
+    'eval.metrics': (at.Len(1),),
 }
 
 # Sections whose keys are free-form mappings (name substring -> options) rather than fixed keys.
@@ -148,7 +148,6 @@ CHOICES = {
     'train.amp': (False, 'bf16', 'fp16'),
     'train.optimizer.type': ('adamw', 'sgd'),
     'train.schedule.type': ('poly', 'cosine', 'constant'),
-    'train.loss.dice_style': ('mmseg', 'smp'),
     'eval.mode': ('whole', 'slide'),
 }
 
@@ -421,13 +420,21 @@ def check_kwargs(
 
 
 def unannotated(hint) -> tuple:
-    """(the type, its constraints) of an annotation: `Annotated[float, Ge(0)]` -> (float, (Ge(0),))."""
+    """(the type, its constraints) of an annotation: `Annotated[float, Ge(0)]` -> (float, (Ge(0),)).
+    A string in the metadata documents the option (`option_doc`) and constrains nothing."""
     if typing.get_origin(hint) is typing.Annotated:
-        return hint.__origin__, hint.__metadata__
+        return hint.__origin__, tuple(m for m in hint.__metadata__ if not isinstance(m, str))
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         parts = [unannotated(arg) for arg in typing.get_args(hint)]
         return typing.Union[tuple(part for part, _ in parts)], tuple(b for _, bounds in parts for b in bounds)
     return hint, ()
+
+
+def option_doc(hint) -> str:
+    """The description an option's annotation carries (`Annotated[bool, 'what it does'] = True`), or ''."""
+    if typing.get_origin(hint) is typing.Annotated:
+        return ' '.join(m for m in hint.__metadata__ if isinstance(m, str))
+    return ''
 
 
 def keyword_parameters(cls) -> tuple:
@@ -453,6 +460,8 @@ def matches(value, hint) -> bool:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         return any(matches(value, arg) for arg in typing.get_args(hint))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
     if hint is type(None):
         return value is None
     if hint is float:
@@ -467,7 +476,42 @@ def matches(value, hint) -> bool:
 def describe(hint) -> str:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return ' or '.join(describe(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is typing.Literal:
+        return f'one of {list(typing.get_args(hint))}'
     return 'null' if hint is type(None) else getattr(hint, '__name__', str(hint))
+
+
+def class_schema(section: str, cls, provided=()) -> dict:
+    """The defaults of a section whose keys are the keyword arguments of `cls` (less `provided`),
+    their types, bounds and choices entered in TYPES, BOUNDS and CHOICES: declared once, in the class."""
+    params, hints = keyword_parameters(cls)
+    defaults = {}
+    for name, param in params.items():
+        if name in provided:
+            continue
+        key, (hint, bounds) = f'{section}.{name}', unannotated(hints.get(name))
+        defaults[name] = param.default
+        if bounds:
+            BOUNDS[key] = bounds
+        if typing.get_origin(hint) is typing.Literal:
+            CHOICES[key] = typing.get_args(hint)
+        elif typing.get_origin(hint) in (typing.Union, types.UnionType):
+            TYPES[key] = typing.get_args(hint)
+    return defaults
+
+
+def loss_schema() -> dict:
+    """train.loss: each term's weight under its name (a number >= 0), followed by its options."""
+    defaults = {}
+    for name, term in LOSS_TERMS.items():
+        defaults[name] = term.weight
+        BOUNDS[f'train.loss.{name}'] = (at.Ge(0),)
+        defaults.update(class_schema('train.loss', term))
+    return defaults
+
+
+DEFAULTS['train']['loss'] = loss_schema()
+DEFAULTS['train']['mask_loss'] = class_schema('train.mask_loss', MaskClassificationLoss, provided=('ignore_index',))
 
 
 def dump_config(cfg: dict, path: Path) -> None:

@@ -12,8 +12,8 @@ def evaluate(model, loader, cfg: dict, device, amp_dtype=None, progress: bool = 
     """Run the inference of the config's `eval` section (engine/inference.py) over `loader` (batch 1:
     sizes differ; `build_dataset`'s val set, which gives the loaded images under test-time
     augmentation), with its `data` section's classes, ignore index and normalisation, and return
-    mIoU/mAcc/aAcc, the per-class scores and the summed `confusion` matrix (num_classes,
-    num_classes) on the CPU.
+    the scores of `eval.metrics` (mIoU always), their per-class values and the summed `confusion`
+    matrix (num_classes, num_classes) on the CPU.
 
     Under torch.distributed each process scores its own share and the matrices are summed.
     `on_sample(position, image, label, prediction)`, if given, sees each image of this process's
@@ -36,4 +36,4 @@ def evaluate(model, loader, cfg: dict, device, amp_dtype=None, progress: bool = 
             on_sample(position, images[0], labels[0], predictions[0])
     confusion.all_reduce()
     model.train(was_training)
-    return {**confusion.compute(), 'confusion': confusion.matrix.cpu()}
+    return {**confusion.compute(cfg['eval']['metrics']), 'confusion': confusion.matrix.cpu()}

@@ -5,16 +5,20 @@ Each image's label map becomes one binary mask per class present (the ignore ind
 pixels are background in every mask, as in mmseg). At every prediction point, queries are matched
 one to one to these masks (Hungarian, on class + mask BCE + Dice costs over random points); matched
 queries learn their mask (BCE and Dice on points chosen where the prediction is most uncertain) and
-their class, unmatched ones the "no object" class. Weights: class CE 2 (no object 0.1), BCE 5, Dice 5.
+their class, unmatched ones the "no object" class. The weights (`train.mask_loss`, the keyword
+arguments of MaskClassificationLoss) default to the published ones: class CE 2 (no object 0.1), BCE 5,
+Dice 5, for the matching costs as for the loss.
 """
+
+from typing import Annotated
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from annotated_types import Ge, Le
 from scipy.optimize import linear_sum_assignment
 
-CLASS_WEIGHT, MASK_WEIGHT, DICE_WEIGHT, NO_OBJECT_WEIGHT = 2.0, 5.0, 5.0, 0.1
-NUM_POINTS, OVERSAMPLE_RATIO, IMPORTANCE_SAMPLE_RATIO = 12544, 3.0, 0.75
+Weight = Annotated[float, Ge(0)]
 
 
 def point_sample(masks: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -24,10 +28,7 @@ def point_sample(masks: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
 
 
 def uncertain_points(
-    mask_logits: torch.Tensor,
-    num_points: int,
-    oversample_ratio: float = OVERSAMPLE_RATIO,
-    importance_ratio: float = IMPORTANCE_SAMPLE_RATIO,
+    mask_logits: torch.Tensor, num_points: int, oversample_ratio: float, importance_ratio: float
 ) -> torch.Tensor:
     """PointRend's training points for mask logits (N, H, W) -> (N, num_points, 2): of
     oversample_ratio·num_points random points, the importance_ratio·num_points with logits closest
@@ -52,14 +53,14 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return 1 - (2 * (probs * targets).sum(-1) + 1) / (probs.sum(-1) + targets.sum(-1) + 1)
 
 
-def pairwise_mask_costs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(Q, P) predicted point logits, (G, P) target points -> (Q, G): MASK_WEIGHT · mean BCE +
-    DICE_WEIGHT · Dice of every prediction against every target."""
+def pairwise_mask_costs(logits: torch.Tensor, targets: torch.Tensor, mask_weight: float, dice_weight: float):
+    """(Q, P) predicted point logits, (G, P) target points -> (Q, G): mask_weight · mean BCE +
+    dice_weight · Dice of every prediction against every target."""
     # BCE(x, t) = softplus(x) - x·t, so the mean over points of every pair is one matrix product.
     bce = (F.softplus(logits).sum(-1)[:, None] - logits @ targets.T) / logits.shape[1]
     probs = logits.sigmoid()
     dice = 1 - (2 * probs @ targets.T + 1) / (probs.sum(-1)[:, None] + targets.sum(-1)[None] + 1)
-    return MASK_WEIGHT * bce + DICE_WEIGHT * dice
+    return mask_weight * bce + dice_weight * dice
 
 
 def semantic_to_masks(labels: torch.Tensor, ignore_index: int) -> tuple:
@@ -69,14 +70,15 @@ def semantic_to_masks(labels: torch.Tensor, ignore_index: int) -> tuple:
     return classes, (labels[None] == classes[:, None, None]).float()
 
 
-def match(cls_scores: list, mask_preds: list, targets: list, num_points: int) -> list:
+def match(cls_scores: list, mask_preds: list, targets: list, num_points: int, weights: tuple) -> list:
     """Hungarian matching of every prediction point and image: [[(query indices, target indices)]].
 
-    cls_scores [(B, Q, K+1)], mask_preds [(B, Q, h, w)] per point; targets [(classes, masks)] per image.
+    cls_scores [(B, Q, K+1)], mask_preds [(B, Q, h, w)] per point; targets [(classes, masks)] per image;
+    weights (class, mask BCE, Dice) of the costs.
     All costs go to the CPU together, in one transfer. Non-finite costs (a diverged model) become
     large finite ones, so that matching still runs and the training loop reports the non-finite loss.
     """
-    costs = []
+    costs, (cls_weight, mask_weight, dice_weight) = [], weights
     with torch.no_grad():
         for point_cls, point_masks in zip(cls_scores, mask_preds):
             for scores, masks, (classes, target_masks) in zip(point_cls, point_masks, targets):
@@ -86,8 +88,8 @@ def match(cls_scores: list, mask_preds: list, targets: list, num_points: int) ->
                 points = torch.rand(1, num_points, 2, device=masks.device)  # the same points for all masks
                 predicted = point_sample(masks, points.expand(len(masks), -1, -1))
                 target = point_sample(target_masks, points.expand(len(target_masks), -1, -1))
-                class_cost = -CLASS_WEIGHT * scores.softmax(-1)[:, classes]
-                costs.append(class_cost + pairwise_mask_costs(predicted, target))
+                class_cost = -cls_weight * scores.softmax(-1)[:, classes]
+                costs.append(class_cost + pairwise_mask_costs(predicted, target, mask_weight, dice_weight))
         flat = torch.cat([c.flatten() for c in costs]).cpu().nan_to_num(nan=1e8, posinf=1e8, neginf=-1e8)
     assignments = []
     for cost, shape in zip(flat.split([c.numel() for c in costs]), [c.shape for c in costs]):
@@ -108,12 +110,30 @@ def mean_over_processes(count: torch.Tensor) -> torch.Tensor:
 
 
 class MaskClassificationLoss:
-    """`terms(outputs, labels)`: a head's training output and labels (B, H, W) -> {'mask_cls',
-    'mask_bce', 'mask_dice'}, the weighted terms summed over all prediction points, with their graph.
-    Runs in float32 with autocast off."""
+    """`terms(outputs, labels)`: a head's training output and labels (B, H, W) -> {'loss', 'mask_cls',
+    'mask_bce', 'mask_dice'}, the weighted terms summed over all prediction points and their sum, with
+    their graph. Runs in float32 with autocast off. The keyword arguments are `train.mask_loss`."""
 
-    def __init__(self, ignore_index: int, num_points: int = NUM_POINTS):
+    def __init__(
+        self,
+        ignore_index: int,
+        cls_weight: Annotated[Weight, 'weight of the class cross-entropy (and of the class cost in matching)'] = 2.0,
+        mask_weight: Annotated[Weight, 'weight of the mask binary cross-entropy (and its matching cost)'] = 5.0,
+        dice_weight: Annotated[Weight, 'weight of the mask Dice (and its matching cost)'] = 5.0,
+        no_object_weight: Annotated[Weight, 'class weight of "no object", the class of unmatched queries'] = 0.1,
+        num_points: Annotated[int, Ge(1), 'points per mask where BCE and Dice are computed (PointRend)'] = 12544,
+        oversample_ratio: Annotated[float, Ge(1), 'candidates drawn per point, to choose the uncertain ones'] = 3.0,
+        importance_sample_ratio: Annotated[
+            float, Ge(0), Le(1), 'share of the points chosen where the prediction is most uncertain'
+        ] = 0.75,
+    ):
         self.ignore_index, self.num_points = ignore_index, num_points
+        self.weights = cls_weight, mask_weight, dice_weight
+        self.no_object_weight = no_object_weight
+        self.oversample_ratio, self.importance_sample_ratio = oversample_ratio, importance_sample_ratio
+
+    def __call__(self, outputs: dict, labels: torch.Tensor) -> torch.Tensor:
+        return self.terms(outputs, labels)['loss']
 
     def terms(self, outputs: dict, labels: torch.Tensor) -> dict:
         with torch.autocast(labels.device.type, enabled=False):
@@ -124,11 +144,11 @@ class MaskClassificationLoss:
             num_masks = num_masks.clamp(min=1)
             terms = {'mask_cls': 0, 'mask_bce': 0, 'mask_dice': 0}
             for point_cls, point_masks, assignment in zip(
-                cls_scores, mask_preds, match(cls_scores, mask_preds, targets, self.num_points)
+                cls_scores, mask_preds, match(cls_scores, mask_preds, targets, self.num_points, self.weights)
             ):
                 for name, value in self.point_terms(point_cls, point_masks, targets, assignment, num_masks).items():
                     terms[name] = terms[name] + value
-        return terms
+        return {'loss': sum(terms.values()), **terms}
 
     def point_terms(self, cls_scores, mask_preds, targets, assignment, num_masks) -> dict:
         """The weighted terms of one prediction point: cls_scores (B, Q, K+1), mask_preds (B, Q, h, w)."""
@@ -141,18 +161,19 @@ class MaskClassificationLoss:
             matched_preds.append(mask_preds[image, queries])
             matched_targets.append(masks[indices])
         class_weight = cls_scores.new_ones(num_classes + 1)
-        class_weight[-1] = NO_OBJECT_WEIGHT
+        class_weight[-1] = self.no_object_weight
+        cls_weight, mask_weight, dice_weight = self.weights
         terms = {
-            'mask_cls': CLASS_WEIGHT * F.cross_entropy(cls_scores.flatten(0, 1), labels.flatten(), weight=class_weight)
+            'mask_cls': cls_weight * F.cross_entropy(cls_scores.flatten(0, 1), labels.flatten(), weight=class_weight)
         }
         preds = torch.cat(matched_preds)
         if len(preds) == 0:  # no target mask in the batch: zero mask terms that still reach the graph
             return {**terms, 'mask_bce': preds.sum(), 'mask_dice': preds.sum()}
         with torch.no_grad():
-            points = uncertain_points(preds, self.num_points)
+            points = uncertain_points(preds, self.num_points, self.oversample_ratio, self.importance_sample_ratio)
             point_targets = point_sample(torch.cat(matched_targets), points)
         point_logits = point_sample(preds, points)
         bce = F.binary_cross_entropy_with_logits(point_logits, point_targets, reduction='sum')
-        terms['mask_bce'] = MASK_WEIGHT * bce / (num_masks * self.num_points)
-        terms['mask_dice'] = DICE_WEIGHT * dice_loss(point_logits, point_targets).sum() / num_masks
+        terms['mask_bce'] = mask_weight * bce / (num_masks * self.num_points)
+        terms['mask_dice'] = dice_weight * dice_loss(point_logits, point_targets).sum() / num_masks
         return terms

@@ -16,9 +16,19 @@ from datasets import DATASETS
 from datasets.transforms import TRANSFORMS, Pipeline
 from models import BACKBONES, HEADS
 
-from .config import DEFAULTS, ConfigError, check_kwargs, choose, is_number, keyword_parameters, read_config
+from .config import (
+    DEFAULTS,
+    ConfigError,
+    check_kwargs,
+    choose,
+    did_you_mean,
+    is_number,
+    keyword_parameters,
+    read_config,
+)
 from .data import DATASET_ARGUMENTS, dataset_options
-from .losses import check_loss_config
+from .losses import check_loss_config, uses_set_prediction_loss
+from .metrics import METRICS
 from .optim import check_rules
 
 PRETRAINED_DIR = Path('pretrained')
@@ -70,7 +80,6 @@ def load_config(path, overrides=()) -> dict:
 
 
 MODEL_SECTIONS = {'backbone': BACKBONES, 'head': HEADS, 'aux_head': HEADS}
-MASK_CLASSIFICATION_HEADS = ('mask2former',)
 """Heads trained by the set-prediction loss rather than the per-pixel terms of `train.loss`."""
 
 
@@ -166,21 +175,18 @@ def model_problem(sections: str, num_classes: int, size: tuple, batch: int = 1, 
 def check_training(cfg: dict, source: str) -> None:
     train = cfg['train']
     check_rules(train['param_groups'], source)
-    try:
-        check_loss_config(train['loss'], cfg['data']['num_classes'])
-    except ConfigError as error:
-        raise ConfigError(f'{source}: {error}') from None
+    check_loss_config(train['loss'], cfg['data']['num_classes'], source)
     aux_weight = (cfg['aux_head'] or {}).get('loss_weight', 0.4)
     if not is_number(aux_weight) or aux_weight < 0:
         raise ConfigError(f"{source}: 'aux_head.loss_weight' must be a number >= 0, got {aux_weight!r}")
-    if cfg['head']['type'] in MASK_CLASSIFICATION_HEADS:
-        changed = sorted(k for k, v in train['loss'].items() if v != DEFAULTS['train']['loss'][k])
-        if changed:
-            raise ConfigError(
-                f'{source}: train.loss.{", train.loss.".join(changed)} set, but the '
-                f'{cfg["head"]["type"]} head trains with its set-prediction loss (engine/mask_losses.py), '
-                'which does not read train.loss'
-            )
+    unused, used = ('loss', 'mask_loss') if uses_set_prediction_loss(cfg['head']) else ('mask_loss', 'loss')
+    changed = [key for key, value in train[unused].items() if value != DEFAULTS['train'][unused][key]]
+    if changed:
+        raise ConfigError(
+            f'{source}: train.{unused}.{changed[0]} set, but the {cfg["head"]["type"]} head trains with '
+            f'train.{used} ({"the set-prediction loss" if used == "mask_loss" else "per-pixel terms"}), '
+            f'which does not read train.{unused}'
+        )
 
 
 def training_warnings(cfg: dict) -> list:
@@ -241,6 +247,12 @@ def check_data(cfg: dict, source: str) -> None:
 
 
 def check_evaluation(eval_cfg: dict, source: str) -> None:
+    for name in eval_cfg['metrics']:
+        if name not in METRICS:
+            raise ConfigError(
+                f"{source}: 'eval.metrics' names {name!r}; valid: {', '.join(METRICS)}"
+                + did_you_mean(str(name), METRICS)
+            )
     if eval_cfg['mode'] == 'slide' and not (eval_cfg['crop_size'] and eval_cfg['stride']):
         raise ConfigError(
             f"{source}: eval.mode 'slide' needs eval.crop_size and eval.stride "

@@ -1,21 +1,16 @@
 """The rooms of train.py's loop: the training state a checkpoint holds, one optimisation step, the
-progress meter, validation with checkpointing, logging, batch arithmetic and the DDP unused-parameter probe."""
+progress meter, validation with checkpointing, batch arithmetic and the DDP unused-parameter probe
+(what the run reports and where: engine/logger.py)."""
 
 import contextlib
 import copy
-import logging
-import math
-import resource
-import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
-from tqdm import tqdm
 
 from models.weights import load_model_weights
 
@@ -24,153 +19,8 @@ from .checkpoint import save_iteration_checkpoint, save_run_checkpoint
 from .config import ConfigError
 from .evaluation import evaluate
 from .inference import normalize
-from .visualize import ClassStyle, confusion_heatmap, iou_chart, side_by_side
-
-# Loggers whose records (weight-loading reports, resume fallbacks) also belong in train.log.
-LIBRARY_LOGGERS = ('models', 'engine')
-LOG_TIME_FORMAT = '%Y-%m-%d %H:%M:%S'  # the stamp of every train.log line
-
-SHOWN_IMAGES = 4  # validation images drawn into TensorBoard at each validation: the first ones, always the same
-
-
-class Logger:
-    """Console (above the progress bar), work_dir/train.log and TensorBoard, on the main process only."""
-
-    def __init__(self, work_dir):
-        self.file = self.writer = None
-        if work_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            work_dir.mkdir(parents=True, exist_ok=True)
-            self.file = open(work_dir / 'train.log', 'a')
-            self.writer = SummaryWriter(str(work_dir / 'tensorboard'))
-            self.handler = ForwardTo(self)
-            for name in LIBRARY_LOGGERS:
-                logging.getLogger(name).addHandler(self.handler)
-                logging.getLogger(name).setLevel(logging.INFO)
-                logging.getLogger(name).propagate = False  # printed here once, not again by the CLI's handler
-            self.show_warning, warnings.showwarning = warnings.showwarning, self.warning
-
-    def __call__(self, message: str) -> None:
-        if self.file:
-            tqdm.write(message)
-            stamp = time.strftime(LOG_TIME_FORMAT)
-            self.file.write(''.join(f'{stamp}  {line}\n' for line in message.splitlines()))
-            self.file.flush()
-
-    def __enter__(self) -> 'Logger':
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-    def scalars(self, step: int, values: dict) -> None:
-        if self.writer:
-            for tag, value in values.items():
-                self.writer.add_scalar(tag, value, step)
-
-    def images(self, step: int, draw) -> None:
-        """The pictures {tag: RGB (H, W, 3) uint8} that `draw()` returns; drawn only where they are logged."""
-        if self.writer:
-            for tag, image in draw().items():
-                self.writer.add_image(tag, image, step, dataformats='HWC')
-
-    def text(self, tag: str, text: str) -> None:
-        """Preformatted text (TensorBoard renders Markdown: indenting keeps it verbatim)."""
-        if self.writer:
-            self.writer.add_text(tag, '\n'.join('    ' + line for line in text.splitlines()))
-
-    def warning(self, message, category, filename, lineno, file=None, line=None) -> None:
-        """Python warnings during the run (e.g. weights that did not all fit) go to train.log too."""
-        self(f'warning: {message}')
-
-    def close(self) -> None:
-        """Flush and close the log and TensorBoard; a failure there (a full disk) is a warning, so that
-        it does not hide the error that ended the run."""
-        if self.file:
-            warnings.showwarning = self.show_warning
-            for name in LIBRARY_LOGGERS:
-                logging.getLogger(name).removeHandler(self.handler)
-                logging.getLogger(name).propagate = True
-            for closable, name in ((self.file, 'train.log'), (self.writer, 'the TensorBoard log')):
-                try:
-                    closable.close()
-                except (OSError, RuntimeError) as error:
-                    print(f'warning: {name} could not be written completely ({error})', file=sys.stderr)
-
-
-def progress_bar(**options) -> tqdm:
-    """A tqdm bar on the main process, shown only on a terminal: under nohup, Slurm or tee the log's
-    periodic lines are the progress, not a stream of carriage returns."""
-    return tqdm(dynamic_ncols=True, disable=None if dist.is_main() else True, **options)
-
-
-class ForwardTo(logging.Handler):
-    """Library log records, as lines of a Logger."""
-
-    def __init__(self, log: Logger):
-        super().__init__(logging.INFO)
-        self.log = log
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.log(('warning: ' if record.levelno >= logging.WARNING else '') + record.getMessage())
-
-
-class FirstSamples:
-    """An `on_sample` hook for `evaluate` that keeps the first `count` samples: the images shown in TensorBoard."""
-
-    def __init__(self, count: int = SHOWN_IMAGES):
-        self.count, self.samples = count, []
-
-    def __call__(self, position: int, image, label, prediction) -> None:
-        if position < self.count:
-            self.samples.append((image, label, prediction))
-
-
-def log_validation(
-    log: Logger, iteration: int, name: str, results: dict, best: 'Best', style: ClassStyle, samples=()
-) -> None:
-    """One line, the scalars (`val/*` for the model, `val_ema/*` for its moving average), and as
-    images the per-class IoU, the confusion matrix and `samples` (image | ground truth | prediction)."""
-    label, prefix = ('', 'val') if name == 'model' else (' (EMA)', 'val_ema')
-    if math.isnan(results['mIoU']):
-        log(
-            f'iter {iteration}{label}: no valid label pixel in the validation set (every label is '
-            'data.ignore_index?): nothing to score'
-        )
-        return
-    log(
-        f'iter {iteration}{label}: mIoU {results["mIoU"]:.2f}  mAcc {results["mAcc"]:.2f}  '
-        f'aAcc {results["aAcc"]:.2f}  (best {best.miou:.2f} at {best.iteration})'
-    )
-    log.scalars(iteration, {f'{prefix}/{k}': results[k] for k in ('mIoU', 'mAcc', 'aAcc')})
-    log.scalars(
-        iteration, {f'{prefix}/IoU/{c}': iou for c, iou in zip(style.names, results['IoU']) if not math.isnan(iou)}
-    )
-    log.images(
-        iteration,
-        lambda: {
-            f'{prefix}/IoU_chart': iou_chart(results['IoU'], style),
-            f'{prefix}/confusion': confusion_heatmap(results['confusion'], style),
-            **{f'{prefix}/prediction_{i}': side_by_side(*sample, style) for i, sample in enumerate(samples)},
-        },
-    )
-
-
-def log_resources(log: Logger, iteration: int, optimizer, device: torch.device) -> None:
-    """The learning rate of every parameter group (named by its train.param_groups rule) and the peak memory."""
-    # A group restored from a checkpoint written before groups had names goes by its index.
-    rates = {f'lr/{group.get("name", i)}': group['lr'] for i, group in enumerate(optimizer.param_groups)}
-    log.scalars(iteration, {**rates, **peak_memory(device)})
-
-
-def peak_memory(device: torch.device) -> dict:
-    """Peak memory so far, MiB. On CUDA the high-water mark of tensor memory allocated on the device; on
-    CPU that of the process's resident set (ru_maxrss: this process, not its data-loader workers)."""
-    if device.type == 'cuda':
-        return {'memory/peak_cuda_allocated_mib': torch.cuda.max_memory_allocated(device) / 2**20}
-    kib_or_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB elsewhere
-    return {'memory/peak_rss_mib': kib_or_bytes / (2**20 if sys.platform == 'darwin' else 2**10)}
+from .logger import FirstSamples, Logger, log_resources, log_validation
+from .visualize import ClassStyle
 
 
 def per_process_batch(train_cfg: dict, world_size: int, source: str) -> int:
@@ -381,7 +231,8 @@ def validate_and_checkpoint(
         improved = results['mIoU'] > state.best[name].miou
         if improved:
             state.best[name] = Best(results['mIoU'], state.iteration)
-        log_validation(log, state.iteration, name, results, state.best[name], style, shown.samples)
+        metric_names = cfg['eval']['metrics']
+        log_validation(log, state.iteration, name, results, metric_names, state.best[name], style, shown.samples)
         if improved and dist.is_main():
             save_run_checkpoint(state.best_checkpoint(name, module), work_dir / BEST_FILES[name])
     checkpoint = state.state_dict()

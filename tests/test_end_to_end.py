@@ -21,7 +21,7 @@ from engine.cli import config_for_checkpoint
 from engine.config import ConfigError, resolve
 from engine.data import build_dataset
 from engine.inference import eval_pipeline, normalize
-from engine.losses import SegmentationLoss
+from engine.losses import SegmentationLoss, build_criterion
 from engine.optim import build_optimizer
 from engine.training import per_process_batch
 from models.weights import CheckpointError, load_model_weights, load_weights_from
@@ -59,10 +59,8 @@ def test_training_writes_checkpoints_logs_and_config(run, capsys):
 
 
 def test_checkpoint_round_trip_rebuilds_the_same_model(run):
-    checkpoint = load_checkpoint(run / 'work' / 'best.pth')
-    cfg = config_for_checkpoint(checkpoint, 'best.pth')
-    model = train.create_model(cfg).eval()
-    load_model_weights(model, checkpoint, 'best.pth')
+    model, cfg = train.load_trained(run / 'work' / 'best.pth')
+    assert not model.training
     again = train.create_model(cfg).eval()
     again.load_state_dict(model.state_dict())
     images = torch.randn(1, 3, 64, 64)
@@ -269,17 +267,20 @@ def test_load_from_reports_what_does_not_fit(run):
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(run, tmp_path):
-    class TurnsNaN(SegmentationLoss):
+    class TurnsNaN:
         calls = 0
 
+        def __init__(self, cfg):
+            self.criterion = build_criterion(cfg)
+
         def terms(self, outputs, labels):
-            terms = super().terms(outputs, labels)
+            terms = self.criterion.terms(outputs, labels)
             TurnsNaN.calls += 1
             return {**terms, 'loss': terms['loss'] * float('nan')} if TurnsNaN.calls >= 5 else terms
 
     work = tmp_path / 'nan'
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, 'SegmentationLoss', TurnsNaN)
+        patch.setattr(train, 'build_criterion', TurnsNaN)
         with pytest.raises(FloatingPointError, match='NaN/Inf at iteration 5'):
             train.main(
                 [

@@ -10,11 +10,9 @@ pytest.importorskip('onnxruntime')
 
 from test_fast import FAMILIES, tiny_config, tiny_model  # noqa: E402
 
-from engine.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from engine.cli import config_for_checkpoint  # noqa: E402
-from models.weights import load_model_weights  # noqa: E402
+from engine.checkpoint import save_checkpoint  # noqa: E402
 from tools import export_onnx  # noqa: E402
-from train import create_model  # noqa: E402
+from train import load_trained  # noqa: E402
 
 SIZES = [(64, 64), (96, 128)]
 
@@ -30,9 +28,7 @@ def test_onnx_runtime_matches_pytorch_at_two_sizes(family, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert 'at 64x64' in printed and 'at 96x128' in printed
 
-    checkpoint = load_checkpoint(path)  # the model as evaluate.py builds it
-    model = create_model(config_for_checkpoint(checkpoint, path))
-    load_model_weights(model, checkpoint, str(path))
+    model, _ = load_trained(path)  # the model as evaluate.py builds it
     differences = export_onnx.check(output, model, SIZES, batch=2)
     assert max(differences) < 1e-4, differences
     graph = onnx.load(str(output))

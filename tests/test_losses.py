@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import ConfigError
-from engine.losses import SegmentationLoss, ohem_keep
+from engine.loss_terms import ohem_keep
+from engine.losses import SegmentationLoss
 
 IGNORE = 255
 
@@ -260,12 +261,13 @@ def test_bad_loss_config_is_a_config_error(cfg, message):
 
 def test_class_weight_length_is_checked_against_the_logits():
     logits, labels = random_batch()
-    with pytest.raises(ConfigError, match='3 values for 4 classes'):
+    with pytest.raises(ValueError, match='3 values for 4 classes'):
         loss_of(logits, labels, class_weight=[1, 1, 1])
 
 
 def test_missing_ohem_keys_take_their_defaults():
-    assert SegmentationLoss(IGNORE, {'ohem': {}}).ohem == {'thresh': 0.7, 'min_kept': 100000}
+    _, cross_entropy = SegmentationLoss(IGNORE, {'ohem': {}}).terms_by_name['ce']
+    assert cross_entropy.ohem == {'thresh': 0.7, 'min_kept': 100000}
 
 
 def test_avg_non_ignore_false_averages_over_all_pixels_as_mmseg():

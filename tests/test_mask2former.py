@@ -10,10 +10,8 @@ import torch
 from test_published_models import pair_model
 
 from conftest import ROOT, assert_close_to_reference, load_vector
-from engine.checkpoint import load_checkpoint
-from engine.cli import config_for_checkpoint
 from engine.inference import single_view
-from engine.losses import SegmentationLoss
+from engine.mask_losses import MaskClassificationLoss
 from engine.optim import group_rule
 from engine.rules import load_config
 from models import OffsetLearningMask
@@ -22,9 +20,8 @@ from models.backbones.swin import Swin
 from models.heads.deformable_attention import multi_scale_deformable_attention
 from models.heads.mask2former import Mask2FormerHead, sine_position_encoding
 from models.heads.mask_classification import MaskClassification, semantic_scores
-from models.weights import load_model_weights
 from tools.convert_checkpoint import convert
-from train import create_model
+from train import create_model, load_trained
 
 SWIN_T_CHANNELS = [96, 192, 384, 768]
 
@@ -58,9 +55,7 @@ def reference(tmp_path_factory):
         str(source), str(target), str(ROOT / 'configs' / 'mask2former_swin_t_ol.yaml'), ['backbone.pretrained=null']
     )
     assert report == [], report
-    checkpoint = load_checkpoint(target)
-    model = create_model(config_for_checkpoint(checkpoint, target)).eval()
-    load_model_weights(model, checkpoint, str(target))
+    model, _ = load_trained(target)
     return model, data
 
 
@@ -117,7 +112,7 @@ def test_every_backbone_pairs_with_mask2former(backbone, offset_learning):
     layer, the class and mask embeddings and OL; eval gives class and mask logits, masks at stride 4."""
     model = pair_model(backbone, {**SMALL_HEAD, 'offset_learning': offset_learning})
     outputs = model(torch.randn(2, 3, 64, 96))
-    SegmentationLoss(255, {}).terms(outputs, torch.randint(0, 5, (2, 64, 96)))['loss'].backward()
+    MaskClassificationLoss(255).terms(outputs, torch.randint(0, 5, (2, 64, 96)))['loss'].backward()
     head = model.head
     checked = [
         next(model.parameters()),
@@ -311,7 +306,7 @@ def test_training_step_under_bfloat16_autocast():
     with torch.autocast('cpu', dtype=torch.bfloat16):
         outputs = head(features)
     assert outputs['mask_preds'][-1].dtype == torch.bfloat16
-    terms = SegmentationLoss(255, {}).terms(outputs, torch.randint(0, 5, (2, 64, 64)))
+    terms = MaskClassificationLoss(255).terms(outputs, torch.randint(0, 5, (2, 64, 64)))
     assert terms['loss'].dtype == torch.float32 and torch.isfinite(terms['loss'])
     terms['loss'].backward()
     assert all(torch.isfinite(p.grad).all() for p in head.parameters() if p.grad is not None)

@@ -42,3 +42,19 @@ def test_updates_accumulate_and_sizes_must_agree():
         assert 'differ in size' in str(error)
     else:
         raise AssertionError('a size mismatch must be refused')
+
+
+def test_dice_fscore_precision_and_recall_follow_mmseg_and_only_listed_metrics_are_reported():
+    """mmseg's IoUMetric: Dice 2tp / (label + predicted), Precision tp / predicted, Recall tp / label,
+    Fscore their harmonic mean; class means over the classes where they are defined."""
+    confusion = ConfusionMatrix(num_classes=3, ignore_index=255)
+    confusion.update(torch.tensor([0, 0, 1, 1, 1, 0]), torch.tensor([0, 1, 1, 1, 0, 0]))  # class 2: absent
+    results = confusion.compute(['mDice', 'mFscore', 'mPrecision', 'mRecall'])
+    assert list(results) == ['mIoU', 'IoU', 'mDice', 'Dice', 'mFscore', 'Fscore', 'mPrecision', 'Precision',
+                             'mRecall', 'Recall']  # fmt: skip
+    tp, label, predicted = [2, 2], [3, 3], [3, 3]
+    dice = [2 * t / (lab + p) for t, lab, p in zip(tp, label, predicted)]
+    assert all(math.isclose(a, 100 * b) for a, b in zip(results['Dice'][:2], dice))
+    assert math.isclose(results['mFscore'], results['mDice'])  # equal when both are defined
+    assert math.isclose(results['mPrecision'], 100 * 2 / 3) and math.isclose(results['mRecall'], 100 * 2 / 3)
+    assert all(math.isnan(results[key][2]) for key in ('Dice', 'Fscore', 'Precision', 'Recall'))

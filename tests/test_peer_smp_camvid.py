@@ -87,11 +87,15 @@ def test_a_stopped_peer_run_continues_from_its_last_validation_as_if_never_stopp
     assert resumed == uninterrupted and [i for i, _ in resumed] == [2, 4]
 
 
-def test_a_given_run_is_timed_from_its_log(tmp_path):
-    (tmp_path / 'train.log').write_text(
-        '2026-12-04 20:38:53  resnet + fpn: 13.049M parameters\n'
-        '2026-12-04 21:14:57  iter 600: mIoU 45.06\n'
-        '  a continuation line without a stamp\n'
-        '2026-12-04 22:11:03  done: best mIoU 59.54 at iteration 1800\n'
-    )
-    assert peer_smp_camvid.logged_seconds(tmp_path) == 92 * 60 + 10
+def test_a_given_run_is_timed_and_scored_from_its_metrics(tmp_path):
+    """A run that was stopped and resumed: its pause counts, its repeated validation counts once."""
+    records = [
+        {'iteration': 0, 'time': 1000.0, 'tag': 'start'},
+        {'iteration': 600, 'time': 3000.0, 'tag': 'val', 'mIoU': 45.0},
+        {'iteration': 500, 'time': 4000.0, 'tag': 'start'},
+        {'iteration': 600, 'time': 5000.0, 'tag': 'val', 'mIoU': 45.5},
+        {'iteration': 1200, 'time': 6520.0, 'tag': 'val', 'mIoU': 50.0},
+    ]
+    (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps(record) + '\n' for record in records))
+    assert peer_smp_camvid.run_seconds(tmp_path) == 92 * 60
+    assert peer_smp_camvid.our_curve(tmp_path) == ([(600, 45.5), (1200, 50.0)], 'weights')

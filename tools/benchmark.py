@@ -58,7 +58,7 @@ from engine import fast  # noqa: E402
 from engine.cli import AMP_DTYPES, ArgumentParser, number, run_cli  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
 from engine.fast import time_calls  # noqa: E402
-from engine.losses import SegmentationLoss  # noqa: E402
+from engine.losses import build_criterion  # noqa: E402
 from engine.onnx_runtime import output_tensors  # noqa: E402
 from engine.optim import build_optimizer  # noqa: E402
 from engine.outputs import write_bytes  # noqa: E402
@@ -234,9 +234,7 @@ def train_call(model, cfg: dict, images: torch.Tensor, amp):
     device = images.device
     labels = torch.randint(0, cfg['data']['num_classes'], (images.shape[0], *images.shape[2:]), device=device)
     optimizer, _ = build_optimizer(model, cfg['train']['optimizer'], cfg['train']['param_groups'])
-    criterion = SegmentationLoss(
-        cfg['data']['ignore_index'], cfg['train']['loss'], (cfg['aux_head'] or {}).get('loss_weight', 0.4)
-    )
+    criterion = build_criterion(cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == 'fp16')
 
     def call():

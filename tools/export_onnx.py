@@ -59,15 +59,13 @@ sys.path.insert(0, str(ROOT))
 
 from datasets.base import IMAGE_SUFFIXES, DatasetError, read_image  # noqa: E402
 from datasets.transforms import Pipeline  # noqa: E402
-from engine.checkpoint import load_checkpoint  # noqa: E402
-from engine.cli import ArgumentParser, config_for_checkpoint, number, run_cli  # noqa: E402
+from engine.cli import ArgumentParser, number, run_cli  # noqa: E402
 from engine.fast import prepare_for_inference  # noqa: E402
 from engine.inference import eval_pipeline, inference_options, predict_scores  # noqa: E402
 from engine.onnx_runtime import output_axes, output_tensors  # noqa: E402
 from engine.outputs import OutputError  # noqa: E402
 from models.heads.ham import Hamburger  # noqa: E402
-from models.weights import load_model_weights  # noqa: E402
-from train import create_model  # noqa: E402
+from train import load_trained  # noqa: E402
 
 DEFAULT_OPSET = 17
 DEFAULT_CALIBRATION_IMAGES = 32
@@ -297,11 +295,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    checkpoint = load_checkpoint(args.checkpoint)
-    cfg = config_for_checkpoint(checkpoint, args.checkpoint, args.config, args.set)
-    model = create_model(cfg)
-    load_model_weights(model, checkpoint, args.checkpoint)
-    model.eval()
+    model, cfg = load_trained(args.checkpoint, args.config, args.set)
     data = cfg['data']
     metadata = {
         'mean': data['mean'],

@@ -175,6 +175,8 @@ class Mask2FormerHead(nn.Module):
     must be a multiple of 32 (GroupNorm) and of `num_heads`.
     """
 
+    set_prediction_loss = True  # trained by matching queries to masks (engine/mask_losses.py), not per pixel
+
     def __init__(
         self,
         in_channels: list,
