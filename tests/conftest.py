@@ -12,6 +12,7 @@ CAMVID = SHARED / 'data' / 'camvid'
 
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
+os.environ['OMP_NUM_THREADS'] = '1'  # also for the scripts tests run as subprocesses: one core per worker
 torch.set_num_threads(1)
 
 

@@ -21,7 +21,7 @@ from engine.cli import config_for_checkpoint
 from engine.config import ConfigError, resolve
 from engine.data import build_dataset
 from engine.inference import eval_pipeline, normalize
-from engine.losses import SegmentationLoss, build_criterion
+from engine.losses import build_criterion
 from engine.optim import build_optimizer
 from engine.training import per_process_batch
 from models.weights import CheckpointError, load_model_weights, load_weights_from
@@ -171,7 +171,7 @@ def losses_on_a_tiny_batch(run, steps: int, lr: float) -> list:
     torch.manual_seed(0)
     model = train.create_model(cfg).train()
     optimizer, _ = build_optimizer(model, {**cfg['train']['optimizer'], 'lr': lr}, {})
-    criterion = SegmentationLoss(255, cfg['train']['loss'])
+    criterion = build_criterion(cfg)
     losses = []
     for _ in range(steps):
         loss = criterion(model(images), labels)
