@@ -43,6 +43,16 @@ TINY = (
 """A tiny ResNet-18 + DeepLabV3+ run on the demo scenes; `.format(root=...)` gives its YAML."""
 
 
+@pytest.fixture(scope='session')
+def demo_root(tmp_path_factory) -> Path:
+    """The demo scenes, generated once per test process, for the tests that only read them."""
+    from datasets.demo import generate
+
+    root = tmp_path_factory.mktemp('scenes') / 'demo'
+    generate(root)
+    return root
+
+
 def load_vector(name: str) -> dict:
     """A reference vector from ../shared/vectors with its bf16 weights cast to float32; skips if absent."""
     path = VECTORS / f'{name}.pt'

@@ -52,9 +52,9 @@ def test_the_shipped_recipe_is_the_winning_row_of_the_full_budget_study():
     assert winner == shipped
 
 
-def test_rows_train_and_report_against_the_base(tmp_path, capsys):
+def test_rows_train_and_report_against_the_base(tmp_path, capsys, demo_root):
     config = tmp_path / 'tiny.yaml'
-    config.write_text(textwrap.dedent(TINY.format(root=tmp_path / 'demo')))
+    config.write_text(textwrap.dedent(TINY.format(root=demo_root)))
     out = tmp_path / 'out'
     argv = ['--config', str(config), '--rows', 'base', 'fpn', '--iters', '3', '--out', str(out), '--device', 'cpu']
     rows = camvid_recipes.main(argv)

@@ -130,7 +130,8 @@ def test_torchrun_two_processes_take_the_single_process_steps(rectangles, tmp_pa
 def test_killed_run_resumes_with_the_same_losses(rectangles, tmp_path):
     """SIGKILL a run mid-way (after its first checkpoint), resume it with --resume auto: every later
     iteration logs the loss of an uninterrupted run, to the printed digit."""
-    config = write_config(tmp_path, rectangles, max_iters=24, val_interval=6)
+    iters = 12
+    config = write_config(tmp_path, rectangles, max_iters=iters, val_interval=4)
 
     def launch(work_dir: str, *extra: str) -> subprocess.Popen:
         return subprocess.Popen(
@@ -162,16 +163,16 @@ def test_killed_run_resumes_with_the_same_losses(rectangles, tmp_path):
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     resumed_from = load_checkpoint(tmp_path / 'killed' / 'last.pth')['iteration']
-    assert resumed_from < 24
+    assert resumed_from < iters
 
     resumed = launch('killed', '--resume', 'auto')
     for process in (reference, resumed):
         assert process.wait(timeout=300) == 0, process.stderr.read()[-3000:]
     log = (tmp_path / 'killed' / 'train.log').read_text()
     after_resume = log[log.index(f'resumed from {tmp_path / "killed" / "last.pth"} at iteration {resumed_from}') :]
-    losses = dict(re.findall(r'iter (\d+)/24: (loss .*?)  lr', after_resume))
-    expected = dict(logged(tmp_path / 'reference', r'iter (\d+)/24: (loss .*?)  lr'))
-    assert sorted(map(int, losses)) == list(range(resumed_from + 1, 25))
+    losses = dict(re.findall(rf'iter (\d+)/{iters}: (loss .*?)  lr', after_resume))
+    expected = dict(logged(tmp_path / 'reference', rf'iter (\d+)/{iters}: (loss .*?)  lr'))
+    assert sorted(map(int, losses)) == list(range(resumed_from + 1, iters + 1))
     assert losses == {k: expected[k] for k in losses}
     assert (
         load_checkpoint(tmp_path / 'killed' / 'last.pth')['best']

@@ -38,13 +38,14 @@ def guide_snippets() -> list:
     return [block for block in blocks if {'backbone', 'head'} & set(yaml.safe_load(block))]
 
 
-def guide_config(tmp_path, snippet: str) -> str:
-    """A whole run around a guide snippet: the defaults it leaves out are the guide's (ResNet, ASPP)."""
+def guide_config(tmp_path, snippet: str, data_root=None) -> str:
+    """A whole run around a guide snippet: the defaults it leaves out are the guide's (ResNet, ASPP);
+    its data the demo scenes at `data_root` (default: generated on first use in tmp_path)."""
     sections = yaml.safe_load(snippet)
     sections.setdefault('backbone', {'type': 'resnet', 'depth': 18})
     sections.setdefault('head', {'type': 'aspp'})
     path = tmp_path / 'guide.yaml'
-    path.write_text(yaml.safe_dump(sections) + DATA.format(root=tmp_path / 'demo'))
+    path.write_text(yaml.safe_dump(sections) + DATA.format(root=data_root or tmp_path / 'demo'))
     return str(path)
 
 
@@ -67,13 +68,13 @@ def test_every_guide_snippet_reads_and_names_its_conventional_weights(snippet, t
 
 @pytest.mark.skipif(not guide_snippets(), reason='SegHiero guide not available in ../shared/seeds')
 @pytest.mark.parametrize('snippet', [s for s in guide_snippets() if 'mit-b5' not in s and 'depth: 101' not in s])
-def test_every_guide_snippet_trains(snippet, tmp_path, monkeypatch):
+def test_every_guide_snippet_trains(snippet, tmp_path, monkeypatch, demo_root):
     """One iteration of each guide model (the largest, ResNet-101 and MiT-B5, only read: too slow here)."""
     monkeypatch.chdir(tmp_path)
     train.main(
         [
             '--config',
-            guide_config(tmp_path, snippet),
+            guide_config(tmp_path, snippet, demo_root),
             '--work-dir',
             str(tmp_path / 'work'),
             '--device',
@@ -85,11 +86,11 @@ def test_every_guide_snippet_trains(snippet, tmp_path, monkeypatch):
     assert (tmp_path / 'work' / 'best.pth').is_file()
 
 
-def test_pretrained_true_loads_the_conventional_file_and_says_so(tmp_path, monkeypatch):
+def test_pretrained_true_loads_the_conventional_file_and_says_so(tmp_path, monkeypatch, demo_root):
     monkeypatch.chdir(tmp_path)
     (tmp_path / 'pretrained').mkdir()
     torch.save(timm.create_model('resnet18').state_dict(), tmp_path / 'pretrained' / 'resnet18.pth')
-    config = guide_config(tmp_path, 'backbone: {type: resnet, depth: 18, pretrained: true}\n')
+    config = guide_config(tmp_path, 'backbone: {type: resnet, depth: 18, pretrained: true}\n', demo_root)
     train.main(['--config', config, '--work-dir', str(tmp_path / 'work'), '--device', 'cpu'])
     log = (tmp_path / 'work' / 'train.log').read_text()
     assert re.search(r'loaded (\d+)/\1 tensors from pretrained/resnet18\.pth', log)
@@ -179,8 +180,8 @@ def test_the_readme_conversion_command_works_on_a_clean_checkout(tmp_path):
 # --- logs off a terminal ----------------------------------------------------------------------------
 
 
-def test_training_off_a_terminal_logs_plain_lines_with_time_and_eta(tmp_path):
-    config = guide_config(tmp_path, 'backbone: {type: resnet, depth: 18}\n')
+def test_training_off_a_terminal_logs_plain_lines_with_time_and_eta(tmp_path, demo_root):
+    config = guide_config(tmp_path, 'backbone: {type: resnet, depth: 18}\n', demo_root)
     result = subprocess.run(
         [
             sys.executable,

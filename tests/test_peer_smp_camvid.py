@@ -20,9 +20,9 @@ CPU = torch.device('cpu')
 SMALL_VAL = 'data.val.pipeline=[{type: resize, scale: [64, 64], keep_ratio: false}]'  # a quarter of the pixels
 
 
-def test_peer_and_ours_are_scored_at_the_same_validation_points(tmp_path, capsys):
+def test_peer_and_ours_are_scored_at_the_same_validation_points(tmp_path, capsys, demo_root):
     config = tmp_path / 'tiny.yaml'
-    config.write_text(textwrap.dedent(TINY.format(root=tmp_path / 'demo')))
+    config.write_text(textwrap.dedent(TINY.format(root=demo_root)))
     budget = ['train.max_iters=2', 'train.val_interval=1', 'train.log_interval=1', 'train.ema_decay=0.5', SMALL_VAL]
     result = peer_smp_camvid.main(['--config', str(config), '--out', str(tmp_path / 'out'), '--device', 'cpu',
                                    '--set', *budget])  # fmt: skip
@@ -67,9 +67,9 @@ class Stop(Exception):
     pass
 
 
-def test_a_stopped_peer_run_continues_from_its_last_validation_as_if_never_stopped(tmp_path):
+def test_a_stopped_peer_run_continues_from_its_last_validation_as_if_never_stopped(tmp_path, demo_root):
     config = tmp_path / 'tiny.yaml'
-    config.write_text(textwrap.dedent(TINY.format(root=tmp_path / 'demo')))
+    config.write_text(textwrap.dedent(TINY.format(root=demo_root)))
     budget = ['train.max_iters=4', 'train.val_interval=2', 'train.log_interval=1', 'data.workers=0', SMALL_VAL]
     cfg = load_config(config, budget)
     uninterrupted, _ = peer_smp_camvid.train_peer(cfg, 0, CPU, lambda line: None, tmp_path / 'whole.pth')

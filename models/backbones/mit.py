@@ -13,7 +13,6 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from transformers import SegformerConfig, SegformerModel
 
 from .variants import lookup
 
@@ -30,6 +29,8 @@ class MiT(nn.Module):
     def __init__(self, variant: str = 'b0', drop_path_rate: float = 0.1, checkpointing: bool = False):
         super().__init__()
         spec = lookup('MiT', VARIANTS, variant)
+        from transformers import SegformerConfig, SegformerModel  # imported here: a second of start-up
+
         config = SegformerConfig(hidden_sizes=spec.hidden_sizes, depths=spec.depths, drop_path_rate=drop_path_rate)
         self.segformer = SegformerModel(config)
         for module in self.segformer.modules():
