@@ -43,6 +43,15 @@ TINY = (
 """A tiny ResNet-18 + DeepLabV3+ run on the demo scenes; `.format(root=...)` gives its YAML."""
 
 
+MULTI_PROCESS_FILES = ('test_preemption.py', 'test_distributed.py', 'test_mask2former_training.py', 'test_ablation.py')
+"""The files whose tests run trainings in several processes: scheduled first, so that the two
+workers end on short tests instead of one of them finishing a long file alone."""
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name not in MULTI_PROCESS_FILES)  # stable: file order kept otherwise
+
+
 @pytest.fixture(scope='session')
 def demo_root(tmp_path_factory) -> Path:
     """The demo scenes, generated once per test process, for the tests that only read them."""
