@@ -33,7 +33,8 @@ SHOWN_IMAGES = 4  # validation images drawn into TensorBoard at each validation:
 
 
 class Logger:
-    """Console (above the progress bar), work_dir/train.log and TensorBoard, on the main process only."""
+    """Console (above the progress bar), work_dir/train.log, TensorBoard and metrics.jsonl, on the main
+    process only (elsewhere, with work_dir None, every call does nothing)."""
 
     def __init__(self, work_dir):
         self.file = self.metrics = self.writer = None

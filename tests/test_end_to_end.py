@@ -21,6 +21,7 @@ from engine.cli import config_for_checkpoint
 from engine.config import ConfigError, resolve
 from engine.data import build_dataset
 from engine.inference import eval_pipeline, normalize
+from engine.logger import read_metrics, validation_curve
 from engine.losses import build_criterion
 from engine.optim import build_optimizer
 from engine.training import per_process_batch
@@ -56,6 +57,20 @@ def test_training_writes_checkpoints_logs_and_config(run, capsys):
     log = (work / 'train.log').read_text()
     assert 'iter 3: mIoU' in log and 'iter 6: mIoU' in log and 'iter 2/6: loss ' in log
     assert f'done: best mIoU {checkpoint["best"]["model"]["miou"]:.2f}' in log and 'best.pth' in log
+
+
+def test_training_records_every_logged_number_in_metrics_jsonl(run):
+    """What scripts read instead of train.log: the start, the loss terms every log_interval (2) and each
+    validation's scores with their per-class values; the best mIoU is the checkpoint's."""
+    records = read_metrics(run / 'work')
+    tags = [(r['iteration'], r['tag']) for r in records]
+    assert tags == [(0, 'start'), (2, 'train'), (3, 'val'), (4, 'train'), (6, 'train'), (6, 'val')]
+    train_record = next(r for r in records if r['tag'] == 'train')
+    assert {'loss', 'ce', 'lr', 'images_per_s'} <= train_record.keys() and train_record['loss'] > 0
+    scores = validation_curve(run / 'work')
+    assert max(scores.values()) == pytest.approx(load_checkpoint(run / 'work' / 'best.pth')['miou'])
+    val = next(r for r in records if r['tag'] == 'val')
+    assert {'mIoU', 'mAcc', 'aAcc'} <= val.keys() and len(val['IoU']) == len(val['Acc']) == 5
 
 
 def test_checkpoint_round_trip_rebuilds_the_same_model(run):
