@@ -33,7 +33,8 @@ def count(module: torch.nn.Module) -> int:
 
 
 def variants(cls) -> list:
-    return list(sys.modules[cls.__module__].VARIANTS)
+    """The family's variants, less its test-sized one (for the test suite, not for users)."""
+    return [name for name in sys.modules[cls.__module__].VARIANTS if name != 'test']
 
 
 def backbone_table() -> str:

@@ -28,9 +28,9 @@ class ConvNeXt(nn.Module):
 
     def __init__(self, variant: str = 'tiny', drop_path_rate: float = 0.0, checkpointing: bool = False):
         super().__init__()
-        lookup('ConvNeXt', VARIANTS, variant)
+        spec = lookup('ConvNeXt', VARIANTS, variant)
         self.body = timm.create_model(
-            f'convnext_{variant}',
+            spec.timm_name,
             pretrained=False,
             features_only=True,
             out_indices=(0, 1, 2, 3),
@@ -55,7 +55,7 @@ class ConvNeXt(nn.Module):
         """
         variant = _variant_of(state)
         with torch.device('meta'):
-            reference = timm.create_model(f'convnext_{variant}', pretrained=False)
+            reference = timm.create_model(VARIANTS[variant].timm_name, pretrained=False)
         state = checkpoint_filter_fn(state, reference)
         converted = {}
         for key, value in state.items():
@@ -86,12 +86,14 @@ def _variant_of(state: dict) -> str:
 class Variant(NamedTuple):
     depths: tuple  # blocks per stage
     dims: tuple  # channels per stage
+    timm_name: str  # the timm model it builds
 
 
-VARIANTS = {  # as timm's convnext_{name}
-    'tiny': Variant(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768)),
-    'small': Variant(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768)),
-    'base': Variant(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024)),
-    'large': Variant(depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536)),
-    'xlarge': Variant(depths=(3, 3, 27, 3), dims=(256, 512, 1024, 2048)),
+VARIANTS = {
+    'tiny': Variant(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), timm_name='convnext_tiny'),
+    'small': Variant(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768), timm_name='convnext_small'),
+    'base': Variant(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024), timm_name='convnext_base'),
+    'large': Variant(depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536), timm_name='convnext_large'),
+    'xlarge': Variant(depths=(3, 3, 27, 3), dims=(256, 512, 1024, 2048), timm_name='convnext_xlarge'),
+    'test': Variant(depths=(1, 2, 4, 2), dims=(24, 32, 48, 64), timm_name='test_convnext'),  # for tests only
 }

@@ -146,4 +146,5 @@ VARIANTS = {
     'b3': Variant(hidden_sizes=(64, 128, 320, 512), depths=(3, 4, 18, 3)),
     'b4': Variant(hidden_sizes=(64, 128, 320, 512), depths=(3, 8, 27, 3)),
     'b5': Variant(hidden_sizes=(64, 128, 320, 512), depths=(3, 6, 40, 3)),
+    'test': Variant(hidden_sizes=(16, 32, 80, 128), depths=(1, 1, 1, 1)),  # for tests only
 }

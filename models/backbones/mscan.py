@@ -209,4 +209,5 @@ VARIANTS = {
     's': Variant(dims=(64, 128, 320, 512), depths=(2, 2, 4, 2), drop_path_rate=0.1),
     'b': Variant(dims=(64, 128, 320, 512), depths=(3, 3, 12, 3), drop_path_rate=0.1),
     'l': Variant(dims=(64, 128, 320, 512), depths=(3, 5, 27, 3), drop_path_rate=0.3),
+    'test': Variant(dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), drop_path_rate=0.0),  # for tests only
 }

@@ -58,3 +58,4 @@ class Variant(NamedTuple):
 
 
 VARIANTS = {name: Variant(f'resnet{name}') for name in ('18', '34', '50', '50c', '50d', '101', '101c', '101d', '152')}
+VARIANTS['test'] = Variant('test_resnet')  # timm's few-channel ResNet, for tests only

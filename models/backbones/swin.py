@@ -183,4 +183,5 @@ VARIANTS = {  # window 7 (ImageNet-1k/22k 224 weights)
     'small': Variant(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
     'base': Variant(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
     'large': Variant(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
+    'test': Variant(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8)),  # for tests only
 }
