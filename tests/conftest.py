@@ -44,11 +44,14 @@ TINY = (
 
 
 MULTI_PROCESS_FILES = ('test_preemption.py', 'test_distributed.py', 'test_mask2former_training.py', 'test_ablation.py')
-"""The files whose tests run trainings in several processes: scheduled first, so that the two
-workers end on short tests instead of one of them finishing a long file alone."""
+"""The files whose tests run trainings in several processes: marked `slow`, and scheduled first, so
+that the two workers end on short tests instead of one of them finishing a long file alone."""
 
 
 def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in MULTI_PROCESS_FILES:
+            item.add_marker(pytest.mark.slow)
     items.sort(key=lambda item: item.path.name not in MULTI_PROCESS_FILES)  # stable: file order kept otherwise
 
 
