@@ -9,6 +9,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / 'shared'
 VECTORS = SHARED / 'vectors'
 CAMVID = SHARED / 'data' / 'camvid'
+INTERPRETER_DIR = os.path.dirname(sys.executable)
+"""A PATH on which `python` is the interpreter running the tests (and so its virtual environment)."""
 
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault('HF_HUB_OFFLINE', '1')

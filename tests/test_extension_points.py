@@ -7,7 +7,7 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import ROOT
+from conftest import INTERPRETER_DIR, ROOT
 
 sys.path.insert(0, str(ROOT / 'tools'))
 import config_tables  # noqa: E402
@@ -53,7 +53,7 @@ def test_the_contributing_example_adds_a_loss_term_and_a_metric():
         cwd=ROOT,
         capture_output=True,
         text=True,
-        env={'PATH': '', 'PYTHONPATH': str(ROOT), 'OMP_NUM_THREADS': '1'},
+        env={'PATH': INTERPRETER_DIR, 'PYTHONPATH': str(ROOT), 'OMP_NUM_THREADS': '1'},
     )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout.splitlines()[-1])

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 import train
-from conftest import ROOT, SHARED, load_vector
+from conftest import INTERPRETER_DIR, ROOT, SHARED, load_vector
 from engine.config import ConfigError
 from engine.rules import load_config
 
@@ -170,7 +170,7 @@ def test_the_readme_conversion_command_works_on_a_clean_checkout(tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
-        env={'PATH': '', 'HF_HUB_OFFLINE': '1', 'OMP_NUM_THREADS': '1'},
+        env={'PATH': INTERPRETER_DIR, 'HF_HUB_OFFLINE': '1', 'OMP_NUM_THREADS': '1'},
         executable=sys.executable,
     )
     assert result.returncode == 0, result.stderr
@@ -200,7 +200,7 @@ def test_training_off_a_terminal_logs_plain_lines_with_time_and_eta(tmp_path, de
         capture_output=True,
         text=True,
         timeout=300,
-        env={'HF_HUB_OFFLINE': '1', 'OMP_NUM_THREADS': '1', 'PATH': ''},
+        env={'HF_HUB_OFFLINE': '1', 'OMP_NUM_THREADS': '1', 'PATH': INTERPRETER_DIR},
     )
     assert result.returncode == 0, result.stderr
     assert '\r' not in result.stdout + result.stderr
