@@ -30,12 +30,13 @@ from engine.checkpoint import (
     load_checkpoint,
     remove_partial_writes,
     resume_checkpoint,
+    run_manifest,
     save_iteration_checkpoint,
 )
 from engine.cli import ArgumentParser, amp_dtype_for, config_for_checkpoint, run_cli
 from engine.config import choose, dump_config
 from engine.data import build_dataset
-from engine.logger import Logger, progress_bar
+from engine.logger import METRICS_FILE, Logger, progress_bar
 from engine.losses import build_criterion
 from engine.optim import build_ema, build_optimizer, build_scheduler
 from engine.preemption import SIGNALS, STOP_SIGNALS, StopRequest, ignore_stop_signals
@@ -223,6 +224,7 @@ def wrap_for_processes(model: nn.Module, run: Run, find_unused: bool) -> nn.Modu
 
 def prepare_work_dir(run: Run, stored: dict, log: Logger) -> None:
     if dist.is_main():
+        run_manifest(run.work_dir).record(run.work_dir / METRICS_FILE)  # the run's: --overwrite removes it
         dump_config(stored, run.work_dir / 'config.yaml')
         log.text('config', (run.work_dir / 'config.yaml').read_text())
         remove_partial_writes(run.work_dir)

@@ -206,6 +206,8 @@ def test_overwrite_starts_afresh_removing_only_what_the_run_wrote(trained, tmp_p
         'last.pth',
     ]
     assert fingerprints(copy_dir)[copy_dir / 'iter_backup.pth'] == kept
+    records = (copy_dir / 'metrics.jsonl').read_text().splitlines()  # the new run's alone
+    assert sum('"tag": "start"' in record for record in records) == 1
     assert resume_checkpoint('auto', copy_dir)[0] == copy_dir / 'last.pth'
     (copy_dir / 'last.pth').unlink()
     assert resume_checkpoint('auto', copy_dir)[0] == copy_dir / 'iter_000002.pth'
