@@ -28,7 +28,8 @@ def dice(true_positive, label_area, predicted_area):
 
 
 def fscore(true_positive, label_area, predicted_area):
-    """F1 of precision and recall, as mmseg's f_score with beta 1 (NaN where either is undefined)."""
+    """F1 of precision and recall, as mmseg's f_score with beta 1: NaN where either is undefined or both
+    are 0 (a class never predicted right), which the class mean then leaves out, unlike Dice's 0."""
     p, r = precision(true_positive, label_area, predicted_area), accuracy(true_positive, label_area, predicted_area)
     return 2 * p * r / (p + r)
 
