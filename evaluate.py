@@ -30,7 +30,7 @@ from engine.config import ConfigError
 from engine.data import build_dataset
 from engine.evaluation import evaluate
 from engine.inference import TTA_SCALES
-from engine.metrics import per_class_key, reported
+from engine.metrics import null_for_nan, per_class_keys, reported
 from engine.onnx_runtime import OnnxSegmentor
 from engine.outputs import Manifest, write_bytes, write_image
 from engine.visualize import ClassStyle, confusion_heatmap, iou_chart, side_by_side
@@ -72,7 +72,7 @@ def cli_overrides(args) -> list:
 def format_table(results: dict, metric_names: list, class_names: list) -> str:
     """A row per class with its value of each class-mean metric ('-' where undefined), then the scores."""
     names = reported(metric_names)
-    keys = [key for key in map(per_class_key, names) if key]
+    keys = per_class_keys(metric_names)
     lines = [f'{"class":<20}' + ''.join(f'{key:>10}' for key in keys)]
     for row, name in enumerate(class_names):
         values = [results[key][row] for key in keys]
@@ -143,14 +143,12 @@ def main(argv=None) -> None:
         scored = Path(args.onnx or args.checkpoint)
         name = f'eval_{args.split}_{cfg["eval"]["mode"]}_{scored.stem}'  # each scored file its own results
         output = Path(args.work_dir or scored.parent) / f'{name}.json'
-        per_class = {k: [None if math.isnan(x) else x for x in v] for k, v in results.items() if isinstance(v, list)}
         record = {
             'onnx' if args.onnx else 'checkpoint': str(scored),
             'split': args.split,
             'eval': cfg['eval'],
             'classes': dataset.class_names,
-            **results,
-            **per_class,
+            **null_for_nan(results),
             'seconds': seconds,
         }
         write_bytes(output, json.dumps(record, indent=2, allow_nan=False).encode())

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from . import dist
-from .metrics import per_class_key, reported
+from .metrics import null_for_nan, per_class_keys, reported
 from .visualize import ClassStyle, confusion_heatmap, iou_chart, side_by_side
 
 # Loggers whose records (weight-loading reports, resume fallbacks) also belong in train.log.
@@ -73,10 +73,7 @@ class Logger:
     def record(self, iteration: int, tag: str, values: dict) -> None:
         """One record of metrics.jsonl (NaN, a class absent from the data, is written as null)."""
         if self.metrics:
-            values = {
-                k: [None if math.isnan(x) else x for x in v] if isinstance(v, list) else v for k, v in values.items()
-            }
-            entry = {'iteration': iteration, 'time': round(time.time(), 3), 'tag': tag, **values}
+            entry = {'iteration': iteration, 'time': round(time.time(), 3), 'tag': tag, **null_for_nan(values)}
             self.metrics.write(json.dumps(entry) + '\n')
             self.metrics.flush()
 
@@ -155,7 +152,7 @@ def log_validation(
     names = reported(metric_names)
     scores = '  '.join(f'{name} {results[name]:.2f}' for name in names)
     log(f'iter {iteration}{label}: {scores}  (best mIoU {best.miou:.2f} at {best.iteration})')
-    per_class = [key for key in map(per_class_key, names) if key]
+    per_class = per_class_keys(metric_names)
     log.scalars(iteration, {f'{prefix}/{name}': results[name] for name in names})
     log.scalars(
         iteration,

@@ -16,13 +16,20 @@ from .config import DEFAULTS, ConfigError, check_kwargs, did_you_mean, is_number
 from .loss_terms import LOSS_TERMS
 from .mask_losses import MaskClassificationLoss
 
+AUX_WEIGHT = 0.4  # the auxiliary head's share of the loss unless aux_head.loss_weight says otherwise
+
 
 def build_criterion(cfg: dict):
     """The loss of the config's head: `criterion(outputs, labels)` and `criterion.terms(...)`."""
     ignore_index, train = cfg['data']['ignore_index'], cfg['train']
     if uses_set_prediction_loss(cfg['head']):
         return MaskClassificationLoss(ignore_index, **train['mask_loss'])
-    return SegmentationLoss(ignore_index, train['loss'], (cfg['aux_head'] or {}).get('loss_weight', 0.4))
+    return SegmentationLoss(ignore_index, train['loss'], aux_loss_weight(cfg))
+
+
+def aux_loss_weight(cfg: dict):
+    """The auxiliary head's share of the loss (`aux_head.loss_weight`, as mmseg's auxiliary FCN)."""
+    return (cfg['aux_head'] or {}).get('loss_weight', AUX_WEIGHT)
 
 
 def uses_set_prediction_loss(head: dict) -> bool:
@@ -42,7 +49,7 @@ class SegmentationLoss:
     head's loss is the same sum times `aux_weight`. `terms()` also returns each weighted term.
     """
 
-    def __init__(self, ignore_index: int, loss_cfg: dict, aux_weight: float = 0.4):
+    def __init__(self, ignore_index: int, loss_cfg: dict, aux_weight: float = AUX_WEIGHT):
         cfg = {**DEFAULTS['train']['loss'], **check_loss_config(loss_cfg)}
         self.ignore_index, self.aux_weight = ignore_index, aux_weight
         self.terms_by_name = {

@@ -7,6 +7,8 @@ whose mean over the classes where it is defined (not NaN) is the score (`mIoU` f
 a new metric is a function here and a line in `METRICS`.
 """
 
+import math
+
 import torch
 
 
@@ -59,6 +61,16 @@ def per_class_key(name: str):
 def reported(names=DEFAULT_METRICS) -> list:
     """`names` with the selection metric first, each once."""
     return list(dict.fromkeys([SELECTION_METRIC, *names]))
+
+
+def per_class_keys(names=DEFAULT_METRICS) -> list:
+    """The keys of the per-class values reported with `names` ('IoU' for mIoU, ...)."""
+    return [key for key in map(per_class_key, reported(names)) if key]
+
+
+def null_for_nan(results: dict) -> dict:
+    """`results` with the NaN in its per-class lists (classes absent from the data) as None: JSON's null."""
+    return {k: [None if math.isnan(x) else x for x in v] if isinstance(v, list) else v for k, v in results.items()}
 
 
 class ConfusionMatrix:

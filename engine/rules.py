@@ -27,7 +27,7 @@ from .config import (
     read_config,
 )
 from .data import DATASET_ARGUMENTS, dataset_options
-from .losses import check_loss_config, uses_set_prediction_loss
+from .losses import aux_loss_weight, check_loss_config, uses_set_prediction_loss
 from .metrics import METRICS
 from .optim import check_rules
 
@@ -80,7 +80,6 @@ def load_config(path, overrides=()) -> dict:
 
 
 MODEL_SECTIONS = {'backbone': BACKBONES, 'head': HEADS, 'aux_head': HEADS}
-"""Heads trained by the set-prediction loss rather than the per-pixel terms of `train.loss`."""
 
 
 def accepted_keys(section: str, type_name):
@@ -176,7 +175,7 @@ def check_training(cfg: dict, source: str) -> None:
     train = cfg['train']
     check_rules(train['param_groups'], source)
     check_loss_config(train['loss'], cfg['data']['num_classes'], source)
-    aux_weight = (cfg['aux_head'] or {}).get('loss_weight', 0.4)
+    aux_weight = aux_loss_weight(cfg)
     if not is_number(aux_weight) or aux_weight < 0:
         raise ConfigError(f"{source}: 'aux_head.loss_weight' must be a number >= 0, got {aux_weight!r}")
     unused, used = ('loss', 'mask_loss') if uses_set_prediction_loss(cfg['head']) else ('mask_loss', 'loss')

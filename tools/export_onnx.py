@@ -63,7 +63,7 @@ from engine.cli import ArgumentParser, number, run_cli  # noqa: E402
 from engine.fast import prepare_for_inference  # noqa: E402
 from engine.inference import eval_pipeline, inference_options, predict_scores  # noqa: E402
 from engine.onnx_runtime import output_axes, output_tensors  # noqa: E402
-from engine.outputs import OutputError  # noqa: E402
+from engine.outputs import OutputError, write_failure  # noqa: E402
 from models.heads.ham import Hamburger  # noqa: E402
 from train import load_trained  # noqa: E402
 
@@ -229,7 +229,7 @@ def check_output(path: Path, checkpoint) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise OutputError(f"cannot write '{path}': {error.strerror or error}") from None
+        raise OutputError(f"cannot write '{path}': {write_failure(error, path.parent)}") from None
     if not path.exists():
         return
     if path.is_dir() or os.path.samefile(path, checkpoint) or 'config' not in graph_metadata(path):
@@ -319,7 +319,7 @@ def main(argv=None) -> None:
         try:
             os.replace(graph, path)
         except OSError as error:
-            raise OutputError(f"cannot write '{path}': {error.strerror or error}") from None
+            raise OutputError(f"cannot write '{path}': {write_failure(error, path.parent)}") from None
     print(f'{path} written{" (int8)" if args.int8 else ""}: images (B, 3, H, W) normalised -> {describe_outputs(path)}')
     if args.check:
         height, width = args.size
