@@ -59,7 +59,7 @@ from engine.cli import ArgumentParser, number, run_cli  # noqa: E402
 from engine.config import ConfigError, read_yaml  # noqa: E402
 from engine.outputs import write_results  # noqa: E402
 from engine.rules import input_size, load_config  # noqa: E402
-from tools.benchmark import flatten, meta_model, size_figures  # noqa: E402
+from tools.measure import flatten, meta_model, size_figures  # noqa: E402
 
 DEFAULT_CONFIG = 'configs/camvid.yaml'
 DEFAULT_ITERS = 100

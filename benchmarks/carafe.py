@@ -30,7 +30,7 @@ from engine.fast import time_calls  # noqa: E402
 from models.backbones.efficientformer_v2 import EfficientFormerV2  # noqa: E402
 from models.heads import freqfusion  # noqa: E402
 from models.heads.offseg import OffSegHead  # noqa: E402
-from tools.benchmark import latency_ms  # noqa: E402
+from tools.measure import latency_ms  # noqa: E402
 
 NEW_CHANNELS = {'s0': (32, 32, 64, 128), 's1': (32, 32, 64, 128), 's2': (32, 64, 128, 256), 'l': (32, 64, 128, 256)}
 """OffSegHead widths per backbone variant, as in configs/offseg_{t,b,l}.yaml."""

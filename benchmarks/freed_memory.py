@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from engine import fast  # noqa: E402
 from engine.fast import time_calls  # noqa: E402
 from engine.rules import load_config  # noqa: E402
-from tools.benchmark import inference_call, rss_mb  # noqa: E402
+from tools.measure import inference_call, rss_mb, write_result_table  # noqa: E402
 from train import create_model  # noqa: E402
 
 ARMS = ('glibc defaults', 'freed memory kept')
@@ -68,6 +68,7 @@ def main(argv=None):
     parser.add_argument('--runs', type=int, default=5, help='timed forwards per arm and round')
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--threads', type=int, default=1, help='torch CPU threads')
+    parser.add_argument('--results', type=Path, metavar='DIR', help='also write the table as a result file there')
     parser.add_argument('--arm', nargs=3, metavar=('CONFIG', 'SIDE', 'KEPT'), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -75,7 +76,9 @@ def main(argv=None):
         config, side, kept = args.arm
         print(json.dumps(time_arm(config, int(side), bool(int(kept)), args.runs, args.warmup)))
         return
-    print(f'{args.threads} thread(s), medians of {args.rounds} x {args.runs} forwards per arm, arms alternating')
+    protocol = f'{args.threads} thread(s), medians of {args.rounds} x {args.runs} forwards per arm, arms alternating'
+    print(protocol)
+    table = []
     print('| model | input | glibc defaults (ms) | freed memory kept (ms) | speed-up | peak RSS (MB) |')
     print('|---|---|---|---|---|---|')
     for config in args.configs:
@@ -84,6 +87,10 @@ def main(argv=None):
             before, after = (row['ms'][arm] for arm in ARMS)
             peaks = ' / '.join(f'{row["peak_mb"][arm]:.0f}' for arm in ARMS)
             print(f'| {config} | {side}² | {before:.1f} | {after:.1f} | {before / after:.2f} | {peaks} |', flush=True)
+            table.append([config, side, before, after, *(row['peak_mb'][arm] for arm in ARMS)])
+    if args.results:
+        columns = ['model', 'side', 'glibc defaults (ms)', 'freed memory kept (ms)', 'peak MB, glibc', 'peak MB, kept']
+        print('results:', write_result_table(args.results, 'freed_memory', columns, table, 'cpu', [protocol]))
 
 
 if __name__ == '__main__':

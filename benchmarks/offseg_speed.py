@@ -4,7 +4,7 @@
 
 Each change is timed on what it touches, before (the replaced code, kept below and patched in with
 unittest.mock) and after (the repo's code), the two calls interleaved within each round
-(tools/benchmark.time_calls) so that load from other processes falls on both alike; the outputs are
+(engine/fast.time_calls) so that load from other processes falls on both alike; the outputs are
 compared (max |after - before| / max |before|):
 
 - attention bias: EfficientFormerV2's attention biases gathered and resized bicubically on every
@@ -58,7 +58,7 @@ from models.backbones.efficientformer_v2 import EfficientFormerV2  # noqa: E402
 from models.heads import freqfusion  # noqa: E402
 from models.heads.freqfusion import FreqFusion  # noqa: E402
 from models.offset_learning import OffsetLearning  # noqa: E402
-from tools.benchmark import image_macs, meta_model  # noqa: E402
+from tools.measure import image_macs, meta_model, write_result_table  # noqa: E402
 from train import create_model  # noqa: E402
 
 # ------------------------------------------------------------------------------- the replaced code
@@ -220,9 +220,11 @@ def main(argv=None):
     parser.add_argument('--runs', type=int, default=7)
     parser.add_argument('--warmup', type=int, default=1)
     parser.add_argument('--threads', type=int, default=1, help='torch CPU threads')
+    parser.add_argument('--results', type=Path, metavar='DIR', help='also write the table as a result file there')
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f'{torch.get_num_threads()} thread(s), medians of {args.runs} interleaved calls, eval, inference_mode')
+    protocol = f'{torch.get_num_threads()} thread(s), medians of {args.runs} interleaved calls, eval, inference_mode'
+    print(protocol)
     columns = ['change', 'input', 'before (ms)', 'after (ms)', 'speed-up', 'max rel. diff']
     columns += ['SegFormer-B0 (ms)', 'B0 / OffSeg-T', 'ms/GMAC']
     print('| ' + ' | '.join(columns) + ' |\n' + '|---' * len(columns) + '|')
@@ -239,6 +241,10 @@ def main(argv=None):
             f'{row["ratio"]:.2f} | {row["diff"]:.1e} | {extra} |',
             flush=True,
         )
+    if args.results:
+        keys = ['change', 'size', 'before', 'after', 'ratio', 'diff', 'segformer_b0', 'ms_per_gmac']
+        table = [[row.get(key) for key in keys] for row in results]
+        print('results:', write_result_table(args.results, 'offseg_speed', keys, table, 'cpu', [protocol]))
     return results
 
 

@@ -22,7 +22,7 @@ from models.heads.segformer import (
     SegFormerMLPHead,  # noqa: E402
     UltraFastSegFormerHead,
 )
-from tools.benchmark import count_macs, latency_ms, module_macs  # noqa: E402
+from tools.measure import count_macs, latency_ms, module_macs  # noqa: E402
 
 
 def main():

@@ -1,7 +1,7 @@
 """Training-step throughput and memory per config, with ratios against a reference config.
 
 One step is what train.py does per iteration: zero gradients, forward, the config's loss, backward
-and the config's optimizer step (tools/benchmark.py `train_call`), on a random batch and random
+and the config's optimizer step (tools/measure.py `train_call`), on a random batch and random
 labels. All models are built first and stepped in turn within each round (after warm-up rounds),
 so that load from other processes falls on all of them alike; the ratios come from the same run.
 
@@ -20,14 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools.benchmark import (
-    build_model,
-    latency_ms,
-    peak_memory,
-    random_weights_config,  # noqa: E402
-    time_calls,
-    train_call,
-)
+from engine.fast import time_calls  # noqa: E402
+from tools.measure import build_model, latency_ms, peak_memory, random_weights_config, train_call  # noqa: E402
 
 CONFIGS = ['configs/segformer_b0.yaml', 'configs/segnext_t.yaml', 'configs/offseg_t.yaml']
 

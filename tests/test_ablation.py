@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT, TINY
 from engine.checkpoint import load_checkpoint
 from engine.config import ConfigError
-from tools.benchmark import flatten
+from tools.measure import flatten
 
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 import ablation  # noqa: E402

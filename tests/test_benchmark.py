@@ -1,6 +1,7 @@
-"""tools/benchmark.py: sizes of every model, GMACs against the published counts, the CLI's outputs."""
+"""tools/benchmark.py and tools/measure.py: model sizes, GMACs against the published counts, the outputs."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -8,8 +9,11 @@ import torch
 
 from conftest import ROOT, published_offset_learning_forward
 from engine.config import ConfigError, read_config
+from engine.fast import time_calls
 from engine.rules import accepted_keys
-from tools import benchmark
+from models import OffsetLearning
+from models.backbones.efficientformer_v2 import Attention4D, Attention4DDownsample
+from tools import benchmark, measure
 from train import create_model
 
 CONFIGS = sorted((ROOT / 'configs').glob('*.yaml'))
@@ -66,39 +70,37 @@ def test_all_takes_folders_and_glob_patterns_in_the_order_given():
 
 @pytest.mark.parametrize('name', ['segformer_b0', 'offseg_t'])
 def test_params_are_those_of_the_built_model(name):
-    cfg = benchmark.random_weights_config(ROOT / 'configs' / f'{name}.yaml')
+    cfg = measure.random_weights_config(ROOT / 'configs' / f'{name}.yaml')
     built = sum(p.numel() for p in create_model(cfg).parameters())
-    assert benchmark.size_figures(cfg, (64, 64))['params_m'] * 1e6 == built
+    assert measure.size_figures(cfg, (64, 64))['params_m'] * 1e6 == built
 
 
 @pytest.mark.parametrize('name', sorted(FULL_GMACS))
 def test_gmacs_at_512_match_published_counts(name, monkeypatch):
     """Offset Learning here reassociates the published products (the same scores in fewer MACs), so
     the comparison counts it in the published order of operations."""
-    cfg = benchmark.random_weights_config(ROOT / 'configs' / f'{name}.yaml')
-    model = benchmark.meta_model(cfg)
-    as_run = benchmark.module_macs(benchmark.image_macs(model, (512, 512)), '')
-    monkeypatch.setattr(benchmark.OffsetLearning, 'forward', published_offset_learning_forward)
-    counts = benchmark.image_macs(model, (512, 512))
-    assert benchmark.module_macs(counts, '') / 1e9 == pytest.approx(FULL_GMACS[name], rel=0.05)
+    cfg = measure.random_weights_config(ROOT / 'configs' / f'{name}.yaml')
+    model = measure.meta_model(cfg)
+    as_run = measure.module_macs(measure.image_macs(model, (512, 512)), '')
+    monkeypatch.setattr(OffsetLearning, 'forward', published_offset_learning_forward)
+    counts = measure.image_macs(model, (512, 512))
+    assert measure.module_macs(counts, '') / 1e9 == pytest.approx(FULL_GMACS[name], rel=0.05)
     if name.startswith('offseg'):
-        assert benchmark.module_macs(counts, '') - as_run > 1e9  # what the reassociation saves: 1.3 G
-        paper = benchmark.paper_convention_macs(model, counts)
+        assert measure.module_macs(counts, '') - as_run > 1e9  # what the reassociation saves: 1.3 G
+        paper = measure.paper_convention_macs(model, counts)
         assert paper / 1e9 == pytest.approx(PAPER_GMACS[name], rel=0.05)
 
 
 def test_paper_convention_leaves_out_exactly_the_offset_learning_and_attention_matmuls():
-    model = benchmark.meta_model(benchmark.random_weights_config(ROOT / 'configs' / 'offseg_t.yaml'))
-    counts = benchmark.image_macs(model, (512, 512))
+    model = measure.meta_model(measure.random_weights_config(ROOT / 'configs' / 'offseg_t.yaml'))
+    counts = measure.image_macs(model, (512, 512))
     omitted = [
-        name
-        for name, m in model.named_modules()
-        if isinstance(m, (benchmark.Attention4D, benchmark.Attention4DDownsample, benchmark.OffsetLearning))
+        name for name, m in model.named_modules() if isinstance(m, (Attention4D, Attention4DDownsample, OffsetLearning))
     ]
-    matmuls = sum(benchmark.module_macs(counts, name) - counts[name].get('aten.convolution', 0) for name in omitted)
-    assert benchmark.module_macs(counts, 'head.classifier') > 0 and matmuls > 0
-    paper = benchmark.paper_convention_macs(model, counts)
-    assert paper == pytest.approx(benchmark.module_macs(counts, '') - matmuls, abs=1)
+    matmuls = sum(measure.module_macs(counts, name) - counts[name].get('aten.convolution', 0) for name in omitted)
+    assert measure.module_macs(counts, 'head.classifier') > 0 and matmuls > 0
+    paper = measure.paper_convention_macs(model, counts)
+    assert paper == pytest.approx(measure.module_macs(counts, '') - matmuls, abs=1)
     assert paper == counts['']['aten.convolution']  # OffSeg: what is left is every convolution
 
 
@@ -127,6 +129,20 @@ def test_inference_latency_json(tmp_path):
     assert result['mode'] == 'infer' and result['batch'] == 1 and not result['fold_bn']
     assert 0 < result['latency_ms_median'] <= result['latency_ms_p90']
     assert result['images_per_s'] == pytest.approx(1e3 / result['latency_ms_median'])
+
+
+def test_results_go_to_a_table_named_by_the_machine_and_torch(tmp_path):
+    """--results writes what the docs render: the rows, the command, the environment, the date."""
+    argv = ['--config', ROOT / 'configs' / 'segformer_b0.yaml', *TINY, '--results', tmp_path / 'out', '--study', 'zoo']
+    [result] = run(tmp_path, *argv)
+    tag = f'cpu{os.cpu_count()}-torch{torch.__version__.split("+")[0]}'
+    path = tmp_path / 'out' / f'zoo-{tag}.json'
+    table = json.loads(path.read_text())
+    row = dict(zip(table['columns'], table['rows'][0]))
+    assert row['latency_ms_median'] == result['latency_ms_median'] and row['params_m'] == result['params_m']
+    assert table['environment']['torch'] in tag and 'benchmark' in table['command']
+    run(tmp_path, *argv)  # a rerun replaces its own file
+    assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['results.txt', path.name]
 
 
 def test_a_size_sweep_gives_ms_per_gmac_and_the_profile_the_top_operators(tmp_path, capsys):
@@ -231,5 +247,5 @@ def test_cuda_timing_synchronises(monkeypatch):
     """Each timed call is bracketed by torch.cuda.synchronize, so queued kernels are inside the time."""
     events = []
     monkeypatch.setattr(torch.cuda, 'synchronize', lambda: events.append('sync'))
-    benchmark.time_calls({'call': lambda: events.append('call')}, runs=1, warmup=0, device=torch.device('cuda'))
+    time_calls({'call': lambda: events.append('call')}, runs=1, warmup=0, device=torch.device('cuda'))
     assert events == ['sync', 'call', 'sync']

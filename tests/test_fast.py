@@ -20,7 +20,7 @@ from engine.fast import (
     prepare_for_inference,
     uses_channels_last,
 )
-from tools.benchmark import rss_mb
+from tools.measure import rss_mb
 from train import create_model
 
 FAMILIES = {

@@ -34,22 +34,16 @@ do not depend on the values.
 """
 
 import argparse
-import contextlib
 import copy
 import csv
-import ctypes
-import gc
 import glob
 import io
 import json
-import math
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -58,194 +52,29 @@ from engine import fast  # noqa: E402
 from engine.cli import AMP_DTYPES, ArgumentParser, number, run_cli  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
 from engine.fast import time_calls  # noqa: E402
-from engine.losses import build_criterion  # noqa: E402
 from engine.onnx_runtime import output_tensors  # noqa: E402
-from engine.optim import build_optimizer  # noqa: E402
 from engine.outputs import write_bytes  # noqa: E402
-from engine.rules import load_config  # noqa: E402
-from models import OffsetLearning, OffsetLearningMask  # noqa: E402
-from models.backbones.efficientformer_v2 import Attention4D, Attention4DDownsample  # noqa: E402
 from models.backbones.mit import LAYER_NORM_EPS, MiT  # noqa: E402
 from models.heads.classifier import PixelClassifier  # noqa: E402
-from models.heads.offseg import OffSegHead  # noqa: E402
 from models.heads.segformer import SegFormerMLPHead  # noqa: E402
 from models.weights import convert_model_state  # noqa: E402
-from train import create_model  # noqa: E402
-
-RANDOM_WEIGHTS = 'backbone.pretrained=null'
-
-PAPER_OMITS_MATMULS = {OffSegHead: (Attention4D, Attention4DDownsample, OffsetLearning)}
-"""Head class -> modules whose matmuls its paper's GFLOPs leave out. The OffSeg paper's figures
-(5.3 / 10.3 / 17.1 G at 512x512) equal a count without the EfficientFormerV2 attention and Offset
-Learning matmuls; every other paper here counts all operations."""
-
-OFFSET_LEARNING = (OffsetLearning, OffsetLearningMask)
-"""Offset Learning as a classifier, and its Mask2Former form (both reported and timed as OL)."""
-
-
-# --------------------------------------------------------------------------------------- counting
-
-
-def meta_model(cfg: dict) -> torch.nn.Module:
-    """The config's model on the meta device (shapes only: no memory, no weights, nothing loaded)."""
-    cfg = {**cfg, 'backbone': {**cfg['backbone'], 'pretrained': None}}
-    with torch.device('meta'):
-        return create_model(cfg).eval()
-
-
-def count_macs(model: torch.nn.Module, *inputs) -> dict:
-    """{module path ('' = the whole model): {aten op: MACs}} of `model(*inputs)`.
-
-    FlopCounterMode attributes every op to each module it runs in (and to all their parents), keyed
-    by the root's class name plus the module path; the class name is taken off here.
-    """
-    root = type(model).__name__
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(*inputs)
-    return {
-        name.removeprefix(root).removeprefix('.'): {str(op): flops / 2 for op, flops in ops.items()}
-        for name, ops in counter.get_flop_counts().items()
-        if name != 'Global'
-    }
-
-
-def image_macs(model: torch.nn.Module, size) -> dict:
-    """`count_macs` of one image of `size` (H, W) through a model on the meta device."""
-    return count_macs(model, torch.empty(1, 3, *size, device='meta'))
-
-
-def module_macs(counts: dict, path: str) -> float:
-    return sum(counts.get(path, {}).values())
-
-
-def paper_convention_macs(model: torch.nn.Module, counts: dict):
-    """MACs as the model's paper counts them (see PAPER_OMITS_MATMULS); None where that is the full count."""
-    omitted = PAPER_OMITS_MATMULS.get(type(model.head))
-    if omitted is None:
-        return None
-    paths = [name for name, module in model.named_modules() if isinstance(module, omitted)]
-    outermost = [p for p in paths if not any(p.startswith(q + '.') for q in paths)]
-    matmuls = sum(macs for path in outermost for op, macs in counts.get(path, {}).items() if 'convolution' not in op)
-    return module_macs(counts, '') - matmuls
-
-
-def describe(model: torch.nn.Module, cfg: dict) -> str:
-    backbone = f'{cfg["backbone"]["type"]} {cfg["backbone"].get("variant", "")}'.strip()
-    uses_ol = any(isinstance(m, OFFSET_LEARNING) for m in model.head.modules())
-    return f'{backbone} + {cfg["head"]["type"]}' + (' + OL' if uses_ol else '')
-
-
-def size_figures(cfg: dict, size) -> dict:
-    """Parameters (M) and GMACs of the config's model at `size`, both conventions, from a meta build."""
-    model = meta_model(cfg)
-    counts = image_macs(model, size)
-    paper = paper_convention_macs(model, counts)
-    return {
-        'model': describe(model, cfg),
-        'params_m': sum(p.numel() for p in model.parameters()) / 1e6,
-        'gmacs': module_macs(counts, '') / 1e9,
-        'gmacs_paper_convention': paper and paper / 1e9,
-    }
-
-
-# ---------------------------------------------------------------------------------------- timing
-
-
-def top_operators(call, device: torch.device, count: int = 15) -> list:
-    """The operators of one call, most self time first: [{op, self_ms, share, calls}] (torch.profiler; on
-    CUDA the device time)."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == 'cuda':
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as profiler:
-        call()
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-    events = profiler.key_averages()
-    key = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
-    total = sum(getattr(event, key) for event in events) or 1
-    ranked = sorted(events, key=lambda event: getattr(event, key), reverse=True)[:count]
-    return [
-        {'op': e.key, 'self_ms': getattr(e, key) / 1e3, 'share': getattr(e, key) / total, 'calls': e.count}
-        for e in ranked
-    ]
-
-
-def latency_ms(seconds: list) -> dict:
-    """Median and 90th percentile (nearest rank) in milliseconds."""
-    ordered = sorted(seconds)
-    return {'median': 1e3 * statistics.median(ordered), 'p90': 1e3 * ordered[math.ceil(0.9 * len(ordered)) - 1]}
-
-
-def rss_mb(field: str):
-    """VmRSS (now) or VmHWM (the peak) of this process in MB; None where /proc is missing."""
-    status = Path('/proc/self/status')
-    if not status.exists():
-        return None
-    line = next(line for line in status.read_text().splitlines() if line.startswith(field + ':'))
-    return int(line.split()[1]) / 1024
-
-
-def release_freed_memory() -> None:
-    """Hand memory that is free but still resident back to the OS (glibc's malloc_trim), so that RSS
-    counts live memory only and a later rise of the peak is memory that is really needed."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL('libc.so.6').malloc_trim(0)
-
-
-@contextlib.contextmanager
-def peak_memory(device: torch.device):
-    """Yields a dict that receives `peak_memory_mb` and `added_memory_mb` (peak minus the memory
-    before the block) when the block ends; see the module docstring for what each device measures."""
-    result = {}
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated() / 2**20
-        yield result
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        release_freed_memory()
-        before = rss_mb('VmRSS')
-        with contextlib.suppress(OSError):
-            Path('/proc/self/clear_refs').write_text('5')  # resets VmHWM to the current RSS
-        yield result
-        peak = rss_mb('VmHWM')
-    result.update(peak_memory_mb=peak, added_memory_mb=None if peak is None else peak - before)
-
-
-def autocast(device: torch.device, amp):
-    return torch.autocast(device.type, dtype=AMP_DTYPES.get(amp), enabled=amp is not None)
-
-
-def inference_call(model, images: torch.Tensor, amp):
-    def call():
-        with torch.inference_mode(), autocast(images.device, amp):
-            return model(images)
-
-    return call
-
-
-def train_call(model, cfg: dict, images: torch.Tensor, amp):
-    """One training iteration as train.py runs it: zero grads, forward (autocast), the config's loss,
-    backward (scaled for fp16) and the config's optimizer step, on random labels."""
-    device = images.device
-    labels = torch.randint(0, cfg['data']['num_classes'], (images.shape[0], *images.shape[2:]), device=device)
-    optimizer, _ = build_optimizer(model, cfg['train']['optimizer'], cfg['train']['param_groups'])
-    criterion = build_criterion(cfg)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == 'fp16')
-
-    def call():
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, amp):
-            outputs = model(images)
-        scaler.scale(criterion(outputs, labels)).backward()
-        scaler.step(optimizer)
-        scaler.update()
-
-    return call
+from tools.measure import (  # noqa: E402
+    OFFSET_LEARNING,
+    build_model,
+    describe,
+    flatten,
+    image_macs,
+    inference_call,
+    latency_ms,
+    meta_model,
+    module_macs,
+    peak_memory,
+    random_weights_config,
+    size_figures,
+    top_operators,
+    train_call,
+    write_result_table,
+)
 
 
 def prepare(model, args):
@@ -407,17 +236,6 @@ def breakdown(model, images: torch.Tensor, counts: dict, runs: int, warmup: int)
 
 
 # ------------------------------------------------------------------------------------------- run
-
-
-def random_weights_config(path, overrides=()) -> dict:
-    """The config of `path` with `backbone.pretrained` off (unless an override turns it back on)."""
-    return load_config(path, [RANDOM_WEIGHTS, *overrides])
-
-
-def build_model(cfg: dict, device: torch.device) -> torch.nn.Module:
-    """The config's model on `device`, with the same random weights on every call (seed 0)."""
-    torch.manual_seed(0)
-    return create_model(cfg).to(device)
 
 
 def benchmark(path: Path, args) -> dict:
@@ -587,25 +405,26 @@ def extras(result: dict) -> str:
     return '\n'.join(lines)
 
 
-def flatten(result: dict, prefix: str = '') -> dict:
-    """Nested sections as dotted column names, for CSV."""
-    flat = {}
-    for key, value in result.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f'{prefix}{key}.'))
-        else:
-            flat[prefix + key] = value
-    return flat
+def columns_and_rows(results: list) -> tuple:
+    """The results as one table: dotted column names (the union over results) and one row each."""
+    rows = [flatten(result) for result in results]
+    return list(dict.fromkeys(key for row in rows for key in row)), rows
 
 
 def write_csv(results: list, path: Path) -> None:
-    rows = [flatten(result) for result in results]
-    columns = list(dict.fromkeys(key for row in rows for key in row))
+    columns, rows = columns_and_rows(results)
     text = io.StringIO(newline='')
     writer = csv.DictWriter(text, columns)
     writer.writeheader()
     writer.writerows(rows)
     write_bytes(path, text.getvalue().encode())
+
+
+def write_table(results: list, args) -> None:
+    columns, rows = columns_and_rows(results)
+    table = [[row.get(column) for column in columns] for row in rows]
+    path = write_result_table(args.results, args.study, columns, table, torch.device(args.device), [header(results)])
+    print(f'results: {path}')
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -651,6 +470,13 @@ def parse_args(argv=None):
     )
     parser.add_argument('--json', type=Path, help='write the results as JSON')
     parser.add_argument('--csv', type=Path, help='write the results as CSV')
+    parser.add_argument(
+        '--results',
+        type=Path,
+        metavar='DIR',
+        help='write the results as a result table, DIR/<--study>-<machine>-torch<version>.json (what the docs render)',
+    )
+    parser.add_argument('--study', default='benchmark', help="the result table's name (default: benchmark)")
     args = parser.parse_args(argv)
     check_options(parser, args)
     return args
@@ -696,6 +522,8 @@ def main(argv=None) -> list:
         write_bytes(args.json, (json.dumps(results, indent=2) + '\n').encode())
     if args.csv:
         write_csv(results, args.csv)
+    if args.results:
+        write_table(results, args)
     return results
 
 
