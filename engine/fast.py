@@ -122,9 +122,8 @@ def keep_freed_memory() -> bool:
 
     glibc hands large freed blocks straight back to the kernel (those over its mmap threshold,
     128 KiB to 32 MiB, and a heap top over its trim threshold), so each forward on CPU faults its
-    activation memory in again page by page: on the 2-core dev machine a 64 MB torch.cat took 50 ms
-    fresh and 8 ms in reused memory, and whole forwards run 1.11-1.48x faster with it
-    (benchmarks/freed_memory.py). ONNX Runtime keeps an arena for the same reason. Raising both
+    activation memory in again page by page, which reused memory avoids (whole forwards timed both
+    ways by benchmarks/freed_memory.py). ONNX Runtime keeps an arena for the same reason. Raising both
     thresholds keeps blocks up to 1 GiB in the heap; the process's resident memory then stays at its
     peak. Process-wide; returns False where glibc is not there (the defaults then stay).
     """
@@ -157,9 +156,9 @@ def channels_last_pays(model: nn.Module, example: torch.Tensor, rounds: int = 3,
     warm-up and `rounds` interleaved calls of each, medians, and channels_last only when it wins by
     5% or more.
 
-    Which order is faster depends on the model and the device, so it is measured, not assumed: on the
-    2-core CPU here SegFormer-B0 runs 1.35x faster channels_last at 512x512, one thread, and
-    OffSeg-T slower (0.85x in a run beside other jobs).
+    Which order is faster depends on the model and the device, so it is measured, not assumed: on CPU
+    SegFormer-B0 has timed faster channels_last and OffSeg-T slower (tools/benchmark.py
+    --channels-last on / off times either order).
     """
     nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last)
     nhwc_example = example.contiguous(memory_format=torch.channels_last)

@@ -31,12 +31,12 @@ class OffsetLearning(nn.Module):
         classes, A = W·Eᵀ and W' = W + ΔW (ΔW = softmax_HW(A)·E·P_clsᵀ), the published scores are
         (E + softmax_K(A)ᵀ·W·P_featᵀ)·W'ᵀ. Computed class-major, as W'·Eᵀ + (W'·P_feat·Wᵀ)·softmax_K(A),
         the feature offset ΔE (HW, C) and the per-pixel projection (HW·C² multiply-adds) are never formed:
-        the products run on K×C and K×K matrices instead (OffSeg-T at 512²: 2.28 instead of 3.60 GMACs).
+        the products run on K×C and K×K matrices instead (fewer multiply-adds; tools/benchmark.py counts them).
         The LayerNorm over the K classes of each pixel is taken apart: its mean is removed before the
         products, by centring the rows of W' and of the K×K mixing (the scores are linear in both), so
         only the per-pixel norm is a pass over the (K, HW) scores. Same numbers up to float rounding;
-        the class-major layout needs no transposed (HW, K) copies: 1.07-1.2x faster than pixel-major at
-        CamVid's 11 classes, 0.9-1.0x at ADE20K's 150 (benchmarks/offseg_speed.py, 1 thread).
+        the class-major layout needs no transposed (HW, K) copies, which pays at few classes, not at many
+        (timed against pixel-major at CamVid's 11 and ADE20K's 150 classes by benchmarks/offseg_speed.py).
         """
         b, c, h, w = x.shape
         feats = x.flatten(2)  # Eᵀ: (B, C, HW)

@@ -12,15 +12,14 @@ code does; at the table's own size (a 512 x 512 input) that resize is an exact i
 skipped. Outside autograd (eval under no_grad / inference_mode) each attention keeps the bias of
 the last size it saw, keyed by that size and by the table's storage and version counter, so
 weights loaded at any time (even after `.eval()`) take effect at once; the published code caches
-the gathered bias on `.eval()` and must be loaded before it. At 1024 x 1024 the gather and resize
-would otherwise cost about a sixth of a forward (benchmarks/offseg_speed.py).
+the gathered bias on `.eval()` and must be loaded before it. The gather and resize on every call
+would otherwise take a share of each forward that grows with the input (timed by benchmarks/offseg_speed.py).
 
 Memory order. Outside autograd the stem and the two conv-only stages (strides 4 and 8) run
-channels_last, and the stage outputs are handed on in NCHW: their depthwise 3x3 convs are several
-times faster on NHWC maps with oneDNN on CPU, while the attention stages are faster in NCHW
-(`CHANNELS_LAST_LAYERS`; 1.02-1.08x on the S1 backbone from 256x256 to 1024x1024,
-benchmarks/offseg_speed.py). GELU runs on the NHWC view of a channels_last map (`GELU`). Training
-keeps NCHW throughout.
+channels_last, and the stage outputs are handed on in NCHW: their depthwise 3x3 convs are faster
+on NHWC maps with oneDNN on CPU, while the attention stages are faster in NCHW (`CHANNELS_LAST_LAYERS`;
+the split is timed on the S1 backbone by benchmarks/offseg_speed.py). GELU runs on the NHWC view of
+a channels_last map (`GELU`). Training keeps NCHW throughout.
 
 Input sizes: the stride-2 attention of stage 2 halves the stride-16 grid and doubles it back, so
 ceil(H/16) and ceil(W/16) must be even (any multiple of 32 works); other sizes raise a ValueError.
@@ -46,8 +45,9 @@ downsamplers) run channels_last outside autograd; 0 keeps every layer NCHW."""
 
 
 class GELU(nn.GELU):
-    """nn.GELU that keeps its speed on channels_last maps: PyTorch's CPU kernel is about 4x slower on
-    an (N, C, H, W) tensor stored NHWC than on a contiguous one (2.14), so it runs on the NHWC view."""
+    """nn.GELU that keeps its speed on channels_last maps: PyTorch's CPU kernel is slower on an
+    (N, C, H, W) tensor stored NHWC than on a contiguous one (2.14), so it runs on the NHWC view
+    (benchmarks/offseg_speed.py times it as part of the channels_last stem)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
@@ -134,10 +134,10 @@ def attend(
     transposed copies of the widest maps of the backbone. Each block holds about LOGITS_PER_CHUNK
     logits (4 MB in float32), so they stay in cache from the product through `normalize` (the
     softmax, with or without talking heads) to the product with v, instead of the full (B, heads,
-    Nq, Nk) logits making three trips through memory: 1.24x on the S1 backbone at 1024²
-    (benchmarks/offseg_speed.py). Rows are independent, so the result is the same. Only without
-    autograd: a training step is no faster in blocks (3% slower for OffSeg-T at b2@512²), and
-    traced graphs (ONNX export) keep one block since their shapes may change after export.
+    Nq, Nk) logits making three trips through memory (timed on the S1 backbone by
+    benchmarks/offseg_speed.py). Rows are independent, so the result is the same. Only without
+    autograd: a training step is no faster in blocks, and traced graphs (ONNX export) keep one block
+    since their shapes may change after export.
     """
     b, heads, nq, _ = q.shape
     rows = max(1, LOGITS_PER_CHUNK // (b * heads * k.shape[-1]))
@@ -225,7 +225,7 @@ class Attention4D(nn.Module):
     def upsample_and_project(self, out: torch.Tensor) -> torch.Tensor:
         """proj(out upsampled x2 bilinearly), computed channels_last and returned NCHW: on these
         many-channel, few-pixel maps PyTorch's NCHW bilinear resize makes a slow layout copy of its
-        own (1.14x on the S1 backbone at 512², benchmarks/offseg_speed.py)."""
+        own (timed on the S1 backbone by benchmarks/offseg_speed.py)."""
         out = out.contiguous(memory_format=torch.channels_last)
         out = F.interpolate(out, scale_factor=2, mode='bilinear', align_corners=False)
         return self.proj(out).contiguous()

@@ -31,11 +31,10 @@ def carafe(
     It accumulates tap by tap (k² multiply-adds of the shifted low-res map), so no k²·C·sH·sW tensor
     is ever built. The output is accumulated with its s×s sub-pixel positions as separate planes,
     (N, G, C/G, s, s, H, W), so that every multiply-add runs along contiguous rows, and is
-    interleaved into (sH, sW) once at the end: about 4x faster at s = 2 than accumulating into the
-    interleaved layout, for one extra output-sized buffer (benchmarks/carafe.py). Outside autograd
-    and tracing, the channels go in blocks of CARAFE_BLOCK_BYTES, so that the k² passes over each
-    block stay in cache: OffSeg-T's last FreqFusion 1.10x faster at 512x512, 1.15x at 1024x1024
-    (benchmarks/offseg_speed.py).
+    interleaved into (sH, sW) once at the end: faster than accumulating into the interleaved layout,
+    for one extra output-sized buffer (both timed by benchmarks/carafe.py). Outside autograd and
+    tracing, the channels go in blocks of CARAFE_BLOCK_BYTES, so that the k² passes over each block
+    stay in cache (timed on OffSeg-T's last FreqFusion by benchmarks/offseg_speed.py).
     """
     n, c, h, w = features.shape
     k, s, g = kernel_size, scale_factor, group_size
@@ -77,7 +76,8 @@ def kernel_softmax(mask: torch.Tensor) -> torch.Tensor:
 
 def channel_norm(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, 1, H, W) Euclidean norms over the channels, as a product and a sum: on NCHW
-    maps about 10x faster than torch.linalg.vector_norm(x, dim=1) on CPU (2.14), equal up to rounding."""
+    maps faster than torch.linalg.vector_norm(x, dim=1) on CPU (2.14; timed by benchmarks/offseg_speed.py),
+    equal up to rounding."""
     return (x * x).sum(dim=1, keepdim=True).sqrt()
 
 
