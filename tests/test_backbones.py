@@ -431,3 +431,24 @@ def test_backbone_channels_do_not_read_the_weights(family, variant, tmp_path, mo
     monkeypatch.setattr(train, 'load_pretrained', fail)
     monkeypatch.setattr(models.weights, 'read_state_dict', fail)
     assert get_backbone_channels(cfg) == BACKBONES[family](variant).out_channels
+
+
+def test_an_mmseg_resnet_v1c_backbone_loads_with_its_deep_stem():
+    """mmseg's ResNetV1c keeps its deep stem in `stem.0-8` (conv, BN, ReLU three times); timm splits off
+    the last BatchNorm as `bn1`. Every key of mmseg's layout maps to one of ours, so a DeepLab
+    checkpoint loads whole."""
+    backbone = BACKBONES['resnet']('50c')
+    mmseg = {}
+    for key, value in backbone.state_dict().items():
+        key = key.removeprefix('body.')
+        if key.startswith('conv1.'):
+            key = 'stem.' + key.removeprefix('conv1.')
+        elif key.startswith('bn1.'):
+            key = 'stem.7.' + key.removeprefix('bn1.')
+        mmseg[key] = value.clone()
+    assert {'stem.0.weight', 'stem.1.running_mean', 'stem.6.weight', 'stem.7.weight', 'layer1.0.bn1.weight'} <= set(
+        mmseg
+    )
+    converted = BACKBONES['resnet'].convert_checkpoint(mmseg)
+    assert converted.keys() == backbone.state_dict().keys()
+    assert all(torch.equal(converted[key], value) for key, value in backbone.state_dict().items())

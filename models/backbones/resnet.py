@@ -49,8 +49,23 @@ class ResNet(nn.Module):
 
     @staticmethod
     def convert_checkpoint(state: dict) -> dict:
-        """timm/torchvision ImageNet weights -> ours: prefix `body.`, drop the `fc` classifier."""
-        return {f'body.{k}': v for k, v in state.items() if not k.startswith('fc.')}
+        """timm/torchvision ImageNet weights, or an mmseg backbone -> ours: prefix `body.`, drop the `fc`
+        classifier. mmseg's deep stem (ResNetV1c/d) is one `stem` Sequential whose last BatchNorm
+        timm keeps apart as `bn1`; the blocks are named alike."""
+        converted = {}
+        for key, value in state.items():
+            if key.startswith('fc.'):
+                continue
+            if key.startswith('stem.'):
+                index, rest = key.removeprefix('stem.').split('.', 1)
+                key = f'bn1.{rest}' if index == MMSEG_STEM_BN else f'conv1.{index}.{rest}'
+            converted[f'body.{key}'] = value
+        return converted
+
+
+MMSEG_STEM_BN = '7'
+"""mmseg's deep stem: conv, BN, ReLU three times (indices 0-8); timm's `conv1` holds the first eight,
+the last BatchNorm is its `bn1`."""
 
 
 class Variant(NamedTuple):
