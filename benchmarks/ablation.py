@@ -59,7 +59,7 @@ from engine.cli import ArgumentParser, number, run_cli  # noqa: E402
 from engine.config import ConfigError, read_yaml  # noqa: E402
 from engine.outputs import write_results  # noqa: E402
 from engine.rules import input_size, load_config  # noqa: E402
-from tools.measure import flatten, meta_model, size_figures  # noqa: E402
+from tools.measure import flatten, meta_model, size_figures, write_result_table  # noqa: E402
 
 DEFAULT_CONFIG = 'configs/camvid.yaml'
 DEFAULT_ITERS = 100
@@ -114,6 +114,9 @@ def parse_args(argv=None):
         '--jobs', type=number(int, 1), default=1, help='runs at a time, each its own train.py process (default: 1)'
     )
     parser.add_argument('--report-only', action='store_true', help='train nothing: the table of the finished runs')
+    parser.add_argument(
+        '--results', type=Path, metavar='DIR', help='also write the table as a result file there (what the docs render)'
+    )
     return parser.parse_args(argv)
 
 
@@ -384,6 +387,22 @@ def write_report(results: list, protocol: dict, args, argv) -> str:
         },
     )
     print(text)
+    if args.results:
+        columns = ['model', 'arm', 'params (M)', 'GMACs', *(f'seed {s}' for s in args.seeds)]
+        rows = [
+            [
+                f'{result["pair"]} ({result["model"]})',
+                arm,
+                arms[arm]['params_m'],
+                arms[arm]['gmacs'],
+                *arms[arm]['miou'],
+            ]
+            for result in results
+            for arms in [result['arms']]
+            for arm in ARMS
+        ]
+        notes = [f'protocol: {json.dumps(protocol)}', f'val mIoU (%) after {args.iters} iterations']
+        print('results:', write_result_table(args.results, 'ablation', columns, rows, args.device, notes))
     return text
 
 

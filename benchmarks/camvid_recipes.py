@@ -41,6 +41,7 @@ from engine.config import ConfigError, read_yaml  # noqa: E402
 from engine.logger import run_seconds, validation_curve  # noqa: E402
 from engine.outputs import write_results  # noqa: E402
 from engine.rules import load_config  # noqa: E402
+from tools.measure import write_result_table  # noqa: E402
 
 DEFAULT_CONFIG = 'configs/camvid_deeplabv3plus.yaml'
 DEFAULT_ITERS = 600
@@ -135,6 +136,10 @@ def parse_args(argv=None):
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
     parser.add_argument('--jobs', type=number(int, 1), default=1, help='train.py processes at a time (default: 1)')
     parser.add_argument('--report-only', action='store_true', help='train nothing: the table of the runs so far')
+    parser.add_argument(
+        '--results', type=Path, metavar='DIR', help='also write the table as a result file there (what the docs render)'
+    )
+    parser.add_argument('--study', default='camvid_recipes', help="the result file's name (default: %(default)s)")
     return parser.parse_args(argv)
 
 
@@ -232,6 +237,13 @@ def report(args) -> list:
     print(table)
     record = {'config': args.config, 'iters': args.iters, 'set': args.set, 'rows': rows}
     write_results(args.out, {'recipes.md': table + '\n', 'recipes.json': json.dumps(record, indent=2) + '\n'})
+    if args.results:
+        weights = [('raw', 'miou'), ('average', 'miou_ema')] if with_ema else [('', 'miou')]
+        columns = ['row', 'change'] + [f'iter {p} {name}'.strip() for p in points for name, _ in weights]
+        table_rows = [[r['row'], r['change']] + [r[key][p] for p in points for _, key in weights] for r in rows]
+        notes = [f'val mIoU (%); base config {args.config}, overrides {args.set}']
+        path = write_result_table(args.results, args.study, columns, table_rows, args.device, notes)
+        print('results:', path)
     return rows
 
 

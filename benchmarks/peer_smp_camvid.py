@@ -1,6 +1,6 @@
 """segmentation_models_pytorch's CamVid example as a peer: its recipe on this repo's data, budget and scoring.
 
-    pip install -r benchmarks/requirements-peers.txt
+    pip install -r benchmarks/requirements.txt
     OMP_NUM_THREADS=1 nice python benchmarks/peer_smp_camvid.py [--config configs/camvid.yaml] [--ours work_dirs/camvid]
 
 The peer is the recipe of SMP's examples/camvid_segmentation_multiclass.ipynb as a practitioner would

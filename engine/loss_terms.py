@@ -22,7 +22,7 @@ def non_negative_numbers(values) -> bool:
 class LossTerm:
     """A term's __init__ may check more than its annotations say, raising ValueError naming the key.
     The first line of its docstring and the strings in its options' annotations document it in
-    configs/README.md (tools/config_tables.py)."""
+    configs/README.md (tools/config_tables.py, written by tools/make_docs.py)."""
 
     weight = 0.0  # the default weight in train.loss: off unless the config gives one
 

@@ -39,6 +39,8 @@ def command(folder) -> list:
         '2',
         '--out',
         str(folder / 'out'),
+        '--results',
+        str(folder / 'results'),
         '--device',
         'cpu',
         '--set',
@@ -81,6 +83,11 @@ def test_table_has_both_arms_every_seed_and_the_paired_differences(ablation_run)
     assert rows[0].split(' | ')[-3:] == ['seed 0', 'seed 1', 'mean ± std |']
     assert [row.split(' | ')[1] for row in rows[1:]] == ['plain', 'OL', 'OL − plain'] * 2
     assert all('–' not in row for row in rows[1:])  # every cell measured
+    [path] = (folder / 'results').glob('ablation-cpu*-torch*.json')  # what the docs render
+    table = json.loads(path.read_text())
+    assert table['columns'] == ['model', 'arm', 'params (M)', 'GMACs', 'seed 0', 'seed 1']
+    assert [row[1] for row in table['rows']] == ['plain', 'OL'] * 2
+    assert table['rows'][1][4:] == results[0]['arms']['OL']['miou']
 
 
 def test_arms_differ_only_in_the_classifier(ablation_run):

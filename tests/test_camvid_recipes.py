@@ -57,6 +57,7 @@ def test_rows_train_and_report_against_the_base(tmp_path, capsys, demo_root):
     config.write_text(textwrap.dedent(TINY.format(root=demo_root)))
     out = tmp_path / 'out'
     argv = ['--config', str(config), '--rows', 'base', 'fpn', '--iters', '3', '--out', str(out), '--device', 'cpu']
+    argv += ['--results', str(tmp_path / 'results')]
     rows = camvid_recipes.main(argv)
     assert [r['row'] for r in rows] == ['base', 'fpn'] and rows[0]['difference'] == 0
     assert all(r['miou'][3] is not None and r['miou'][1] is not None and r['minutes'] >= 0 for r in rows)
@@ -64,5 +65,9 @@ def test_rows_train_and_report_against_the_base(tmp_path, capsys, demo_root):
     printed = capsys.readouterr().out
     assert '| `fpn` | decoder: FPN head' in printed
     assert json.loads((out / 'recipes.json').read_text())['iters'] == 3
+    [path] = (tmp_path / 'results').glob('camvid_recipes-cpu*-torch*.json')  # what the docs render
+    table = json.loads(path.read_text())
+    assert table['columns'] == ['row', 'change', 'iter 1', 'iter 2', 'iter 3']
+    assert [row[0] for row in table['rows']] == ['base', 'fpn'] and table['rows'][1][4] == rows[1]['miou'][3]
     assert camvid_recipes.main(argv) == rows  # a rerun skips the finished rows
     assert capsys.readouterr().out.count('finished, skipped') == 2

@@ -423,7 +423,8 @@ def write_csv(results: list, path: Path) -> None:
 def write_table(results: list, args) -> None:
     columns, rows = columns_and_rows(results)
     table = [[row.get(column) for column in columns] for row in rows]
-    path = write_result_table(args.results, args.study, columns, table, torch.device(args.device), [header(results)])
+    notes = header(results).splitlines()
+    path = write_result_table(args.results, args.study, columns, table, torch.device(args.device), notes)
     print(f'results: {path}')
 
 

@@ -52,7 +52,7 @@ def convert(source: str, target: str, config: str, overrides=(), partial: bool =
     return report
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None):
     parser = ArgumentParser(__doc__)
     parser.add_argument('source', help='published checkpoint file or Hugging Face folder')
     parser.add_argument('target', help='output checkpoint (.pth)')
@@ -61,7 +61,11 @@ def main(argv=None) -> None:
         '--partial', action='store_true', help='write the checkpoint even where keys do not fit (they are listed)'
     )
     parser.add_overrides()
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     report = convert(args.source, args.target, args.config, args.set, args.partial)
     for line in report:
         print(f'note: {line}')

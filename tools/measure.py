@@ -273,7 +273,10 @@ def environment_tag(device: torch.device) -> str:
 
 def write_result_table(folder: Path, study: str, columns: list, rows: list, device: torch.device, notes=()) -> Path:
     """Write one measured table as `<folder>/<study>-<environment tag>.json`, with the command that
-    measured it, the environment and the date; a rerun on the same machine replaces its own file."""
+    measured it, the environment and the date; a rerun on the same machine replaces its own file.
+    `device` as the scripts' --device takes it ('auto': CUDA where there is one)."""
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
     device = torch.device(device)
     name = f'{study}-{environment_tag(device)}.json'
     record = {

@@ -1,7 +1,5 @@
-"""Regenerate the tables of ARCHITECTURES.md from the code: parameters are counted, never typed.
-
-    python tools/model_table.py            # print the tables
-    python tools/model_table.py --write    # rewrite them in ARCHITECTURES.md
+"""The tables of ARCHITECTURES.md, from the code: parameters are counted, never typed
+(tools/make_docs.py writes them into the page).
 
 Every model is built on the meta device (no memory, no weights) from its config in configs/; its
 output stride comes from a meta forward at 512x512. Paper numbers come from each config's `paper`
@@ -9,23 +7,20 @@ section. Papers count the unused `conv_seg` classifier that mmseg builds beside 
 our heads do not build it, so both counts are shown.
 """
 
+import functools
+import json
 import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from engine.config import DEFAULTS, read_config
+from engine.rules import accepted_keys
+from models import BACKBONES, OffsetLearning
+from models.heads.mask_classification import MaskClassification
+from train import create_model
 
-from engine.cli import ArgumentParser  # noqa: E402
-from engine.outputs import write_text  # noqa: E402
-from engine.rules import load_config  # noqa: E402
-from models import BACKBONES, OffsetLearning  # noqa: E402
-from models.heads.mask_classification import MaskClassification  # noqa: E402
-from train import create_model  # noqa: E402
-
-BEGIN, END = '<!-- model_table: begin -->', '<!-- model_table: end -->'
-CONFIGS = ROOT / 'configs'
+CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
 
 
 def count(module: torch.nn.Module) -> int:
@@ -50,13 +45,23 @@ def backbone_table() -> str:
     return '\n'.join(rows)
 
 
+@functools.cache
+def output_stride(sections: str) -> int:
+    """The stride of the logits of a model with these backbone and head sections (JSON), from a meta
+    forward at 512x512; the class count does not change it, so configs that differ in data share it."""
+    backbone, head = json.loads(sections)
+    cfg = {**DEFAULTS, 'backbone': backbone, 'head': head, 'data': {**DEFAULTS['data'], 'num_classes': 2}}
+    with torch.device('meta'):
+        output = create_model(cfg).eval()(torch.empty(1, 3, 512, 512))
+    maps = output.mask_logits if isinstance(output, MaskClassification) else output
+    return 512 // maps.shape[-1]
+
+
 def describe(path: Path) -> dict:
     """One config's model: counted parameters (and with mmseg's unused conv_seg), stride, paper numbers."""
-    cfg = load_config(path, ['backbone.pretrained=null'])
+    cfg = read_config(path, ['backbone.pretrained=null'], accepted_keys)  # the model's own checks run in the tests
     with torch.device('meta'):
         model = create_model(cfg).eval()
-        output = model(torch.empty(1, 3, 512, 512))
-    maps = output.mask_logits if isinstance(output, MaskClassification) else output
     params = count(model)
     classifier = getattr(model.head, 'classifier', None)  # mask classification (Mask2Former) has none
     if isinstance(classifier, OffsetLearning):
@@ -70,7 +75,7 @@ def describe(path: Path) -> dict:
         'backbone': f'{cfg["backbone"]["type"]} {cfg["backbone"].get("variant", "")}',
         'head': cfg['head']['type'] + (' + OL' if cfg['head'].get('offset_learning') else ''),
         'classes': cfg['data']['num_classes'],
-        'stride': 512 // maps.shape[-1],
+        'stride': output_stride(json.dumps([cfg['backbone'], cfg['head']], sort_keys=True)),
         'params': params,
         'with_conv_seg': with_conv_seg,
         'paper_params': paper.get('params_m'),
@@ -98,26 +103,8 @@ def model_table() -> str:
     return '\n'.join(rows) + '\n\nWhat each head does:\n\n' + legend
 
 
-def tables() -> str:
+def tables(page=None) -> str:
     return (
-        f"{BEGIN}\n### Backbones\n\n{backbone_table()}\n\n### Every config\n\nParameters at the config's "
-        f'class count; stride of the logits at a 512x512 input.\n\n{model_table()}\n{END}'
+        f"### Backbones\n\n{backbone_table()}\n\n### Every config\n\nParameters at the config's "
+        f'class count; stride of the logits at a 512x512 input.\n\n{model_table()}'
     )
-
-
-def main() -> None:
-    parser = ArgumentParser(__doc__)
-    parser.add_argument('--write', action='store_true', help='rewrite the tables in ARCHITECTURES.md')
-    args = parser.parse_args()
-    text = tables()
-    if not args.write:
-        print(text)
-        return
-    path = ROOT / 'ARCHITECTURES.md'
-    document = path.read_text()
-    start, end = document.index(BEGIN), document.index(END) + len(END)
-    write_text(path, document[:start] + text + document[end:])
-
-
-if __name__ == '__main__':
-    main()

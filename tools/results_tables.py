@@ -1,0 +1,535 @@
+"""The measured tables of README.md and docs/, rendered from the result files in benchmarks/results/
+(written by the scripts that measured them: tools/measure.py `write_result_table`).
+
+Each function takes the path of the page it renders into (links are relative to it) and returns
+Markdown: the table, then where it comes from (the command, the machine, the date, the file) and the
+protocol notes the file records. Means, standard deviations (over seeds, n - 1) and differences are
+computed here from the recorded rows, never typed.
+"""
+
+import functools
+import json
+import os
+import statistics
+from pathlib import Path
+
+from engine.config import read_config
+from engine.rules import accepted_keys
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / 'benchmarks' / 'results'
+CONFIGS = ROOT / 'configs'
+
+REFERENCE_VECTORS = (
+    'mask2former_swin_t_ol',
+    'offseg_t',
+    'segformer_b0',
+    'segformer_b0_ol',
+    'segnext_t',
+    'segnext_t_ol',
+)
+"""Configs whose converted official checkpoints reproduce the official code's logits within 1e-4
+relative (tests/test_published_models.py and tests/test_mask2former.py, with ../shared/vectors)."""
+
+SPEED_CONFIGS = (
+    'segformer_b0',
+    'segformer_b0_ol',
+    'segnext_t',
+    'segnext_t_ol',
+    'offseg_t',
+    'offseg_b',
+    'offseg_l',
+    'deeplabv3plus_r50',
+)
+README_MODELS = (
+    'offseg_t',
+    'offseg_b',
+    'offseg_l',
+    'segformer_b0',
+    'segformer_b0_ol',
+    'segnext_t',
+    'segnext_t_ol',
+    'mask2former_swin_t',
+    'mask2former_swin_t_ol',
+    'deeplabv3plus_r50',
+)
+DATASETS = {
+    'ade20k': 'ADE20K',
+    'cityscapes': 'Cityscapes',
+    'coco_stuff': 'COCO-Stuff 164k',
+    'pascal_context': 'Pascal Context-59',
+}
+
+
+# ------------------------------------------------------------------------------------- reading
+
+
+@functools.cache
+def result(study: str, machine: str) -> dict:
+    """The result file of `study` measured on `machine` (`cpu2`, `h200`), whatever torch it ran on:
+    its record, with `rows` as dicts and `path`."""
+    paths = sorted(RESULTS.glob(f'{study}-{machine}-torch*.json'))
+    if len(paths) != 1:
+        found = ', '.join(p.name for p in paths) or 'none'
+        raise SystemExit(f'error: expected one result file {study}-{machine}-torch*.json in {RESULTS}, found {found}')
+    record = json.loads(paths[0].read_text())
+    record['rows'] = [dict(zip(record['columns'], row)) for row in record['rows']]
+    record['path'] = paths[0]
+    return record
+
+
+def mean_std(values: list) -> tuple:
+    values = [v for v in values if v is not None]
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+# ------------------------------------------------------------------------------------- writing
+
+
+def cell(value, spec: str = '.2f', sign: bool = False) -> str:
+    if value is None:
+        return ''
+    if isinstance(value, str):
+        return value
+    return format(value, ('+' if sign else '') + spec)
+
+
+def pm(values: list, sign: bool = False) -> str:
+    mean, std = mean_std(values)
+    return f'{cell(mean, sign=sign)} ± {std:.2f}'
+
+
+def table(header: list, rows: list) -> str:
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    lines += ['| ' + ' | '.join(cell(value) for value in row) + ' |' for row in rows]
+    return '\n'.join(lines)
+
+
+def provenance(record: dict, page: Path) -> str:
+    """Where a table comes from, and the protocol notes its file records."""
+    env = record['environment']
+    machine = env['machine'] + (f', {env["threads"]} thread(s)' if env.get('threads') else '')
+    link = os.path.relpath(record['path'], page.parent)
+    command = f'`{record["command"]}`' if record.get('command') else 'the runs named in the table'
+    lines = [
+        f'Measured by {command} on {machine}, torch {env["torch"]}, {record["date"]}: [{record["path"].name}]({link}).'
+    ]
+    if record.get('source'):
+        lines[0] += f' Source: {record["source"]}.'
+    lines += [f'- {line}' for note in record['notes'] for line in note.splitlines()]
+    return '\n'.join(lines)
+
+
+def rendered(record: dict, page: Path, body: str) -> str:
+    return f'{body}\n\n{provenance(record, page)}'
+
+
+def link(page: Path, target: str, text: str) -> str:
+    return f'[{text}]({os.path.relpath(ROOT / target, page.parent)})'
+
+
+# ---------------------------------------------------------------------------------- the model zoo
+
+
+def model_zoo_row(name: str) -> dict:
+    """The model_zoo benchmark's row of configs/<name>.yaml (parameters, GMACs and CPU latency)."""
+    rows = {Path(row['config']).stem: row for row in result('model_zoo', 'cpu2')['rows']}
+    return rows[name]
+
+
+@functools.cache
+def published_configs() -> list:
+    """(name, config) of every config with a `paper` section, in file order (read and validated; the
+    model each builds is checked by the tests)."""
+    configs = [(path.stem, read_config(path, accepts=accepted_keys)) for path in sorted(CONFIGS.glob('*.yaml'))]
+    return [(name, cfg) for name, cfg in configs if cfg['paper']]
+
+
+def verified(name: str, cfg: dict) -> str:
+    if name in REFERENCE_VECTORS:
+        return "logits = official code's"
+    return 'params = paper' if 'params_m' in cfg['paper'] else ''
+
+
+def model_zoo(page: Path) -> str:
+    record = result('model_zoo', 'cpu2')
+    sections = []
+    by_dataset = {}
+    for name, cfg in published_configs():
+        by_dataset.setdefault(cfg['data']['type'], []).append((name, cfg))
+    header = ['config', 'model', 'paper mIoU', 'params (M)', 'GMACs', 'CPU ms', 'official checkpoint', 'verified here']
+    for dataset, configs in by_dataset.items():
+        rows = []
+        for name, cfg in configs:
+            measured, paper = model_zoo_row(name), cfg['paper']
+            checkpoint = f'[download]({paper["checkpoint"]})' if paper.get('checkpoint') else ''
+            rows.append(
+                [
+                    link(page, f'configs/{name}.yaml', name),
+                    measured['model'],
+                    str(paper.get('miou', '')),
+                    f'{measured["params_m"]:.2f}',
+                    f'{measured["gmacs"]:.1f}',
+                    f'{measured["latency_ms_median"]:.0f}',
+                    checkpoint,
+                    verified(name, cfg),
+                ]
+            )
+        sections.append(f'### {DATASETS.get(dataset, dataset)}\n\n{table(header, rows)}')
+    size = 'x'.join(map(str, record['rows'][0]['size']))
+    intro = (
+        f'GMACs and CPU ms at one {size} image (CPU ms: median latency of the forward, one thread, on the '
+        "`evaluate.py` fast path); params as built, at the config's class count."
+    )
+    return rendered(record, page, intro + '\n\n' + '\n\n'.join(sections))
+
+
+def readme_models(page: Path) -> str:
+    configs = dict(published_configs())
+    rows = []
+    for name in README_MODELS:
+        measured = model_zoo_row(name)
+        rows.append(
+            [
+                link(page, f'configs/{name}.yaml', name),
+                measured['model'],
+                f'{measured["params_m"]:.1f}',
+                str(configs[name]['paper'].get('miou', '')),
+            ]
+        )
+    return table(['config (ADE20K)', 'model', 'params (M)', 'paper mIoU'], rows)
+
+
+# ---------------------------------------------------------------------------------------- CamVid
+
+
+def camvid_runs(page: Path) -> str:
+    record = result('camvid_runs', 'cpu2')
+    header = [
+        'config',
+        'model',
+        'data',
+        'val mIoU',
+        'mAcc',
+        'aAcc',
+        'raw weights mIoU',
+        'wall time (min)',
+        'conditions',
+    ]
+    rows = [[row[column] for column in record['columns']] for row in record['rows']]
+    return rendered(record, page, table(header, rows))
+
+
+def camvid_peer(page: Path) -> str:
+    record = result('camvid_peer', 'cpu2')
+    points = ['iter 600', 'iter 1200', 'iter 1800']
+    rows = [[row['run'], row['weights'], *(row[p] for p in points), row['wall time (min)']] for row in record['rows']]
+    ours = next(row for row in record['rows'] if row['weights'] == 'average')
+    peer = next(row for row in record['rows'] if row['run'] != ours['run'])
+    rows.append(['ours (average) − peer', '', *(cell(ours[p] - peer[p], sign=True) for p in points), None])
+    return rendered(record, page, table(['run', 'weights', *points, 'wall time (min)'], rows))
+
+
+def seed_summary(record: dict) -> dict:
+    """{(recipe, weights): {point: 'mean ± std'}}, from the seeds' rows or from recorded mean and std rows."""
+    points = [column for column in record['columns'] if column.startswith('iter')]
+    groups = {}
+    for row in record['rows']:
+        groups.setdefault((row['recipe'], row['weights']), []).append(row)
+    summary = {}
+    for key, rows in groups.items():
+        seeds = [row for row in rows if isinstance(row['seed'], int)]
+        if seeds:
+            summary[key] = {'runs': len(seeds), **{p: pm([row[p] for row in seeds]) for p in points}}
+        else:
+            mean, std = (next(row for row in rows if row['seed'] == which) for which in ('mean', 'std'))
+            summary[key] = {'runs': None, **{p: f'{mean[p]:.2f} ± {std[p]:.2f}' for p in points}}
+    return summary
+
+
+def camvid_seeds(page: Path) -> str:
+    record = result('camvid_seeds', 'h200')
+    points = [column for column in record['columns'] if column.startswith('iter')]
+    rows = [
+        [recipe, weights, *(values[p] for p in points)] for (recipe, weights), values in seed_summary(record).items()
+    ]
+    return rendered(record, page, table(['recipe', 'weights', *(f'{p}, mean ± std' for p in points)], rows))
+
+
+def camvid_recipes(page: Path) -> str:
+    record = result('camvid_recipes', 'h200')
+    points = ['iter 600', 'iter 1200', 'iter 1800']
+    rows = [
+        [
+            f'`{row["row"]}`',
+            row['change'],
+            *(' / '.join(cell(row[f'{p} {w}']) for w in ('raw', 'average')) for p in points),
+        ]
+        for row in record['rows']
+    ]
+    return rendered(record, page, table(['row', 'change', *(f'{p} (raw / average)' for p in points)], rows))
+
+
+def plain_table(study: str, machine: str, page: Path) -> str:
+    record = result(study, machine)
+    rows = [[row[column] for column in record['columns']] for row in record['rows']]
+    return rendered(record, page, table(record['columns'], rows))
+
+
+def camvid_recipes_early(page: Path) -> str:
+    return plain_table('camvid_recipes_early', 'cpu2', page)
+
+
+def camvid_recipes_short(page: Path) -> str:
+    return plain_table('camvid_recipes_short', 'cpu2', page)
+
+
+# ------------------------------------------------------------------------------ Offset Learning
+
+
+SEEDS = ('seed 0', 'seed 1', 'seed 2')
+
+
+def ablation_pairs() -> dict:
+    """{model: {'plain': row, 'OL': row}} of the ablation's result file."""
+    pairs = {}
+    for row in result('ablation', 'cpu2')['rows']:
+        pairs.setdefault(row['model'], {})[row['arm']] = row
+    return pairs
+
+
+def ablation(page: Path) -> str:
+    record = result('ablation', 'cpu2')
+    rows = []
+    for model, arms in ablation_pairs().items():
+        plain, ol = arms['plain'], arms['OL']
+        for label, row in (('plain', plain), ('OL', ol)):
+            seeds = [row[s] for s in SEEDS]
+            rows.append(
+                [
+                    model if label == 'plain' else '',
+                    label,
+                    f'{row["params (M)"]:.3f}',
+                    f'{row["GMACs"]:.3f}',
+                    *seeds,
+                    pm(seeds),
+                ]
+            )
+        differences = [ol[s] - plain[s] for s in SEEDS]
+        rows.append(
+            [
+                '',
+                'OL − plain',
+                cell(ol['params (M)'] - plain['params (M)'], '.3f', sign=True),
+                cell(ol['GMACs'] - plain['GMACs'], '.3f', sign=True),
+                *(cell(d, sign=True) for d in differences),
+                pm(differences, sign=True),
+            ]
+        )
+    header = ['model', 'arm', 'params (M)', 'GMACs', *SEEDS, 'mean ± std']
+    return rendered(record, page, table(header, rows))
+
+
+# ---------------------------------------------------------------------------------------- speed
+
+
+def speed_models(page: Path) -> str:
+    record = result('model_zoo', 'cpu2')
+    rows = []
+    for name in SPEED_CONFIGS:
+        row = model_zoo_row(name)
+        rows.append(
+            [
+                f'`{name}`',
+                row['model'],
+                f'{row["params_m"]:.3f}',
+                f'{row["gmacs"]:.2f}',
+                cell(row['gmacs_paper_convention']),
+                'channels_last' if row['channels_last'] else 'NCHW',
+                f'{row["latency_ms_median"]:.1f}',
+                f'{row["latency_ms_p90"]:.1f}',
+                f'{row["images_per_s"]:.2f}',
+                f'{row["peak_memory_mb"]:.0f}',
+            ]
+        )
+    header = [
+        'config',
+        'model',
+        'params (M)',
+        'GMACs',
+        "GMACs, OffSeg paper's count",
+        'memory order',
+        'median ms',
+        'p90 ms',
+        'images/s',
+        'peak RSS (MB)',
+    ]
+    return rendered(record, page, table(header, rows))
+
+
+def size_sweep(page: Path) -> str:
+    record = result('size_sweep', 'cpu2')
+    rows = [
+        [
+            f'`{Path(row["config"]).stem}`',
+            'channels_last' if row['channels_last'] else 'NCHW',
+            'x'.join(map(str, row['size'])),
+            f'{row["gmacs"]:.2f}',
+            f'{row["latency_ms_median"]:.1f}',
+            f'{row["ms_per_gmac"]:.1f}',
+        ]
+        for row in record['rows']
+    ]
+    return rendered(record, page, table(['config', 'memory order', 'input', 'GMACs', 'median ms', 'ms/GMAC'], rows))
+
+
+def compare_hf(page: Path) -> str:
+    record = result('compare_hf', 'cpu2')
+    [row] = record['rows']
+    body = table(
+        ['config', 'input', 'max abs logit difference', 'ours (ms)', 'transformers (ms)', 'transformers / ours'],
+        [
+            [
+                f'`{Path(row["config"]).stem}` with `head.type=segformer_mlp`',
+                'x'.join(map(str, row['size'])),
+                f'{row["compare_hf.max_abs_diff"]:.1e}',
+                f'{row["compare_hf.ours_ms"]:.1f}',
+                f'{row["compare_hf.hf_ms"]:.1f}',
+                f'{row["compare_hf.hf_over_ours"]:.2f}',
+            ]
+        ],
+    )
+    return rendered(record, page, body)
+
+
+def offseg_speed(page: Path) -> str:
+    record = result('offseg_speed', 'cpu2')
+    rows = []
+    for row in record['rows']:
+        whole = row['segformer_b0'] is not None
+        rows.append(
+            [
+                row['change'],
+                row['size'],
+                f'{row["before"]:.1f}',
+                f'{row["after"]:.1f}',
+                f'{row["ratio"]:.2f}',
+                f'{row["diff"]:.1e}',
+                f'{row["segformer_b0"]:.1f}' if whole else '',
+                f'{row["segformer_b0"] / row["after"]:.2f}' if whole else '',
+                f'{row["ms_per_gmac"]:.1f}' if whole else '',
+            ]
+        )
+    header = [
+        'change',
+        'input',
+        'before (ms)',
+        'after (ms)',
+        'speed-up',
+        'max rel. diff',
+        'SegFormer-B0 (ms)',
+        'B0 / OffSeg-T',
+        'ms/GMAC',
+    ]
+    return rendered(record, page, table(header, rows))
+
+
+def freed_memory(page: Path) -> str:
+    record = result('freed_memory', 'cpu2')
+    rows = [
+        [
+            row['model'],
+            f'{row["side"]}²',
+            f'{row["glibc defaults (ms)"]:.1f}',
+            f'{row["freed memory kept (ms)"]:.1f}',
+            f'{row["glibc defaults (ms)"] / row["freed memory kept (ms)"]:.2f}',
+            f'{row["peak MB, glibc"]:.0f} / {row["peak MB, kept"]:.0f}',
+        ]
+        for row in record['rows']
+    ]
+    header = ['model', 'input', 'glibc defaults (ms)', 'freed memory kept (ms)', 'speed-up', 'peak RSS (MB)']
+    return rendered(record, page, table(header, rows))
+
+
+def onnx_runtime(page: Path) -> str:
+    record = result('onnx_runtime', 'cpu2')
+    rows = [
+        [
+            f'`{Path(row["config"]).stem}`',
+            f'{row["onnx.eager_ms"]:.1f}',
+            f'{row["onnx.onnxruntime_ms"]:.1f}',
+            f'{row["onnx.onnx_over_eager"]:.2f}',
+            f'{row["onnx.max_abs_diff"]:.1e}',
+        ]
+        for row in record['rows']
+    ]
+    header = ['config', 'eager (ms)', 'ONNX Runtime (ms)', 'ONNX Runtime / eager', 'max abs output difference']
+    return rendered(record, page, table(header, rows))
+
+
+def onnx_int8(page: Path) -> str:
+    record = result('onnx_int8', 'cpu2')
+    rows = [
+        [
+            row['model'],
+            row['eager ms'],
+            row['onnxruntime float32 ms'],
+            row['onnxruntime int8 ms'],
+            f'{row["onnxruntime float32 ms"] / row["onnxruntime int8 ms"]:.2f}',
+            f'{row["eager ms"] / row["onnxruntime int8 ms"]:.2f}',
+            f'{row["eager mIoU"]:.2f} / {row["float32 mIoU"]:.2f} / {row["int8 mIoU"]:.2f}',
+        ]
+        for row in record['rows']
+    ]
+    header = [
+        'model',
+        'eager (ms)',
+        'ONNX Runtime float32 (ms)',
+        'int8 (ms)',
+        'int8 speed-up over float32',
+        'over eager',
+        'mIoU eager / float32 / int8',
+    ]
+    return rendered(record, page, table(header, rows))
+
+
+# --------------------------------------------------------------------------------------- README
+
+
+def readme_results(page: Path) -> str:
+    """One line per claim of the front page, each with the page that holds its table."""
+    seeds = seed_summary(result('camvid_seeds', 'h200'))
+    ours, peer = seeds[('configs/camvid.yaml', 'average')], seeds[("SMP's example", 'raw')]
+    differences = [
+        f'{model.split()[0]} {pm([arms["OL"][s] - arms["plain"][s] for s in SEEDS], sign=True)}'
+        for model, arms in ablation_pairs().items()
+    ]
+    [hf] = result('compare_hf', 'cpu2')['rows']
+    whole = [row for row in result('offseg_speed', 'cpu2')['rows'] if row['segformer_b0'] is not None]
+    speedups = ', '.join(f'{row["ratio"]:.2f}x at {row["size"]}' for row in whole)
+    rows = [
+        [
+            "CamVid from scratch: `configs/camvid.yaml` against SMP's example, val mIoU at 1800 iterations, "
+            'mean ± std over 3 seeds (GPU)',
+            f'{ours["iter 1800"]} against {peer["iter 1800"]}',
+            link(page, 'docs/camvid.md', 'docs/camvid.md'),
+        ],
+        [
+            'Offset Learning − plain classifier, CamVid val mIoU after 100 iterations from scratch, 3 seeds',
+            '; '.join(differences),
+            link(page, 'docs/offset_learning.md', 'docs/offset_learning.md'),
+        ],
+        [
+            "Inference against transformers' SegFormer-B0 on the same weights (CPU, one thread, "
+            + 'x'.join(map(str, hf['size']))
+            + ')',
+            f'{hf["compare_hf.hf_over_ours"]:.2f}x faster; max logit difference {hf["compare_hf.max_abs_diff"]:.1e}',
+            link(page, 'docs/speed.md', 'docs/speed.md'),
+        ],
+        [
+            'OffSeg-T against itself with its speed-ups undone, the published order of operations (CPU, one thread)',
+            speedups,
+            link(page, 'docs/speed.md', 'docs/speed.md'),
+        ],
+    ]
+    return table(['what', 'measured', 'details'], rows)
