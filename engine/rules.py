@@ -40,6 +40,7 @@ PRETRAINED_FILES = {  # `backbone.pretrained: true`: the official ImageNet file,
     'mscan': 'mscan_{variant}.pth',
     'efficientformerv2': 'eformer_{variant}_450.pth',
     'swin': 'swin_{variant}_patch4_window7_224.pth',
+    'dinov2': 'dinov2_{variant}_pretrain.pth',
 }
 
 DEEPLAB_SPAN = 288  # the widest ASPP dilation times the output stride in DeepLab v3/v3+ (18 x 16, 36 x 8)

@@ -67,6 +67,13 @@ def demo_root(tmp_path_factory) -> Path:
     return root
 
 
+def input_sizes(family: str) -> list:
+    """Two input sizes (square, and not) every test-sized variant of a backbone family takes: multiples
+    of its coarsest stride, 32, or DINOv2's 28 (twice its patch of 14)."""
+    unit = 28 if family == 'dinov2' else 32
+    return [(2 * unit, 2 * unit), (3 * unit, 4 * unit)]
+
+
 def load_vector(name: str) -> dict:
     """A reference vector from ../shared/vectors with its bf16 weights cast to float32; skips if absent."""
     path = VECTORS / f'{name}.pt'

@@ -21,6 +21,7 @@ from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
 import models.weights
 import train
+from conftest import input_sizes
 from engine.config import ConfigError
 from models.backbones import BACKBONES
 from models.weights import CheckpointError
@@ -35,10 +36,13 @@ TINY = {
     'mscan': ('t', 'test'),
     'efficientformerv2': ('s0', 's1', 'test'),
     'swin': ('tiny', 'test'),
+    'dinov2': ('test', 'test_reg4'),
+    'dinov3': ('test',),
+    'dinov3_convnext': ('test',),
 }
 """The variants cheap enough for every test run."""
-SIZES = [(64, 64), (96, 128)]
-"""Multiples of 32: every family gives exactly side / stride here (at other sizes they round differently)."""
+SIZES = input_sizes('resnet')
+"""Multiples of 32: the CNN families give exactly side / stride here (at other sizes they round differently)."""
 
 
 def variants(families=tuple(BACKBONES)):
@@ -79,7 +83,12 @@ def yaml_config(tmp_path, backbone: dict) -> dict:
             {
                 'backbone': backbone,
                 'head': {'type': 'aspp'},
-                'data': {'type': 'demo', 'root': str(tmp_path / 'data'), 'num_classes': 7},
+                'data': {
+                    'type': 'demo',
+                    'root': str(tmp_path / 'data'),
+                    'num_classes': 7,
+                    'train': {'pipeline': [{'type': 'random_crop', 'size': list(input_sizes(backbone['type'])[1])}]},
+                },
                 'train': {'max_iters': 1, 'batch_size': 1},
             }
         )
@@ -145,9 +154,9 @@ def test_resnet_zero_init_last_sets_where_every_block_starts(tmp_path, zero_init
 # --- forward shapes -----------------------------------------------------------------------------
 
 
-def assert_maps(backbone: torch.nn.Module, strides: list) -> None:
-    """Four finite maps with the backbone's `out_channels`, each side = input side / stride, at every SIZE."""
-    for size in SIZES:
+def assert_maps(backbone: torch.nn.Module, strides: list, sizes=SIZES) -> None:
+    """Four finite maps with the backbone's `out_channels`, each side = input side / stride, at every size."""
+    for size in sizes:
         with torch.no_grad():
             features = backbone(torch.randn(1, 3, *size))
         assert len(features) == 4
@@ -165,12 +174,13 @@ def test_every_family_has_tiny_variants():
 
 @pytest.mark.parametrize('family, variant', variants())
 def test_forward_every_variant(family, variant):
-    """Every variant in eval mode: 4 maps at strides 4/8/16/32 with the advertised channels."""
+    """Every variant in eval mode: 4 maps at strides s, 2s, 4s, 8s (4/8/16/32; a ViT's pyramid from a
+    quarter of its patch) with the advertised channels."""
     torch.manual_seed(0)
     backbone = BACKBONES[family](variant).eval()
-    assert backbone.strides == [4, 8, 16, 32]
+    assert backbone.strides == [backbone.strides[0] * 2**level for level in range(4)]
     assert len(backbone.out_channels) == 4
-    assert_maps(backbone, backbone.strides)
+    assert_maps(backbone, backbone.strides, input_sizes(family))
 
 
 @pytest.mark.parametrize('output_stride, strides', [(8, [4, 8, 8, 8]), (16, [4, 8, 16, 16])], ids=['os8', 'os16'])

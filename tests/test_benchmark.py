@@ -2,6 +2,8 @@
 
 import json
 import os
+import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -140,7 +142,7 @@ def test_results_go_to_a_table_named_by_the_machine_and_torch(tmp_path):
     table = json.loads(path.read_text())
     row = dict(zip(table['columns'], table['rows'][0]))
     assert row['latency_ms_median'] == result['latency_ms_median'] and row['params_m'] == result['params_m']
-    assert table['environment']['torch'] in tag and 'benchmark' in table['command']
+    assert table['environment']['torch'] in tag and table['command'] == shlex.join(['python', *sys.argv])
     run(tmp_path, *argv)  # a rerun replaces its own file
     assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['results.txt', path.name]
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_published_models import pair_model
 
-from conftest import ROOT, assert_close_to_reference, load_vector
+from conftest import ROOT, assert_close_to_reference, input_sizes, load_vector
 from engine.inference import single_view
 from engine.mask_losses import MaskClassificationLoss
 from engine.optim import group_rule
@@ -111,8 +111,9 @@ def test_every_backbone_pairs_with_mask2former(backbone, offset_learning):
     """A small head on each family's tiny variant: the set-prediction loss reaches the first backbone
     layer, the class and mask embeddings and OL; eval gives class and mask logits, masks at stride 4."""
     model = pair_model(backbone, {**SMALL_HEAD, 'offset_learning': offset_learning})
-    outputs = model(torch.randn(2, 3, 64, 96))
-    MaskClassificationLoss(255).terms(outputs, torch.randint(0, 5, (2, 64, 96)))['loss'].backward()
+    height, width = input_sizes(backbone)[1]
+    outputs = model(torch.randn(2, 3, height, width))
+    MaskClassificationLoss(255).terms(outputs, torch.randint(0, 5, (2, height, width)))['loss'].backward()
     head = model.head
     checked = [
         next(model.parameters()),
@@ -122,8 +123,14 @@ def test_every_backbone_pairs_with_mask2former(backbone, offset_learning):
     ]
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in checked)
     with torch.no_grad():
-        output = model.eval()(torch.randn(1, 3, 64, 96))
-    assert output.class_logits.shape == (1, 7, 6) and output.mask_logits.shape == (1, 7, 16, 24)
+        output = model.eval()(torch.randn(1, 3, height, width))
+    stride = model.backbone.strides[0]  # masks at the finest map's stride
+    assert output.class_logits.shape == (1, 7, 6) and output.mask_logits.shape == (
+        1,
+        7,
+        height / stride,
+        width / stride,
+    )
 
 
 def test_training_mode_returns_every_prediction_point():

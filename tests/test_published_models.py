@@ -12,7 +12,7 @@ from PIL import Image
 
 import evaluate
 import infer
-from conftest import ROOT, assert_close_to_reference, load_vector
+from conftest import ROOT, assert_close_to_reference, input_sizes, load_vector
 from engine.checkpoint import load_checkpoint
 from engine.cli import config_for_checkpoint
 from engine.config import read_config, resolve
@@ -128,7 +128,12 @@ def pair_model(backbone: str, head: dict) -> torch.nn.Module:
         {
             'backbone': {'type': backbone, 'variant': TINY_BACKBONES[backbone]},
             'head': head,
-            'data': {'type': 'demo', 'root': 'unused', 'num_classes': 5},
+            'data': {
+                'type': 'demo',
+                'root': 'unused',
+                'num_classes': 5,
+                'train': {'pipeline': [{'type': 'random_crop', 'size': list(input_sizes(backbone)[1])}]},
+            },
             'train': {'max_iters': 1, 'batch_size': 2},
         }
     )
@@ -140,13 +145,13 @@ def pair_model(backbone: str, head: dict) -> torch.nn.Module:
 @pytest.mark.parametrize('head', PIXEL_HEADS)
 @pytest.mark.parametrize('backbone', list(TINY_BACKBONES))
 def test_every_backbone_head_pair_runs_and_backpropagates(backbone, head):
-    """Each pair at 64x64 with the plain classifier and at 96x128 with Offset Learning: logits of the
-    head's stride, finite gradients reaching the first backbone layer and the classifier."""
-    for (height, width), offset_learning in (((64, 64), False), ((96, 128), True)):
+    """Each pair at a square size with the plain classifier and at a wider one with Offset Learning
+    (64x64 and 96x128; DINOv2: 56x56 and 84x112): logits of one stride on both axes, finite gradients
+    reaching the first backbone layer and the classifier."""
+    for (height, width), offset_learning in zip(input_sizes(backbone), (False, True)):
         model = pair_model(backbone, {'type': head, 'offset_learning': offset_learning})
         logits = model(torch.randn(2, 3, height, width))
-        assert logits.shape[:2] == (2, 5) and height % logits.shape[2] == 0
-        assert height // logits.shape[2] == width // logits.shape[3]
+        assert logits.shape[:2] == (2, 5) and height / logits.shape[2] == width / logits.shape[3]
         torch.nn.functional.cross_entropy(logits, torch.randint(0, 5, (2, *logits.shape[2:]))).backward()
         parameters = list(model.parameters())
         assert parameters[0].grad is not None and torch.isfinite(parameters[0].grad).all()

@@ -7,6 +7,7 @@ from .ham import LightHamHead
 from .mask2former import Mask2FormerHead
 from .offseg import OffSegHead
 from .segformer import ExtremelyFastSegFormerHead, SegFormerHead, SegFormerMLPHead, UltraFastSegFormerHead
+from .upernet import UPerHead
 
 HEADS = {
     'deeplabv3plus': DeepLabV3PlusHead,
@@ -21,4 +22,5 @@ HEADS = {
     'fcn': FCNHead,
     'fpn': FPNHead,
     'mask2former': Mask2FormerHead,
+    'upernet': UPerHead,
 }

@@ -1,0 +1,80 @@
+"""DINOv3's ConvNeXt-T/S/B/L (Siméoni et al. 2025), distilled from its ViT-7B, through transformers' own
+`DINOv3ConvNextModel` built from a local config (nothing is downloaded), as MiT is. Our keys are
+transformers 5.x's under `convnext.`; `convert_checkpoint` maps the official
+`dinov3_convnext_*_pretrain_*.pth` names and transformers 4.x folders onto them.
+"""
+
+import re
+from typing import NamedTuple
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+from .variants import lookup
+
+
+class DINOv3ConvNeXt(nn.Module):
+    """DINOv3's ConvNeXt-T/S/B/L: the four stage outputs at strides 4/8/16/32, as transformers'
+    `DINOv3ConvNextModel` computes them (not normalised: its final LayerNorm only serves the pooled
+    token)."""
+
+    def __init__(self, variant: str = 'tiny', drop_path_rate: float = 0.0, checkpointing: bool = False):
+        super().__init__()
+        spec = lookup('DINOv3 ConvNeXt', VARIANTS, variant)
+        from transformers import DINOv3ConvNextConfig, DINOv3ConvNextModel
+
+        config = DINOv3ConvNextConfig(depths=spec.depths, hidden_sizes=spec.widths, drop_path_rate=drop_path_rate)
+        self.convnext = DINOv3ConvNextModel(config)
+        self.convnext.layer_norm = None  # normalises the pooled token only, which segmentation does not use
+        self.checkpointing = checkpointing  # transformers offers none for this model
+        self.out_channels = list(spec.widths)
+        self.strides = [4, 8, 16, 32]
+
+    def forward(self, x: torch.Tensor) -> list:
+        features = []
+        for stage in self.convnext.model.stages:
+            if self.checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False)
+            else:
+                x = stage(x)
+            features.append(x)
+        return features
+
+    @staticmethod
+    def convert_checkpoint(state: dict) -> dict:
+        """Official `dinov3_convnext_*_pretrain_*.pth` or transformers 4.x/5.x weights -> ours."""
+        converted = {}
+        for key, value in state.items():
+            if key.startswith(('norm.', 'norms.', 'layer_norm.', 'head.')):
+                continue  # the final norm of the pooled token (norms.3 is the same tensor), a classifier
+            for pattern, replacement in RENAMES:
+                key = re.sub(pattern, replacement, key)
+            converted[f'convnext.{key}'] = value
+        return converted
+
+
+RENAMES = [
+    # official facebookresearch names: the downsampling layers move into their stages
+    (r'^downsample_layers\.(\d+)\.', r'model.stages.\1.downsample_layers.'),
+    (r'^stages\.(\d+)\.(\d+)\.dwconv\.', r'model.stages.\1.layers.\2.depthwise_conv.'),
+    (r'^stages\.(\d+)\.(\d+)\.norm\.', r'model.stages.\1.layers.\2.layer_norm.'),
+    (r'^stages\.(\d+)\.(\d+)\.pwconv([12])\.', r'model.stages.\1.layers.\2.pointwise_conv\3.'),
+    (r'^stages\.(\d+)\.(\d+)\.gamma$', r'model.stages.\1.layers.\2.gamma'),
+    # transformers 4.x: no `model.` level
+    (r'^stages\.', 'model.stages.'),
+]
+
+
+class Variant(NamedTuple):
+    depths: list
+    widths: list
+
+
+VARIANTS = {
+    'tiny': Variant([3, 3, 9, 3], [96, 192, 384, 768]),
+    'small': Variant([3, 3, 27, 3], [96, 192, 384, 768]),
+    'base': Variant([3, 3, 27, 3], [128, 256, 512, 1024]),
+    'large': Variant([3, 3, 27, 3], [192, 384, 768, 1536]),
+    'test': Variant([1, 1, 2, 1], [16, 32, 64, 128]),  # for the test suite
+}

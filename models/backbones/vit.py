@@ -1,0 +1,119 @@
+"""What the DINOv2 and DINOv3 vision transformers share as segmentation backbones.
+
+A ViT gives one map at its patch stride p per block. `out_indices` chooses four blocks (0-based;
+default evenly spaced, 2/5/8/11 of 12 as DINOv3's segmentation evaluation takes them); each output
+goes through the model's final LayerNorm, as the official `get_intermediate_layers(norm=True)` gives
+dense features, and loses its class and register tokens. With `pyramid` (the default) a simple feature
+pyramid makes the four maps strides p/4, p/2, p and 2p, so every head pairs with a ViT: mmseg's
+`Feature2Pyramid`, ViTDet's design at full width (two transposed convs with BatchNorm and GELU between
+them up x4, one up x2, the map itself, max pooling down x2). Without it the four maps stay at stride
+p, for the linear probing head.
+
+Input sides must be multiples of p, and of 2p with the pyramid, whose pooled map halves the patch
+grid: an InputSizeError otherwise, which the config check reports when the config is read (at test
+time `eval.size_divisor` pads to that).
+"""
+
+import re
+
+import torch
+from torch import nn
+
+from ..errors import InputSizeError
+
+
+class FeaturePyramid(nn.Module):
+    """Four maps of one stride s -> strides s/4, s/2, s, 2s (mmseg `Feature2Pyramid` keys)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.upsample_4x = nn.Sequential(
+            nn.ConvTranspose2d(channels, channels, 2, 2),
+            nn.BatchNorm2d(channels),
+            nn.GELU(),
+            nn.ConvTranspose2d(channels, channels, 2, 2),
+        )
+        self.upsample_2x = nn.ConvTranspose2d(channels, channels, 2, 2)
+        self.maxpool = nn.MaxPool2d(2, 2)
+
+    def forward(self, maps: list) -> list:
+        return [self.upsample_4x(maps[0]), self.upsample_2x(maps[1]), maps[2], self.maxpool(maps[3])]
+
+
+class VisionTransformer(nn.Module):
+    """What the DINO ViTs share: the chosen blocks' normed patch maps, and the pyramid. A family gives
+    its transformers model (`vit`), `final_norm(tokens)` and `blocks(x)` (every block's tokens, in order)."""
+
+    def __init__(
+        self, vit: nn.Module, width: int, depth: int, patch_size: int, out_indices, pyramid: bool, checkpointing: bool
+    ):
+        super().__init__()
+        self.vit = vit
+        self.vit.embeddings.mask_token = None  # only for masked-image pre-training: never trained here
+        if checkpointing:
+            self.vit.activation_checkpointing_enable()
+        self.out_indices = evenly_spaced(depth) if out_indices is None else list(out_indices)
+        if len(self.out_indices) != 4 or not all(0 <= i < depth for i in self.out_indices):
+            raise ValueError(f'out_indices must be four block indices in 0..{depth - 1}; got {self.out_indices}')
+        self.patch_size = patch_size
+        self.pyramid = FeaturePyramid(width) if pyramid else None
+        self.out_channels = [width] * 4
+        self.strides = [patch_size / 4, patch_size / 2, patch_size, patch_size * 2] if pyramid else [patch_size] * 4
+
+    def forward(self, x: torch.Tensor) -> list:
+        b, _, height, width = x.shape
+        multiple = self.patch_size * (2 if self.pyramid else 1)
+        if height % multiple or width % multiple:
+            raise InputSizeError(
+                f'{type(self).__name__} needs sides that are multiples of {multiple} (patch size '
+                f'{self.patch_size}{", pooled by 2 in the pyramid" if self.pyramid else ""}); got an input of '
+                f'{height}x{width} (at test time, eval.size_divisor: {multiple} pads to that)'
+            )
+        grid = (height // self.patch_size, width // self.patch_size)
+        maps, last = [], max(self.out_indices)
+        for index, tokens in enumerate(self.blocks(x)):
+            if index in self.out_indices:
+                patches = self.final_norm(tokens)[:, -grid[0] * grid[1] :]
+                maps.append(patches.transpose(1, 2).reshape(b, -1, *grid))
+            if index == last:
+                break
+        maps = [maps[sorted(self.out_indices).index(i)] for i in self.out_indices]
+        return self.pyramid(maps) if self.pyramid else maps
+
+
+def evenly_spaced(depth: int) -> list:
+    """Four blocks a quarter of the depth apart, ending with the last: [2, 5, 8, 11] of 12."""
+    return [depth * k // 4 - 1 for k in range(1, 5)]
+
+
+def convert_vit_keys(state: dict, renames: list, layers: str) -> dict:
+    """The ViT key map both DINO families share: renames in order, fused q/k/v split by rows (DINOv3's
+    masked k bias, always zero, dropped), fused SwiGLU input projections split into gate and up;
+    `mask_token` (masked-image pre-training only) and buffers transformers recomputes dropped."""
+    converted = {}
+    for key, value in state.items():
+        key = key.removeprefix('dinov2.').removeprefix('dinov2_with_registers.')
+        if key.endswith(('mask_token', 'bias_mask', 'rope_embed.periods')) or key.startswith(DROPPED):
+            continue
+        for pattern, replacement in renames:
+            key = re.sub(pattern, replacement, key)
+        key = re.sub(r'^blocks\.(\d+)\.', rf'{layers}.\1.', key)
+        if '.attn.qkv.' in key:
+            q, k, v = value.chunk(3)
+            stem, kind = key.split('.attn.qkv.')
+            converted[f'{stem}.attention.q_proj.{kind}'] = q
+            if not (kind == 'bias' and layers == 'model.layer'):
+                converted[f'{stem}.attention.k_proj.{kind}'] = k
+            converted[f'{stem}.attention.v_proj.{kind}'] = v
+        elif re.search(r'\.mlp\.(w12|weights_in)\.', key):
+            gate, up = value.chunk(2)
+            stem, kind = re.split(r'\.mlp\.(?:w12|weights_in)\.', key)
+            converted[f'{stem}.mlp.gate_proj.{kind}'] = gate
+            converted[f'{stem}.mlp.up_proj.{kind}'] = up
+        else:
+            converted[key] = value
+    return converted
+
+
+DROPPED = ('head.', 'classifier.', 'local_cls_norm.')
+"""Classifiers of ImageNet fine-tuning, and DINOv3's local-crop class norm (pre-training only)."""
