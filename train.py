@@ -88,7 +88,8 @@ def create_model(cfg: dict) -> Segmentor:
     """Backbone + head (+ auxiliary head). In eval mode: normalised (B,3,H,W) -> logits at the head's stride."""
     channels, num_classes = get_backbone_channels(cfg), cfg['data']['num_classes']
     aux_head = create_head(cfg, channels, num_classes, 'aux_head') if cfg['aux_head'] else None
-    return Segmentor(create_backbone(cfg), create_head(cfg, channels, num_classes), aux_head)
+    backbone, frozen = create_backbone(cfg), cfg['backbone']['frozen']
+    return Segmentor(backbone, create_head(cfg, channels, num_classes), aux_head, frozen_backbone=frozen)
 
 
 def load_trained(checkpoint, config=None, overrides=()) -> tuple:
@@ -188,7 +189,9 @@ def build_train_state(cfg: dict, run: Run, model: nn.Module) -> tuple:
     train_cfg = cfg['train']
     if run.world_size > 1 and run.device.type == 'cuda':
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer, groups_table = build_optimizer(model, train_cfg['optimizer'], train_cfg['param_groups'])
+    optimizer, groups_table = build_optimizer(
+        model, train_cfg['optimizer'], train_cfg['param_groups'], train_cfg['layer_decay']
+    )
     scheduler = build_scheduler(optimizer, train_cfg['max_iters'], train_cfg['schedule'])
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp_dtype == torch.float16)
     ema = build_ema(model, train_cfg['ema_decay']) if train_cfg['ema_decay'] else None

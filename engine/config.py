@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 REQUIRED = '<required>'
 
 DEFAULTS = {
-    'backbone': {'type': REQUIRED, 'pretrained': None},
+    'backbone': {'type': REQUIRED, 'pretrained': None, 'frozen': False},
     'head': {'type': REQUIRED},
     'aux_head': None,
     'data': {
@@ -57,6 +57,7 @@ DEFAULTS = {
         'amp': False,
         'grad_clip': None,
         'ema_decay': None,
+        'layer_decay': {'rate': None, 'num_layers': None},
         'channels_last': False,
         'keep_checkpoints': 3,
         'optimizer': {'type': 'adamw', 'lr': 6e-5, 'weight_decay': 0.01, 'betas': [0.9, 0.999], 'momentum': 0.9},
@@ -93,6 +94,8 @@ TYPES = {
     'train.amp': (bool, str),
     'train.grad_clip': (float, int, type(None)),
     'train.ema_decay': (float, type(None)),
+    'train.layer_decay.rate': (float, int, type(None)),
+    'train.layer_decay.num_layers': (int, type(None)),
     'eval.crop_size': (list, type(None)),
     'eval.stride': (list, type(None)),
     'output.work_dir': (str, type(None)),
@@ -122,6 +125,8 @@ BOUNDS = {
     'train.seed': (at.Ge(0), at.Lt(2**32)),
     'train.grad_clip': (at.Gt(0),),
     'train.ema_decay': (at.Gt(0), at.Lt(1)),
+    'train.layer_decay.rate': (at.Gt(0), at.Le(1)),
+    'train.layer_decay.num_layers': (at.Ge(1),),
     'train.keep_checkpoints': (at.Ge(0),),
     'train.optimizer.lr': (at.Gt(0),),
     'train.optimizer.weight_decay': (at.Ge(0),),

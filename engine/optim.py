@@ -17,9 +17,23 @@ def group_rule(name: str, rules: dict):
     return matches[0] if matches else None
 
 
-def build_optimizer(model: torch.nn.Module, optimizer_cfg: dict, rules: dict):
-    """AdamW or SGD over groups formed by `rules` ({substring: {lr_mult, decay_mult}}); returns the
-    optimizer and a table of the groups for the log."""
+def layer_scale(model: torch.nn.Module, name: str, layer_decay: dict) -> tuple:
+    """(layer, lr factor) of a parameter under layer-wise decay (BEiT; mmseg's LearningRateDecay
+    constructor): a backbone parameter of layer i of n gets rate^(n + 1 - i), so the embeddings learn
+    slowest and the head (as the layers after the last, n + 1) at the full rate; (None, 1) without it."""
+    if layer_decay is None or layer_decay['rate'] is None:
+        return None, 1.0
+    backbone = model.backbone
+    num_layers = layer_decay['num_layers'] or backbone.decay_layers
+    layer = backbone.layer_id(name.removeprefix('backbone.'), num_layers) if name.startswith('backbone.') else None
+    layer = num_layers + 1 if layer is None else layer
+    return layer, layer_decay['rate'] ** (num_layers + 1 - layer)
+
+
+def build_optimizer(model: torch.nn.Module, optimizer_cfg: dict, rules: dict, layer_decay: dict = None):
+    """AdamW or SGD over groups formed by `rules` ({substring: {lr_mult, decay_mult}}) and, with
+    `layer_decay` ({rate, num_layers}), by the backbone layer; returns the optimizer and a table of the
+    groups for the log."""
     check_rules(rules)
     lr, weight_decay = optimizer_cfg['lr'], optimizer_cfg['weight_decay']
     groups = {}
@@ -28,12 +42,13 @@ def build_optimizer(model: torch.nn.Module, optimizer_cfg: dict, rules: dict):
             continue
         rule = group_rule(name, rules)
         options = rules.get(rule, {})
+        layer, scale = layer_scale(model, name, layer_decay)
         group = groups.setdefault(
-            rule,
+            (rule, layer),
             {
                 'params': [],
-                'name': rule or 'default',
-                'lr': lr * options.get('lr_mult', 1.0),
+                'name': (rule or 'default') + ('' if layer is None else f' layer {layer}'),
+                'lr': lr * options.get('lr_mult', 1.0) * scale,
                 'weight_decay': weight_decay * options.get('decay_mult', 1.0),
             },
         )
@@ -43,11 +58,11 @@ def build_optimizer(model: torch.nn.Module, optimizer_cfg: dict, rules: dict):
         optimizer = torch.optim.SGD(params, lr=lr, momentum=optimizer_cfg['momentum'], weight_decay=weight_decay)
     else:
         optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(optimizer_cfg['betas']), weight_decay=weight_decay)
-    table = [f'{"rule":<16}{"lr":>10}{"decay":>10}{"tensors":>9}{"params":>12}']
-    for rule, group in groups.items():
+    table = [f'{"rule":<16}{"layer":>6}{"lr":>10}{"decay":>10}{"tensors":>9}{"params":>12}']
+    for (rule, layer), group in groups.items():
         table.append(
-            f'{rule or "(default)":<16}{group["lr"]:>10.3g}{group["weight_decay"]:>10.3g}'
-            f'{len(group["params"]):>9}{sum(p.numel() for p in group["params"]):>12,}'
+            f'{rule or "(default)":<16}{"" if layer is None else layer:>6}{group["lr"]:>10.3g}'
+            f'{group["weight_decay"]:>10.3g}{len(group["params"]):>9}{sum(p.numel() for p in group["params"]):>12,}'
         )
     return optimizer, '\n'.join(table)
 

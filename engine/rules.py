@@ -47,7 +47,7 @@ DEEPLAB_SPAN = 288  # the widest ASPP dilation times the output stride in DeepLa
 
 # Keys of a model section that are not constructor arguments.
 NOT_ARGUMENTS = {
-    'backbone': ('type', 'pretrained'),
+    'backbone': ('type', 'pretrained', 'frozen'),
     'head': ('type',),
     'aux_head': ('type', 'loss_weight'),  # its share of the loss (engine/losses.py)
 }
@@ -175,6 +175,13 @@ def model_problem(sections: str, num_classes: int, size: tuple, batch: int = 1, 
 def check_training(cfg: dict, source: str) -> None:
     train = cfg['train']
     check_rules(train['param_groups'], source)
+    backbone = BACKBONES[cfg['backbone']['type']]
+    if train['layer_decay']['rate'] is not None and not hasattr(backbone, 'layer_id'):
+        decaying = ', '.join(name for name, cls in BACKBONES.items() if hasattr(cls, 'layer_id'))
+        raise ConfigError(
+            f'{source}: train.layer_decay needs a backbone whose layers it can number ({decaying}); '
+            f"'{cfg['backbone']['type']}' has none"
+        )
     check_loss_config(train['loss'], cfg['data']['num_classes'], source)
     aux_weight = aux_loss_weight(cfg)
     if not is_number(aux_weight) or aux_weight < 0:

@@ -89,7 +89,7 @@ class TrainState:
         """The whole state; a collective call (it gathers every process's RNG state)."""
         return {
             'model': self.model.state_dict(),
-            'ema': self.ema.state_dict() if self.ema else None,
+            'ema': self.ema_state() if self.ema else None,
             'config': self.config,
             'iteration': self.iteration,
             'optimizer': self.optimizer.state_dict(),
@@ -99,13 +99,24 @@ class TrainState:
             'rng': dist.all_gather(get_rng_state()),
         }
 
+    def frozen_ema_part(self) -> dict:
+        """The moving average's copy of a frozen backbone: the backbone itself (an average of a constant),
+        so checkpoints leave it out and a resume takes it from the model."""
+        if not getattr(self.model, 'frozen_backbone', False):
+            return {}
+        return {f'module.{key}': value for key, value in self.model.state_dict().items() if key.startswith('backbone.')}
+
+    def ema_state(self) -> dict:
+        frozen = self.frozen_ema_part()
+        return {key: value for key, value in self.ema.state_dict().items() if key not in frozen}
+
     def load_state_dict(self, checkpoint: dict, source: str) -> None:
         load_model_weights(self.model, checkpoint, source)
         self.optimizer.load_state_dict(checkpoint['optimizer'])
         self.scheduler.load_state_dict(checkpoint['scheduler'])
         self.scaler.load_state_dict(checkpoint['scaler'])
         if self.ema and checkpoint.get('ema'):
-            self.ema.load_state_dict(checkpoint['ema'])
+            self.ema.load_state_dict({**self.frozen_ema_part(), **checkpoint['ema']})
         self.iteration, self.rng = checkpoint['iteration'], checkpoint['rng']
         self.best.update({name: Best(**best) for name, best in checkpoint['best'].items()})
 

@@ -52,7 +52,13 @@ def base_config(tmp_path):
 
 def test_base_files_merge_recursively_and_later_wins(base_config):
     cfg = load_config(base_config)
-    assert cfg['backbone'] == {'type': 'resnet', 'variant': 18, 'output_stride': 16, 'pretrained': None}
+    assert cfg['backbone'] == {
+        'type': 'resnet',
+        'variant': 18,
+        'output_stride': 16,
+        'pretrained': None,
+        'frozen': False,
+    }
     assert cfg['head'] == {'type': 'aspp', 'channels': 64, 'dilations': [1, 2, 3]}
     assert cfg['data']['train']['pipeline'] == [{'type': 'random_flip', 'prob': 0.5}]
     assert cfg['data']['val']['split'] == 'val'  # filled from the defaults

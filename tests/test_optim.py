@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import ConfigError, read_config
+from engine.config import ConfigError, read_config, resolve
 from engine.optim import build_ema, build_optimizer, build_scheduler, group_rule
+from engine.rules import check_config
 from train import create_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
@@ -214,3 +215,72 @@ def test_the_moving_average_is_normalised_and_copies_integer_buffers():
         expected = sum(w * state[key].double() for w, state in zip(weights, seen)) / (1 - decay**steps)
         torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-6)
     assert sum(weights) / (1 - decay**steps) == pytest.approx(1.0)
+
+
+# --- layer-wise learning-rate decay ---------------------------------------------------------------
+
+
+def decayed_lrs(backbone: dict, layer_decay: dict) -> dict:
+    """{parameter name: its group's lr} of a model with this backbone and an FCN head, lr 1."""
+    cfg = resolve(
+        {
+            'backbone': backbone,
+            'head': {'type': 'fcn', 'channels': 8},
+            'data': {'type': 'demo', 'root': 'unused', 'num_classes': 5},
+            'train': {'max_iters': 1, 'batch_size': 2, 'layer_decay': layer_decay},
+        }
+    )
+    with torch.device('meta'):
+        model = create_model(cfg)
+    optimizer, table = build_optimizer(model, {**cfg['train']['optimizer'], 'lr': 1.0}, {}, cfg['train']['layer_decay'])
+    assert 'layer' in table.splitlines()[0]
+    group_of = {id(p): group['lr'] for group in optimizer.param_groups for p in group['params']}
+    return {name: group_of[id(p)] for name, p in model.named_parameters()}
+
+
+def test_vit_layer_decay_gives_block_i_rate_to_the_depth_plus_one_minus_i():
+    """BEiT / DINOv2 fine-tuning: embeddings rate^(depth+1), block i rate^(depth-i), the head 1."""
+    lrs = decayed_lrs({'type': 'dinov3', 'variant': 'test'}, {'rate': 0.5})  # depth 4
+    assert lrs['backbone.vit.embeddings.cls_token'] == 0.5**5
+    assert lrs['backbone.vit.model.layer.0.norm1.weight'] == 0.5**4
+    assert lrs['backbone.vit.model.layer.3.mlp.up_proj.weight'] == 0.5**1
+    assert lrs['backbone.vit.norm.weight'] == lrs['backbone.pyramid.upsample_2x.weight'] == 1.0
+    assert all(lr == 1.0 for name, lr in lrs.items() if name.startswith('head.'))
+
+
+def test_convnext_stage_wise_decay_is_mmsegs_for_convnext_t():
+    """mmseg's ConvNeXt-T UPerNet recipe (decay 0.9, stage_wise, num_layers 6): the stem and the
+    downsampling layers at 0.9^7, stage s at 0.9^(6-s), everything after the stages at 1."""
+    for backbone, stem, stage, norm in (
+        (
+            'convnext',
+            'backbone.body.stem_0.weight',
+            'backbone.body.stages_{}.blocks.0.conv_dw.weight',
+            'backbone.norms.0.weight',
+        ),
+        (
+            'dinov3_convnext',
+            'backbone.convnext.model.stages.0.downsample_layers.0.weight',
+            'backbone.convnext.model.stages.{}.layers.0.depthwise_conv.weight',
+            None,
+        ),
+    ):
+        lrs = decayed_lrs({'type': backbone, 'variant': 'test'}, {'rate': 0.9, 'num_layers': 6})
+        assert lrs[stem] == pytest.approx(0.9**7)
+        assert [lrs[stage.format(s)] for s in range(4)] == pytest.approx([0.9**6, 0.9**5, 0.9**4, 0.9**3])
+        assert norm is None or lrs[norm] == 1.0
+
+
+def test_layer_decay_needs_a_backbone_that_numbers_its_layers():
+    with pytest.raises(ConfigError, match='train.layer_decay needs a backbone'):
+        check_config(
+            resolve(
+                {
+                    'backbone': {'type': 'mscan', 'variant': 'test'},
+                    'head': {'type': 'fcn'},
+                    'data': {'type': 'demo', 'root': 'unused', 'num_classes': 5},
+                    'train': {'max_iters': 1, 'batch_size': 2, 'layer_decay': {'rate': 0.9}},
+                }
+            ),
+            'test',
+        )

@@ -197,7 +197,8 @@ def train_call(model, cfg: dict, images: torch.Tensor, amp):
     backward (scaled for fp16) and the config's optimizer step, on random labels."""
     device = images.device
     labels = torch.randint(0, cfg['data']['num_classes'], (images.shape[0], *images.shape[2:]), device=device)
-    optimizer, _ = build_optimizer(model, cfg['train']['optimizer'], cfg['train']['param_groups'])
+    train = cfg['train']
+    optimizer, _ = build_optimizer(model, train['optimizer'], train['param_groups'], train['layer_decay'])
     criterion = build_criterion(cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == 'fp16')
 

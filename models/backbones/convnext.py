@@ -40,9 +40,20 @@ class ConvNeXt(nn.Module):
         self.out_channels = self.body.feature_info.channels()
         self.strides = self.body.feature_info.reduction()
         self.norms = nn.ModuleList(LayerNorm2d(c, eps=1e-6) for c in self.out_channels)
+        self.decay_layers = 4  # stages; mmseg's ConvNeXt-T recipe counts 6 (train.layer_decay.num_layers)
 
     def forward(self, x: torch.Tensor) -> list:
         return [norm(feature) for norm, feature in zip(self.norms, self.body(x))]
+
+    def layer_id(self, name: str, num_layers: int) -> int:
+        """Stage-wise learning-rate decay (mmseg's for ConvNeXt): the stem and the downsampling layers are
+        layer 0, the blocks of stage s layer s + 1, the output norms come after them."""
+        if name.startswith('body.stem'):
+            return 0
+        stage = re.match(r'body\.stages_(\d+)\.(downsample|blocks)\.', name)
+        if stage is None:
+            return num_layers + 1
+        return 0 if stage[2] == 'downsample' else int(stage[1]) + 1
 
     @staticmethod
     def convert_checkpoint(state: dict) -> dict:

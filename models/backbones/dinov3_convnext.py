@@ -29,7 +29,16 @@ class DINOv3ConvNeXt(nn.Module):
         self.convnext.layer_norm = None  # normalises the pooled token only, which segmentation does not use
         self.checkpointing = checkpointing  # transformers offers none for this model
         self.out_channels = list(spec.widths)
+        self.decay_layers = 4  # stages; mmseg's ConvNeXt-T recipe counts 6 (train.layer_decay.num_layers)
         self.strides = [4, 8, 16, 32]
+
+    def layer_id(self, name: str, num_layers: int) -> int:
+        """Stage-wise learning-rate decay (mmseg's for ConvNeXt): the downsampling layers are layer 0,
+        the blocks of stage s layer s + 1."""
+        stage = re.match(r'convnext\.model\.stages\.(\d+)\.(downsample_layers|layers)\.', name)
+        if stage is None:
+            return num_layers + 1
+        return 0 if stage[2] == 'downsample_layers' else int(stage[1]) + 1
 
     def forward(self, x: torch.Tensor) -> list:
         features = []

@@ -58,7 +58,16 @@ class VisionTransformer(nn.Module):
         self.patch_size = patch_size
         self.pyramid = FeaturePyramid(width) if pyramid else None
         self.out_channels = [width] * 4
+        self.decay_layers = depth
         self.strides = [patch_size / 4, patch_size / 2, patch_size, patch_size * 2] if pyramid else [patch_size] * 4
+
+    def layer_id(self, name: str, num_layers: int) -> int:
+        """Layer-wise learning-rate decay (BEiT, DINOv2 fine-tuning): the embeddings are layer 0, block i
+        is layer i + 1, the final norm and the pyramid come after the blocks."""
+        if name.startswith('vit.embeddings.'):
+            return 0
+        block = re.match(r'vit\.(?:encoder|model)\.layer\.(\d+)\.', name)
+        return int(block[1]) + 1 if block else num_layers + 1
 
     def forward(self, x: torch.Tensor) -> list:
         b, _, height, width = x.shape

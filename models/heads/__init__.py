@@ -4,6 +4,7 @@ from .deeplab import DeepLabV3Head, DeepLabV3PlusHead
 from .fcn import FCNHead
 from .fpn import FPNHead
 from .ham import LightHamHead
+from .linear import LinearHead
 from .mask2former import Mask2FormerHead
 from .offseg import OffSegHead
 from .segformer import ExtremelyFastSegFormerHead, SegFormerHead, SegFormerMLPHead, UltraFastSegFormerHead
@@ -23,4 +24,5 @@ HEADS = {
     'fpn': FPNHead,
     'mask2former': Mask2FormerHead,
     'upernet': UPerHead,
+    'linear': LinearHead,
 }

@@ -1,0 +1,61 @@
+"""A frozen backbone (`backbone.frozen: true`), as linear probing and heads on fixed foundation
+features train: its tensors stay bit-identical, its norms keep their statistics, the optimizer and the
+moving average's checkpoint hold none of it, and a resumed run continues exactly."""
+
+import textwrap
+
+import torch
+
+import train
+from conftest import TINY_DATA
+from engine.checkpoint import load_checkpoint
+from engine.config import resolve
+
+FROZEN = (
+    """
+    backbone: {{type: dinov3, variant: test, frozen: true}}
+    head: {{type: upernet, channels: 16}}"""
+    + TINY_DATA
+    + """\
+    train: {{max_iters: 4, batch_size: 2, val_interval: 2, log_interval: 1, ema_decay: 0.9}}
+"""
+)
+
+
+def run(folder, root, *extra):
+    config = folder / 'frozen.yaml'
+    config.write_text(textwrap.dedent(FROZEN.format(root=root)))
+    train.main(['--config', str(config), '--work-dir', str(folder / 'work'), '--device', 'cpu', *extra])
+    return folder / 'work'
+
+
+def test_a_frozen_backbone_stays_as_it_was_and_is_stored_once(tmp_path, demo_root):
+    work = run(tmp_path, demo_root)
+    cfg = train.load_config(str(tmp_path / 'frozen.yaml'))
+    torch.manual_seed(cfg['train']['seed'])
+    initial = train.create_model(cfg).state_dict()  # what the run started from (same seed)
+    last = load_checkpoint(work / 'last.pth')
+    backbone = [key for key in initial if key.startswith('backbone.')]
+    assert backbone and all(torch.equal(last['model'][key], initial[key]) for key in backbone)
+    assert any(not torch.equal(last['model'][key], initial[key]) for key in initial if key.startswith('head.'))
+    assert not any(key.startswith('module.backbone.') for key in last['ema'])  # the model holds it
+    trained = sum(1 for key, value in initial.items() if key.startswith('head.') and value.is_floating_point())
+    assert len(last['optimizer']['state']) <= trained
+
+
+def test_a_frozen_backbone_keeps_its_norms_in_eval_mode_and_takes_no_gradient():
+    model = train.create_model(
+        resolve(
+            {
+                'backbone': {'type': 'dinov3', 'variant': 'test', 'frozen': True},
+                'head': {'type': 'upernet', 'channels': 16},
+                'data': {'type': 'demo', 'root': 'unused', 'num_classes': 5},
+                'train': {'max_iters': 1, 'batch_size': 2},
+            }
+        )
+    ).train()
+    assert model.head.training and not model.backbone.training
+    logits = model(torch.randn(2, 3, 64, 64))
+    logits.sum().backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.backbone.parameters())
+    assert all(p.grad is not None for p in model.head.parameters() if p.requires_grad)
