@@ -23,6 +23,7 @@ FROZEN = (
 
 
 def run(folder, root, *extra):
+    folder.mkdir(exist_ok=True)
     config = folder / 'frozen.yaml'
     config.write_text(textwrap.dedent(FROZEN.format(root=root)))
     train.main(['--config', str(config), '--work-dir', str(folder / 'work'), '--device', 'cpu', *extra])
@@ -41,6 +42,12 @@ def test_a_frozen_backbone_stays_as_it_was_and_is_stored_once(tmp_path, demo_roo
     assert not any(key.startswith('module.backbone.') for key in last['ema'])  # the model holds it
     trained = sum(1 for key, value in initial.items() if key.startswith('head.') and value.is_floating_point())
     assert len(last['optimizer']['state']) <= trained
+    # resumed from iteration 2, the run ends where the uninterrupted one did, moving average included
+    resumed = run(tmp_path / 'resumed', demo_root, '--resume', str(work / 'iter_000002.pth'))
+    again = load_checkpoint(resumed / 'last.pth')
+    for part in ('model', 'ema'):
+        assert again[part].keys() == last[part].keys()
+        assert all(torch.equal(again[part][key], value) for key, value in last[part].items())
 
 
 def test_a_frozen_backbone_keeps_its_norms_in_eval_mode_and_takes_no_gradient():
