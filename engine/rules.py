@@ -138,9 +138,15 @@ def check_training_batch(cfg: dict, images: int, source: str) -> None:
 
 
 def input_size(cfg: dict) -> tuple:
-    """The training crop (the first `random_crop` of the pipeline), else 512 x 512."""
-    crops = [step['size'] for step in cfg['data']['train']['pipeline'] if step.get('type') == 'random_crop']
-    return tuple(crops[0]) if crops else (512, 512)
+    """The size the model trains on: the first `random_crop` of the pipeline, enlarged by a `pad` step
+    after it (a 512 crop padded to 518 for a patch of 14), else 512 x 512."""
+    size = None
+    for step in cfg['data']['train']['pipeline']:
+        if step.get('type') == 'random_crop' and size is None:
+            size = tuple(step['size'])
+        elif step.get('type') == 'pad' and size is not None:
+            size = tuple(max(a, b) for a, b in zip(size, step['size']))
+    return size or (512, 512)
 
 
 @functools.lru_cache(maxsize=256)

@@ -52,7 +52,7 @@ def one_config_per_architecture(paths: list) -> list:
 def test_every_model_has_params_and_gmacs(tmp_path):
     chosen = one_config_per_architecture(CONFIGS)
     assert {'offseg_b.yaml', 'segformer_b0_ol.yaml', 'mask2former_swin_t_ol.yaml'} <= {p.name for p in chosen}
-    results = run(tmp_path, '--all', *chosen, '--macs-only', '--size', '64', '64', '--csv', tmp_path / 'results.csv')
+    results = run(tmp_path, '--all', *chosen, '--macs-only', '--size', '224', '224', '--csv', tmp_path / 'results.csv')
     assert [Path(r['config']).name for r in results] == [p.name for p in chosen]
     for result in results:
         assert result['params_m'] > 0.1 and result['gmacs'] > 0, result

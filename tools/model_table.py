@@ -2,7 +2,7 @@
 (tools/make_docs.py writes them into the page).
 
 Every model is built on the meta device (no memory, no weights) from its config in configs/; its
-output stride comes from a meta forward at 512x512. Paper numbers come from each config's `paper`
+output stride comes from a meta forward at SIDE x SIDE. Paper numbers come from each config's `paper`
 section. Papers count the unused `conv_seg` classifier that mmseg builds beside Offset Learning;
 our heads do not build it, so both counts are shown.
 """
@@ -21,6 +21,8 @@ from models.heads.mask_classification import MaskClassification
 from train import create_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
+SIDE = 448
+"""An input every model takes: a multiple of 32 and of DINOv2's 28."""
 
 
 def count(module: torch.nn.Module) -> int:
@@ -48,13 +50,14 @@ def backbone_table() -> str:
 @functools.cache
 def output_stride(sections: str) -> int:
     """The stride of the logits of a model with these backbone and head sections (JSON), from a meta
-    forward at 512x512; the class count does not change it, so configs that differ in data share it."""
+    forward at SIDE x SIDE; the class count does not change it, so configs that differ in data share it."""
     backbone, head = json.loads(sections)
     cfg = {**DEFAULTS, 'backbone': backbone, 'head': head, 'data': {**DEFAULTS['data'], 'num_classes': 2}}
     with torch.device('meta'):
-        output = create_model(cfg).eval()(torch.empty(1, 3, 512, 512))
+        output = create_model(cfg).eval()(torch.empty(1, 3, SIDE, SIDE))
     maps = output.mask_logits if isinstance(output, MaskClassification) else output
-    return 512 // maps.shape[-1]
+    stride = SIDE / maps.shape[-1]
+    return int(stride) if stride.is_integer() else stride
 
 
 def describe(path: Path) -> dict:
@@ -106,5 +109,5 @@ def model_table() -> str:
 def tables(page=None) -> str:
     return (
         f"### Backbones\n\n{backbone_table()}\n\n### Every config\n\nParameters at the config's "
-        f'class count; stride of the logits at a 512x512 input.\n\n{model_table()}'
+        f'class count; stride of the logits at a {SIDE}x{SIDE} input.\n\n{model_table()}'
     )

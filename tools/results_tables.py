@@ -15,6 +15,7 @@ from pathlib import Path
 
 from engine.config import read_config
 from engine.rules import accepted_keys
+from tools.measure import describe, meta_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / 'benchmarks' / 'results'
@@ -131,10 +132,13 @@ def link(page: Path, target: str, text: str) -> str:
 # ---------------------------------------------------------------------------------- the model zoo
 
 
+def model_zoo_rows() -> dict:
+    """{config name: the model_zoo benchmark's row} (parameters, GMACs and CPU latency)."""
+    return {Path(row['config']).stem: row for row in result('model_zoo', 'cpu2')['rows']}
+
+
 def model_zoo_row(name: str) -> dict:
-    """The model_zoo benchmark's row of configs/<name>.yaml (parameters, GMACs and CPU latency)."""
-    rows = {Path(row['config']).stem: row for row in result('model_zoo', 'cpu2')['rows']}
-    return rows[name]
+    return model_zoo_rows()[name]
 
 
 @functools.cache
@@ -153,7 +157,7 @@ def verified(name: str, cfg: dict) -> str:
 
 def model_zoo(page: Path) -> str:
     record = result('model_zoo', 'cpu2')
-    sections = []
+    sections, unmeasured = [], []
     by_dataset = {}
     for name, cfg in published_configs():
         by_dataset.setdefault(cfg['data']['type'], []).append((name, cfg))
@@ -161,16 +165,25 @@ def model_zoo(page: Path) -> str:
     for dataset, configs in by_dataset.items():
         rows = []
         for name, cfg in configs:
-            measured, paper = model_zoo_row(name), cfg['paper']
+            paper = cfg['paper']
             checkpoint = f'[download]({paper["checkpoint"]})' if paper.get('checkpoint') else ''
-            rows.append(
-                [
-                    link(page, f'configs/{name}.yaml', name),
+            measured = model_zoo_rows().get(name)
+            if measured is None:
+                unmeasured.append(name)
+                figures = [describe(meta_model(cfg), cfg), '', '', '']
+            else:
+                figures = [
                     measured['model'],
-                    str(paper.get('miou', '')),
                     f'{measured["params_m"]:.2f}',
                     f'{measured["gmacs"]:.1f}',
                     f'{measured["latency_ms_median"]:.0f}',
+                ]
+            rows.append(
+                [
+                    link(page, f'configs/{name}.yaml', name),
+                    figures[0],
+                    str(paper.get('miou', '')),
+                    *figures[1:],
                     checkpoint,
                     verified(name, cfg),
                 ]
@@ -181,6 +194,11 @@ def model_zoo(page: Path) -> str:
         f'GMACs and CPU ms at one {size} image (CPU ms: median latency of the forward, one thread, on the '
         "`evaluate.py` fast path); params as built, at the config's class count."
     )
+    if unmeasured:
+        intro += (
+            f' Not in the result file yet (added after it was measured; the command below measures every '
+            f'config): {", ".join(f"`{name}`" for name in unmeasured)}.'
+        )
     return rendered(record, page, intro + '\n\n' + '\n\n'.join(sections))
 
 
