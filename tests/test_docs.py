@@ -1,6 +1,6 @@
-"""The docs tell the truth: generated parts agree with the code and the result files, no measured
-number is typed by hand, every repository path they name exists, and the README's commands run as
-written on a fresh checkout."""
+"""The docs tell the truth: no measured number is typed by hand, every repository path they name
+exists, and the README's commands run as written on a fresh checkout (the generated parts:
+test_generated_docs.py)."""
 
 import re
 import shlex
@@ -12,9 +12,9 @@ import pytest
 import evaluate
 import infer
 import train
-from conftest import ROOT, VECTORS
+from conftest import ROOT
 from engine.rules import load_config
-from tools import convert_checkpoint, export_onnx, make_docs, results_tables
+from tools import convert_checkpoint, export_onnx
 
 PAGES = [ROOT / 'README.md', *sorted((ROOT / 'docs').glob('*.md'))]
 DOCUMENTS = [
@@ -36,10 +36,6 @@ def prose(text: str) -> str:
     for pattern in (GENERATED, FENCED, INLINE_CODE, LINK_TARGET, re.compile(r'<!--.*?-->', re.S)):
         text = pattern.sub(' ', text)
     return text
-
-
-def test_every_generated_part_agrees_with_the_code_and_the_results():
-    assert make_docs.stale_pages() == [], 'run python tools/make_docs.py'
 
 
 def test_the_readme_is_a_front_door():
@@ -81,13 +77,6 @@ def repository_paths(document: Path) -> list:
 def test_every_repository_path_named_in_the_docs_exists(document):
     missing = sorted({str(path) for path in repository_paths(document) if not path.exists()})
     assert not missing, f'{document.relative_to(ROOT)} names {missing}'
-
-
-def test_the_configs_verified_against_official_logits_are_those_with_reference_vectors():
-    if not VECTORS.is_dir():
-        pytest.skip(f'{VECTORS} not available')
-    configs = {path.stem for path in (ROOT / 'configs').glob('*.yaml')}
-    assert set(results_tables.REFERENCE_VECTORS) == {path.stem for path in VECTORS.glob('*.pt')} & configs
 
 
 # --- the README's commands -------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Loss terms and metrics are extension points: CONTRIBUTING.md's worked example (a focal loss and
 the false-discovery rate), run as written in a fresh process, is accepted by the config, trains and is
-reported (configs/README.md's option tables, generated from the code, are checked by tests/test_docs.py)."""
+reported (configs/README.md's option tables, generated from the code, are checked by tests/test_generated_docs.py)."""
 
 import re
 import subprocess

@@ -7,7 +7,8 @@ model and results tables, the tables of docs/).
 
 A generated part sits between `<!-- generated: NAME -->` and `<!-- end of generated: NAME -->`.
 The text around it is written by hand and quotes no measured number: numbers come from the result
-files, which the scripts that measured them wrote (tests/test_docs.py checks both).
+files, which the scripts that measured them wrote (tests/test_generated_docs.py and
+tests/test_docs.py check both).
 """
 
 import sys
