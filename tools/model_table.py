@@ -7,14 +7,12 @@ section. Papers count the unused `conv_seg` classifier that mmseg builds beside 
 our heads do not build it, so both counts are shown.
 """
 
-import functools
-import json
 import sys
 from pathlib import Path
 
 import torch
 
-from engine.config import DEFAULTS, read_config
+from engine.config import read_config
 from engine.rules import accepted_keys
 from models import BACKBONES, OffsetLearning
 from models.heads.mask_classification import MaskClassification
@@ -47,14 +45,14 @@ def backbone_table() -> str:
     return '\n'.join(rows)
 
 
-@functools.cache
-def output_stride(sections: str) -> int:
-    """The stride of the logits of a model with these backbone and head sections (JSON), from a meta
-    forward at SIDE x SIDE; the class count does not change it, so configs that differ in data share it."""
-    backbone, head = json.loads(sections)
-    cfg = {**DEFAULTS, 'backbone': backbone, 'head': head, 'data': {**DEFAULTS['data'], 'num_classes': 2}}
-    with torch.device('meta'):
-        output = create_model(cfg).eval()(torch.empty(1, 3, SIDE, SIDE))
+def output_stride(model: torch.nn.Module):
+    """The stride of the model's logits: its head run on the meta device on maps of the backbone's widths
+    and strides for a SIDE x SIDE input (the backbone itself need not run)."""
+    backbone = model.backbone
+    sides = [int(SIDE / stride) for stride in backbone.strides]
+    features = [torch.empty(1, c, side, side, device='meta') for c, side in zip(backbone.out_channels, sides)]
+    with torch.no_grad():
+        output = model.head(features)
     maps = output.mask_logits if isinstance(output, MaskClassification) else output
     stride = SIDE / maps.shape[-1]
     return int(stride) if stride.is_integer() else stride
@@ -78,7 +76,7 @@ def describe(path: Path) -> dict:
         'backbone': f'{cfg["backbone"]["type"]} {cfg["backbone"].get("variant", "")}',
         'head': cfg['head']['type'] + (' + OL' if cfg['head'].get('offset_learning') else ''),
         'classes': cfg['data']['num_classes'],
-        'stride': output_stride(json.dumps([cfg['backbone'], cfg['head']], sort_keys=True)),
+        'stride': output_stride(model),
         'params': params,
         'with_conv_seg': with_conv_seg,
         'paper_params': paper.get('params_m'),

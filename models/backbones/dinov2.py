@@ -54,8 +54,12 @@ class DINOv2(VisionTransformer):
 
     @staticmethod
     def convert_checkpoint(state: dict) -> dict:
-        """Official `dinov2_vit*14[_reg4]_pretrain.pth` or transformers 4.x/5.x weights -> ours."""
-        return {f'vit.{key}': value for key, value in convert_vit_keys(state, RENAMES, 'encoder.layer').items()}
+        """Official `dinov2_vit*14[_reg4]_pretrain.pth` or transformers 4.x/5.x weights (an image
+        classifier's under `dinov2.`) -> ours."""
+        state = {key.removeprefix('dinov2.').removeprefix('dinov2_with_registers.'): v for key, v in state.items()}
+        return {
+            f'vit.{key}': value for key, value in convert_vit_keys(state, RENAMES, 'encoder.layer', k_bias=True).items()
+        }
 
 
 RENAMES = [

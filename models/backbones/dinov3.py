@@ -56,7 +56,9 @@ class DINOv3(VisionTransformer):
     @staticmethod
     def convert_checkpoint(state: dict) -> dict:
         """Official `dinov3_vit*16*_pretrain_*.pth` or transformers 4.x/5.x weights -> ours."""
-        return {f'vit.{key}': value for key, value in convert_vit_keys(state, RENAMES, 'model.layer').items()}
+        return {
+            f'vit.{key}': value for key, value in convert_vit_keys(state, RENAMES, 'model.layer', k_bias=False).items()
+        }
 
 
 RENAMES = [

@@ -95,13 +95,13 @@ def evenly_spaced(depth: int) -> list:
     return [depth * k // 4 - 1 for k in range(1, 5)]
 
 
-def convert_vit_keys(state: dict, renames: list, layers: str) -> dict:
-    """The ViT key map both DINO families share: renames in order, fused q/k/v split by rows (DINOv3's
-    masked k bias, always zero, dropped), fused SwiGLU input projections split into gate and up;
-    `mask_token` (masked-image pre-training only) and buffers transformers recomputes dropped."""
+def convert_vit_keys(state: dict, renames: list, layers: str, k_bias: bool) -> dict:
+    """The ViT key map both DINO families share: renames in order, the blocks under `layers`, fused
+    q/k/v split by rows (without a k bias where the model has none: DINOv3's is masked to zero), fused
+    SwiGLU input projections split into gate and up; `mask_token` (masked-image pre-training only) and
+    buffers transformers recomputes dropped."""
     converted = {}
     for key, value in state.items():
-        key = key.removeprefix('dinov2.').removeprefix('dinov2_with_registers.')
         if key.endswith(('mask_token', 'bias_mask', 'rope_embed.periods')) or key.startswith(DROPPED):
             continue
         for pattern, replacement in renames:
@@ -111,7 +111,7 @@ def convert_vit_keys(state: dict, renames: list, layers: str) -> dict:
             q, k, v = value.chunk(3)
             stem, kind = key.split('.attn.qkv.')
             converted[f'{stem}.attention.q_proj.{kind}'] = q
-            if not (kind == 'bias' and layers == 'model.layer'):
+            if k_bias or kind != 'bias':
                 converted[f'{stem}.attention.k_proj.{kind}'] = k
             converted[f'{stem}.attention.v_proj.{kind}'] = v
         elif re.search(r'\.mlp\.(w12|weights_in)\.', key):
