@@ -104,7 +104,7 @@ class TrainState:
         so checkpoints leave it out and a resume takes it from the model."""
         if not getattr(self.model, 'frozen_backbone', False):
             return {}
-        return {f'module.{key}': value for key, value in self.model.state_dict().items() if key.startswith('backbone.')}
+        return self.model.backbone.state_dict(prefix='module.backbone.')
 
     def ema_state(self) -> dict:
         frozen = self.frozen_ema_part()

@@ -43,6 +43,9 @@ PAPER_OMITS_MATMULS = {OffSegHead: (Attention4D, Attention4DDownsample, OffsetLe
 (5.3 / 10.3 / 17.1 G at 512x512) equal a count without the EfficientFormerV2 attention and Offset
 Learning matmuls; every other paper here counts all operations."""
 
+TORCH_VERSION = torch.__version__.split('+')[0]
+"""The release, without the build's local tag (2.14.1, not 2.14.1+cu130): part of a result file's name."""
+
 OFFSET_LEARNING = (OffsetLearning, OffsetLearningMask)
 """Offset Learning as a classifier, and its Mask2Former form (both reported and timed as OL)."""
 
@@ -257,7 +260,7 @@ def environment(device: torch.device) -> dict:
     return {
         'machine': machine,
         'threads': torch.get_num_threads() if device.type == 'cpu' else None,
-        'torch': torch.__version__.split('+')[0],
+        'torch': TORCH_VERSION,
         'python': platform.python_version(),
     }
 
@@ -269,7 +272,7 @@ def environment_tag(device: torch.device) -> str:
         machine = torch.cuda.get_device_name(device).split()[-1].lower()
     else:
         machine = f'cpu{os.cpu_count()}'
-    return f'{machine}-torch{torch.__version__.split("+")[0]}'
+    return f'{machine}-torch{TORCH_VERSION}'
 
 
 def write_result_table(folder: Path, study: str, columns: list, rows: list, device: torch.device, notes=()) -> Path:

@@ -100,6 +100,11 @@ def pm(values: list, sign: bool = False) -> str:
     return f'{cell(mean, sign=sign)} ± {std:.2f}'
 
 
+def size_text(size) -> str:
+    """An input size as the tables write it: 512x512."""
+    return 'x'.join(map(str, size))
+
+
 def table(header: list, rows: list) -> str:
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     lines += ['| ' + ' | '.join(cell(value) for value in row) + ' |' for row in rows]
@@ -132,13 +137,10 @@ def link(page: Path, target: str, text: str) -> str:
 # ---------------------------------------------------------------------------------- the model zoo
 
 
+@functools.cache
 def model_zoo_rows() -> dict:
     """{config name: the model_zoo benchmark's row} (parameters, GMACs and CPU latency)."""
     return {Path(row['config']).stem: row for row in result('model_zoo', 'cpu2')['rows']}
-
-
-def model_zoo_row(name: str) -> dict:
-    return model_zoo_rows()[name]
 
 
 @functools.cache
@@ -189,7 +191,7 @@ def model_zoo(page: Path) -> str:
                 ]
             )
         sections.append(f'### {DATASETS.get(dataset, dataset)}\n\n{table(header, rows)}')
-    size = 'x'.join(map(str, record['rows'][0]['size']))
+    size = size_text(record['rows'][0]['size'])
     intro = (
         f'GMACs and CPU ms at one {size} image (CPU ms: median latency of the forward, one thread, on the '
         "`evaluate.py` fast path); params as built, at the config's class count."
@@ -206,7 +208,7 @@ def readme_models(page: Path) -> str:
     configs = dict(published_configs())
     rows = []
     for name in README_MODELS:
-        measured = model_zoo_row(name)
+        measured = model_zoo_rows()[name]
         rows.append(
             [
                 link(page, f'configs/{name}.yaml', name),
@@ -258,10 +260,10 @@ def seed_summary(record: dict) -> dict:
     for key, rows in groups.items():
         seeds = [row for row in rows if isinstance(row['seed'], int)]
         if seeds:
-            summary[key] = {'runs': len(seeds), **{p: pm([row[p] for row in seeds]) for p in points}}
+            summary[key] = {p: pm([row[p] for row in seeds]) for p in points}
         else:
             mean, std = (next(row for row in rows if row['seed'] == which) for which in ('mean', 'std'))
-            summary[key] = {'runs': None, **{p: f'{mean[p]:.2f} ± {std[p]:.2f}' for p in points}}
+            summary[key] = {p: f'{mean[p]:.2f} ± {std[p]:.2f}' for p in points}
     return summary
 
 
@@ -355,7 +357,7 @@ def speed_models(page: Path) -> str:
     record = result('model_zoo', 'cpu2')
     rows = []
     for name in SPEED_CONFIGS:
-        row = model_zoo_row(name)
+        row = model_zoo_rows()[name]
         rows.append(
             [
                 f'`{name}`',
@@ -391,7 +393,7 @@ def size_sweep(page: Path) -> str:
         [
             f'`{Path(row["config"]).stem}`',
             'channels_last' if row['channels_last'] else 'NCHW',
-            'x'.join(map(str, row['size'])),
+            size_text(row['size']),
             f'{row["gmacs"]:.2f}',
             f'{row["latency_ms_median"]:.1f}',
             f'{row["ms_per_gmac"]:.1f}',
@@ -409,7 +411,7 @@ def compare_hf(page: Path) -> str:
         [
             [
                 f'`{Path(row["config"]).stem}` with `head.type=segformer_mlp`',
-                'x'.join(map(str, row['size'])),
+                size_text(row['size']),
                 f'{row["compare_hf.max_abs_diff"]:.1e}',
                 f'{row["compare_hf.ours_ms"]:.1f}',
                 f'{row["compare_hf.hf_ms"]:.1f}',
@@ -539,7 +541,7 @@ def readme_results(page: Path) -> str:
         ],
         [
             "Inference against transformers' SegFormer-B0 on the same weights (CPU, one thread, "
-            + 'x'.join(map(str, hf['size']))
+            + size_text(hf['size'])
             + ')',
             f'{hf["compare_hf.hf_over_ours"]:.2f}x faster; max logit difference {hf["compare_hf.max_abs_diff"]:.1e}',
             link(page, 'docs/speed.md', 'docs/speed.md'),
