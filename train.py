@@ -38,7 +38,7 @@ from engine.config import choose, dump_config
 from engine.data import build_dataset
 from engine.logger import METRICS_FILE, Logger, progress_bar
 from engine.losses import build_criterion
-from engine.optim import build_ema, build_optimizer, build_scheduler
+from engine.optim import anneal_attention_masks, build_ema, build_optimizer, build_scheduler
 from engine.preemption import SIGNALS, STOP_SIGNALS, StopRequest, ignore_stop_signals
 from engine.rules import check_training_batch, load_config, pretrained_file, section_kwargs, training_warnings
 from engine.training import (
@@ -312,6 +312,7 @@ def fit(args, cfg: dict, run: Run, log: Logger, resume=None, checkpoint=None) ->
     stop = StopRequest(args.stop_signals)
     with stop, progress_bar(total=max_iters, initial=state.iteration, desc='train') as bar:
         while state.iteration < max_iters:
+            anneal_attention_masks(state.model, state.iteration, train_cfg)
             terms = train_step(
                 train_model, state, criterion, batches, train_cfg['accum_steps'], run.amp_dtype, train_cfg['grad_clip']
             )

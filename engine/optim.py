@@ -99,6 +99,39 @@ def lr_factor(iteration: int, max_iters: int, schedule: dict) -> float:
     return 1.0
 
 
+def mask_probability(iteration: int, start: int, end: int, power: float) -> float:
+    """EoMT's masked-attention annealing (the official `mask_annealing`): 1 before `start`, then
+    (1 - (iteration - start) / (end - start))^power, 0 from `end` on."""
+    if iteration < start:
+        return 1.0
+    if iteration >= end:
+        return 0.0
+    return (1 - (iteration - start) / (end - start)) ** power
+
+
+def annealing_windows(annealing: dict, blocks: int, max_iters: int) -> tuple:
+    """(starts, ends) of each block's annealing: `train.mask_annealing`'s, or by default the rule of the
+    official DINOv2 configs, block k of n annealed over [(k + 1) T / (n + 2), (k + 2) T / (n + 2)): one
+    after the other from the first, all masks gone at (n + 1) / (n + 2) of the T iterations."""
+    if annealing['start'] is not None:
+        return annealing['start'], annealing['end']
+    return [(k + 1) * max_iters // (blocks + 2) for k in range(blocks)], [
+        (k + 2) * max_iters // (blocks + 2) for k in range(blocks)
+    ]
+
+
+def anneal_attention_masks(model: torch.nn.Module, iteration: int, train_cfg: dict) -> None:
+    """Set a masked-attention head's per-block mask probabilities (EoMT's `attn_mask_probs`) for this
+    iteration; other heads have none."""
+    probabilities = getattr(model.head, 'attn_mask_probs', None)
+    if probabilities is None:
+        return
+    annealing = train_cfg['mask_annealing']
+    starts, ends = annealing_windows(annealing, len(probabilities), train_cfg['max_iters'])
+    values = [mask_probability(iteration, s, e, annealing['power']) for s, e in zip(starts, ends)]
+    probabilities.copy_(torch.tensor(values))
+
+
 def build_scheduler(optimizer, max_iters: int, schedule: dict):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, max_iters, schedule))
 

@@ -15,6 +15,7 @@ import torch
 from datasets import DATASETS
 from datasets.transforms import TRANSFORMS, Pipeline
 from models import BACKBONES, HEADS
+from models.segmentor import join
 
 from .config import (
     DEFAULTS,
@@ -41,6 +42,8 @@ PRETRAINED_FILES = {  # `backbone.pretrained: true`: the official ImageNet file,
     'efficientformerv2': 'eformer_{variant}_450.pth',
     'swin': 'swin_{variant}_patch4_window7_224.pth',
     'dinov2': 'dinov2_{variant}_pretrain.pth',
+    'dinov3': 'dinov3_{variant}_pretrain_lvd1689m.pth',  # published with a hash suffix, dropped here
+    'dinov3_convnext': 'dinov3_convnext_{variant}_pretrain_lvd1689m.pth',
 }
 
 DEEPLAB_SPAN = 288  # the widest ASPP dilation times the output stride in DeepLab v3/v3+ (18 x 16, 36 x 8)
@@ -167,6 +170,8 @@ def model_problem(sections: str, num_classes: int, size: tuple, batch: int = 1, 
                     heads[section] = cls(backbone.out_channels, num_classes, **section_kwargs(sections, section)).train(
                         training
                     )
+            section = 'head'
+            join(backbone, heads.get('head'), heads.get('aux_head'), sections['backbone'].get('frozen', False))
             section = 'backbone'
             features = backbone(torch.empty(batch, 3, *size))
             for section, head in heads.items():
@@ -188,6 +193,7 @@ def check_training(cfg: dict, source: str) -> None:
             f'{source}: train.layer_decay needs a backbone whose layers it can number ({decaying}); '
             f"'{cfg['backbone']['type']}' has none"
         )
+    check_mask_annealing(cfg, source)
     check_loss_config(train['loss'], cfg['data']['num_classes'], source)
     aux_weight = aux_loss_weight(cfg)
     if not is_number(aux_weight) or aux_weight < 0:
@@ -199,6 +205,30 @@ def check_training(cfg: dict, source: str) -> None:
             f'{source}: train.{unused}.{changed[0]} set, but the {cfg["head"]["type"]} head trains with '
             f'train.{used} ({"the set-prediction loss" if used == "mask_loss" else "per-pixel terms"}), '
             f'which does not read train.{unused}'
+        )
+
+
+def check_mask_annealing(cfg: dict, source: str) -> None:
+    """`train.mask_annealing` windows: both lists or neither, one start and end per block the head
+    masks (EoMT's `num_blocks`), each start before its end."""
+    annealing = cfg['train']['mask_annealing']
+    if annealing['start'] is None and annealing['end'] is None:
+        return
+    head = HEADS[cfg['head']['type']]
+    if not getattr(head, 'anneals_attention_masks', False):
+        raise ConfigError(
+            f'{source}: train.mask_annealing set, but the {cfg["head"]["type"]} head has no masked attention to anneal'
+        )
+    blocks = cfg['head'].get('num_blocks', keyword_parameters(head)[0]['num_blocks'].default)
+    starts, ends = annealing['start'], annealing['end']
+    if starts is None or ends is None or len(starts) != blocks or len(ends) != blocks:
+        raise ConfigError(
+            f'{source}: train.mask_annealing.start and .end must list one iteration per masked block '
+            f'(head.num_blocks = {blocks}); got start {starts}, end {ends}'
+        )
+    if not all(isinstance(a, int) and isinstance(b, int) and 0 <= a < b for a, b in zip(starts, ends)):
+        raise ConfigError(
+            f'{source}: train.mask_annealing: each start must be an iteration before its end; got {starts} -> {ends}'
         )
 
 

@@ -100,11 +100,13 @@ class TrainState:
         }
 
     def frozen_ema_part(self) -> dict:
-        """The moving average's copy of a frozen backbone: the backbone itself (an average of a constant),
-        so checkpoints leave it out and a resume takes it from the model."""
-        if not getattr(self.model, 'frozen_backbone', False):
+        """The moving average's copy of a frozen backbone's frozen part: the part itself (an average of a
+        constant), so checkpoints leave it out and a resume takes it from the model."""
+        frozen = self.model.frozen_part()
+        if frozen is None:
             return {}
-        return self.model.backbone.state_dict(prefix='module.backbone.')
+        name = getattr(self.model.backbone, 'pretrained_part', '')
+        return frozen.state_dict(prefix=f'module.backbone.{name}.' if name else 'module.backbone.')
 
     def ema_state(self) -> dict:
         frozen = self.frozen_ema_part()

@@ -13,7 +13,7 @@ from conftest import ROOT, published_offset_learning_forward
 from engine.config import ConfigError, read_config
 from engine.fast import time_calls
 from engine.rules import accepted_keys
-from models import OffsetLearning
+from models import BACKBONES, OffsetLearning
 from models.backbones.efficientformer_v2 import Attention4D, Attention4DDownsample
 from tools import benchmark, measure
 from train import create_model
@@ -36,30 +36,34 @@ def run(tmp_path, *argv) -> list:
 
 
 def one_config_per_architecture(paths: list) -> list:
-    """The first config of each architecture (backbone family, head type, Offset Learning or not,
-    auxiliary head): dataset variants differ in the class count alone and size variants in widths and
-    depths, so counting each of them again tests no new code (every config is built in
-    test_published_models, and counted in ARCHITECTURES.md by tools/model_table.py)."""
+    """The config of each architecture (backbone family, head type, Offset Learning or not, auxiliary
+    head) with the smallest backbone variant, first in `paths` among equals: dataset variants differ in
+    the class count alone and size variants in widths and depths, so counting each of them again tests
+    no new code (every config is built in test_published_models, and counted in ARCHITECTURES.md by
+    tools/model_table.py)."""
     architectures = {}
     for path in paths:  # read, not checked: the benchmark checks the ones it counts
         cfg = read_config(path, ['backbone.pretrained=null'], accepted_keys)
-        head, aux = cfg['head'], cfg['aux_head'] or {}
-        key = (cfg['backbone']['type'], head['type'], head.get('offset_learning', False), aux.get('type'))
-        architectures.setdefault(key, path)
-    return list(architectures.values())
+        backbone, head, aux = cfg['backbone'], cfg['head'], cfg['aux_head'] or {}
+        key = (backbone['type'], head['type'], head.get('offset_learning', False), aux.get('type'))
+        variants = [str(v) for v in sys.modules[BACKBONES[backbone['type']].__module__].VARIANTS]
+        size = variants.index(str(backbone.get('variant'))) if str(backbone.get('variant')) in variants else 0
+        if key not in architectures or size < architectures[key][0]:
+            architectures[key] = (size, path)
+    return [path for _, path in architectures.values()]
 
 
 def test_every_model_has_params_and_gmacs(tmp_path):
     chosen = one_config_per_architecture(CONFIGS)
-    assert {'offseg_b.yaml', 'segformer_b0_ol.yaml', 'mask2former_swin_t_ol.yaml'} <= {p.name for p in chosen}
+    assert {'offseg_t.yaml', 'segformer_b0_ol.yaml', 'mask2former_swin_t_ol.yaml'} <= {p.name for p in chosen}
     results = run(tmp_path, '--all', *chosen, '--macs-only', '--size', '224', '224', '--csv', tmp_path / 'results.csv')
     assert [Path(r['config']).name for r in results] == [p.name for p in chosen]
     for result in results:
         assert result['params_m'] > 0.1 and result['gmacs'] > 0, result
         is_offseg = 'offseg' in result['model']
         assert (result['gmacs_paper_convention'] is not None) == is_offseg, result
-        if is_offseg:
-            assert 0 < result['gmacs_paper_convention'] < result['gmacs']
+        if is_offseg:  # less where it leaves out EfficientFormerV2's attention or Offset Learning's matmuls
+            assert 0 < result['gmacs_paper_convention'] <= result['gmacs']
     assert len((tmp_path / 'results.csv').read_text().splitlines()) == len(chosen) + 1
 
 

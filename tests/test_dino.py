@@ -1,10 +1,12 @@
 """DINOv2, DINOv3 and DINOv3 ConvNeXt backbones: the hidden states of transformers' own models on the
 same weights, official-format checkpoints converted with every tensor matched, the feature pyramid's
-strides, and the input-size rule."""
+strides, the input-size rule, and parameter counts equal to timm's models of the same published
+checkpoints."""
 
 import re
 
 import pytest
+import timm
 import torch
 
 from engine.config import ConfigError
@@ -179,3 +181,40 @@ def test_a_side_the_patch_grid_cannot_take_is_refused_when_the_config_is_read(tm
     )
     with pytest.raises(ConfigError, match='multiples of 32'):
         load_config(config)
+
+
+TIMM_MODELS = {  # timm's models of the official checkpoints, by the variants built here
+    ('dinov2', 'vits14'): 'vit_small_patch14_dinov2',
+    ('dinov2', 'vitb14'): 'vit_base_patch14_dinov2',
+    ('dinov2', 'vitl14'): 'vit_large_patch14_dinov2',
+    ('dinov2', 'vitg14'): 'vit_giant_patch14_dinov2',
+    ('dinov2', 'vits14_reg4'): 'vit_small_patch14_reg4_dinov2',
+    ('dinov2', 'vitb14_reg4'): 'vit_base_patch14_reg4_dinov2',
+    ('dinov2', 'vitl14_reg4'): 'vit_large_patch14_reg4_dinov2',
+    ('dinov2', 'vitg14_reg4'): 'vit_giant_patch14_reg4_dinov2',
+    ('dinov3', 'vits16'): 'vit_small_patch16_dinov3_qkvb',
+    ('dinov3', 'vits16plus'): 'vit_small_plus_patch16_dinov3_qkvb',
+    ('dinov3', 'vitb16'): 'vit_base_patch16_dinov3_qkvb',
+    ('dinov3', 'vitl16'): 'vit_large_patch16_dinov3_qkvb',
+    ('dinov3_convnext', 'tiny'): 'convnext_tiny',
+    ('dinov3_convnext', 'small'): 'convnext_small',
+    ('dinov3_convnext', 'base'): 'convnext_base',
+    ('dinov3_convnext', 'large'): 'convnext_large',
+}
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize('family, variant', TIMM_MODELS, ids=[f'{f}-{v}' for f, v in TIMM_MODELS])
+def test_parameter_counts_are_those_of_the_published_checkpoints(family, variant):
+    """timm's independent models of the same checkpoints count the same, less what one side does not
+    build: timm drops the class token's position embedding of DINOv2 with registers (the official file
+    has it), and the ConvNeXt's final LayerNorm serves only the pooled token (not built here)."""
+    with torch.device('meta'):
+        ours = BACKBONES[family](variant, **({} if family == 'dinov3_convnext' else {'pyramid': False}))
+        reference = timm.create_model(TIMM_MODELS[family, variant], pretrained=False, num_classes=0)
+    not_built_by_timm = ours.out_channels[-1] if variant.endswith('_reg4') else 0
+    not_built_here = 2 * ours.out_channels[-1] if family == 'dinov3_convnext' else 0
+    assert parameter_count(ours) - not_built_by_timm == parameter_count(reference) - not_built_here

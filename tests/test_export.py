@@ -11,10 +11,9 @@ pytest.importorskip('onnxruntime')
 from test_fast import FAMILIES, tiny_config, tiny_model  # noqa: E402
 
 from engine.checkpoint import save_checkpoint  # noqa: E402
+from engine.config import ConfigError  # noqa: E402
 from tools import export_onnx  # noqa: E402
-from train import load_trained  # noqa: E402
-
-SIZES = [(64, 64), (96, 128)]
+from train import create_model, load_trained  # noqa: E402
 
 
 @pytest.mark.parametrize('family', list(FAMILIES))
@@ -22,14 +21,17 @@ def test_onnx_runtime_matches_pytorch_at_two_sizes(family, tmp_path, capsys):
     import onnx
 
     path = tmp_path / 'tiny.pth'
-    save_checkpoint({'model': tiny_model(family).state_dict(), 'config': tiny_config(family)}, path)
+    model = tiny_model(family)
+    save_checkpoint({'model': model.state_dict(), 'config': tiny_config(family)}, path)
     output = tmp_path / 'tiny.onnx'
-    export_onnx.main(['--checkpoint', str(path), '--output', str(output), '--size', '64', '64', '--check'])
+    step = getattr(model.backbone, 'size_multiple', 32)  # DINOv2: 28, so 56x56 and 84x112
+    side, sizes = 2 * step, [(2 * step, 2 * step), (3 * step, 4 * step)]
+    export_onnx.main(['--checkpoint', str(path), '--output', str(output), '--size', str(side), str(side), '--check'])
     printed = capsys.readouterr().out
-    assert 'at 64x64' in printed and 'at 96x128' in printed
+    assert all(f'at {h}x{w}' in printed for h, w in sizes)
 
     model, _ = load_trained(path)  # the model as evaluate.py builds it
-    differences = export_onnx.check(output, model, SIZES, batch=2)
+    differences = export_onnx.check(output, model, sizes, batch=2)
     assert max(differences) < 1e-4, differences
     graph = onnx.load(str(output))
     assert [d.dim_param for d in graph.graph.input[0].type.tensor_type.shape.dim] == ['batch', '', 'height', 'width']
@@ -68,3 +70,11 @@ def test_a_mask2former_graph_predicts_as_pytorch_through_the_shared_inference(tm
     actual = predict_scores(graph, images, **options)
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
     assert torch.equal(actual.argmax(1), expected.argmax(1))
+
+
+def test_a_model_onnx_cannot_express_for_any_size_is_refused_before_exporting(tmp_path):
+    cfg = tiny_config('resnet_deeplabv3plus')
+    cfg['head'] = {'type': 'upernet', 'channels': 16, 'pool_scales': [1, 2]}
+    with pytest.raises(ConfigError, match=r"'head\.psp_modules\.1\.0' pools to 2 bins"):
+        export_onnx.export(create_model(cfg).eval(), tmp_path / 'upernet.onnx', size=(64, 64))
+    assert not (tmp_path / 'upernet.onnx').exists()

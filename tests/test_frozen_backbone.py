@@ -1,6 +1,7 @@
 """A frozen backbone (`backbone.frozen: true`), as linear probing and heads on fixed foundation
-features train: its tensors stay bit-identical, its norms keep their statistics, the optimizer and the
-moving average's checkpoint hold none of it, and a resumed run continues exactly."""
+features train: its pretrained tensors stay bit-identical while the feature pyramid it feeds learns,
+its norms keep their statistics, the optimizer and the moving average's checkpoint hold none of it,
+and a resumed run continues exactly."""
 
 import textwrap
 
@@ -36,11 +37,15 @@ def test_a_frozen_backbone_stays_as_it_was_and_is_stored_once(tmp_path, demo_roo
     torch.manual_seed(cfg['train']['seed'])
     initial = train.create_model(cfg).state_dict()  # what the run started from (same seed)
     last = load_checkpoint(work / 'last.pth')
-    backbone = [key for key in initial if key.startswith('backbone.')]
-    assert backbone and all(torch.equal(last['model'][key], initial[key]) for key in backbone)
-    assert any(not torch.equal(last['model'][key], initial[key]) for key in initial if key.startswith('head.'))
-    assert not any(key.startswith('module.backbone.') for key in last['ema'])  # the model holds it
-    trained = sum(1 for key, value in initial.items() if key.startswith('head.') and value.is_floating_point())
+    vit = [key for key in initial if key.startswith('backbone.vit.')]
+    assert vit and all(torch.equal(last['model'][key], initial[key]) for key in vit)
+    for part in ('head.', 'backbone.pyramid.'):
+        assert any(not torch.equal(last['model'][key], initial[key]) for key in initial if key.startswith(part))
+    assert not any(key.startswith('module.backbone.vit.') for key in last['ema'])  # the model holds it
+    assert any(key.startswith('module.backbone.pyramid.') for key in last['ema'])
+    trained = sum(
+        1 for key, value in initial.items() if not key.startswith('backbone.vit.') and value.is_floating_point()
+    )
     assert len(last['optimizer']['state']) <= trained
     # resumed from iteration 2, the run ends where the uninterrupted one did, moving average included
     resumed = run(tmp_path / 'resumed', demo_root, '--resume', str(work / 'iter_000002.pth'))
@@ -61,8 +66,8 @@ def test_a_frozen_backbone_keeps_its_norms_in_eval_mode_and_takes_no_gradient():
             }
         )
     ).train()
-    assert model.head.training and not model.backbone.training
+    assert model.head.training and model.backbone.pyramid.training and not model.backbone.vit.training
     logits = model(torch.randn(2, 3, 64, 64))
     logits.sum().backward()
-    assert all(p.grad is None and not p.requires_grad for p in model.backbone.parameters())
-    assert all(p.grad is not None for p in model.head.parameters() if p.requires_grad)
+    assert all(p.grad is None and not p.requires_grad for p in model.backbone.vit.parameters())
+    assert all(p.grad is not None for p in [*model.head.parameters(), *model.backbone.pyramid.parameters()])

@@ -365,7 +365,13 @@ def to_fb(timm_state):
     }
 
 
-@pytest.mark.parametrize('naming', [dict, to_fb], ids=['timm', 'fb'])
+def to_mmpretrain(timm_state):
+    """The FB naming with mmpretrain's block names, as mmseg's ConvNeXt UPerNet checkpoints hold them."""
+    fb = to_fb(timm_state)['model']
+    return rename(fb, [(r'\.dwconv\.', '.depthwise_conv.'), (r'\.pwconv(\d)\.', r'.pointwise_conv\1.')])
+
+
+@pytest.mark.parametrize('naming', [dict, to_fb, to_mmpretrain], ids=['timm', 'fb', 'mmpretrain'])
 def test_convnext_checkpoint_round_trip(naming, tmp_path):
     source = randomized(timm.create_model('convnext_tiny'))
     torch.save(naming(source), tmp_path / 'convnext.pth')

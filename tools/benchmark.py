@@ -243,7 +243,8 @@ def benchmark(path: Path, args) -> dict:
     cfg = random_weights_config(path, args.set)
     if args.compare:
         check_hf_comparable(meta_model(cfg), cfg, path)
-    size = tuple(args.size)
+    divisor = cfg['eval']['size_divisor']  # evaluate.py pads its input to it (a ViT's patch grid)
+    size = tuple(-(-side // divisor) * divisor for side in args.size)
     result = {'config': str(path), **size_figures(cfg, size), 'size': list(size)}
     if args.macs_only:
         return result
@@ -353,7 +354,8 @@ def header(results: list) -> str:
     first = results[0]
     size = ', '.join(dict.fromkeys('x'.join(map(str, result['size'])) for result in results))
     lines = [
-        f'{size} input; GMACs = multiply-accumulates (FLOPs / 2) per image, every convolution and matmul '
+        f"{size} input (--size, padded to the config's eval.size_divisor as evaluate.py pads it); "
+        'GMACs = multiply-accumulates (FLOPs / 2) per image, every convolution and matmul '
         'counted (torch FlopCounterMode); paper GMACs: OffSeg paper convention, without the attention and '
         'Offset Learning matmuls'
     ]

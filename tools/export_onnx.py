@@ -60,6 +60,7 @@ sys.path.insert(0, str(ROOT))
 from datasets.base import IMAGE_SUFFIXES, DatasetError, read_image  # noqa: E402
 from datasets.transforms import Pipeline  # noqa: E402
 from engine.cli import ArgumentParser, number, run_cli  # noqa: E402
+from engine.config import ConfigError  # noqa: E402
 from engine.fast import prepare_for_inference  # noqa: E402
 from engine.inference import eval_pipeline, inference_options, predict_scores  # noqa: E402
 from engine.onnx_runtime import output_axes, output_tensors  # noqa: E402
@@ -97,6 +98,7 @@ def export(
     with dynamic batch, height and width; `metadata` goes into the file (values that are not strings
     as JSON). Returns the path."""
     path = Path(path)
+    refuse_fixed_size_pooling(model)
     exported = prepare_for_inference(model, fold_bn=fold_bn).cpu()
     fix_nmf_bases(exported)
     example = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
@@ -118,6 +120,17 @@ def export(
         )
     write_metadata(path, metadata or {})
     return path
+
+
+def refuse_fixed_size_pooling(model: torch.nn.Module) -> None:
+    """Adaptive pooling to more than one bin (UPerNet's pyramid pooling) has no ONNX form for inputs of
+    any size in the TorchScript exporter: say so before exporting, not with its traceback."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.AdaptiveAvgPool2d) and module.output_size not in (1, (1, 1)):
+            raise ConfigError(
+                f"'{name}' pools to {module.output_size} bins, which ONNX cannot express for inputs of any "
+                'size; this model (e.g. UPerNet with head.pool_scales beyond [1]) cannot be exported'
+            )
 
 
 def write_metadata(path: Path, metadata: dict) -> None:
@@ -272,7 +285,9 @@ def parse_args(argv=None):
         '--opset', type=number(int, 7), default=DEFAULT_OPSET, help=f'ONNX opset (default {DEFAULT_OPSET})'
     )
     parser.add_argument(
-        '--check', action='store_true', help='compare ONNX Runtime with PyTorch at --size and at (H+32, W+64)'
+        '--check',
+        action='store_true',
+        help='compare ONNX Runtime with PyTorch at --size and at (H+32, W+64) (a ViT: its size multiple for 32)',
     )
     parser.add_argument('--int8', action='store_true', help='write a statically quantised graph (needs --calibration)')
     parser.add_argument('--calibration', metavar='DIR', help='folder of images to calibrate the int8 activations on')
@@ -323,7 +338,8 @@ def main(argv=None) -> None:
     print(f'{path} written{" (int8)" if args.int8 else ""}: images (B, 3, H, W) normalised -> {describe_outputs(path)}')
     if args.check:
         height, width = args.size
-        sizes = [(height, width), (height + 32, width + 64)]
+        step = getattr(model.backbone, 'size_multiple', 32)  # a ViT's patch grid takes multiples of it only
+        sizes = [(height, width), (height + step, width + 2 * step)]
         for (h, w), difference in zip(sizes, check(path, model, sizes)):
             print(f'ONNX Runtime vs PyTorch at {h}x{w}: max abs diff {difference:.2e}')
 

@@ -37,6 +37,7 @@ PAGES = {
     'docs/offset_learning.md': {'ablation': results_tables.ablation},
     'docs/speed.md': {
         'speed_models': results_tables.speed_models,
+        'eomt_speed': results_tables.eomt_speed,
         'size_sweep': results_tables.size_sweep,
         'compare_hf': results_tables.compare_hf,
         'offseg_speed': results_tables.offseg_speed,
@@ -44,6 +45,7 @@ PAGES = {
         'onnx_runtime': results_tables.onnx_runtime,
     },
     'docs/deploy.md': {'onnx_int8': results_tables.onnx_int8},
+    'docs/training.md': {'frozen_backbone': results_tables.frozen_backbone},
 }
 """Page -> {block name: function of the page's path that returns the block's Markdown}."""
 

@@ -32,27 +32,43 @@ def variants(cls) -> list:
     return [name for name in sys.modules[cls.__module__].VARIANTS if not name.startswith('test')]
 
 
+PUBLISHED_SIZES = {  # millions of parameters as the official READMEs state them (facebookresearch/dinov2, /dinov3)
+    'dinov2': {'vits14': '21', 'vitb14': '86', 'vitl14': '300', 'vitg14': '1,100'},
+    'dinov3': {'vits16': '21', 'vits16plus': '29', 'vitb16': '86', 'vitl16': '300'},
+    'dinov3_convnext': {'tiny': '29', 'small': '50', 'base': '89', 'large': '198'},
+}
+
+
 def backbone_table() -> str:
-    rows = ['| `backbone.type` | variant | out channels (strides 4/8/16/32) | params (M) |', '|---|---|---|---|']
+    rows = [
+        '| `backbone.type` | variant | out channels (strides 4/8/16/32) | params (M) | published (M) |',
+        '|---|---|---|---|---|',
+    ]
     for name, cls in BACKBONES.items():
         for variant in variants(cls):
             with torch.device('meta'):
                 backbone = cls(variant)
+            published = PUBLISHED_SIZES.get(name, {}).get(variant.removesuffix('_reg4'), '-')
+            pyramid = count(backbone.pyramid) if getattr(backbone, 'pyramid', None) else 0
+            params = f'{(count(backbone) - pyramid) / 1e6:.3f}' + (f' + {pyramid / 1e6:.3f} pyramid' if pyramid else '')
             rows.append(
-                f'| `{name}` | `{variant}` | {", ".join(map(str, backbone.out_channels))} '
-                f'| {count(backbone) / 1e6:.3f} |'
+                f'| `{name}` | `{variant}` | {", ".join(map(str, backbone.out_channels))} | {params} | {published} |'
             )
     return '\n'.join(rows)
 
 
 def output_stride(model: torch.nn.Module):
     """The stride of the model's logits: its head run on the meta device on maps of the backbone's widths
-    and strides for a SIDE x SIDE input (the backbone itself need not run)."""
+    and strides for a SIDE x SIDE input (the backbone itself need not run; for a head that runs the
+    backbone's last blocks, EoMT, the whole model runs on the meta device)."""
     backbone = model.backbone
     sides = [int(SIDE / stride) for stride in backbone.strides]
     features = [torch.empty(1, c, side, side, device='meta') for c, side in zip(backbone.out_channels, sides)]
     with torch.no_grad():
-        output = model.head(features)
+        if getattr(backbone, 'handed_over', 0):  # the head runs the ViT's last blocks (EoMT): the whole model
+            output = model(torch.empty(1, 3, SIDE, SIDE, device='meta'))
+        else:
+            output = model.head(features)
     maps = output.mask_logits if isinstance(output, MaskClassification) else output
     stride = SIDE / maps.shape[-1]
     return int(stride) if stride.is_integer() else stride

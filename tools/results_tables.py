@@ -41,6 +41,14 @@ SPEED_CONFIGS = (
     'offseg_b',
     'offseg_l',
     'deeplabv3plus_r50',
+    'convnext_t_upernet',
+    'swin_t_upernet',
+    'dinov2_vits14_linear',
+    'dinov3_vits16_linear',
+    'dinov3_vits16_upernet',
+    'dinov3_convnext_t_segformer',
+    'dinov3_convnext_t_segformer_ol',
+    'dinov3_convnext_t_offseg_ol',
 )
 README_MODELS = (
     'offseg_t',
@@ -387,6 +395,28 @@ def speed_models(page: Path) -> str:
     return rendered(record, page, table(header, rows))
 
 
+def eomt_speed(page: Path) -> str:
+    """EoMT-S against Mask2Former-Swin-T and SegFormer-B0, timed in one run: the ratios to EoMT-S."""
+    record = result('eomt_speed', 'cpu2')
+    rows = {Path(row['config']).stem: row for row in record['rows']}
+    eomt = rows['eomt_dinov3_vits16']['latency_ms_median']
+    body = table(
+        ['config', 'model', 'params (M)', 'GMACs', 'median ms', 'time / EoMT-S'],
+        [
+            [
+                f'`{name}`',
+                row['model'],
+                f'{row["params_m"]:.3f}',
+                f'{row["gmacs"]:.2f}',
+                f'{row["latency_ms_median"]:.1f}',
+                f'{row["latency_ms_median"] / eomt:.2f}',
+            ]
+            for name, row in rows.items()
+        ],
+    )
+    return rendered(record, page, body)
+
+
 def size_sweep(page: Path) -> str:
     record = result('size_sweep', 'cpu2')
     rows = [
@@ -468,6 +498,28 @@ def freed_memory(page: Path) -> str:
         for row in record['rows']
     ]
     header = ['model', 'input', 'glibc defaults (ms)', 'freed memory kept (ms)', 'speed-up', 'peak RSS (MB)']
+    return rendered(record, page, table(header, rows))
+
+
+def frozen_backbone(page: Path) -> str:
+    """Per config, the fine-tuned and the frozen backbone's trainable parameters, step time and training
+    memory, with the frozen arm's share of each."""
+    record = result('frozen_backbone', 'cpu2')
+    arms = {(row['config'], row['arm']): row for row in record['rows']}
+    rows = []
+    for config in dict.fromkeys(row['config'] for row in record['rows']):
+        tuned, frozen = arms[config, 'fine-tuned'], arms[config, 'frozen']
+        rows.append(
+            [
+                f'`{config}`',
+                f'{tuned["trainable params"] / 1e6:.3f} / {frozen["trainable params"] / 1e6:.3f}',
+                f'{tuned["ms/step"]:.0f} / {frozen["ms/step"]:.0f}',
+                f'{frozen["ms/step"] / tuned["ms/step"]:.2f}',
+                f'{tuned["training MB"]:.0f} / {frozen["training MB"]:.0f}',
+                f'{frozen["training MB"] / tuned["training MB"]:.2f}',
+            ]
+        )
+    header = ['config', 'trainable params (M)', 'ms/step', 'frozen / fine-tuned', 'training MB', 'frozen / fine-tuned']
     return rendered(record, page, table(header, rows))
 
 

@@ -57,13 +57,18 @@ class ConvNeXt(nn.Module):
 
     @staticmethod
     def convert_checkpoint(state: dict) -> dict:
-        """timm or original FB weights (ImageNet, or a segmentation backbone's `norm{i}`) -> ours.
+        """timm, original FB or mmpretrain weights (ImageNet, or a segmentation backbone's `norm{i}`, as
+        mmseg's UPerNet checkpoints hold it) -> ours.
 
         timm's own `checkpoint_filter_fn` renames FB keys (`downsample_layers`, `dwconv`, `pwconv`)
         and reshapes 2-D weights to those of the model it is given, here a timm ConvNeXt of the
         checkpoint's variant on the meta device. The classifier (`head.*`, including the final
         norm) is dropped; missing output norms are filled with LayerNorm's initial ones and zeros.
         """
+        state = {
+            re.sub(r'\.(depthwise_conv|pointwise_conv[12])\.', lambda m: MMPRETRAIN[m[1]], k): v
+            for k, v in state.items()
+        }
         variant = _variant_of(state)
         with torch.device('meta'):
             reference = timm.create_model(VARIANTS[variant].timm_name, pretrained=False)
@@ -78,6 +83,10 @@ class ConvNeXt(nn.Module):
             converted.setdefault(f'norms.{i}.weight', torch.ones(width))
             converted.setdefault(f'norms.{i}.bias', torch.zeros(width))
         return converted
+
+
+MMPRETRAIN = {'depthwise_conv': '.dwconv.', 'pointwise_conv1': '.pwconv1.', 'pointwise_conv2': '.pwconv2.'}
+"""mmpretrain's (mmcls') block names -> FB's, which timm's filter reads."""
 
 
 def _variant_of(state: dict) -> str:

@@ -8,6 +8,7 @@ blocks become four maps: models/backbones/vit.py.
 from typing import NamedTuple
 
 import torch
+from torch import nn
 
 from .variants import lookup
 from .vit import VisionTransformer, convert_vit_keys
@@ -42,15 +43,17 @@ class DINOv2(VisionTransformer):
         else:
             vit = Dinov2Model(Dinov2Config(use_mask_token=False, **options))
         super().__init__(vit, spec.width, spec.depth, 14, out_indices, pyramid, checkpointing)
+        self.prefix = 1 + (4 if spec.registers else 0)  # the class token and the registers
 
     def final_norm(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.vit.layernorm(tokens)
 
-    def blocks(self, x: torch.Tensor):
-        tokens = self.vit.embeddings(x)
-        for layer in self.vit.encoder.layer:
-            tokens = layer(tokens)
-            yield tokens
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.vit.encoder.layer
+
+    def embed(self, x: torch.Tensor) -> tuple:
+        return self.vit.embeddings(x), {}
 
     @staticmethod
     def convert_checkpoint(state: dict) -> dict:

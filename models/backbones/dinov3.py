@@ -9,6 +9,7 @@ RoPE coordinates (`pos_embed_rescale`), so a forward in train mode computes what
 from typing import NamedTuple
 
 import torch
+from torch import nn
 
 from .variants import lookup
 from .vit import VisionTransformer, convert_vit_keys
@@ -41,17 +42,18 @@ class DINOv3(VisionTransformer):
             drop_path_rate=drop_path_rate,
         )
         super().__init__(DINOv3ViTModel(config), spec.width, spec.depth, 16, out_indices, pyramid, checkpointing)
+        self.prefix = 1 + 4  # the class token and the registers
 
     def final_norm(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.vit.norm(tokens)
 
-    def blocks(self, x: torch.Tensor):
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.vit.model.layer
+
+    def embed(self, x: torch.Tensor) -> tuple:
         x = x.to(self.vit.embeddings.patch_embeddings.weight.dtype)
-        tokens = self.vit.embeddings(x)
-        rotary = self.vit.rope_embeddings(x)
-        for layer in self.vit.model.layer:
-            tokens = layer(tokens, position_embeddings=rotary)
-            yield tokens
+        return self.vit.embeddings(x), {'position_embeddings': self.vit.rope_embeddings(x)}
 
     @staticmethod
     def convert_checkpoint(state: dict) -> dict:

@@ -12,9 +12,16 @@ p, for the linear probing head.
 Input sides must be multiples of p, and of 2p with the pyramid, whose pooled map halves the patch
 grid: an InputSizeError otherwise, which the config check reports when the config is read (at test
 time `eval.size_divisor` pads to that).
+
+A head that runs the last blocks itself (EoMT, with its queries among the tokens) takes them over with
+`hand_over_blocks(n)`: the backbone then stops before them and returns `HandedOver` (the tokens, the
+blocks, the final norm) instead of maps. The blocks' weights stay the backbone's.
 """
 
+import contextlib
+import functools
 import re
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -40,9 +47,22 @@ class FeaturePyramid(nn.Module):
         return [self.upsample_4x(maps[0]), self.upsample_2x(maps[1]), maps[2], self.maxpool(maps[3])]
 
 
+class HandedOver(NamedTuple):
+    """A ViT's tokens before its last blocks, and those blocks, for a head that runs them (EoMT)."""
+
+    tokens: torch.Tensor  # (B, prefix + h·w, C): the class and register tokens, then the patches
+    grid: tuple  # (h, w), the patch grid
+    prefix: int  # how many class and register tokens lead
+    blocks: list  # the last blocks, in order: block(tokens, attention_mask=None) -> tokens
+    final_norm: Callable  # the backbone's final LayerNorm, which its outputs go through
+
+
 class VisionTransformer(nn.Module):
     """What the DINO ViTs share: the chosen blocks' normed patch maps, and the pyramid. A family gives
-    its transformers model (`vit`), `final_norm(tokens)` and `blocks(x)` (every block's tokens, in order)."""
+    its transformers model (`vit`), `embed(x)` (the tokens and the keyword arguments its blocks take),
+    `layers` (the blocks), `prefix` (class and register tokens) and `final_norm(tokens)`."""
+
+    pretrained_part = 'vit'  # what `backbone.frozen` freezes: the pyramid is new and trains
 
     def __init__(
         self, vit: nn.Module, width: int, depth: int, patch_size: int, out_indices, pyramid: bool, checkpointing: bool
@@ -57,9 +77,28 @@ class VisionTransformer(nn.Module):
             raise ValueError(f'out_indices must be four block indices in 0..{depth - 1}; got {self.out_indices}')
         self.patch_size = patch_size
         self.pyramid = FeaturePyramid(width) if pyramid else None
+        self.size_multiple = patch_size * (2 if pyramid else 1)  # the pyramid halves the patch grid
         self.out_channels = [width] * 4
         self.decay_layers = depth
         self.strides = [patch_size / 4, patch_size / 2, patch_size, patch_size * 2] if pyramid else [patch_size] * 4
+        self.handed_over = 0
+
+    def hand_over_blocks(self, count: int) -> None:
+        """Stop before the last `count` blocks and return them with the tokens (`HandedOver`): for a head
+        that runs them itself. The maps and the pyramid are not made any more."""
+        if not 0 < count < len(self.layers):
+            raise ValueError(f'a head can take over 1 to {len(self.layers) - 1} of its blocks; got {count}')
+        self.handed_over = count
+        self.pyramid = None
+        self.size_multiple = self.patch_size
+        self.strides = [self.patch_size] * 4
+
+    def blocks(self, x: torch.Tensor):
+        """Every block's tokens, in order."""
+        tokens, options = self.embed(x)
+        for layer in self.layers:
+            tokens = layer(tokens, **options)
+            yield tokens
 
     def layer_id(self, name: str, num_layers: int) -> int:
         """Layer-wise learning-rate decay (BEiT, DINOv2 fine-tuning): the embeddings are layer 0, block i
@@ -70,8 +109,8 @@ class VisionTransformer(nn.Module):
         return int(block[1]) + 1 if block else num_layers + 1
 
     def forward(self, x: torch.Tensor) -> list:
-        b, _, height, width = x.shape
-        multiple = self.patch_size * (2 if self.pyramid else 1)
+        _, _, height, width = x.shape
+        multiple = self.size_multiple
         if height % multiple or width % multiple:
             raise InputSizeError(
                 f'{type(self).__name__} needs sides that are multiples of {multiple} (patch size '
@@ -79,15 +118,31 @@ class VisionTransformer(nn.Module):
                 f'{height}x{width} (at test time, eval.size_divisor: {multiple} pads to that)'
             )
         grid = (height // self.patch_size, width // self.patch_size)
+        if self.handed_over:
+            return self.tokens_before_the_last_blocks(x, grid)
+        frozen = not next(self.vit.parameters()).requires_grad
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            maps = self.patch_maps(x, grid)
+        return self.pyramid(maps) if self.pyramid else maps
+
+    def patch_maps(self, x: torch.Tensor, grid: tuple) -> list:
+        """The `out_indices` blocks' normed patch tokens as (B, C, h, w) maps, in the order asked."""
         maps, last = [], max(self.out_indices)
         for index, tokens in enumerate(self.blocks(x)):
             if index in self.out_indices:
                 patches = self.final_norm(tokens)[:, -grid[0] * grid[1] :]
-                maps.append(patches.transpose(1, 2).reshape(b, -1, *grid))
+                maps.append(patches.transpose(1, 2).reshape(x.shape[0], -1, *grid))
             if index == last:
                 break
-        maps = [maps[sorted(self.out_indices).index(i)] for i in self.out_indices]
-        return self.pyramid(maps) if self.pyramid else maps
+        return [maps[sorted(self.out_indices).index(i)] for i in self.out_indices]
+
+    def tokens_before_the_last_blocks(self, x: torch.Tensor, grid: tuple) -> HandedOver:
+        tokens, options = self.embed(x)
+        kept = len(self.layers) - self.handed_over
+        for layer in self.layers[:kept]:
+            tokens = layer(tokens, **options)
+        blocks = [functools.partial(layer, **options) for layer in self.layers[kept:]]
+        return HandedOver(tokens, grid, self.prefix, blocks, self.final_norm)
 
 
 def evenly_spaced(depth: int) -> list:

@@ -1,6 +1,8 @@
-"""Heads: list of backbone maps -> logits. Every head takes `offset_learning` to swap its classifier."""
+"""Heads: list of backbone maps -> logits (EoMT: a ViT's handed-over blocks -> mask classification). Every head
+takes `offset_learning` to swap its classifier."""
 
 from .deeplab import DeepLabV3Head, DeepLabV3PlusHead
+from .eomt import EoMTHead
 from .fcn import FCNHead
 from .fpn import FPNHead
 from .ham import LightHamHead
@@ -25,4 +27,5 @@ HEADS = {
     'mask2former': Mask2FormerHead,
     'upernet': UPerHead,
     'linear': LinearHead,
+    'eomt': EoMTHead,
 }
