@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .heads.eomt import transformers_checkpoint_parts
+from .heads.eomt import checkpoint_parts as eomt_checkpoint_parts
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +73,9 @@ def read_state_dict(path) -> dict:
 
 def split_parts(state: dict) -> tuple:
     """({part: its state_dict, ready for that part's key map}, [keys of no known part]) by the prefix contract
-    (a transformers EoMT checkpoint, whose keys have no part prefixes, is put into that form first)."""
+    (an EoMT checkpoint, official or transformers', is put into that form first)."""
     try:
-        state = transformers_checkpoint_parts(state) or state
+        state = eomt_checkpoint_parts(state) or state
     except ValueError as error:
         raise CheckpointError(str(error)) from None
     if not any(key.startswith(tuple(PARTS)) for key in state):

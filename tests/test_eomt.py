@@ -15,7 +15,7 @@ from engine.checkpoint import load_checkpoint
 from engine.config import ConfigError
 from engine.optim import anneal_attention_masks, annealing_windows, mask_probability
 from models.heads.mask_classification import MaskClassification
-from models.weights import convert_model_state
+from models.weights import CheckpointError, convert_model_state, split_parts
 from train import create_model, load_config
 
 TOLERANCE = 1e-5
@@ -34,24 +34,29 @@ def eomt_config(tmp_path, backbone='{type: dinov3, variant: test}', head='', tra
     return load_config(path)
 
 
-def transformers_eomt():
-    """transformers' DINOv3 EoMT of the test size, random weights away from their initialisation."""
-    from transformers import EomtDinov3Config, EomtDinov3ForUniversalSegmentation
+DINOV2_PATCH_16 = f'{{type: dinov2, variant: test_reg4, patch_size: 16, image_size: {SIDE}}}'
+"""DINOv2 as EoMT runs it: patch 16, the position table at the crop's grid."""
 
-    config = EomtDinov3Config(
-        hidden_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=128,
-        layer_norm_eps=1e-5,  # DINOv3's; transformers gives it to the upscaler too, the official code 1e-6
-        image_size=SIDE,
-        num_queries=QUERIES,
-        num_blocks=BLOCKS,
-        num_labels=CLASSES,
-        pos_embed_rescale=None,  # the RoPE augmentation of pre-training, off here as in the dinov3 backbone
-    )
+
+def transformers_eomt(family: str = 'dinov3'):
+    """transformers' DINOv3 or DINOv2 EoMT of the test size, random weights away from their initialisation."""
+    import transformers
+
+    sizes = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=SIDE)
+    task = dict(num_queries=QUERIES, num_blocks=BLOCKS, num_labels=CLASSES)
+    if family == 'dinov3':
+        config = transformers.EomtDinov3Config(
+            **sizes,
+            **task,
+            intermediate_size=128,
+            layer_norm_eps=1e-5,  # DINOv3's; transformers gives it to the upscaler too, the official code 1e-6
+            pos_embed_rescale=None,  # the RoPE augmentation of pre-training, off as in the dinov3 backbone
+        )
+        cls = transformers.EomtDinov3ForUniversalSegmentation
+    else:
+        config, cls = transformers.EomtConfig(**sizes, **task), transformers.EomtForUniversalSegmentation
     torch.manual_seed(0)
-    model = EomtDinov3ForUniversalSegmentation(config)
+    model = cls(config)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
@@ -77,10 +82,11 @@ def close(ours, reference) -> bool:
     return bool((ours - reference).abs().max() <= TOLERANCE * reference.abs().max())
 
 
+@pytest.mark.parametrize('family', ['dinov3', 'dinov2'])
 @pytest.mark.parametrize('probabilities', [[1.0, 1.0], [0.7, 0.4], None], ids=['masked', 'annealing', 'eval'])
-def test_every_blocks_logits_are_transformers_eomt(tmp_path, probabilities):
-    reference = transformers_eomt()
-    ours = create_model(eomt_config(tmp_path))
+def test_every_blocks_logits_are_transformers_eomt(tmp_path, probabilities, family):
+    reference = transformers_eomt(family)
+    ours = create_model(eomt_config(tmp_path, **({'backbone': DINOV2_PATCH_16} if family == 'dinov2' else {})))
     state, unclaimed = convert_model_state(ours, reference.state_dict())
     assert not unclaimed
     missing, unexpected = ours.load_state_dict(state, strict=False)
@@ -272,3 +278,30 @@ def test_the_loss_is_transformers_eomt_loss_on_the_same_points(tmp_path, monkeyp
     ).loss
     loss = build_criterion(cfg)(ours.train()(images), labels)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_official_dinov2_eomt_checkpoints_convert_with_every_tensor_matched(tmp_path):
+    """tue-mps/eomt's names: timm's DINOv2 under `network.encoder.backbone.` (`reg_token`, a position
+    table without the class token's row), the head under `network.`, the input normalisation beside."""
+    from test_dino import official_dinov2
+
+    ours = create_model(eomt_config(tmp_path, backbone=DINOV2_PATCH_16))
+    with torch.no_grad():
+        ours.backbone.vit.embeddings.position_embeddings[:, 0] = 0  # the class token takes no position
+    state = ours.state_dict()
+    backbone = official_dinov2({k.removeprefix('backbone.'): v for k, v in state.items() if k.startswith('backbone.')})
+    backbone['reg_token'] = backbone.pop('register_tokens')
+    backbone['pos_embed'] = backbone['pos_embed'][:, 1:]
+    official = {f'network.encoder.backbone.{k}': v for k, v in backbone.items()}
+    official.update({f'network.{k.removeprefix("head.")}': v for k, v in state.items() if k.startswith('head.')})
+    official.update({'network.encoder.pixel_mean': torch.zeros(1, 3, 1, 1), 'criterion.empty_weight': torch.ones(4)})
+    converted, unclaimed = convert_model_state(ours, official)
+    assert not unclaimed and converted.keys() == state.keys()  # the loss's weights and the normalisation: dropped
+    assert all(torch.equal(converted[key], value) for key, value in state.items())
+
+
+def test_an_official_dinov3_eomt_checkpoint_of_differences_is_refused_with_the_way_out():
+    with pytest.raises(CheckpointError, match='differences to the pretrained DINOv3 weights'):
+        split_parts(
+            {'network.q.weight': torch.zeros(1), 'network.encoder.backbone.patch_embed.patch_embeddings.weight': 0}
+        )

@@ -5,6 +5,7 @@ official `dinov2_vit*14[_reg4]_pretrain.pth` names and transformers 4.x folders 
 blocks become four maps: models/backbones/vit.py.
 """
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -15,7 +16,11 @@ from .vit import VisionTransformer, convert_vit_keys
 
 
 class DINOv2(VisionTransformer):
-    """DINOv2 ViT-S/B/L/g with patch 14 (`_reg4`: with four register tokens)."""
+    """DINOv2 ViT-S/B/L/g with patch 14 (`_reg4`: with four register tokens).
+
+    `patch_size` 16 and `image_size` 512 build the ViT as EoMT runs DINOv2 (its checkpoints and
+    transformers' `EomtForUniversalSegmentation` hold a 16-pixel patch kernel and a 32x32 position
+    table); `image_size` is the side the position table is for (other sides interpolate it)."""
 
     def __init__(
         self,
@@ -24,8 +29,12 @@ class DINOv2(VisionTransformer):
         pyramid: bool = True,
         drop_path_rate: float = 0.0,
         checkpointing: bool = False,
+        patch_size: int = 14,
+        image_size: int = 518,
     ):
         spec = lookup('DINOv2', VARIANTS, variant)
+        if patch_size not in (14, 16) or image_size % patch_size:
+            raise ValueError(f'patch_size: 14 or 16, image_size: a multiple of it; got {patch_size}, {image_size}')
         from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
         options = dict(
@@ -33,8 +42,8 @@ class DINOv2(VisionTransformer):
             num_hidden_layers=spec.depth,
             num_attention_heads=spec.heads,
             use_swiglu_ffn=spec.swiglu,
-            image_size=518,  # the 37x37 grid of the published position embeddings
-            patch_size=14,
+            image_size=image_size,  # 518: the 37x37 grid of the published position embeddings
+            patch_size=patch_size,
             layer_norm_eps=1e-6,
             drop_path_rate=drop_path_rate,
         )
@@ -42,7 +51,7 @@ class DINOv2(VisionTransformer):
             vit = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=4, **options))
         else:
             vit = Dinov2Model(Dinov2Config(use_mask_token=False, **options))
-        super().__init__(vit, spec.width, spec.depth, 14, out_indices, pyramid, checkpointing)
+        super().__init__(vit, spec.width, spec.depth, patch_size, out_indices, pyramid, checkpointing)
         self.prefix = 1 + (4 if spec.registers else 0)  # the class token and the registers
 
     def final_norm(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -57,12 +66,19 @@ class DINOv2(VisionTransformer):
 
     @staticmethod
     def convert_checkpoint(state: dict) -> dict:
-        """Official `dinov2_vit*14[_reg4]_pretrain.pth` or transformers 4.x/5.x weights (an image
-        classifier's under `dinov2.`) -> ours."""
+        """Official `dinov2_vit*14[_reg4]_pretrain.pth`, transformers 4.x/5.x weights (an image classifier's
+        under `dinov2.`) or timm's (EoMT's) -> ours. A position table without a row for the class token
+        (timm's `no_embed_class`, as EoMT holds it: a square number of patches) gets a zero row in front:
+        the class token takes no position there."""
         state = {key.removeprefix('dinov2.').removeprefix('dinov2_with_registers.'): v for key, v in state.items()}
-        return {
-            f'vit.{key}': value for key, value in convert_vit_keys(state, RENAMES, 'encoder.layer', k_bias=True).items()
-        }
+        converted = convert_vit_keys(state, RENAMES, 'encoder.layer', k_bias=True)
+        table = converted.get('embeddings.position_embeddings')
+        if table is not None:
+            table = table.reshape(1, -1, table.shape[-1])
+            if math.isqrt(table.shape[1]) ** 2 == table.shape[1]:
+                table = torch.cat([table.new_zeros(1, 1, table.shape[2]), table], dim=1)
+            converted['embeddings.position_embeddings'] = table
+        return {f'vit.{key}': value for key, value in converted.items()}
 
 
 RENAMES = [
@@ -70,6 +86,7 @@ RENAMES = [
     (r'^cls_token$', 'embeddings.cls_token'),
     (r'^pos_embed$', 'embeddings.position_embeddings'),
     (r'^register_tokens$', 'embeddings.register_tokens'),
+    (r'^reg_token$', 'embeddings.register_tokens'),  # timm's
     (r'^patch_embed\.proj\.', 'embeddings.patch_embeddings.projection.'),
     (r'\.attn\.proj\.', '.attention.o_proj.'),
     (r'\.ls([12])\.gamma$', r'.layer_scale\1.lambda1'),

@@ -149,29 +149,57 @@ HEAD_RENAMES = [
     (r'^upscale_block\.block\.(\d+)\.layernorm2d\.', r'upscale.\1.norm.'),
     (r'^upscale_block\.block\.(\d+)\.', r'upscale.\1.'),
 ]
-"""transformers' EomtDinov3ForUniversalSegmentation head names -> the official ones, used here."""
+"""transformers' EoMT head names -> the official ones, used here."""
 
-TRANSFORMERS_BACKBONE = [(r'^layers\.', 'model.layer.'), (r'^layernorm\.', 'norm.')]
-"""Its ViT's names -> DINOv3ViTModel's, which the dinov3 backbone's key map reads."""
+TRANSFORMERS_BACKBONES = {
+    'dinov3': [(r'^layers\.', 'model.layer.'), (r'^layernorm\.', 'norm.')],
+    'dinov2': [(r'^layers\.', 'encoder.layer.'), (r'\.attention\.out_proj\.', '.attention.o_proj.')],
+}
+"""The ViT names of transformers' DINOv3 / DINOv2 EoMT -> those of DINOv3ViTModel / Dinov2Model, which the
+backbones' key maps read."""
 
 
-def transformers_checkpoint_parts(state: dict):
-    """A transformers EoMT checkpoint (`EomtDinov3ForUniversalSegmentation`: no part prefixes) in the
-    prefix contract's form (models/weights.py): the ViT under `backbone.`, the head under `decode_head.`,
-    the loss's class weights dropped; None for any other file."""
-    if 'class_predictor.weight' not in state or 'query.weight' not in state:
-        return None
-    if 'embeddings.position_embeddings.weight' in state:
+def checkpoint_parts(state: dict):
+    """An EoMT checkpoint, official or transformers', in the prefix contract's form (models/weights.py):
+    the ViT under `backbone.`, the head under `decode_head.`, the loss's class weights and the input
+    normalisation dropped; None for any other file."""
+    if 'network.q.weight' in state:
+        return official_checkpoint_parts(state)
+    if 'class_predictor.weight' in state and 'query.weight' in state:
+        return transformers_checkpoint_parts(state)
+    return None
+
+
+def official_checkpoint_parts(state: dict) -> dict:
+    """tue-mps/eomt's Lightning state_dict: `network.encoder.backbone.` holds timm's DINOv2 (the dinov2
+    backbone's key map reads it), `network.` the head under the names used here. Its DINOv3 checkpoints
+    hold the backbone as differences to the pretrained DINOv3 weights, which cannot be loaded alone."""
+    if 'network.encoder.backbone.patch_embed.patch_embeddings.weight' in state:
         raise ValueError(
-            "transformers' DINOv2 EoMT (EomtForUniversalSegmentation: patch 16, a position table without the "
-            'class token) does not fit the dinov2 backbone here (patch 14); only the DINOv3 EoMT converts'
+            'an official DINOv3 EoMT checkpoint holds its ViT as differences to the pretrained DINOv3 weights; '
+            "convert transformers' EomtDinov3ForUniversalSegmentation folder of it instead"
         )
+    parts = {}
+    for key, value in state.items():
+        if key.startswith('network.encoder.backbone.'):
+            parts[f'backbone.{key.removeprefix("network.encoder.backbone.")}'] = value
+        elif key.startswith('network.') and not key.startswith('network.encoder.'):
+            parts[f'decode_head.{key.removeprefix("network.")}'] = value
+    return parts
+
+
+def transformers_checkpoint_parts(state: dict) -> dict:
+    """transformers' `EomtDinov3ForUniversalSegmentation` or `EomtForUniversalSegmentation` (no part
+    prefixes): its ViT's names become DINOv3ViTModel's or Dinov2Model's."""
+    family = 'dinov2' if 'embeddings.position_embeddings.weight' in state else 'dinov3'
     parts = {}
     for key, value in state.items():
         if key.startswith('criterion.'):
             continue
+        if key == 'embeddings.position_embeddings.weight':  # an nn.Embedding of the patches' positions
+            key = 'embeddings.position_embeddings'
         if key.startswith(('embeddings.', 'layers.', 'layernorm.')):
-            for pattern, replacement in TRANSFORMERS_BACKBONE:
+            for pattern, replacement in TRANSFORMERS_BACKBONES[family]:
                 key = re.sub(pattern, replacement, key)
             parts[f'backbone.{key}'] = value
         else:
