@@ -92,9 +92,13 @@ def split_parts(state: dict) -> tuple:
 
 
 def convert_part(module: nn.Module, state: dict) -> dict:
-    """`state` through the key map of the class that built `module` (the identity if it has none)."""
+    """`state` through the key map of the class that built `module` (the identity if it has none), then
+    through the module's `fit_checkpoint` where it resizes tensors to its own sizes (a ViT's patch kernel
+    and position table)."""
     convert = getattr(type(module), 'convert_checkpoint', None)
-    return convert(state) if convert else state
+    state = convert(state) if convert else state
+    fit = getattr(module, 'fit_checkpoint', None)
+    return fit(state) if fit else state
 
 
 def convert_model_state(model: nn.Module, state: dict) -> tuple:

@@ -218,3 +218,22 @@ def test_parameter_counts_are_those_of_the_published_checkpoints(family, variant
     not_built_by_timm = ours.out_channels[-1] if variant.endswith('_reg4') else 0
     not_built_here = 2 * ours.out_channels[-1] if family == 'dinov3_convnext' else 0
     assert parameter_count(ours) - not_built_by_timm == parameter_count(reference) - not_built_here
+
+
+def test_patch_14_weights_load_into_a_patch_16_vit_resampled_as_timm_loads_them(tmp_path):
+    """EoMT runs DINOv2 at patch 16 on a 32x32 grid: the official patch-14 file's kernel and 37x37
+    position table are resized on loading, as timm's checkpoint filter does for the official code."""
+    from timm.layers import resample_abs_pos_embed, resample_patch_embed
+
+    from models.weights import load_pretrained
+
+    source = seeded('dinov2', pyramid=False)
+    torch.save(official_dinov2(source.state_dict()), tmp_path / 'dinov2_test_pretrain.pth')
+    target = BACKBONES['dinov2']('test', pyramid=False, patch_size=16, image_size=64)
+    report = load_pretrained(target, tmp_path / 'dinov2_test_pretrain.pth')
+    assert report.complete
+    kernel = source.vit.embeddings.patch_embeddings.projection.weight
+    table = source.vit.embeddings.position_embeddings
+    assert torch.equal(target.vit.embeddings.patch_embeddings.projection.weight, resample_patch_embed(kernel, [16, 16]))
+    assert torch.equal(target.vit.embeddings.position_embeddings, resample_abs_pos_embed(table, [4, 4]))
+    assert target(torch.randn(1, 3, 64, 96))[0].shape == (1, 64, 4, 6)

@@ -229,25 +229,31 @@ def test_the_onnx_graph_is_the_eager_mask_free_model(tmp_path):
     assert max(differences) < 1e-4, differences
 
 
-@pytest.mark.parametrize('name, width, heads', [('eomt_dinov3_vits16', 384, 6), ('eomt_dinov3_vitb16', 768, 12)])
-def test_parameter_counts_are_transformers_eomts(name, width, heads):
-    from transformers import EomtDinov3Config, EomtDinov3ForUniversalSegmentation
+@pytest.mark.parametrize('family', ['dinov3', 'dinov2'])
+@pytest.mark.parametrize('size, width, heads', [('s', 384, 6), ('b', 768, 12)])
+def test_parameter_counts_are_transformers_eomts(family, size, width, heads):
+    """The ADE20K configs against transformers' EoMT of the same ViT, 100 queries, 3 blocks, 150 classes
+    (the DINOv2 one at patch 16 on a 32x32 grid, as EoMT runs it)."""
+    import transformers
 
     from conftest import ROOT
 
+    name = f'eomt_dinov3_vit{size}16' if family == 'dinov3' else f'eomt_dinov2_vit{size}14'
     cfg = load_config(ROOT / 'configs' / f'{name}.yaml', ['backbone.pretrained=null'])
-    config = EomtDinov3Config(
-        hidden_size=width,
-        num_hidden_layers=12,
-        num_attention_heads=heads,
-        intermediate_size=4 * width,
-        num_queries=100,
-        num_blocks=3,
-        num_labels=150,
-    )
+    sizes = dict(hidden_size=width, num_hidden_layers=12, num_attention_heads=heads)
+    task = dict(num_queries=100, num_blocks=3, num_labels=150)
+    if family == 'dinov3':
+        config = transformers.EomtDinov3Config(**sizes, **task, intermediate_size=4 * width)
+        cls = transformers.EomtDinov3ForUniversalSegmentation
+    else:
+        config, cls = (
+            transformers.EomtConfig(**sizes, **task, image_size=512),
+            transformers.EomtForUniversalSegmentation,
+        )
     with torch.device('meta'):
-        ours, reference = create_model(cfg), EomtDinov3ForUniversalSegmentation(config)
-    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in reference.parameters())
+        ours, reference = create_model(cfg), cls(config)
+    class_position = width if family == 'dinov2' else 0  # the class token's (zero) row in the position table
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in reference.parameters()) + class_position
 
 
 def test_the_loss_is_transformers_eomt_loss_on_the_same_points(tmp_path, monkeypatch):

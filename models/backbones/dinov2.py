@@ -9,6 +9,7 @@ import math
 from typing import NamedTuple
 
 import torch
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from torch import nn
 
 from .variants import lookup
@@ -63,6 +64,21 @@ class DINOv2(VisionTransformer):
 
     def embed(self, x: torch.Tensor) -> tuple:
         return self.vit.embeddings(x), {}
+
+    def fit_checkpoint(self, state: dict) -> dict:
+        """Weights of another patch size or position grid (the official patch-14, 37x37 files in EoMT's
+        patch-16 ViT) resized to this model's as the official EoMT code loads them through timm: the patch
+        kernel by FlexiViT's resampling, the position table bicubically (the class token's row kept)."""
+        embeddings = self.vit.embeddings
+        kernel, table = 'vit.embeddings.patch_embeddings.projection.weight', 'vit.embeddings.position_embeddings'
+        own_kernel, own_table = embeddings.patch_embeddings.projection.weight, embeddings.position_embeddings
+        state = dict(state)
+        if kernel in state and state[kernel].shape[-2:] != own_kernel.shape[-2:]:
+            state[kernel] = resample_patch_embed(state[kernel], list(own_kernel.shape[-2:]))
+        if table in state and state[table].shape[1] != own_table.shape[1] and state[table].shape[0] == 1:
+            side = math.isqrt(own_table.shape[1] - 1)
+            state[table] = resample_abs_pos_embed(state[table], [side, side], num_prefix_tokens=1)
+        return state
 
     @staticmethod
     def convert_checkpoint(state: dict) -> dict:
