@@ -190,7 +190,11 @@ def build_train_state(cfg: dict, run: Run, model: nn.Module) -> tuple:
     if run.world_size > 1 and run.device.type == 'cuda':
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer, groups_table = build_optimizer(
-        model, train_cfg['optimizer'], train_cfg['param_groups'], train_cfg['layer_decay']
+        model,
+        train_cfg['optimizer'],
+        train_cfg['param_groups'],
+        train_cfg['layer_decay'],
+        split_backbone=train_cfg['schedule']['backbone_warmup'] is not None,
     )
     scheduler = build_scheduler(optimizer, train_cfg['max_iters'], train_cfg['schedule'])
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp_dtype == torch.float16)

@@ -63,7 +63,14 @@ DEFAULTS = {
         'keep_checkpoints': 3,
         'optimizer': {'type': 'adamw', 'lr': 6e-5, 'weight_decay': 0.01, 'betas': [0.9, 0.999], 'momentum': 0.9},
         'param_groups': {},
-        'schedule': {'type': 'poly', 'power': 1.0, 'min_lr': 0.0, 'warmup_iters': 0, 'warmup_ratio': 1e-6},
+        'schedule': {
+            'type': 'poly',
+            'power': 1.0,
+            'min_lr': 0.0,
+            'warmup_iters': 0,
+            'warmup_ratio': 1e-6,
+            'backbone_warmup': None,
+        },
         'loss': {},  # each term of engine/loss_terms.py: its weight, then its options (filled below)
         'mask_loss': {},  # the set-prediction loss's settings: engine/mask_losses.py (filled below)
     },
@@ -97,6 +104,7 @@ TYPES = {
     'train.ema_decay': (float, type(None)),
     'train.layer_decay.rate': (float, int, type(None)),
     'train.layer_decay.num_layers': (int, type(None)),
+    'train.schedule.backbone_warmup': (list, type(None)),
     'train.mask_annealing.start': (list, type(None)),
     'train.mask_annealing.end': (list, type(None)),
     'eval.crop_size': (list, type(None)),

@@ -1,6 +1,7 @@
 """Optimizer with parameter groups from name-substring rules, iteration-based LR schedules, and the moving
 average of the weights."""
 
+import functools
 import math
 
 import torch
@@ -30,10 +31,13 @@ def layer_scale(model: torch.nn.Module, name: str, layer_decay: dict) -> tuple:
     return layer, layer_decay['rate'] ** (num_layers + 1 - layer)
 
 
-def build_optimizer(model: torch.nn.Module, optimizer_cfg: dict, rules: dict, layer_decay: dict = None):
+def build_optimizer(
+    model: torch.nn.Module, optimizer_cfg: dict, rules: dict, layer_decay: dict = None, split_backbone: bool = False
+):
     """AdamW or SGD over groups formed by `rules` ({substring: {lr_mult, decay_mult}}) and, with
-    `layer_decay` ({rate, num_layers}), by the backbone layer; returns the optimizer and a table of the
-    groups for the log."""
+    `layer_decay` ({rate, num_layers}), by the backbone layer; with `split_backbone` (a schedule of its
+    own for the backbone) no group holds both backbone and other parameters, and each says which it
+    holds (`backbone`). Returns the optimizer and a table of the groups for the log."""
     check_rules(rules)
     lr, weight_decay = optimizer_cfg['lr'], optimizer_cfg['weight_decay']
     groups = {}
@@ -43,13 +47,15 @@ def build_optimizer(model: torch.nn.Module, optimizer_cfg: dict, rules: dict, la
         rule = group_rule(name, rules)
         options = rules.get(rule, {})
         layer, scale = layer_scale(model, name, layer_decay)
+        backbone = split_backbone and name.startswith('backbone.')
         group = groups.setdefault(
-            (rule, layer),
+            (rule, layer, backbone),
             {
                 'params': [],
                 'name': (rule or 'default') + ('' if layer is None else f' layer {layer}'),
                 'lr': lr * options.get('lr_mult', 1.0) * scale,
                 'weight_decay': weight_decay * options.get('decay_mult', 1.0),
+                'backbone': backbone,
             },
         )
         group['params'].append(param)
@@ -59,9 +65,10 @@ def build_optimizer(model: torch.nn.Module, optimizer_cfg: dict, rules: dict, la
     else:
         optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(optimizer_cfg['betas']), weight_decay=weight_decay)
     table = [f'{"rule":<16}{"layer":>6}{"lr":>10}{"decay":>10}{"tensors":>9}{"params":>12}']
-    for (rule, layer), group in groups.items():
+    for (rule, layer, backbone), group in groups.items():
+        label = (rule or '(default)') + (' (backbone)' if backbone else '')
         table.append(
-            f'{rule or "(default)":<16}{"" if layer is None else layer:>6}{group["lr"]:>10.3g}'
+            f'{label:<16}{"" if layer is None else layer:>6}{group["lr"]:>10.3g}'
             f'{group["weight_decay"]:>10.3g}{len(group["params"]):>9}{sum(p.numel() for p in group["params"]):>12,}'
         )
     return optimizer, '\n'.join(table)
@@ -82,10 +89,18 @@ def check_rules(rules: dict, source: str = 'config') -> None:
                 raise ConfigError(f"{source}: '{rule}.{option}' must be a number >= 0, got {value!r}")
 
 
-def lr_factor(iteration: int, max_iters: int, schedule: dict) -> float:
+def lr_factor(iteration: int, max_iters: int, schedule: dict, backbone: bool = False) -> float:
     """Multiplier of the base LR at `iteration`: linear warm-up from `warmup_ratio`, then the schedule
     over the remaining iterations (mmseg 1.x: LinearLR followed by PolyLR from the end of warm-up).
-    The decay part ends at `min_lr`, given as a fraction of the base LR."""
+    The decay part ends at `min_lr`, given as a fraction of the base LR. With `backbone_warmup`
+    ([delay, ramp], EoMT's two-stage warm-up) a backbone group stays at 0 for `delay` iterations, warms
+    up from 0 over `ramp`, then decays over the rest."""
+    if backbone and schedule.get('backbone_warmup'):
+        delay, ramp = schedule['backbone_warmup']
+        if iteration < delay:
+            return 0.0
+        shifted = {**schedule, 'warmup_iters': ramp, 'warmup_ratio': 0.0, 'backbone_warmup': None}
+        return lr_factor(iteration - delay, max_iters - delay, shifted)
     warmup = schedule['warmup_iters']
     if iteration < warmup:
         ratio = schedule['warmup_ratio']
@@ -133,7 +148,12 @@ def anneal_attention_masks(model: torch.nn.Module, iteration: int, train_cfg: di
 
 
 def build_scheduler(optimizer, max_iters: int, schedule: dict):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, max_iters, schedule))
+    """One LR factor per group: the backbone's groups (`backbone`, see build_optimizer) may have their own."""
+    factors = [
+        functools.partial(lr_factor, max_iters=max_iters, schedule=schedule, backbone=group.get('backbone', False))
+        for group in optimizer.param_groups
+    ]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
 
 
 def normalised_ema(decay: float):

@@ -194,6 +194,16 @@ def check_training(cfg: dict, source: str) -> None:
             f"'{cfg['backbone']['type']}' has none"
         )
     check_mask_annealing(cfg, source)
+    backbone_warmup = train['schedule']['backbone_warmup']
+    if backbone_warmup is not None and not (
+        len(backbone_warmup) == 2
+        and all(isinstance(n, int) and n >= 0 for n in backbone_warmup)
+        and sum(backbone_warmup) < train['max_iters']
+    ):
+        raise ConfigError(
+            f'{source}: train.schedule.backbone_warmup must be [delay, ramp], two iteration counts whose sum is '
+            f'below train.max_iters ({train["max_iters"]}); got {backbone_warmup}'
+        )
     check_loss_config(train['loss'], cfg['data']['num_classes'], source)
     aux_weight = aux_loss_weight(cfg)
     if not is_number(aux_weight) or aux_weight < 0:

@@ -194,6 +194,7 @@ TINY = (
     + """\
     train: {{max_iters: 6, batch_size: 2, val_interval: 3, log_interval: 1, grad_clip: 0.01,
              mask_annealing: {{start: [1, 2], end: [6, 8]}},
+             schedule: {{type: poly, power: 0.9, warmup_iters: 1, backbone_warmup: [1, 2]}},
              optimizer: {{type: adamw, lr: 1.0e-3, weight_decay: 0.05}}}}
 """
 )
@@ -206,7 +207,7 @@ def run(tmp_path_factory):
 
 def test_training_anneals_the_masks_and_resumes_exactly(run):
     """The mask probabilities are the schedule's at the last step (iteration 5), and a run resumed at
-    iteration 3 ends with the uninterrupted run's weights."""
+    iteration 3 ends with the uninterrupted run's weights (the backbone's own warm-up included)."""
     probabilities = load_checkpoint(run / 'work' / 'last.pth')['model']['head.attn_mask_probs']
     assert probabilities.tolist() == pytest.approx([(1 - 4 / 5) ** 0.9, (1 - 3 / 6) ** 0.9])
     assert_resume_continues_exactly(run)

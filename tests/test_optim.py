@@ -284,3 +284,27 @@ def test_layer_decay_needs_a_backbone_that_numbers_its_layers():
             ),
             'test',
         )
+
+
+def test_the_backbone_warm_up_of_eomt_waits_then_ramps_from_zero():
+    """tue-mps/eomt's two-stage warm-up (TwoStageWarmupPolySchedule), T = 100, warm-ups [5, 10], poly 0.9:
+    the head warms up over 5 iterations, then decays as (1 - (t - 5) / 95)^0.9; the backbone stays at 0
+    for 5, warms up over the next 10, then decays as (1 - (t - 15) / 85)^0.9."""
+    model = torch.nn.ModuleDict({'backbone': torch.nn.Linear(2, 2), 'head': torch.nn.Linear(2, 2)})
+    optimizer, _ = build_optimizer(
+        model,
+        {'type': 'adamw', 'lr': BASE_LR, 'weight_decay': 0.0, 'betas': [0.9, 0.999]},
+        {'weight': {}},
+        split_backbone=True,
+    )
+    assert sorted(g['backbone'] for g in optimizer.param_groups) == [False, False, True, True]
+    scheduler = build_scheduler(
+        optimizer, 100, schedule(power=0.9, warmup_iters=5, warmup_ratio=0.0, backbone_warmup=[5, 10])
+    )
+    for t in range(100):
+        head = t / 5 if t < 5 else (1 - (t - 5) / 95) ** 0.9
+        backbone = 0.0 if t < 5 else (t - 5) / 10 if t < 15 else (1 - (t - 15) / 85) ** 0.9
+        for group in optimizer.param_groups:
+            assert group['lr'] == pytest.approx(BASE_LR * (backbone if group['backbone'] else head), abs=1e-12), t
+        optimizer.step()
+        scheduler.step()
