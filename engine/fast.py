@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .inference import padded_size
+
 BATCH_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 """glibc `mallopt` parameters (malloc.h)."""
@@ -29,8 +31,7 @@ def example_input(model: nn.Module, size=(64, 64)) -> torch.Tensor:
     """A fixed random (1, 3, H, W) image batch on the model's device: the probe `fold_conv_bn` runs.
     64x64 suits every convolutional family here (OffSeg needs sides that are multiples of 32); a ViT
     backbone's patch grid may need the sides rounded up (its `size_multiple`: 84x84 for DINOv2's)."""
-    multiple = getattr(getattr(model, 'backbone', None), 'size_multiple', 1)
-    size = [-(-side // multiple) * multiple for side in size]
+    size = padded_size(size, getattr(getattr(model, 'backbone', None), 'size_multiple', 1))
     parameter = next(model.parameters())
     generator = torch.Generator().manual_seed(0)
     return torch.randn(1, 3, *size, generator=generator).to(parameter.device, parameter.dtype)

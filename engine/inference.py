@@ -89,11 +89,17 @@ def slide(model, images: torch.Tensor, crop_size, stride, window_batch: int = 8)
     return total / count
 
 
+def padded_size(size, divisor: int) -> tuple:
+    """(H, W) rounded up to multiples of `divisor`: the size `single_view` pads an image to."""
+    return tuple(-(-side // divisor) * divisor for side in size)
+
+
 def single_view(model, images: torch.Tensor, mode='whole', crop_size=None, stride=None, size_divisor=1):
     """Scores of normalised `images` at their own size: padded to `size_divisor`, whole or slide,
     the padding cut off."""
     height, width = images.shape[-2:]
-    padded = F.pad(images, (0, -width % size_divisor, 0, -height % size_divisor))
+    padded_height, padded_width = padded_size((height, width), size_divisor)
+    padded = F.pad(images, (0, padded_width - width, 0, padded_height - height))
     scores = slide(model, padded, crop_size, stride) if mode == 'slide' else whole(model, padded)
     return scores[..., :height, :width]
 

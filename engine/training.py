@@ -105,8 +105,8 @@ class TrainState:
         frozen = self.model.frozen_part()
         if frozen is None:
             return {}
-        name = getattr(self.model.backbone, 'pretrained_part', '')
-        return frozen.state_dict(prefix=f'module.backbone.{name}.' if name else 'module.backbone.')
+        path = next(name for name, module in self.model.named_modules() if module is frozen)
+        return frozen.state_dict(prefix=f'module.{path}.')
 
     def ema_state(self) -> dict:
         frozen = self.frozen_ema_part()

@@ -3,11 +3,10 @@ same weights, official-format checkpoints converted with every tensor matched, t
 strides, the input-size rule, and parameter counts equal to timm's models of the same published
 checkpoints."""
 
-import re
-
 import pytest
 import timm
 import torch
+from test_segformer import rename
 
 from engine.config import ConfigError
 from models.backbones import BACKBONES
@@ -72,10 +71,9 @@ def test_dinov3_convnext_stages_are_transformers_hidden_states():
 
 def official_dinov2(state: dict) -> dict:
     """Our DINOv2 state in the facebookresearch names: fused qkv, `ls1.gamma`, `blocks.{i}`."""
-    official = {}
-    for key, value in state.items():
-        key = key.removeprefix('vit.')
-        for pattern, replacement in [
+    official = rename(
+        {key.removeprefix('vit.'): value for key, value in state.items()},
+        [
             (r'^embeddings\.cls_token$', 'cls_token'),
             (r'^embeddings\.position_embeddings$', 'pos_embed'),
             (r'^embeddings\.register_tokens$', 'register_tokens'),
@@ -84,18 +82,16 @@ def official_dinov2(state: dict) -> dict:
             (r'\.attention\.o_proj\.', '.attn.proj.'),
             (r'\.layer_scale([12])\.lambda1$', r'.ls\1.gamma'),
             (r'^layernorm\.', 'norm.'),
-        ]:
-            key = re.sub(pattern, replacement, key)
-        official[key] = value
+        ],
+    )
     return fuse_qkv(official, with_k_bias=True)
 
 
 def official_dinov3(state: dict) -> dict:
     """Our DINOv3 state in the facebookresearch names, with the masked (zero) k bias and its mask."""
-    official = {'mask_token': torch.zeros(1, state['vit.embeddings.cls_token'].shape[-1])}
-    for key, value in state.items():
-        key = key.removeprefix('vit.')
-        for pattern, replacement in [
+    official = rename(
+        {key.removeprefix('vit.'): value for key, value in state.items()},
+        [
             (r'^embeddings\.cls_token$', 'cls_token'),
             (r'^embeddings\.register_tokens$', 'storage_tokens'),
             (r'^embeddings\.patch_embeddings\.', 'patch_embed.proj.'),
@@ -104,9 +100,9 @@ def official_dinov3(state: dict) -> dict:
             (r'\.layer_scale([12])\.lambda1$', r'.ls\1.gamma'),
             (r'\.mlp\.up_proj\.', '.mlp.fc1.'),
             (r'\.mlp\.down_proj\.', '.mlp.fc2.'),
-        ]:
-            key = re.sub(pattern, replacement, key)
-        official[key] = value
+        ],
+    )
+    official['mask_token'] = torch.zeros(1, state['vit.embeddings.cls_token'].shape[-1])
     official['rope_embed.periods'] = torch.ones(4)
     return fuse_qkv(official, with_k_bias=False)
 
@@ -142,17 +138,16 @@ def test_official_vit_checkpoints_convert_with_every_tensor_matched(family, vari
 
 def test_official_dinov3_convnext_checkpoints_convert_with_every_tensor_matched():
     ours = {k.removeprefix('convnext.'): v for k, v in BACKBONES['dinov3_convnext']('test').state_dict().items()}
-    official = {}
-    for key, value in ours.items():
-        for pattern, replacement in [
+    official = rename(
+        ours,
+        [
             (r'^model\.stages\.(\d+)\.downsample_layers\.', r'downsample_layers.\1.'),
             (r'^model\.stages\.(\d+)\.layers\.(\d+)\.depthwise_conv\.', r'stages.\1.\2.dwconv.'),
             (r'^model\.stages\.(\d+)\.layers\.(\d+)\.layer_norm\.', r'stages.\1.\2.norm.'),
             (r'^model\.stages\.(\d+)\.layers\.(\d+)\.pointwise_conv([12])\.', r'stages.\1.\2.pwconv\3.'),
             (r'^model\.stages\.(\d+)\.layers\.(\d+)\.gamma$', r'stages.\1.\2.gamma'),
-        ]:
-            key = re.sub(pattern, replacement, key)
-        official[key] = value
+        ],
+    )
     official.update({'norm.weight': torch.ones(128), 'norms.3.weight': torch.ones(128)})
     converted = BACKBONES['dinov3_convnext'].convert_checkpoint(official)
     assert converted.keys() == {f'convnext.{key}' for key in ours}

@@ -20,6 +20,7 @@ from engine.fast import (
     prepare_for_inference,
     uses_channels_last,
 )
+from engine.inference import padded_size
 from tools.measure import rss_mb
 from train import create_model
 
@@ -113,8 +114,7 @@ def tiny_model(family: str) -> nn.Module:
 
 def sample_images(model, dtype=torch.float32) -> torch.Tensor:
     """A 64x96 batch, its sides rounded up to what the backbone's patch grid takes."""
-    multiple = getattr(model.backbone, 'size_multiple', 1)
-    return torch.randn(1, 3, *(-(-side // multiple) * multiple for side in (64, 96)), dtype=dtype)
+    return torch.randn(1, 3, *padded_size((64, 96), getattr(model.backbone, 'size_multiple', 1)), dtype=dtype)
 
 
 def relative_difference(actual, expected) -> float:

@@ -52,6 +52,7 @@ from engine import fast  # noqa: E402
 from engine.cli import AMP_DTYPES, ArgumentParser, number, run_cli  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
 from engine.fast import time_calls  # noqa: E402
+from engine.inference import padded_size  # noqa: E402
 from engine.onnx_runtime import output_tensors  # noqa: E402
 from engine.outputs import write_bytes  # noqa: E402
 from models.backbones.mit import LAYER_NORM_EPS, MiT  # noqa: E402
@@ -243,8 +244,7 @@ def benchmark(path: Path, args) -> dict:
     cfg = random_weights_config(path, args.set)
     if args.compare:
         check_hf_comparable(meta_model(cfg), cfg, path)
-    divisor = cfg['eval']['size_divisor']  # evaluate.py pads its input to it (a ViT's patch grid)
-    size = tuple(-(-side // divisor) * divisor for side in args.size)
+    size = padded_size(args.size, cfg['eval']['size_divisor'])  # as evaluate.py pads (a ViT's patch grid)
     result = {'config': str(path), **size_figures(cfg, size), 'size': list(size)}
     if args.macs_only:
         return result
