@@ -23,6 +23,7 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader, Subset
 
+from datasets.base import split_name
 from datasets.sampler import shard
 from engine import dist, fast
 from engine.cli import ArgumentParser, amp_dtype_for, config_for_checkpoint, number, run_cli
@@ -43,7 +44,7 @@ def parse_args(argv=None):
     model.add_argument('--checkpoint')
     model.add_argument('--onnx', metavar='FILE', help='a graph of tools/export_onnx.py instead (run on the CPU)')
     parser.add_argument('--config', help="YAML to use instead of the checkpoint's stored config")
-    parser.add_argument('--split', default='val', help='dataset split to score (default: val)')
+    parser.add_argument('--split', default='val', help='dataset split to score, or a list file of names (default: val)')
     parser.add_argument('--mode', choices=['whole', 'slide'], help='inference mode (default: eval.mode)')
     tta = parser.add_mutually_exclusive_group()
     tta.add_argument('--tta', action='store_true', help=f"mmseg's test-time augmentation: scales {TTA_SCALES} and flip")
@@ -141,7 +142,7 @@ def main(argv=None) -> None:
             f'{len(subset)} images in {seconds:.1f} s ({1000 * seconds / len(subset):.0f} ms each, with data loading)'
         )
         scored = Path(args.onnx or args.checkpoint)
-        name = f'eval_{args.split}_{cfg["eval"]["mode"]}_{scored.stem}'  # each scored file its own results
+        name = f'eval_{split_name(args.split)}_{cfg["eval"]["mode"]}_{scored.stem}'  # each scored file its own results
         output = Path(args.work_dir or scored.parent) / f'{name}.json'
         record = {
             'onnx' if args.onnx else 'checkpoint': str(scored),

@@ -145,7 +145,11 @@ class SegmentationDataset(Dataset):
             raise DatasetError(f'data.palette must give an [r, g, b] colour (0-255) for each of the {n} classes')
 
     def layout(self, split: str) -> list:
-        """The Sources of `split` (its name on disk); VOC's train_aug overrides this to combine two."""
+        """The Sources of `split` (its name on disk); VOC's train_aug overrides this to combine two.
+        A split that is a list file names its pairs across the split folders (`is_list_file`)."""
+        if is_list_file(split):
+            image_dir, label_dir = self.IMAGE_DIR.format(split=''), self.LABEL_DIR.format(split='')
+            return [Source(image_dir.rstrip('/') or '.', label_dir.rstrip('/') or '.', str(Path(split).resolve()))]
         return [
             Source(
                 self.IMAGE_DIR.format(split=split),
@@ -216,7 +220,7 @@ class SegmentationDataset(Dataset):
                 self.OTHER_LABEL_SUFFIXES,
             ]
         )
-        return Path(cache_dir) / f'{self.split}-{hashlib.sha1(layout.encode()).hexdigest()[:12]}.json'
+        return Path(cache_dir) / f'{split_name(self.split)}-{hashlib.sha1(layout.encode()).hexdigest()[:12]}.json'
 
     def check_record(self, pair: tuple, record) -> str:
         """Why a scanned pair cannot be used, or None; counts the class pixels of usable ones."""
@@ -317,6 +321,18 @@ def list_files(folder: Path, suffixes, exclude=()) -> tuple:
                 doubles.append(key)
             files[key] = Path(directory) / name
     return files, doubles
+
+
+def is_list_file(split: str) -> bool:
+    """A split given as a `.txt` file (relative to where the command runs, as data.root is) listing
+    names relative to the image folder without its split part, one a line: `train/0001TP_006690` is
+    CamVid's images/train/0001TP_006690.jpg. Folds that mix the dataset's own splits are such files."""
+    return split.endswith('.txt')
+
+
+def split_name(split: str) -> str:
+    """The split's name in file names: a list file's stem."""
+    return Path(split).stem if is_list_file(split) else split
 
 
 def read_split_file(path: Path) -> list:

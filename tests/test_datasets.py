@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import datasets.scan
-from conftest import CAMVID
+from conftest import CAMVID, ROOT
 from datasets import DATASETS, CamVid, DatasetError, DatasetWarning, DemoScenes, FolderDataset, SegmentationDataset
 from datasets.sampler import TrainSampler, shard
 from datasets.voc import voc_palette
@@ -112,6 +112,37 @@ def test_camvid_class_frequencies_match_its_readme(tmp_path):
         counts = [int(item.split(':')[1]) for item in listed]
         dataset = CamVid(CAMVID, split, 11, cache_dir=tmp_path)
         assert dataset.class_pixels.tolist() == counts[:11] and dataset.ignored_pixels == counts[11]
+
+
+@pytest.mark.skipif(not CAMVID.is_dir(), reason='../shared/data/camvid not available')
+@pytest.mark.parametrize('held_out, frames', [('0001TP', 62), ('0006R0', 101), ('0016E5', 305)])
+def test_camvid_folds_hold_out_one_whole_sequence_and_train_on_every_other_frame(tmp_path, held_out, frames):
+    config = tmp_path / 'fold.yaml'
+    overlay = ROOT / 'configs' / '_base_' / 'datasets' / f'camvid_hold_out_{held_out}.yaml'
+    config.write_text(f'_base_: [{ROOT / "configs" / "camvid.yaml"}, {overlay}]\n')
+    cfg = load_config(config, [f'output.work_dir={tmp_path}'])
+    train, val = build_dataset(cfg, 'train'), build_dataset(cfg, 'val')
+    sequences = [{image.name.split('_')[0] for image, _ in dataset.samples} for dataset in (train, val)]
+    assert sequences[1] == {held_out} and held_out not in sequences[0] and len(val) == frames
+    assert len(train) + len(val) == 468
+
+
+def test_a_list_file_split_takes_names_across_the_split_folders_and_names_what_is_missing(tmp_path):
+    root = make_folder(tmp_path / 'data', names=('a', 'b'))
+    make_folder(root, names=())
+    (root / 'images/val').mkdir(), (root / 'annotations/val').mkdir()
+    for name in ('c',):
+        cv2.imwrite(str(root / 'images/val' / f'{name}.jpg'), np.full((12, 16, 3), 100, np.uint8))
+        cv2.imwrite(str(root / 'annotations/val' / f'{name}.png'), np.full((12, 16), 2, np.uint8))
+    fold = tmp_path / 'fold_train.txt'
+    fold.write_text('train/b\nval/c\n')
+    dataset = SegmentationDataset(root, str(fold), num_classes=3, cache_dir=tmp_path / 'cache')
+    assert [label.name for _, label in dataset.samples] == ['b.png', 'c.png']
+    assert dataset.class_pixels[1:].tolist() == [12 * 16, 12 * 16]
+    assert [path.name for path in (tmp_path / 'cache').iterdir()][0].startswith('fold_train-')
+    fold.write_text('train/b\nval/d\n')
+    with pytest.raises(DatasetError, match=r"fold_train.txt' lists 2 names; 1 without an image .* e.g. val/d"):
+        SegmentationDataset(root, str(fold), num_classes=3)
 
 
 # ------------------------------------------------------------------ each dataset's layout, on the fly
