@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .heads.eomt import checkpoint_parts as eomt_checkpoint_parts
+from .heads.eomt import holds_differences
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +72,11 @@ def read_state_dict(path) -> dict:
     return {key.removeprefix('module.'): value for key, value in state.items()}
 
 
-def split_parts(state: dict) -> tuple:
+def split_parts(state: dict, differences: bool = False) -> tuple:
     """({part: its state_dict, ready for that part's key map}, [keys of no known part]) by the prefix contract
     (an EoMT checkpoint, official or transformers', is put into that form first)."""
     try:
-        state = eomt_checkpoint_parts(state) or state
+        state = eomt_checkpoint_parts(state, differences) or state
     except ValueError as error:
         raise CheckpointError(str(error)) from None
     if not any(key.startswith(tuple(PARTS)) for key in state):
@@ -101,10 +102,13 @@ def convert_part(module: nn.Module, state: dict) -> dict:
     return fit(state) if fit else state
 
 
-def convert_model_state(model: nn.Module, state: dict) -> tuple:
+def convert_model_state(model: nn.Module, state: dict, start: dict = None) -> tuple:
     """(our state_dict, [keys no part of `model` claims]) for a published or our own whole-model state_dict,
-    or for a backbone alone."""
-    parts, unclaimed = split_parts(state)
+    or for a backbone alone. `start`: for a file of differences (an official DINOv3 EoMT checkpoint), the
+    state (our names) they are differences to; each converted tensor is then start + difference."""
+    if start is not None and not holds_differences(state):
+        raise CheckpointError('only an official DINOv3 EoMT checkpoint holds differences to a base; this file does not')
+    parts, unclaimed = split_parts(state, differences=start is not None)
     converted = {}
     for part, part_state in parts.items():
         module = getattr(model, part, None)
@@ -112,6 +116,11 @@ def convert_model_state(model: nn.Module, state: dict) -> tuple:
             unclaimed += list(part_state)
             continue
         converted.update({f'{part}.{k}': v for k, v in convert_part(module, part_state).items()})
+    if start is not None:
+        converted = {
+            key: start[key] + value if key in start and start[key].shape == value.shape else value
+            for key, value in converted.items()
+        }
     return converted, unclaimed
 
 
@@ -125,6 +134,7 @@ class LoadReport:
     missing: list = field(default_factory=list)
     unexpected: list = field(default_factory=list)
     mismatched: list = field(default_factory=list)
+    new: list = field(default_factory=list)  # tensors no pretrained file has (a ViT's feature pyramid): not misfits
 
     @property
     def complete(self) -> bool:
@@ -147,7 +157,8 @@ class LoadReport:
         return lines
 
     def summary(self) -> str:
-        return f'loaded {self.loaded}/{self.total} tensors from {self.source}'
+        fresh = f' ({len(self.new)} new ones initialised: {self.new[0].split(".")[0]})' if self.new else ''
+        return f'loaded {self.loaded}/{self.total} tensors from {self.source}{fresh}'
 
 
 def load_into(
@@ -195,6 +206,10 @@ def load_pretrained(module: nn.Module, path, part: str = 'backbone') -> LoadRepo
     if part not in parts:
         raise CheckpointError(f'{path}: holds no {part} weights (parts found: {", ".join(parts)})')
     report = load_into(module, convert_part(module, parts[part]), source=str(path))
+    pretrained_part = getattr(module, 'pretrained_part', '')
+    if pretrained_part:  # the rest of the module is new by design
+        report.new = [key for key in report.missing if not key.startswith(f'{pretrained_part}.')]
+        report.missing = [key for key in report.missing if key.startswith(f'{pretrained_part}.')]
     log_report(report)
     return report
 

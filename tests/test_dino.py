@@ -154,6 +154,16 @@ def test_official_dinov3_convnext_checkpoints_convert_with_every_tensor_matched(
     assert all(torch.equal(converted[f'convnext.{key}'], value) for key, value in ours.items())
 
 
+def test_a_pretrained_vit_file_fills_the_vit_and_reports_the_pyramid_as_new_not_missing(tmp_path):
+    from models.weights import load_pretrained
+
+    torch.save(official_dinov3(seeded('dinov3', pyramid=False).state_dict()), tmp_path / 'dinov3_test.pth')
+    target = BACKBONES['dinov3']('test')
+    report = load_pretrained(target, tmp_path / 'dinov3_test.pth')
+    assert report.complete and report.new == sorted(f'pyramid.{key}' for key in target.pyramid.state_dict())
+    assert report.summary().endswith(f'({len(report.new)} new ones initialised: pyramid)')
+
+
 @pytest.mark.parametrize('family', ['dinov2', 'dinov3'])
 def test_the_pyramid_gives_strides_a_quarter_to_twice_the_patch(family):
     backbone = BACKBONES[family]('test').eval()

@@ -4,6 +4,7 @@ schedule against the official formula; the pairing rules; training and evaluatio
 model, with and without Offset Learning."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from engine.checkpoint import load_checkpoint
 from engine.config import ConfigError
 from engine.optim import anneal_attention_masks, annealing_windows, mask_probability
 from models.heads.mask_classification import MaskClassification
-from models.weights import CheckpointError, convert_model_state, split_parts
+from models.weights import CheckpointError, convert_model_state
 from train import create_model, load_config
 
 TOLERANCE = 1e-5
@@ -307,8 +308,39 @@ def test_official_dinov2_eomt_checkpoints_convert_with_every_tensor_matched(tmp_
     assert all(torch.equal(converted[key], value) for key, value in state.items())
 
 
-def test_an_official_dinov3_eomt_checkpoint_of_differences_is_refused_with_the_way_out():
-    with pytest.raises(CheckpointError, match='differences to the pretrained DINOv3 weights'):
-        split_parts(
-            {'network.q.weight': torch.zeros(1), 'network.encoder.backbone.patch_embed.patch_embeddings.weight': 0}
-        )
+def test_official_dinov3_eomt_checkpoints_of_differences_convert_onto_their_base(tmp_path):
+    """tue-mps/eomt's DINOv3 files: transformers' DINOv3ViTModel (4.56) renamed to timm's attributes under
+    `network.encoder.backbone.`, every tensor stored as its difference to where training started (the
+    pretrained ViT, zero elsewhere, the buffers as built); --base names the pretrained file."""
+    from test_dino import official_dinov3
+
+    from tools.convert_checkpoint import convert
+
+    config = tmp_path / 'eomt.yaml'
+    eomt_config(tmp_path)  # writes it
+    trained = create_model(load_config(config)).state_dict()
+    torch.manual_seed(1)
+    pretrained = {k: v for k, v in create_model(load_config(config)).state_dict().items() if k.startswith('backbone.')}
+    base = tmp_path / 'dinov3_pretrained.pth'
+    torch.save(official_dinov3({k.removeprefix('backbone.'): v for k, v in pretrained.items()}), base)
+    start = {'head.attn_mask_probs': torch.ones(BLOCKS), **pretrained}
+    official = {'network.encoder.pixel_mean': torch.zeros(1, 3, 1, 1), 'criterion.empty_weight': torch.ones(4)}
+    for key, value in trained.items():
+        difference = value - start.get(key, 0)
+        if key.startswith('backbone.vit.'):
+            key = re.sub(r'^embeddings\.', 'patch_embed.', key.removeprefix('backbone.vit.'))
+            key = re.sub(r'^model\.layer\.', 'blocks.', key)
+            official[f'network.encoder.backbone.{key}'] = difference
+        else:
+            official[f'network.{key.removeprefix("head.")}'] = difference
+    source = tmp_path / 'pytorch_model.bin'
+    torch.save(official, source)
+
+    with pytest.raises(CheckpointError, match='difference to the pretrained DINOv3 weights .* --base'):
+        convert(source, tmp_path / 'out.pth', config)
+    assert convert(source, tmp_path / 'out.pth', config, partial=False, base=str(base)) == []
+    converted = load_checkpoint(tmp_path / 'out.pth')['model']
+    assert converted.keys() == trained.keys()
+    assert all(torch.allclose(converted[key], value, atol=1e-6) for key, value in trained.items())
+    with pytest.raises(CheckpointError, match='only an official DINOv3 EoMT checkpoint holds differences'):
+        convert(tmp_path / 'out.pth', tmp_path / 'again.pth', config, base=str(base))

@@ -158,31 +158,57 @@ TRANSFORMERS_BACKBONES = {
 """The ViT names of transformers' DINOv3 / DINOv2 EoMT -> those of DINOv3ViTModel / Dinov2Model, which the
 backbones' key maps read."""
 
+OFFICIAL_DINOV3 = [(r'^patch_embed\.', 'embeddings.'), (r'^blocks\.', 'model.layer.')]
+"""tue-mps/eomt's DINOv3 is transformers' DINOv3ViTModel (4.56) with timm's attribute names -> today's names."""
 
-def checkpoint_parts(state: dict):
+
+def checkpoint_parts(state: dict, differences: bool = False):
     """An EoMT checkpoint, official or transformers', in the prefix contract's form (models/weights.py):
     the ViT under `backbone.`, the head under `decode_head.`, the loss's class weights and the input
-    normalisation dropped; None for any other file."""
+    normalisation dropped; None for any other file. `differences`: the file holds differences to where
+    training started (`holds_differences`), which the caller adds."""
     if 'network.q.weight' in state:
-        return official_checkpoint_parts(state)
+        return official_checkpoint_parts(state, differences)
     if 'class_predictor.weight' in state and 'query.weight' in state:
         return transformers_checkpoint_parts(state)
     return None
 
 
-def official_checkpoint_parts(state: dict) -> dict:
+def holds_differences(state: dict) -> bool:
+    """tue-mps/eomt's DINOv3 checkpoints: each tensor is its difference to where training started, the
+    pretrained DINOv3 ViT and zero for every other parameter (`official_training_start`)."""
+    return 'network.encoder.backbone.patch_embed.patch_embeddings.weight' in state
+
+
+def official_training_start(model: nn.Module) -> dict:
+    """The state an official DINOv3 EoMT checkpoint's differences are to, in our names, from `model` built
+    with the pretrained ViT: every parameter outside the backbone zeroed (as tue-mps/eomt's
+    `_zero_init_outside_encoder`), the buffers as built."""
+    start = model.state_dict()
+    parameters = {name for name, _ in model.named_parameters()}
+    return {
+        key: torch.zeros_like(value) if key in parameters and not key.startswith('backbone.') else value
+        for key, value in start.items()
+    }
+
+
+def official_checkpoint_parts(state: dict, differences: bool) -> dict:
     """tue-mps/eomt's Lightning state_dict: `network.encoder.backbone.` holds timm's DINOv2 (the dinov2
-    backbone's key map reads it), `network.` the head under the names used here. Its DINOv3 checkpoints
-    hold the backbone as differences to the pretrained DINOv3 weights, which cannot be loaded alone."""
-    if 'network.encoder.backbone.patch_embed.patch_embeddings.weight' in state:
+    backbone's key map reads it) or, renamed, DINOv3ViTModel; `network.` the head under the names used here."""
+    if holds_differences(state) and not differences:
         raise ValueError(
-            'an official DINOv3 EoMT checkpoint holds its ViT as differences to the pretrained DINOv3 weights; '
-            "convert transformers' EomtDinov3ForUniversalSegmentation folder of it instead"
+            'an official DINOv3 EoMT checkpoint holds each weight as its difference to the pretrained DINOv3 '
+            'weights training started from; convert it with tools/convert_checkpoint.py --base <that DINOv3 '
+            '.pth file or transformers folder>'
         )
+    renames = OFFICIAL_DINOV3 if holds_differences(state) else []
     parts = {}
     for key, value in state.items():
         if key.startswith('network.encoder.backbone.'):
-            parts[f'backbone.{key.removeprefix("network.encoder.backbone.")}'] = value
+            key = key.removeprefix('network.encoder.backbone.')
+            for pattern, replacement in renames:
+                key = re.sub(pattern, replacement, key)
+            parts[f'backbone.{key}'] = value
         elif key.startswith('network.') and not key.startswith('network.encoder.'):
             parts[f'decode_head.{key.removeprefix("network.")}'] = value
     return parts
