@@ -21,13 +21,16 @@ def group_rule(name: str, rules: dict):
 def layer_scale(model: torch.nn.Module, name: str, layer_decay: dict) -> tuple:
     """(layer, lr factor) of a parameter under layer-wise decay (BEiT; mmseg's LearningRateDecay
     constructor): a backbone parameter of layer i of n gets rate^(n + 1 - i), so the embeddings learn
-    slowest and the head (as the layers after the last, n + 1) at the full rate; (None, 1) without it."""
+    slowest and the head (as the layers after the last, n + 1) at the full rate; (None, 1) without it.
+    `embeddings_as_first_block`: layer 0 decays as layer 1, as tue-mps/eomt's optimizer decays its ViT."""
     if layer_decay is None or layer_decay['rate'] is None:
         return None, 1.0
     backbone = model.backbone
     num_layers = layer_decay['num_layers'] or backbone.decay_layers
     layer = backbone.layer_id(name.removeprefix('backbone.'), num_layers) if name.startswith('backbone.') else None
     layer = num_layers + 1 if layer is None else layer
+    if layer == 0 and layer_decay.get('embeddings_as_first_block'):
+        layer = 1
     return layer, layer_decay['rate'] ** (num_layers + 1 - layer)
 
 

@@ -248,6 +248,19 @@ def test_vit_layer_decay_gives_block_i_rate_to_the_depth_plus_one_minus_i():
     assert all(lr == 1.0 for name, lr in lrs.items() if name.startswith('head.'))
 
 
+def test_eomts_official_decay_gives_the_embeddings_the_first_blocks_rate_and_the_last_block_the_full_rate():
+    """tue-mps/eomt's DINOv2 recipe (llrd 0.8): block i of n at 0.8^(n-1-i), the embeddings as block 0,
+    the final norm and the head at 1: `num_layers: n - 1` with `embeddings_as_first_block`."""
+    lrs = decayed_lrs(
+        {'type': 'dinov3', 'variant': 'test'}, {'rate': 0.8, 'num_layers': 3, 'embeddings_as_first_block': True}
+    )
+    assert lrs['backbone.vit.embeddings.patch_embeddings.weight'] == lrs['backbone.vit.model.layer.0.norm1.weight']
+    assert [lrs[f'backbone.vit.model.layer.{i}.norm1.weight'] for i in range(4)] == pytest.approx(
+        [0.8**3, 0.8**2, 0.8, 1]
+    )
+    assert lrs['backbone.vit.norm.weight'] == 1.0
+
+
 def test_convnext_stage_wise_decay_is_mmsegs_for_convnext_t():
     """mmseg's ConvNeXt-T UPerNet recipe (decay 0.9, stage_wise, num_layers 6): the stem and the
     downsampling layers at 0.9^7, stage s at 0.9^(6-s), everything after the stages at 1."""
