@@ -37,7 +37,7 @@ from engine.cli import ArgumentParser, amp_dtype_for, config_for_checkpoint, run
 from engine.config import choose, dump_config
 from engine.data import build_dataset
 from engine.logger import METRICS_FILE, Logger, progress_bar
-from engine.losses import build_criterion
+from engine.losses import build_criterion, resolve_class_weight, uses_set_prediction_loss
 from engine.optim import anneal_attention_masks, build_ema, build_optimizer, build_scheduler
 from engine.preemption import SIGNALS, STOP_SIGNALS, StopRequest, ignore_stop_signals
 from engine.rules import check_training_batch, load_config, pretrained_file, section_kwargs, training_warnings
@@ -247,7 +247,17 @@ def describe_run(
         f'{len(train_set)} train / {len(val_set)} val images; {run.world_size} process(es) on {run.device}; '
         f'batch {cfg["train"]["batch_size"]} = {split}'
         + ('; DDP finds unused parameters' if find_unused else '')
+        + class_weight_line(cfg, train_set.class_names)
         + f'\nparameter groups:\n{groups_table}'
+    )
+
+
+def class_weight_line(cfg: dict, class_names: list) -> str:
+    weights = cfg['train']['loss'].get('class_weight')
+    if weights is None or uses_set_prediction_loss(cfg['head']):
+        return ''
+    return '\nclass weights (train.loss.class_weight): ' + ', '.join(
+        f'{n} {w:.4g}' for n, w in zip(class_names, weights)
     )
 
 
@@ -292,6 +302,7 @@ def fit(args, cfg: dict, run: Run, log: Logger, resume=None, checkpoint=None) ->
     train_cfg, data_cfg = cfg['train'], cfg['data']
     # Data first: a wrong folder fails here, before the model is built.
     train_set, val_set = build_dataset(cfg, 'train', run.work_dir), build_dataset(cfg, 'val', run.work_dir)
+    cfg = resolve_class_weight(cfg, train_set)
     stored = run_config(cfg, run, train_set)
     model = build_model(cfg, run, load_from=None if checkpoint else args.load_from)
     find_unused = run.world_size > 1 and has_unused_parameters(model, run.device)
@@ -313,9 +324,9 @@ def fit(args, cfg: dict, run: Run, log: Logger, resume=None, checkpoint=None) ->
 
     train_model.train()
     meter, max_iters = ProgressMeter(run.device, train_cfg['batch_size']), train_cfg['max_iters']
-    stop = StopRequest(args.stop_signals)
+    stop, patience = StopRequest(args.stop_signals), train_cfg['early_stop']['patience']
     with stop, progress_bar(total=max_iters, initial=state.iteration, desc='train') as bar:
-        while state.iteration < max_iters:
+        while state.iteration < max_iters and not state.early_stop.ran_out(patience):
             anneal_attention_masks(state.model, state.iteration, train_cfg)
             terms = train_step(
                 train_model, state, criterion, batches, train_cfg['accum_steps'], run.amp_dtype, train_cfg['grad_clip']
@@ -333,6 +344,12 @@ def fit(args, cfg: dict, run: Run, log: Logger, resume=None, checkpoint=None) ->
                     )
             if state.iteration < max_iters and (number := stop.agreed()):
                 save_and_stop(state, stored, run, log, meter, number)
+    if state.early_stop.ran_out(patience):
+        validations = f'{patience} validation{"s" * (patience > 1)}'
+        log(
+            f'stopped early at iteration {state.iteration}: {validations} without an mIoU above '
+            f'{state.early_stop.best:.2f} + {train_cfg["early_stop"]["min_delta"]} (train.early_stop)'
+        )
     log(closing_line(state, run.work_dir))
 
 

@@ -109,6 +109,8 @@ class SegmentationDataset(Dataset):
         pairs, problems, unpaired = self.find_pairs()
         records = scan(pairs, self.colors is not None, self.cache_file(cache_dir), f'scan {self.root.name}/{split}')
         self.samples, self.class_pixels, self.ignored_pixels = [], np.zeros(num_classes, np.int64), 0
+        self.class_images = np.zeros(num_classes, np.int64)  # images each class appears in
+        self.class_image_pixels = np.zeros(num_classes, np.int64)  # all pixels of those images
         for pair, record in zip(pairs, records):
             problem = record.error or self.check_record(pair, record)
             if problem:
@@ -223,7 +225,7 @@ class SegmentationDataset(Dataset):
         return Path(cache_dir) / f'{split_name(self.split)}-{hashlib.sha1(layout.encode()).hexdigest()[:12]}.json'
 
     def check_record(self, pair: tuple, record) -> str:
-        """Why a scanned pair cannot be used, or None; counts the class pixels of usable ones."""
+        """Why a scanned pair cannot be used, or None; counts the class pixels and images of usable ones."""
         (image_path, label_path), values, counts = pair, record.values, record.counts
         if record.image_size != record.label_size:
             (ih, iw), (lh, lw) = record.image_size, record.label_size
@@ -247,6 +249,9 @@ class SegmentationDataset(Dataset):
         known = ids < self.num_classes
         np.add.at(self.class_pixels, ids[known], counts[known])
         self.ignored_pixels += int(counts[~known].sum())
+        present = np.unique(ids[known])
+        self.class_images[present] += 1
+        self.class_image_pixels[present] += int(counts.sum())
         return None
 
     def report(self, problems: list, total: int) -> None:

@@ -57,6 +57,7 @@ DEFAULTS = {
         'amp': False,
         'grad_clip': None,
         'ema_decay': None,
+        'early_stop': {'patience': None, 'min_delta': 0.0},
         'layer_decay': {'rate': None, 'num_layers': None, 'embeddings_as_first_block': False},
         'mask_annealing': {'start': None, 'end': None, 'power': 0.9},
         'channels_last': False,
@@ -102,6 +103,8 @@ TYPES = {
     'train.amp': (bool, str),
     'train.grad_clip': (float, int, type(None)),
     'train.ema_decay': (float, type(None)),
+    'train.early_stop.patience': (int, type(None)),
+    'train.early_stop.min_delta': (float, int),
     'train.layer_decay.rate': (float, int, type(None)),
     'train.layer_decay.num_layers': (int, type(None)),
     'train.layer_decay.embeddings_as_first_block': (bool,),
@@ -137,6 +140,8 @@ BOUNDS = {
     'train.seed': (at.Ge(0), at.Lt(2**32)),
     'train.grad_clip': (at.Gt(0),),
     'train.ema_decay': (at.Gt(0), at.Lt(1)),
+    'train.early_stop.patience': (at.Ge(1),),
+    'train.early_stop.min_delta': (at.Ge(0),),
     'train.layer_decay.rate': (at.Gt(0), at.Le(1)),
     'train.layer_decay.num_layers': (at.Ge(1),),
     'train.keep_checkpoints': (at.Ge(0),),
@@ -512,8 +517,11 @@ def class_schema(section: str, cls, provided=()) -> dict:
             BOUNDS[key] = bounds
         if typing.get_origin(hint) is typing.Literal:
             CHOICES[key] = typing.get_args(hint)
-        elif typing.get_origin(hint) in (typing.Union, types.UnionType):
-            TYPES[key] = typing.get_args(hint)
+        elif typing.get_origin(hint) in (typing.Union, types.UnionType):  # a Literal member: its values' type
+            literal = typing.Literal
+            TYPES[key] = tuple(
+                type(typing.get_args(a)[0]) if typing.get_origin(a) is literal else a for a in typing.get_args(hint)
+            )
     return defaults
 
 

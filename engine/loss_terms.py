@@ -19,6 +19,13 @@ def non_negative_numbers(values) -> bool:
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in values)
 
 
+def non_negative_numbers_or_auto(values) -> bool:
+    return values == AUTOMATIC or non_negative_numbers(values)
+
+
+AUTOMATIC = 'auto'  # class_weight: the median-frequency weights of the training labels (engine/losses.py)
+
+
 class LossTerm:
     """A term's __init__ may check more than its annotations say, raising ValueError naming the key.
     The first line of its docstring and the strings in its options' annotations document it in
@@ -67,7 +74,13 @@ class CrossEntropy(LossTerm):
     def __init__(
         self,
         class_weight: Annotated[
-            list | None, Len(1), Predicate(non_negative_numbers), 'per-class cross-entropy weights (null: all 1)'
+            list | Literal['auto'] | None,
+            Len(1),
+            Predicate(non_negative_numbers_or_auto),
+            'per-class cross-entropy weights (null: all 1); `auto`: median frequency balancing (SegNet; Eigen '
+            '& Fergus 2015) from the training labels, w_c = median(f) / f_c, f_c = the pixels of class c over '
+            'all pixels of the training images c appears in (0 for a class they lack), written into the '
+            "run's config.yaml and train.log",
         ] = None,
         ohem: Annotated[
             dict | None,
@@ -83,6 +96,8 @@ class CrossEntropy(LossTerm):
     ):
         if ohem is not None:
             check_ohem(ohem, self.OHEM_DEFAULTS)
+        if class_weight == AUTOMATIC:
+            raise ValueError("train.loss.class_weight 'auto' needs the training set: train.py fills it in")
         self.class_weight = None if class_weight is None else torch.tensor(class_weight, dtype=torch.float32)
         self.ohem = None if ohem is None else {**self.OHEM_DEFAULTS, **ohem}
         self.avg_non_ignore = avg_non_ignore

@@ -7,13 +7,16 @@ Every term runs in float32 with autocast off, so the loss is the same under AMP.
 `ignore_index` take no part in any term.
 """
 
+import copy
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from models import HEADS
 
 from .config import DEFAULTS, ConfigError, check_kwargs, did_you_mean, is_number, keyword_parameters
-from .loss_terms import LOSS_TERMS
+from .loss_terms import AUTOMATIC, LOSS_TERMS
 from .mask_losses import MaskClassificationLoss
 
 AUX_WEIGHT = 0.4  # the auxiliary head's share of the loss unless aux_head.loss_weight says otherwise
@@ -25,6 +28,27 @@ def build_criterion(cfg: dict):
     if uses_set_prediction_loss(cfg['head']):
         return MaskClassificationLoss(ignore_index, **train['mask_loss'])
     return SegmentationLoss(ignore_index, train['loss'], aux_loss_weight(cfg))
+
+
+def resolve_class_weight(cfg: dict, train_set) -> dict:
+    """`cfg`, with `train.loss.class_weight: auto` replaced by the median-frequency weights of `train_set`."""
+    if cfg['train']['loss'].get('class_weight') != AUTOMATIC:
+        return cfg
+    resolved = copy.deepcopy(cfg)
+    weights = median_frequency_weights(train_set.class_pixels, train_set.class_image_pixels)
+    resolved['train']['loss']['class_weight'] = weights
+    return resolved
+
+
+def median_frequency_weights(class_pixels: np.ndarray, class_image_pixels: np.ndarray) -> list:
+    """SegNet's median frequency balancing (Eigen & Fergus 2015): w_c = median(f) / f_c, where f_c is
+    the pixels of class c over all pixels of the images c appears in; 0 for a class no image has (it is
+    never a target)."""
+    present = class_pixels > 0
+    frequency = class_pixels[present] / class_image_pixels[present]
+    weights = np.zeros(len(class_pixels))
+    weights[present] = np.median(frequency) / frequency
+    return [round(float(weight), 6) for weight in weights]
 
 
 def aux_loss_weight(cfg: dict):
@@ -107,12 +131,14 @@ def check_loss_config(loss_cfg: dict, num_classes: int = None, source: str = 'co
                 f"'train.loss.{name}' is 0"
             )
         check_kwargs(term, options, 'train.loss', source, provided=())
+        if options.get('class_weight') == AUTOMATIC:
+            options['class_weight'] = None  # train.py fills it in from the training set
         try:
             term(**options)
         except ValueError as error:
             raise ConfigError(f'{source}: {error}') from None
     class_weight = cfg['class_weight']
-    if class_weight is not None and num_classes is not None and len(class_weight) != num_classes:
+    if class_weight not in (None, AUTOMATIC) and num_classes is not None and len(class_weight) != num_classes:
         raise ConfigError(
             f"{source}: 'train.loss.class_weight' has {len(class_weight)} values for data.num_classes {num_classes}"
         )

@@ -67,6 +67,25 @@ class Best:
     iteration: int = 0
 
 
+@dataclass
+class EarlyStop:
+    """`train.early_stop` (Keras's EarlyStopping): the validations in a row that have not raised the
+    delivered model's mIoU (the moving average's, where the run keeps one) by more than `min_delta`
+    over the best so far; `patience` of them end the run."""
+
+    best: float = float('-inf')
+    waited: int = 0
+
+    def update(self, miou: float, min_delta: float) -> None:
+        if miou > self.best + min_delta:
+            self.best, self.waited = miou, 0
+        else:
+            self.waited += 1
+
+    def ran_out(self, patience) -> bool:
+        return patience is not None and self.waited >= patience
+
+
 class TrainState:
     """Everything a resumed run needs to continue exactly: model, EMA, optimizer, schedule, loss scaler,
     iteration, best validations and every process's RNG. Both checkpoint kinds come from here: the
@@ -77,6 +96,7 @@ class TrainState:
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.iteration = 0
         self.best = {'model': Best(), 'ema': Best()}
+        self.early_stop = EarlyStop()
         self.rng = []
 
     def candidates(self):
@@ -96,6 +116,7 @@ class TrainState:
             'scheduler': self.scheduler.state_dict(),
             'scaler': self.scaler.state_dict(),
             'best': {name: asdict(best) for name, best in self.best.items()},
+            'early_stop': asdict(self.early_stop),
             'rng': dist.all_gather(get_rng_state()),
         }
 
@@ -121,6 +142,7 @@ class TrainState:
             self.ema.load_state_dict({**self.frozen_ema_part(), **checkpoint['ema']})
         self.iteration, self.rng = checkpoint['iteration'], checkpoint['rng']
         self.best.update({name: Best(**best) for name, best in checkpoint['best'].items()})
+        self.early_stop = EarlyStop(**checkpoint.get('early_stop', {}))  # checkpoints before early stopping lack it
 
     def best_checkpoint(self, name: str, module: nn.Module) -> dict:
         return {
@@ -235,8 +257,9 @@ def validate_and_checkpoint(
     state: TrainState, val_loader, cfg: dict, device, amp_dtype, log: Logger, work_dir: Path, style: ClassStyle
 ) -> None:
     """Score the model (and its EMA) on the validation set, log the scores and pictures (classes drawn
-    in `style`), write `best*.pth` when one improved, then the iteration checkpoint (rank 0 writes;
-    every process takes part)."""
+    in `style`), write `best*.pth` when one improved, count towards early stopping (the last candidate,
+    the moving average where there is one, is the delivered model), then the iteration checkpoint
+    (rank 0 writes; every process takes part)."""
     log_resources(log, state.iteration, state.optimizer, device)
     for name, module in state.candidates():
         shown = FirstSamples()
@@ -248,6 +271,7 @@ def validate_and_checkpoint(
         log_validation(log, state.iteration, name, results, metric_names, state.best[name], style, shown.samples)
         if improved and dist.is_main():
             save_run_checkpoint(state.best_checkpoint(name, module), work_dir / BEST_FILES[name])
+    state.early_stop.update(results['mIoU'], cfg['train']['early_stop']['min_delta'])
     checkpoint = state.state_dict()
     if dist.is_main():
         save_iteration_checkpoint(checkpoint, work_dir, cfg['train']['keep_checkpoints'])

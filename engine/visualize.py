@@ -16,6 +16,7 @@ FONT, FONT_SCALE = cv2.FONT_HERSHEY_SIMPLEX, 0.45
 ROW = 20  # height of a legend or caption row, pixels
 SWATCH = 12  # side of a legend colour square
 GAP = 14  # space after each legend entry
+MIN_PANEL = 48  # narrower samples are enlarged to at least this width per panel
 BLACK = (0, 0, 0)
 
 
@@ -92,10 +93,14 @@ def side_by_side(
     (H, W) label and prediction on any device: image | ground truth | prediction at the label's size,
     captioned, above a legend of the classes found in the label or the prediction."""
     label, prediction = label.cpu().numpy(), prediction.cpu().numpy()
+    zoom = -(-MIN_PANEL // label.shape[1])  # a tiny sample is enlarged, pixels kept square and sharp
+    if zoom > 1:
+        label, prediction = (np.kron(a, np.ones((zoom, zoom), a.dtype)) for a in (label, prediction))
     height, width = label.shape
     image = np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy())
     if image.shape[:2] != (height, width):
-        image = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+        interpolation = cv2.INTER_NEAREST if zoom > 1 else cv2.INTER_LINEAR
+        image = cv2.resize(image, (width, height), interpolation=interpolation)
     panels = np.hstack([image, overlay(image, label, style, opacity), overlay(image, prediction, style, opacity)])
     captions = np.full((ROW, 3 * width, 3), 255, np.uint8)
     for i, caption in enumerate(('image', 'ground truth', 'prediction')):

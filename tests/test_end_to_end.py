@@ -314,6 +314,21 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(run,
     assert sorted(p.name for p in work.glob('iter_*.pth')) == ['iter_000003.pth']  # not iteration 6
 
 
+def test_early_stopping_ends_the_run_after_patience_validations_and_a_resume_stays_stopped(run, tmp_path, capsys):
+    """min_delta 100 mIoU points: the first validation sets the best, the second cannot beat it by that."""
+    work = tmp_path / 'early'
+    command = ['--config', str(run / 'tiny.yaml'), '--work-dir', str(work), '--device', 'cpu', '--set']
+    command += ['train.max_iters=20', 'train.val_interval=2', 'train.early_stop={patience: 1, min_delta: 100}']
+    train.main(command)
+    checkpoint = load_checkpoint(work / 'last.pth')
+    assert checkpoint['iteration'] == 4 and checkpoint['early_stop']['waited'] == 1
+    first = capsys.readouterr().out
+    assert 'stopped early at iteration 4: 1 validation without an mIoU above' in first and 'done: best mIoU' in first
+    train.main([*command[:6], '--resume', 'auto', *command[6:]])
+    assert 'stopped early at iteration 4' in capsys.readouterr().out
+    assert load_checkpoint(work / 'last.pth')['iteration'] == 4
+
+
 def test_checkpoints_rotate_and_last_follows_the_newest(tmp_path):
     for iteration in range(1, 6):
         save_iteration_checkpoint({'iteration': iteration, 'model': {}, 'config': {}}, tmp_path, keep=2)

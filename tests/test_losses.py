@@ -3,10 +3,14 @@ the auxiliary weight, ignored pixels, gradients, AMP and the validation of `trai
 
 import math
 
+import cv2
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
+import train
 from engine.config import ConfigError
 from engine.loss_terms import ohem_keep
 from engine.losses import SegmentationLoss
@@ -283,3 +287,26 @@ def test_avg_non_ignore_false_averages_over_all_pixels_as_mmseg():
     assert loss_of(logits, labels, avg_non_ignore=True) == pytest.approx(
         F.cross_entropy(logits, labels, ignore_index=IGNORE).item(), rel=1e-6
     )
+
+
+def test_class_weight_auto_is_median_frequency_balancing_of_the_training_labels(tmp_path, capsys):
+    """By hand: image a has class 0 on 12 of 16 pixels and class 1 on 4; image b class 0 on all 16;
+    class 2 is in neither. f0 = 28 / 32, f1 = 4 / 16, median 0.5625: weights 0.642857, 2.25 and 0."""
+    for split in ('train', 'val'):
+        for folder in ('images', 'annotations'):
+            (tmp_path / folder / split).mkdir(parents=True)
+        a = np.zeros((4, 4), np.uint8)
+        a[0] = 1
+        for name, label in (('a', a), ('b', np.zeros((4, 4), np.uint8))):
+            cv2.imwrite(str(tmp_path / 'images' / split / f'{name}.png'), np.full((4, 4, 3), 90, np.uint8))
+            cv2.imwrite(str(tmp_path / 'annotations' / split / f'{name}.png'), label)
+    config = tmp_path / 'auto.yaml'
+    config.write_text(
+        f'backbone: {{type: resnet, variant: 18}}\nhead: {{type: fcn, channels: 8}}\n'
+        f'data: {{type: folder, root: {tmp_path}, num_classes: 3, workers: 0}}\n'
+        'train: {max_iters: 1, batch_size: 2, loss: {class_weight: auto}}\n'
+    )
+    train.main(['--config', str(config), '--work-dir', str(tmp_path / 'work'), '--device', 'cpu'])
+    stored = yaml.safe_load((tmp_path / 'work' / 'config.yaml').read_text())
+    assert stored['train']['loss']['class_weight'] == pytest.approx([0.5625 / 0.875, 2.25, 0.0], abs=1e-6)
+    assert 'class weights (train.loss.class_weight): 0 0.6429, 1 2.25, 2 0' in capsys.readouterr().out

@@ -48,6 +48,15 @@ def saturated(image: np.ndarray) -> set:
     return {c for c in colours(image) if len(set(c)) > 1}
 
 
+def test_a_tiny_sample_is_enlarged_with_square_pixels_so_its_legend_fits():
+    style = ClassStyle(['a', 'b'], np.array([[230, 25, 75], [60, 180, 75]], np.uint8), 255)
+    label = torch.tensor([[0, 1], [1, 255]])
+    picture = side_by_side(torch.zeros(3, 2, 2, dtype=torch.uint8), label, torch.ones(2, 2, dtype=torch.long), style)
+    assert picture.shape[1] == 3 * 48
+    truth = picture[ROW : ROW + 48, 48:96]
+    assert (truth[:24, :24] == truth[0, 0]).all() and not (truth[0, 0] == truth[0, 24]).all()
+
+
 def test_side_by_side_shows_image_truth_and_prediction_with_a_legend_of_exactly_the_classes_present():
     palette = np.array([[230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130, 48], [145, 30, 180]], np.uint8)
     style = ClassStyle(['a', 'b', 'c', 'd', 'e'], palette, 255)
