@@ -13,7 +13,6 @@ The factories below map the config to models; the rest of the file is the traini
 """
 
 import contextlib
-import copy
 import datetime
 import signal
 from dataclasses import dataclass
@@ -36,11 +35,18 @@ from engine.checkpoint import (
 from engine.cli import ArgumentParser, amp_dtype_for, config_for_checkpoint, run_cli
 from engine.config import choose, dump_config
 from engine.data import build_dataset
-from engine.logger import METRICS_FILE, Logger, progress_bar
+from engine.logger import METRICS_FILE, Logger, peak_memory, progress_bar
 from engine.losses import build_criterion, resolve_class_weight, uses_set_prediction_loss
-from engine.optim import anneal_attention_masks, build_ema, build_optimizer, build_scheduler
+from engine.optim import anneal_attention_masks, build_ema, build_optimizer, build_scheduler, step_lr
 from engine.preemption import SIGNALS, STOP_SIGNALS, StopRequest, ignore_stop_signals
-from engine.rules import check_training_batch, load_config, pretrained_file, section_kwargs, training_warnings
+from engine.rules import (
+    check_training_batch,
+    load_config,
+    pretrained_file,
+    section_kwargs,
+    training_warnings,
+    with_model_defaults,
+)
 from engine.training import (
     Batches,
     ProgressMeter,
@@ -167,9 +173,10 @@ def start_run(args, cfg: dict) -> Run:
 
 
 def run_config(cfg: dict, run: Run, train_set) -> dict:
-    """The config as stored in the work dir and in checkpoints: the resolved one, with the work dir and the
-    dataset's class names and palette filled in, so that evaluate.py and infer.py need nothing else."""
-    stored = copy.deepcopy(cfg)
+    """The config as stored in the work dir and in checkpoints: the resolved one, with the model's
+    constructor defaults, the work dir and the dataset's class names and palette filled in, so that it
+    shows every setting the run used and evaluate.py and infer.py need nothing else."""
+    stored = with_model_defaults(cfg)
     stored['output']['work_dir'] = str(run.work_dir)
     stored['data']['class_names'], stored['data']['palette'] = train_set.class_names, train_set.palette.tolist()
     return stored
@@ -261,20 +268,27 @@ def class_weight_line(cfg: dict, class_names: list) -> str:
     )
 
 
-def log_progress(log: Logger, meter: ProgressMeter, state: TrainState, max_iters: int, bar) -> None:
-    """One line and the scalars for the iterations since the last one, with the time left at this speed."""
-    means, speed = meter.take()
-    lr = state.optimizer.param_groups[0]['lr']
+def log_progress(log: Logger, meter: ProgressMeter, state: TrainState, run: Run, bar) -> None:
+    """One line and the scalars for the iterations since the last one: the loss terms, the step's base
+    learning rate, the speed, the time waiting for data, the peak memory and the time left at this speed."""
+    means, speed, data_time = meter.take()
+    train_cfg = state.config['train']
+    lr, max_iters = step_lr(state.iteration, train_cfg), train_cfg['max_iters']
     eta = datetime.timedelta(seconds=round((max_iters - state.iteration) * meter.batch_size / speed))
+    (memory_key, memory), *_ = peak_memory(run.device).items()
     bar.set_postfix(loss=f'{means["loss"]:.4f}', lr=f'{lr:.3g}')
     log(
         f'iter {state.iteration}/{max_iters}: '
         + '  '.join(f'{k} {v:.6f}' for k, v in means.items())
-        + f'  lr {lr:.4g}  {speed:.1f} images/s  eta {eta}'
+        + f'  lr {lr:.4g}  {format_speed(speed)}  data {data_time:.3f} s/iter  memory {memory:.0f} MiB  eta {eta}'
     )
-    values = {**means, 'lr': lr, 'images_per_s': speed}
+    values = {**means, 'lr': lr, 'images_per_s': speed, 'data_s_per_iter': data_time, memory_key: memory}
     log.scalars(state.iteration, {f'train/{k}': v for k, v in values.items()})
     log.record(state.iteration, 'train', values)
+
+
+def format_speed(images_per_s: float) -> str:
+    return f'{images_per_s:.1f} images/s' if images_per_s >= 0.1 else f'{1 / images_per_s:.1f} s/image'
 
 
 def due(iteration: int, interval: int, max_iters: int) -> bool:
@@ -331,11 +345,11 @@ def fit(args, cfg: dict, run: Run, log: Logger, resume=None, checkpoint=None) ->
             terms = train_step(
                 train_model, state, criterion, batches, train_cfg['accum_steps'], run.amp_dtype, train_cfg['grad_clip']
             )
-            meter.add(state.iteration, terms)
+            meter.add(state.iteration, terms, batches.take_waited())
             bar.update()
             if due(state.iteration, train_cfg['log_interval'], max_iters):
                 meter.check_finite(run.work_dir)  # the only host sync: once per log interval
-                log_progress(log, meter, state, max_iters, bar)
+                log_progress(log, meter, state, run, bar)
             if due(state.iteration, train_cfg['val_interval'], max_iters):
                 meter.check_finite(run.work_dir)  # never checkpoint a broken state
                 with meter.paused():

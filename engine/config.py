@@ -320,9 +320,16 @@ def parse_override(text: str) -> dict:
     return result
 
 
+FOREIGN_KEYS = {  # keys of other repos' configs (SegHiero's guide) that are command-line choices here
+    'device': 'the device is chosen on the command line: --device cuda (or cpu; default auto, CUDA where there is one)',
+}
+
+
 def validate(cfg: dict, schema: dict, source: str, prefix: str = '') -> None:
     for key, value in cfg.items():
         name = prefix + key
+        if name in FOREIGN_KEYS:
+            raise ConfigError(f"{source}: '{name}' is not a config key: {FOREIGN_KEYS[name]}")
         if key not in schema and prefix.rstrip('.') not in CLASS_OPTIONS:
             raise ConfigError(f"{source}: unknown key '{name}'{did_you_mean(key, schema)}")
         if key not in schema:

@@ -26,7 +26,7 @@ from .visualize import ClassStyle, confusion_heatmap, iou_chart, side_by_side
 
 # Loggers whose records (weight-loading reports, resume fallbacks) also belong in train.log.
 LIBRARY_LOGGERS = ('models', 'engine')
-LOG_TIME_FORMAT = '%Y-%m-%d %H:%M:%S'  # the stamp of every train.log line
+LOG_TIME_FORMAT = '%Y-%m-%d %H:%M:%S'  # the stamp of every line, on the console and in train.log
 METRICS_FILE = 'metrics.jsonl'
 
 SHOWN_IMAGES = 4  # validation images drawn into TensorBoard at each validation: the first ones, always the same
@@ -54,9 +54,10 @@ class Logger:
 
     def __call__(self, message: str) -> None:
         if self.file:
-            tqdm.write(message)
             stamp = time.strftime(LOG_TIME_FORMAT)
-            self.file.write(''.join(f'{stamp}  {line}\n' for line in message.splitlines()))
+            stamped = ''.join(f'{stamp}  {line}\n' for line in message.splitlines())
+            tqdm.write(stamped.rstrip('\n'))
+            self.file.write(stamped)
             self.file.flush()
 
     def __enter__(self) -> 'Logger':

@@ -117,6 +117,11 @@ def lr_factor(iteration: int, max_iters: int, schedule: dict, backbone: bool = F
     return 1.0
 
 
+def step_lr(iteration: int, train_cfg: dict) -> float:
+    """The base learning rate (train.optimizer.lr times the schedule) the `iteration`-th step (from 1) took."""
+    return train_cfg['optimizer']['lr'] * lr_factor(iteration - 1, train_cfg['max_iters'], train_cfg['schedule'])
+
+
 def mask_probability(iteration: int, start: int, end: int, power: float) -> float:
     """EoMT's masked-attention annealing (the official `mask_annealing`): 1 before `start`, then
     (1 - (iteration - start) / (end - start))^power, 0 from `end` on."""

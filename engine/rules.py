@@ -6,7 +6,9 @@ pipeline steps against their signatures, the loss and parameter-group rules, fil
 and combinations that cannot run. Every failure is a `ConfigError` naming the file and the key.
 """
 
+import copy
 import functools
+import inspect
 import json
 from pathlib import Path
 
@@ -59,6 +61,45 @@ NOT_ARGUMENTS = {
 def section_kwargs(cfg: dict, section: str) -> dict:
     """The constructor arguments of a model section (`backbone`, `head`, `aux_head`)."""
     return {k: v for k, v in cfg[section].items() if k not in NOT_ARGUMENTS[section]}
+
+
+def model_defaults(section: str, type_name: str) -> dict:
+    """{argument: default} of the constructor of a model section's class, for the arguments whose
+    default a YAML file can hold (numbers, strings, lists, mappings, null)."""
+    params, _ = keyword_parameters(MODEL_SECTIONS[section][type_name])
+    return {
+        name: plain(param.default)
+        for name, param in params.items()
+        if param.default is not inspect.Parameter.empty and is_plain(param.default)
+    }
+
+
+def with_model_defaults(cfg: dict) -> dict:
+    """`cfg` with every constructor argument of the backbone and heads that the YAML left out, at its
+    default: the settings the model was built with, as a run stores them (config.yaml, checkpoints)."""
+    filled = copy.deepcopy(cfg)
+    for section in MODEL_SECTIONS:
+        if filled.get(section):
+            defaults = model_defaults(section, filled[section]['type'])
+            filled[section] = {**filled[section], **{k: v for k, v in defaults.items() if k not in filled[section]}}
+    return filled
+
+
+def is_plain(value) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(is_plain(item) for item in value)
+    if isinstance(value, dict):
+        return all(isinstance(key, str) and is_plain(item) for key, item in value.items())
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def plain(value):
+    """A default as YAML holds it: tuples as lists."""
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    return value
 
 
 def pretrained_file(backbone: dict, source: str = 'config'):

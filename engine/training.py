@@ -168,9 +168,16 @@ class Batches:
     def __init__(self, loader, device: torch.device, mean, std, memory_format=torch.contiguous_format):
         self.batches = iter(loader)  # draws the workers' base seed from the global RNG
         self.device, self.mean, self.std, self.memory_format = device, mean, std, memory_format
+        self.waited = 0.0  # seconds spent waiting for the loader since `take_waited`
+
+    def take_waited(self) -> float:
+        waited, self.waited = self.waited, 0.0
+        return waited
 
     def __next__(self) -> tuple:
+        start = time.perf_counter()
         images, labels = next(self.batches)
+        self.waited += time.perf_counter() - start
         images = normalize(images.to(self.device, non_blocking=True), self.mean, self.std)
         return images.contiguous(memory_format=self.memory_format), labels.to(self.device, non_blocking=True)
 
@@ -213,21 +220,22 @@ def train_step(
 
 class ProgressMeter:
     """Loss terms summed on the device between log lines, the first iteration whose loss was not finite,
-    and the training speed (time spent validating excluded)."""
+    the training speed (time spent validating excluded) and the time spent waiting for data."""
 
     def __init__(self, device: torch.device, batch_size: int):
         self.batch_size = batch_size
         self.first_bad_iter = torch.full((), -1, device=device)
-        self.running, self.iterations = {}, 0
+        self.running, self.iterations, self.data_seconds = {}, 0, 0.0
         self.start, self.excluded = time.perf_counter(), 0.0
 
-    def add(self, iteration: int, terms: dict) -> None:
+    def add(self, iteration: int, terms: dict, data_seconds: float = 0.0) -> None:
         for name, value in terms.items():
             self.running[name] = self.running.get(name, 0) + value
         self.first_bad_iter = torch.where(
             (self.first_bad_iter < 0) & ~torch.isfinite(terms['loss']), iteration, self.first_bad_iter
         )
         self.iterations += 1
+        self.data_seconds += data_seconds
 
     def check_finite(self, work_dir: Path) -> None:
         """Raise if the loss went NaN/Inf at some iteration (a host sync: at log and checkpoint time only)."""
@@ -245,12 +253,14 @@ class ProgressMeter:
         self.excluded += time.perf_counter() - start
 
     def take(self) -> tuple:
-        """({term: mean over processes and iterations}, images/s) since the last call, and start anew."""
+        """({term: mean over processes and iterations}, images/s, seconds per iteration waiting for data)
+        since the last call, and start anew."""
         means = {name: value.item() / self.iterations for name, value in dist.mean_over_processes(self.running).items()}
         speed = self.iterations * self.batch_size / (time.perf_counter() - self.start - self.excluded)
-        self.running, self.iterations = {}, 0
+        data_time = self.data_seconds / self.iterations
+        self.running, self.iterations, self.data_seconds = {}, 0, 0.0
         self.start, self.excluded = time.perf_counter(), 0.0
-        return means, speed
+        return means, speed, data_time
 
 
 def validate_and_checkpoint(

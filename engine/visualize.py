@@ -92,22 +92,30 @@ def side_by_side(
     """One evaluated sample as `evaluate` hands it over, (3, h, w) uint8 image as fed to the model and
     (H, W) label and prediction on any device: image | ground truth | prediction at the label's size,
     captioned, above a legend of the classes found in the label or the prediction."""
-    label, prediction = label.cpu().numpy(), prediction.cpu().numpy()
-    zoom = -(-MIN_PANEL // label.shape[1])  # a tiny sample is enlarged, pixels kept square and sharp
+    return panels(image, {'ground truth': label, 'prediction': prediction}, style, opacity)
+
+
+def panels(image: torch.Tensor, maps: dict, style: ClassStyle, opacity: float = 0.5) -> np.ndarray:
+    """The (3, h, w) uint8 `image`, then for each {caption: (H, W) class ids} the image with those ids
+    blended in, side by side at the maps' size and captioned, above a legend of the classes in any map
+    (and the hatch, where a map has ignored pixels)."""
+    maps = {caption: ids.cpu().numpy() for caption, ids in maps.items()}
+    zoom = -(-MIN_PANEL // next(iter(maps.values())).shape[1])  # a tiny sample is enlarged, pixels kept sharp
     if zoom > 1:
-        label, prediction = (np.kron(a, np.ones((zoom, zoom), a.dtype)) for a in (label, prediction))
-    height, width = label.shape
+        maps = {caption: np.kron(ids, np.ones((zoom, zoom), ids.dtype)) for caption, ids in maps.items()}
+    height, width = next(iter(maps.values())).shape
     image = np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy())
     if image.shape[:2] != (height, width):
         interpolation = cv2.INTER_NEAREST if zoom > 1 else cv2.INTER_LINEAR
         image = cv2.resize(image, (width, height), interpolation=interpolation)
-    panels = np.hstack([image, overlay(image, label, style, opacity), overlay(image, prediction, style, opacity)])
-    captions = np.full((ROW, 3 * width, 3), 255, np.uint8)
-    for i, caption in enumerate(('image', 'ground truth', 'prediction')):
+    shown = [image, *(overlay(image, ids, style, opacity) for ids in maps.values())]
+    captions = np.full((ROW, len(shown) * width, 3), 255, np.uint8)
+    for i, caption in enumerate(('image', *maps)):
         put_text(captions, caption, i * width + max((width - text_width(caption)) // 2, 0), 0)
-    ignored = label == style.ignore_index
-    present = np.union1d(np.unique(label[~ignored]), np.unique(prediction))
-    return np.vstack([captions, panels, legend(present, style, 3 * width, bool(ignored.any()))])
+    ignored = [ids == style.ignore_index for ids in maps.values()]
+    present = np.unique(np.concatenate([ids[~skip] for ids, skip in zip(maps.values(), ignored)]))
+    strip = legend(present, style, len(shown) * width, any(skip.any() for skip in ignored))
+    return np.vstack([captions, np.hstack(shown), strip])
 
 
 def figure_pixels(figure: Figure) -> np.ndarray:

@@ -93,6 +93,7 @@ def test_overrides_are_parsed_as_yaml_and_win(base_config):
         ('data.train.pipeline=[{type: random_flip, p: 0.5}]', "unknown key 'data.train.pipeline[0].p' for RandomFlip"),
         ('data.type=ade', "'data.type' is 'ade'; valid:"),
         ('train.batch_size=null', "'train.batch_size' must be int"),
+        ('device=cuda', "'device' is not a config key: the device is chosen on the command line: --device cuda"),
     ],
 )
 def test_invalid_configs_name_the_key_and_file(base_config, override, message):

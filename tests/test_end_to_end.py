@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 import evaluate
@@ -16,6 +17,7 @@ import infer
 import train
 from conftest import TINY
 from datasets.base import DatasetError
+from datasets.sampler import TrainSampler
 from engine.checkpoint import load_checkpoint, remove_partial_writes, save_iteration_checkpoint
 from engine.cli import config_for_checkpoint
 from engine.config import ConfigError, resolve
@@ -24,9 +26,12 @@ from engine.inference import eval_pipeline, normalize
 from engine.logger import read_metrics, validation_curve
 from engine.losses import build_criterion
 from engine.optim import build_optimizer
+from engine.outputs import OutputError
+from engine.rules import load_config
 from engine.training import per_process_batch
+from engine.visualize import ROW
 from models.weights import CheckpointError, load_model_weights, load_weights_from
-from tools import export_onnx
+from tools import browse_dataset, export_onnx, label_stats, plot_logs, print_config
 
 
 def train_tiny(folder, config_template: str):
@@ -56,6 +61,9 @@ def test_training_writes_checkpoints_logs_and_config(run, capsys):
     assert checkpoint['config']['data']['class_names'] == ['ground', 'disc', 'box', 'triangle', 'ring']
     log = (work / 'train.log').read_text()
     assert 'iter 3: mIoU' in log and 'iter 6: mIoU' in log and 'iter 2/6: loss ' in log
+    assert re.search(
+        r'\n\d{4}-\d\d-\d\d \d\d:\d\d:\d\d  iter 2/6: .* images/s  data [\d.]+ s/iter  memory \d+ MiB', log
+    )
     assert f'done: best mIoU {checkpoint["best"]["model"]["miou"]:.2f}' in log and 'best.pth' in log
 
 
@@ -66,7 +74,10 @@ def test_training_records_every_logged_number_in_metrics_jsonl(run):
     tags = [(r['iteration'], r['tag']) for r in records]
     assert tags == [(0, 'start'), (2, 'train'), (3, 'val'), (4, 'train'), (6, 'train'), (6, 'val')]
     train_record = next(r for r in records if r['tag'] == 'train')
-    assert {'loss', 'ce', 'lr', 'images_per_s'} <= train_record.keys() and train_record['loss'] > 0
+    assert {'loss', 'ce', 'lr', 'images_per_s', 'data_s_per_iter', 'memory/peak_rss_mib'} <= train_record.keys()
+    assert train_record['loss'] > 0
+    # poly (power 1) over 6 iterations from the default lr: the 6th step took lr x 1/6, not the 0 after it
+    assert [r['lr'] for r in records if r['tag'] == 'train'] == pytest.approx([6e-5 * 5 / 6, 6e-5 * 3 / 6, 6e-5 / 6])
     scores = validation_curve(run / 'work')
     assert max(scores.values()) == pytest.approx(load_checkpoint(run / 'work' / 'best.pth')['miou'])
     val = next(r for r in records if r['tag'] == 'val')
@@ -174,6 +185,49 @@ def test_infer_writes_ids_colours_and_overlays_and_survives_bad_files(run, tmp_p
                 str(output),
             ]
         )
+
+
+def test_the_stored_config_holds_every_constructor_default_the_model_used(run):
+    stored = yaml.safe_load((run / 'work' / 'config.yaml').read_text())
+    assert stored['backbone']['output_stride'] == 32 and stored['backbone']['zero_init_last'] is True
+    assert stored['head']['dilations'] == [1, 2] and stored['head']['offset_learning'] is False
+
+
+def test_plot_logs_draws_each_key_of_each_run_and_keeps_to_its_own_files(run, tmp_path):
+    out = plot_logs.main(
+        [str(run / 'work'), str(run / 'work'), '--keys', 'loss', 'mIoU', '--out', str(tmp_path / 'c.png')]
+    )
+    assert cv2.imread(str(out)).shape == (2 * 240, 650, 3)
+    with pytest.raises(ConfigError, match='no run recorded dice'):
+        plot_logs.main([str(run / 'work'), '--keys', 'dice'])
+    (tmp_path / 'mine.png').write_bytes(b'a user file')
+    with pytest.raises(OutputError, match='was not written by this command'):
+        plot_logs.main([str(run / 'work'), '--out', str(tmp_path / 'mine.png')])
+
+
+def test_print_config_marks_what_differs_from_the_defaults(run, capsys):
+    text = print_config.main([str(run / 'tiny.yaml'), '--set', 'train.optimizer.lr=0.01'])
+    lines = text.splitlines()
+    assert '    lr: 0.01  # default: 6.0e-05' in lines and '  dilations: [1, 2]  # default: [1, 12, 24, 36]' in lines
+    assert '  output_stride: 32' in lines and '  max_iters: 6  # required' in lines
+
+
+def test_label_stats_counts_pixels_and_images_per_class(run, capsys):
+    rows = label_stats.main(['--config', str(run / 'tiny.yaml'), '--set', f'output.work_dir={run / "stats"}'])
+    dataset = build_dataset(load_config(run / 'tiny.yaml'), 'train', run / 'stats')
+    assert [row[1] for row in rows] == dataset.class_pixels.tolist() and rows[0][3] == len(dataset)
+    assert sum(row[2] for row in rows) == pytest.approx(100)
+    assert 'ignored (data.ignore_index 255)' in capsys.readouterr().out
+
+
+def test_browse_dataset_draws_the_first_training_samples_as_the_run_draws_them(run, tmp_path):
+    paths = browse_dataset.main(['--config', str(run / 'tiny.yaml'), '--out', str(tmp_path), '-n', '2'])
+    cfg = load_config(run / 'tiny.yaml')
+    dataset = build_dataset(cfg, 'train', tmp_path / 'cache')
+    first = next(iter(TrainSampler(len(dataset), cfg['train']['seed'])))
+    picture = cv2.cvtColor(cv2.imread(str(paths[0])), cv2.COLOR_BGR2RGB)
+    image = dataset[first][0].permute(1, 2, 0).numpy()
+    assert len(paths) == 2 and np.array_equal(picture[ROW : ROW + 64, :64], image)  # the crop the run trains on
 
 
 def losses_on_a_tiny_batch(run, steps: int, lr: float) -> list:
@@ -327,6 +381,10 @@ def test_early_stopping_ends_the_run_after_patience_validations_and_a_resume_sta
     train.main([*command[:6], '--resume', 'auto', *command[6:]])
     assert 'stopped early at iteration 4' in capsys.readouterr().out
     assert load_checkpoint(work / 'last.pth')['iteration'] == 4
+
+
+def test_slow_training_speeds_read_as_seconds_per_image():
+    assert train.format_speed(2) == '2.0 images/s' and train.format_speed(0.05) == '20.0 s/image'
 
 
 def test_checkpoints_rotate_and_last_follows_the_newest(tmp_path):
