@@ -40,6 +40,7 @@ from engine.losses import build_criterion, resolve_class_weight, uses_set_predic
 from engine.optim import anneal_attention_masks, build_ema, build_optimizer, build_scheduler, step_lr
 from engine.preemption import SIGNALS, STOP_SIGNALS, StopRequest, ignore_stop_signals
 from engine.rules import (
+    check_trackers_installed,
     check_training_batch,
     load_config,
     pretrained_file,
@@ -240,7 +241,7 @@ def prepare_work_dir(run: Run, stored: dict, log: Logger) -> None:
     if dist.is_main():
         run_manifest(run.work_dir).record(run.work_dir / METRICS_FILE)  # the run's: --overwrite removes it
         dump_config(stored, run.work_dir / 'config.yaml')
-        log.text('config', (run.work_dir / 'config.yaml').read_text())
+        log.config(stored, run.work_dir / 'config.yaml')
         remove_partial_writes(run.work_dir)
 
 
@@ -298,13 +299,14 @@ def due(iteration: int, interval: int, max_iters: int) -> bool:
 def main(argv=None) -> None:
     args = parse_args(argv)
     cfg = load_config(args.config, args.set)
+    check_trackers_installed(cfg, args.config)
     run = start_run(args, cfg)
     check_training_batch(cfg, run.micro_batch, args.config)
     lock = claim_work_dir(run.work_dir, args.resume is not None, args.overwrite) if dist.is_main() else None
     try:
         with lock or contextlib.nullcontext():
             resume = resume_checkpoint(args.resume, run.work_dir)  # before anything is written there
-            with Logger(run.work_dir if dist.is_main() else None) as log:
+            with Logger(run.work_dir if dist.is_main() else None, cfg['output']['loggers']) as log:
                 fit(args, cfg, run, log, *resume)
     finally:
         dist.cleanup()

@@ -84,7 +84,7 @@ DEFAULTS = {
         'size_divisor': 32,
         'metrics': list(DEFAULT_METRICS),
     },
-    'output': {'work_dir': None},
+    'output': {'work_dir': None, 'loggers': ['tensorboard']},
     'paper': None,
 }
 
@@ -114,6 +114,7 @@ TYPES = {
     'eval.crop_size': (list, type(None)),
     'eval.stride': (list, type(None)),
     'output.work_dir': (str, type(None)),
+    'output.loggers': (list,),
     'paper': (dict, type(None)),
 }
 

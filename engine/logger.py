@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from . import dist
 from .metrics import null_for_nan, per_class_keys, reported
+from .trackers import TRACKERS
 from .visualize import ClassStyle, confusion_heatmap, iou_chart, side_by_side
 
 # Loggers whose records (weight-loading reports, resume fallbacks) also belong in train.log.
@@ -33,18 +34,18 @@ SHOWN_IMAGES = 4  # validation images drawn into TensorBoard at each validation:
 
 
 class Logger:
-    """Console (above the progress bar), work_dir/train.log, TensorBoard and metrics.jsonl, on the main
-    process only (elsewhere, with work_dir None, every call does nothing)."""
+    """Console (above the progress bar), work_dir/train.log, metrics.jsonl and the experiment trackers of
+    `loggers` (engine/trackers.py: TensorBoard by default), on the main process only (elsewhere, with
+    work_dir None, every call does nothing)."""
 
-    def __init__(self, work_dir):
-        self.file = self.metrics = self.writer = None
+    def __init__(self, work_dir, loggers=('tensorboard',)):
+        self.file = self.metrics = None
+        self.trackers = []
         if work_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
             work_dir.mkdir(parents=True, exist_ok=True)
             self.file = open(work_dir / 'train.log', 'a')
             self.metrics = open(work_dir / METRICS_FILE, 'a')
-            self.writer = SummaryWriter(str(work_dir / 'tensorboard'))
+            self.trackers = [TRACKERS[name](work_dir, work_dir.name) for name in loggers]
             self.handler = ForwardTo(self)
             for name in LIBRARY_LOGGERS:
                 logging.getLogger(name).addHandler(self.handler)
@@ -67,9 +68,8 @@ class Logger:
         self.close()
 
     def scalars(self, step: int, values: dict) -> None:
-        if self.writer:
-            for tag, value in values.items():
-                self.writer.add_scalar(tag, value, step)
+        for tracker in self.trackers:
+            tracker.scalars(step, values)
 
     def record(self, iteration: int, tag: str, values: dict) -> None:
         """One record of metrics.jsonl (NaN, a class absent from the data, is written as null)."""
@@ -80,14 +80,15 @@ class Logger:
 
     def images(self, step: int, draw) -> None:
         """The pictures {tag: RGB (H, W, 3) uint8} that `draw()` returns; drawn only where they are logged."""
-        if self.writer:
-            for tag, image in draw().items():
-                self.writer.add_image(tag, image, step, dataformats='HWC')
+        if self.trackers:
+            images = draw()
+            for tracker in self.trackers:
+                tracker.images(step, images)
 
-    def text(self, tag: str, text: str) -> None:
-        """Preformatted text (TensorBoard renders Markdown: indenting keeps it verbatim)."""
-        if self.writer:
-            self.writer.add_text(tag, '\n'.join('    ' + line for line in text.splitlines()))
+    def config(self, cfg: dict, path: Path) -> None:
+        """The run's resolved config `cfg`, written to `path`, to each tracker: its values and the file."""
+        for tracker in self.trackers:
+            tracker.config(cfg, path)
 
     def warning(self, message, category, filename, lineno, file=None, line=None) -> None:
         """Python warnings during the run (e.g. weights that did not all fit) go to train.log too."""
@@ -101,7 +102,8 @@ class Logger:
             for name in LIBRARY_LOGGERS:
                 logging.getLogger(name).removeHandler(self.handler)
                 logging.getLogger(name).propagate = True
-            closables = (self.file, 'train.log'), (self.metrics, METRICS_FILE), (self.writer, 'the TensorBoard log')
+            closables = [(self.file, 'train.log'), (self.metrics, METRICS_FILE)]
+            closables += [(tracker, f'the {type(tracker).__name__} log') for tracker in self.trackers]
             for closable, name in closables:
                 try:
                     closable.close()

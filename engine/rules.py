@@ -33,6 +33,7 @@ from .data import DATASET_ARGUMENTS, dataset_options
 from .losses import aux_loss_weight, check_loss_config, uses_set_prediction_loss
 from .metrics import METRICS
 from .optim import check_rules
+from .trackers import REQUIREMENTS, TRACKERS, missing_package
 
 PRETRAINED_DIR = Path('pretrained')
 
@@ -142,6 +143,27 @@ def check_config(cfg: dict, source: str) -> None:
     check_model(cfg, source)
     check_training(cfg, source)
     check_evaluation(cfg['eval'], source)
+    check_loggers(cfg['output']['loggers'], source)
+
+
+def check_loggers(loggers: list, source: str) -> None:
+    for name in loggers:
+        if name not in TRACKERS:
+            raise ConfigError(
+                f"{source}: output.loggers: '{name}' is not a tracker (valid: {', '.join(TRACKERS)})"
+                f'{did_you_mean(str(name), TRACKERS)}'
+            )
+
+
+def check_trackers_installed(cfg: dict, source: str) -> None:
+    """Training only: the packages of the trackers in `output.loggers` (evaluating needs none)."""
+    for name in cfg['output']['loggers']:
+        package = missing_package(name)
+        if package:
+            raise ConfigError(
+                f"{source}: output.loggers names '{name}', but the {package} package is not installed "
+                f'(pip install -r {REQUIREMENTS})'
+            )
 
 
 def check_model(cfg: dict, source: str) -> None:
