@@ -6,8 +6,9 @@
 --input is a file, a folder (searched recursively) or a glob. For `<dir>/<name>.<ext>` it writes
 `<output>/<dir>/<name>.png`, the class ids as a palette-mode PNG (viewers show the class colours;
 `np.asarray(PIL.Image.open(f))` gives the ids), and `<name>_overlay.jpg` (or .png, --overlay-format:
-the colours blended on the image at --opacity), keeping relative folders; `<output>/legend.png` and
-`<output>/classes.json` (id, name, colour of each class) say which colour is which class.
+the colours blended on the image at --opacity, above a legend of the classes in it), keeping relative
+folders; `<output>/legend.png` and `<output>/classes.json` (id, name, colour of each class) say which
+colour is which class.
 Nothing is written if an output file would be one of the inputs, two inputs would share an output
 file (`a.jpg` and `a.png`), or an output file is already there and infer.py did not write it
 (`<output>/predictions.txt` lists what it wrote); no image to predict, or none readable, is an
@@ -39,6 +40,7 @@ from engine.visualize import ClassStyle, legend, overlay
 from train import load_trained
 
 LEGEND_WIDTH = 640
+MIN_LEGEND_WIDTH = 20  # what legend() needs; a narrower image's legend is cut to its width
 
 
 def parse_args(argv=None):
@@ -125,6 +127,12 @@ def file_identity(path: Path) -> tuple:
     return status.st_dev, status.st_ino
 
 
+def overlay_with_legend(image: np.ndarray, prediction: np.ndarray, style: ClassStyle, opacity: float) -> np.ndarray:
+    """The prediction's colours blended on the image, above a legend of the classes it shows."""
+    strip = legend(np.unique(prediction), style, max(image.shape[1], MIN_LEGEND_WIDTH))[:, : image.shape[1]]
+    return np.vstack([overlay(image, prediction, style, opacity), strip])
+
+
 def write_class_key(output: Path, style: ClassStyle) -> None:
     """legend.png and classes.json: which colour is which class, for every class."""
     classes = [{'id': i, 'name': name, 'color': style.palette[i].tolist()} for i, name in enumerate(style.names)]
@@ -194,7 +202,7 @@ def main(argv=None) -> None:
                 for (path, original, _), prediction in zip(group, scores.argmax(1).cpu().numpy()):
                     ids_file, overlay_file = plan[path]
                     write_class_ids(ids_file, prediction, style.palette)
-                    write_image(overlay_file, overlay(original, prediction, style, args.opacity))
+                    write_image(overlay_file, overlay_with_legend(original, prediction, style, args.opacity))
                     bar.update()
     done = len(images) - len(failed)
     print(f'{done} images predicted into {args.output}; {len(skipped)} non-images skipped, {len(failed)} unreadable')

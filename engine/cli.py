@@ -5,6 +5,7 @@ import argparse
 import logging
 import signal
 import sys
+import warnings
 
 import torch
 
@@ -40,6 +41,7 @@ def run_cli(main_fn) -> None:
     `note:` lines."""
     logging.basicConfig(level=logging.INFO, format='note: %(message)s', stream=sys.stderr)
     previous = {number: signal.signal(number, interrupt) for number in (signal.SIGINT, signal.SIGTERM)}
+    show_warning, warnings.showwarning = warnings.showwarning, one_line_warning
     try:
         main_fn()
     except (ConfigError, DatasetError, CheckpointError, InputSizeError, OutputError) as error:
@@ -50,8 +52,14 @@ def run_cli(main_fn) -> None:
         print(f'\nstopped by {signal.Signals(number).name}', file=sys.stderr)
         sys.exit(128 + number)
     finally:
+        warnings.showwarning = show_warning
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A library's warning as one line, as train.log has them, not its file, line and source."""
+    print(f'warning: {message}', file=sys.stderr)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -17,6 +17,8 @@ ROW = 20  # height of a legend or caption row, pixels
 SWATCH = 12  # side of a legend colour square
 GAP = 14  # space after each legend entry
 MIN_PANEL = 48  # narrower samples are enlarged to at least this width per panel
+CHART_ENDS = 20  # an IoU chart of more classes draws the best and the worst this many
+ANNOTATED_CLASSES = 30  # a confusion matrix of more classes draws this many, the most confused
 BLACK = (0, 0, 0)
 
 
@@ -125,19 +127,29 @@ def figure_pixels(figure: Figure) -> np.ndarray:
 
 
 def iou_chart(iou, style: ClassStyle) -> np.ndarray:
-    """Per-class IoU (%) as bars in the class colours; a class in neither label nor prediction is 'n/a'."""
+    """Per-class IoU (%) as bars in the class colours, best first. With many classes only the best and
+    the worst `CHART_ENDS` each are drawn, the rest counted in between; classes in neither label nor
+    prediction (no IoU) are counted in the title, not drawn."""
     iou = np.asarray(iou, dtype=float)
-    rows = np.arange(len(iou))
-    figure = Figure(figsize=(7, 1 + 0.22 * len(iou)), dpi=100, layout='constrained')
+    scored = np.flatnonzero(~np.isnan(iou))
+    order = scored[np.argsort(-iou[scored], kind='stable')]
+    rows = list(order) if len(order) <= 2 * CHART_ENDS else [*order[:CHART_ENDS], None, *order[-CHART_ENDS:]]
+    figure = Figure(figsize=(7, 1.2 + 0.22 * len(rows)), dpi=100, layout='constrained')
     axes = figure.add_subplot()
-    bars = axes.barh(rows, np.nan_to_num(iou), color=style.palette / 255, edgecolor='black', linewidth=0.5)
-    axes.bar_label(bars, ['n/a' if np.isnan(v) else f'{v:.1f}' for v in iou], padding=2, fontsize=8)
+    positions = np.arange(len(rows))
+    values = [0.0 if row is None else iou[row] for row in rows]
+    colours = [(1, 1, 1) if row is None else style.palette[row] / 255 for row in rows]
+    bars = axes.barh(positions, values, color=colours, edgecolor='black', linewidth=0.5)
+    axes.bar_label(bars, ['' if row is None else f'{iou[row]:.1f}' for row in rows], padding=2, fontsize=8)
+    names = [f'... {len(order) - 2 * CHART_ENDS} more' if row is None else style.names[row] for row in rows]
+    absent = len(iou) - len(scored)
+    title = f'mIoU {np.nanmean(iou):.2f}' if len(scored) else 'no class scored'
     axes.set(
-        yticks=rows,
-        yticklabels=style.names,
+        yticks=positions,
+        yticklabels=names,
         xlim=(0, 105),
         xlabel='IoU (%)',
-        title=f'mIoU {np.nanmean(iou):.2f}' if not np.isnan(iou).all() else 'no class scored',
+        title=title + (f'; {absent} of {len(iou)} classes in neither label nor prediction' if absent else ''),
     )
     axes.invert_yaxis()
     return figure_pixels(figure)
@@ -145,31 +157,46 @@ def iou_chart(iou, style: ClassStyle) -> np.ndarray:
 
 def confusion_heatmap(matrix, style: ClassStyle) -> np.ndarray:
     """The confusion matrix with each row (a ground-truth class) divided by its pixel count: where the
-    pixels of each class went. Cells are annotated when there are few enough classes to read them."""
+    pixels of each class went, the cells annotated. With more than `ANNOTATED_CLASSES` classes only
+    the classes of the largest confusions (off-diagonal cells) are drawn, the pairs worth reading."""
     matrix = np.asarray(matrix, dtype=float)
-    count = len(matrix)
     rows = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    annotate = count <= 30
-    cell = 0.45 if annotate else 0.11  # inches
+    shown, title = np.arange(len(matrix)), None
+    if len(matrix) > ANNOTATED_CLASSES:
+        shown = most_confused(rows, ANNOTATED_CLASSES)
+        title = f'the {len(shown)} classes of the largest confusions, of {len(matrix)}'
+    rows, count = rows[np.ix_(shown, shown)], len(shown)
+    cell = 0.45  # inches
     figure = Figure(figsize=(2.5 + cell * count, 2 + cell * count), dpi=100, layout='constrained')
     axes = figure.add_subplot()
     image = axes.imshow(rows, cmap='Blues', vmin=0, vmax=1)
     figure.colorbar(image, ax=axes, fraction=0.04, label='fraction of the ground-truth row')
-    ticks = np.arange(count)
-    fontsize = 8 if annotate else 5
-    axes.set_xticks(ticks, style.names, rotation=90, fontsize=fontsize)
-    axes.set_yticks(ticks, style.names, fontsize=fontsize)
-    axes.set(xlabel='prediction', ylabel='ground truth')
-    if annotate:
-        for (row, column), value in np.ndenumerate(rows):
-            if value >= 0.005:
-                axes.text(
-                    column,
-                    row,
-                    f'{100 * value:.0f}',
-                    ha='center',
-                    va='center',
-                    fontsize=7,
-                    color='white' if value > 0.5 else 'black',
-                )
+    ticks, names = np.arange(count), [style.names[i] for i in shown]
+    axes.set_xticks(ticks, names, rotation=90, fontsize=8)
+    axes.set_yticks(ticks, names, fontsize=8)
+    axes.set(xlabel='prediction', ylabel='ground truth', title=title)
+    for (row, column), value in np.ndenumerate(rows):
+        if value >= 0.005:
+            axes.text(
+                column,
+                row,
+                f'{100 * value:.0f}',
+                ha='center',
+                va='center',
+                fontsize=7,
+                color='white' if value > 0.5 else 'black',
+            )
     return figure_pixels(figure)
+
+
+def most_confused(rows: np.ndarray, count: int) -> np.ndarray:
+    """The classes (sorted) of the largest off-diagonal cells of `rows`, taken pair by pair until `count`."""
+    confused = rows - np.diag(np.diag(rows))
+    chosen = []
+    for cell in np.argsort(-confused, axis=None, kind='stable'):
+        for index in np.unravel_index(cell, rows.shape):
+            if index not in chosen and len(chosen) < count:
+                chosen.append(int(index))
+        if len(chosen) == count or confused.flat[cell] == 0:
+            break
+    return np.sort(chosen)

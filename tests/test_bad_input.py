@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import cv2
 import numpy as np
@@ -682,3 +683,11 @@ def test_benchmark_results_replace_their_own_files_and_refuse_a_users(tmp_path):
     with pytest.raises(OutputError, match=r"notes\.md' is already there and was not written by this command"):
         write_results(tmp_path, {'table.md': 'third\n', 'notes.md': 'theirs'})
     assert (tmp_path / 'notes.md').read_text() == 'mine' and (tmp_path / 'table.md').read_text() == 'second\n'
+
+
+def test_a_library_warning_under_a_script_is_one_line(capsys):
+    def main():
+        warnings.warn('a library has something to say', UserWarning, stacklevel=1)
+
+    run_cli(main)
+    assert capsys.readouterr().err == 'warning: a library has something to say\n'

@@ -169,7 +169,8 @@ def test_infer_writes_ids_colours_and_overlays_and_survives_bad_files(run, tmp_p
     ids = np.asarray(Image.open(output / 'nested' / 'b.png'))  # a palette PNG: its indices are the ids
     assert ids.shape == (80, 96) and ids.max() < 5
     assert cv2.imread(str(output / 'a.png')).shape == (128, 128, 3)  # which viewers show in colour
-    assert cv2.imread(str(output / 'a_overlay.jpg')).shape == (128, 128, 3)
+    overlay = cv2.imread(str(output / 'a_overlay.jpg'))  # above a legend of the classes it shows
+    assert overlay.shape[1:] == (128, 3) and overlay.shape[0] > 128 and (overlay[-5:] > 200).mean() > 0.5
     assert not list(output.glob('broken*'))
     captured = capsys.readouterr()
     assert 'notes.txt (not an image file)' in captured.err and "broken.jpg' (missing, corrupt" in captured.err
