@@ -60,6 +60,7 @@ from engine.training import (
 )
 from engine.visualize import ClassStyle
 from models import BACKBONES, HEADS, Segmentor
+from models.activation_checkpointing import enable_activation_checkpointing
 from models.weights import load_model_weights, load_pretrained, load_weights_from
 
 __all__ = ['load_config', 'create_backbone', 'get_backbone_channels', 'create_head', 'create_model', 'load_trained']
@@ -69,12 +70,15 @@ __all__ = ['load_config', 'create_backbone', 'get_backbone_channels', 'create_he
 
 
 def create_backbone(cfg: dict) -> nn.Module:
-    """The backbone named by `backbone.type`, with `backbone.pretrained` weights loaded if given."""
+    """The backbone named by `backbone.type`, with `backbone.pretrained` weights loaded if given, and its
+    blocks' activations recomputed in the backward pass with `backbone.with_cp`."""
     cls = choose('backbone', cfg['backbone']['type'], BACKBONES, 'config')
     backbone = cls(**section_kwargs(cfg, 'backbone'))
     pretrained = pretrained_file(cfg['backbone'])
     if pretrained:
         load_pretrained(backbone, pretrained)
+    if cfg['backbone']['with_cp']:
+        enable_activation_checkpointing(backbone)
     return backbone
 
 

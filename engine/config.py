@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 REQUIRED = '<required>'
 
 DEFAULTS = {
-    'backbone': {'type': REQUIRED, 'pretrained': None, 'frozen': False},
+    'backbone': {'type': REQUIRED, 'pretrained': None, 'frozen': False, 'with_cp': False},
     'head': {'type': REQUIRED},
     'aux_head': None,
     'data': {
@@ -293,6 +293,7 @@ def translate(cfg: dict, source: str) -> dict:
         if isinstance(backbone.get('variant'), str) and backbone['variant'].startswith('mit-'):
             backbone['variant'] = backbone['variant'].removeprefix('mit-')
         rename(backbone, 'depth', 'variant', 'backbone', source, str)
+        rename(backbone, 'checkpointing', 'with_cp', 'backbone', source)  # its name before one option served all
     if isinstance(head, dict):
         rename(head, 'proj_dim', 'channels', 'head', source)
     return cfg

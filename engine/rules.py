@@ -53,7 +53,7 @@ DEEPLAB_SPAN = 288  # the widest ASPP dilation times the output stride in DeepLa
 
 # Keys of a model section that are not constructor arguments.
 NOT_ARGUMENTS = {
-    'backbone': ('type', 'pretrained', 'frozen'),
+    'backbone': ('type', 'pretrained', 'frozen', 'with_cp'),
     'head': ('type',),
     'aux_head': ('type', 'loss_weight'),  # its share of the loss (engine/losses.py)
 }

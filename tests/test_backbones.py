@@ -4,6 +4,7 @@ weights loaded offline through the config (`backbone.pretrained`), including the
 Only the tiny variants run by default; `pytest -m large` runs the forward test on the others.
 """
 
+import copy
 import re
 import socket
 import sys
@@ -17,12 +18,14 @@ import torch
 import transformers.utils.hub
 import yaml
 from safetensors.torch import save_file
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
 import models.weights
 import train
-from conftest import input_sizes
+from conftest import ROOT, input_sizes
 from engine.config import ConfigError
+from models.activation_checkpointing import enable_activation_checkpointing
 from models.backbones import BACKBONES
 from models.weights import CheckpointError
 from train import create_backbone, get_backbone_channels, load_config
@@ -462,3 +465,45 @@ def test_an_mmseg_resnet_v1c_backbone_loads_with_its_deep_stem():
     converted = BACKBONES['resnet'].convert_checkpoint(mmseg)
     assert converted.keys() == backbone.state_dict().keys()
     assert all(torch.equal(converted[key], value) for key, value in backbone.state_dict().items())
+
+
+WITH_CP = [
+    ('resnet', {'variant': 18}, 64),
+    ('convnext', {'variant': 'tiny'}, 64),
+    ('mit', {'variant': 'b0'}, 64),
+    ('mscan', {'variant': 't'}, 64),
+    ('efficientformerv2', {'variant': 's0'}, 64),
+    ('swin', {'variant': 'tiny'}, 64),
+    ('dinov2', {'variant': 'test'}, 56),
+    ('dinov3', {'variant': 'test'}, 64),
+    ('dinov3_convnext', {'variant': 'test'}, 64),
+]
+
+
+@pytest.mark.parametrize('kind, options, side', WITH_CP, ids=[kind for kind, _, _ in WITH_CP])
+def test_with_cp_recomputes_each_backbones_blocks_with_the_same_gradients_and_weights(kind, options, side):
+    """One mechanism for every backbone (models/activation_checkpointing.py): its blocks run again in
+    backward; gradients, state-dict keys and (where no BatchNorm is recomputed) BN statistics unchanged."""
+    torch.manual_seed(0)
+    plain = BACKBONES[kind](drop_path_rate=0.0, **options).train()
+    recomputed = copy.deepcopy(plain)
+    enable_activation_checkpointing(recomputed)
+    assert recomputed.state_dict().keys() == plain.state_dict().keys()
+    wrapped = [m._checkpoint_wrapped_module for m in recomputed.modules() if isinstance(m, CheckpointWrapper)]
+    calls = []
+    wrapped[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    x = torch.randn(2, 3, side, side)
+    for model in (plain, recomputed):
+        sum(f.square().mean() for f in model(x)).backward()
+    assert len(calls) == 2, 'the block should run again in backward'
+    for (name, p), q in zip(plain.named_parameters(), recomputed.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+    if not any(isinstance(m, torch.nn.BatchNorm2d) for block in wrapped for m in block.modules()):
+        for key, value in recomputed.state_dict().items():
+            assert torch.equal(value, plain.state_dict()[key]), key
+
+
+def test_with_cp_is_a_backbone_key_of_every_config_and_the_old_name_still_reads(tmp_path):
+    cfg = load_config(ROOT / 'configs' / 'camvid.yaml', ['backbone.checkpointing=true'])
+    assert cfg['backbone']['with_cp'] is True and 'checkpointing' not in cfg['backbone']
+    assert any(isinstance(m, CheckpointWrapper) for m in create_backbone(cfg).modules())

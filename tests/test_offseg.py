@@ -98,18 +98,6 @@ def test_unsupported_sizes_raise_clear_errors():
         head(features)
 
 
-def test_checkpointing_gives_the_same_gradients():
-    torch.manual_seed(0)
-    plain = EfficientFormerV2('s0')
-    recomputed = EfficientFormerV2('s0', checkpointing=True)
-    recomputed.load_state_dict(plain.state_dict())
-    x = torch.randn(2, 3, 64, 64)
-    for model in (plain, recomputed):
-        sum(f.square().mean() for f in model(x)).backward()
-    for (name, p), q in zip(plain.named_parameters(), recomputed.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, msg=name)
-
-
 def test_cached_attention_biases_follow_new_weights_and_sizes(monkeypatch):
     """In eval under no_grad the gathered, resized biases are kept; a load_state_dict after a forward
     and an input of another size must still give what a model recomputing them gives, bit for bit

@@ -97,26 +97,6 @@ def test_forward_shapes(size):
     assert logits.shape == (2, 19, size[0] // 8, size[1] // 8)
 
 
-def test_checkpointing_recomputes_without_changing_results():
-    plain = MSCAN('t')
-    checkpointed = MSCAN('t', checkpointing=True)
-    checkpointed.load_state_dict(plain.state_dict())
-    x = torch.randn(2, 3, 64, 64)
-    calls = []
-    for model in (plain, checkpointed):
-        model.block2[0].attn.register_forward_pre_hook(lambda *args: calls.append(1))
-        torch.manual_seed(0)  # the same drop-path draws
-        features = model(x)
-        # one channel per level: the sum over all channels of a LayerNorm output is constant
-        sum(f[:, 0].sum() for f in features).backward()
-        calls.append(0)
-    assert calls == [1, 0, 1, 1, 0], 'the checkpointed attention should run again in backward'
-    for (key, ours), theirs in zip(checkpointed.named_parameters(), plain.parameters()):
-        torch.testing.assert_close(ours.grad, theirs.grad, msg=key)
-    for key, value in checkpointed.state_dict().items():  # BN statistics updated once, not again on recompute
-        assert torch.equal(value, plain.state_dict()[key]), key
-
-
 def test_nmf_seed_makes_eval_deterministic():
     features = [torch.randn(2, c, 64 // s, 64 // s) for c, s in zip(TINY_CHANNELS, (4, 8, 16, 32))]
     seeded = LightHamHead(TINY_CHANNELS, 19, nmf_seed=0).eval()

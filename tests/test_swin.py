@@ -124,14 +124,3 @@ def test_onnx_export_keeps_the_window_padding_dynamic(tmp_path):
     model = Segmentor(Swin('tiny'), SegFormerHead([96, 192, 384, 768], 5, channels=32)).eval()
     path = export_onnx.export(model, tmp_path / 'swin.onnx', size=(64, 64))
     assert max(export_onnx.check(path, model, [(64, 64), (96, 128), (70, 99)], batch=2)) < 1e-4
-
-
-def test_checkpointing_gives_the_same_gradients():
-    torch.manual_seed(0)
-    plain, recomputed = Swin('tiny', drop_path_rate=0.0), Swin('tiny', drop_path_rate=0.0, checkpointing=True)
-    recomputed.load_state_dict(plain.state_dict())
-    x = torch.randn(1, 3, 64, 64)
-    for model in (plain, recomputed):
-        sum(f.square().mean() for f in model(x)).backward()
-    for (name, p), q in zip(plain.named_parameters(), recomputed.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, msg=name)

@@ -504,22 +504,34 @@ def freed_memory(page: Path) -> str:
 def frozen_backbone(page: Path) -> str:
     """Per config, the fine-tuned and the frozen backbone's trainable parameters, step time and training
     memory, with the frozen arm's share of each."""
-    record = result('frozen_backbone', 'cpu2')
+    return two_arms(page, 'frozen_backbone', 'fine-tuned', 'frozen')
+
+
+def activation_checkpointing(page: Path) -> str:
+    """Per config, training without and with `backbone.with_cp`: step time and training memory."""
+    return two_arms(page, 'activation_checkpointing', 'plain', 'with_cp')
+
+
+def two_arms(page: Path, study: str, first: str, second: str) -> str:
+    """A benchmarks/arms.py table: per config, both arms' trainable parameters, step time and training
+    memory, with the second arm's share of each."""
+    record = result(study, 'cpu2')
     arms = {(row['config'], row['arm']): row for row in record['rows']}
     rows = []
     for config in dict.fromkeys(row['config'] for row in record['rows']):
-        tuned, frozen = arms[config, 'fine-tuned'], arms[config, 'frozen']
+        a, b = arms[config, first], arms[config, second]
         rows.append(
             [
                 f'`{config}`',
-                f'{tuned["trainable params"] / 1e6:.3f} / {frozen["trainable params"] / 1e6:.3f}',
-                f'{tuned["ms/step"]:.0f} / {frozen["ms/step"]:.0f}',
-                f'{frozen["ms/step"] / tuned["ms/step"]:.2f}',
-                f'{tuned["training MB"]:.0f} / {frozen["training MB"]:.0f}',
-                f'{frozen["training MB"] / tuned["training MB"]:.2f}',
+                f'{a["trainable params"] / 1e6:.3f} / {b["trainable params"] / 1e6:.3f}',
+                f'{a["ms/step"]:.0f} / {b["ms/step"]:.0f}',
+                f'{b["ms/step"] / a["ms/step"]:.2f}',
+                f'{a["training MB"]:.0f} / {b["training MB"]:.0f}',
+                f'{b["training MB"] / a["training MB"]:.2f}',
             ]
         )
-    header = ['config', 'trainable params (M)', 'ms/step', 'frozen / fine-tuned', 'training MB', 'frozen / fine-tuned']
+    share = f'{second} / {first}'
+    header = ['config', 'trainable params (M)', 'ms/step', share, 'training MB', share]
     return rendered(record, page, table(header, rows))
 
 

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import timm
 import torch
 from timm.layers import LayerNorm2d
-from timm.models.convnext import checkpoint_filter_fn
+from timm.models.convnext import ConvNeXtBlock, checkpoint_filter_fn
 from torch import nn
 
 from ..weights import CheckpointError
@@ -26,7 +26,9 @@ class ConvNeXt(nn.Module):
     and `norms.{i}`. The official UperNet configs train with drop_path_rate 0.4 (0.3 for small).
     """
 
-    def __init__(self, variant: str = 'tiny', drop_path_rate: float = 0.0, checkpointing: bool = False):
+    checkpoint_blocks = (ConvNeXtBlock,)  # backbone.with_cp (models/activation_checkpointing.py)
+
+    def __init__(self, variant: str = 'tiny', drop_path_rate: float = 0.0):
         super().__init__()
         spec = lookup('ConvNeXt', VARIANTS, variant)
         self.body = timm.create_model(
@@ -36,7 +38,6 @@ class ConvNeXt(nn.Module):
             out_indices=(0, 1, 2, 3),
             drop_path_rate=drop_path_rate,
         )
-        self.body.set_grad_checkpointing(checkpointing)
         self.out_channels = self.body.feature_info.channels()
         self.strides = self.body.feature_info.reduction()
         self.norms = nn.ModuleList(LayerNorm2d(c, eps=1e-6) for c in self.out_channels)

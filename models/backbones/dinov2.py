@@ -29,7 +29,6 @@ class DINOv2(VisionTransformer):
         out_indices=None,
         pyramid: bool = True,
         drop_path_rate: float = 0.0,
-        checkpointing: bool = False,
         patch_size: int = 14,
         image_size: int = 518,
     ):
@@ -52,7 +51,7 @@ class DINOv2(VisionTransformer):
             vit = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=4, **options))
         else:
             vit = Dinov2Model(Dinov2Config(use_mask_token=False, **options))
-        super().__init__(vit, spec.width, spec.depth, patch_size, out_indices, pyramid, checkpointing)
+        super().__init__(vit, spec.width, spec.depth, patch_size, out_indices, pyramid)
         self.prefix = 1 + (4 if spec.registers else 0)  # the class token and the registers
 
     def final_norm(self, tokens: torch.Tensor) -> torch.Tensor:

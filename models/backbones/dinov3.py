@@ -24,7 +24,6 @@ class DINOv3(VisionTransformer):
         out_indices=None,
         pyramid: bool = True,
         drop_path_rate: float = 0.0,
-        checkpointing: bool = False,
     ):
         spec = lookup('DINOv3', VARIANTS, variant)
         from transformers import DINOv3ViTConfig, DINOv3ViTModel
@@ -41,7 +40,7 @@ class DINOv3(VisionTransformer):
             pos_embed_rescale=None,
             drop_path_rate=drop_path_rate,
         )
-        super().__init__(DINOv3ViTModel(config), spec.width, spec.depth, 16, out_indices, pyramid, checkpointing)
+        super().__init__(DINOv3ViTModel(config), spec.width, spec.depth, 16, out_indices, pyramid)
         self.prefix = 1 + 4  # the class token and the registers
 
     def final_norm(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,6 @@ import re
 from typing import NamedTuple
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 
 from .variants import lookup
@@ -19,7 +18,7 @@ class DINOv3ConvNeXt(nn.Module):
     `DINOv3ConvNextModel` computes them (not normalised: its final LayerNorm only serves the pooled
     token)."""
 
-    def __init__(self, variant: str = 'tiny', drop_path_rate: float = 0.0, checkpointing: bool = False):
+    def __init__(self, variant: str = 'tiny', drop_path_rate: float = 0.0):
         super().__init__()
         spec = lookup('DINOv3 ConvNeXt', VARIANTS, variant)
         from transformers import DINOv3ConvNextConfig, DINOv3ConvNextModel
@@ -27,7 +26,6 @@ class DINOv3ConvNeXt(nn.Module):
         config = DINOv3ConvNextConfig(depths=spec.depths, hidden_sizes=spec.widths, drop_path_rate=drop_path_rate)
         self.convnext = DINOv3ConvNextModel(config)
         self.convnext.layer_norm = None  # normalises the pooled token only, which segmentation does not use
-        self.checkpointing = checkpointing  # transformers offers none for this model
         self.out_channels = list(spec.widths)
         self.decay_layers = 4  # stages; mmseg's ConvNeXt-T recipe counts 6 (train.layer_decay.num_layers)
         self.strides = [4, 8, 16, 32]
@@ -40,13 +38,15 @@ class DINOv3ConvNeXt(nn.Module):
             return num_layers + 1
         return 0 if stage[2] == 'downsample_layers' else int(stage[1]) + 1
 
+    @property
+    def checkpoint_blocks(self) -> tuple:
+        """backbone.with_cp (models/activation_checkpointing.py): transformers' DINOv3ConvNextLayer."""
+        return (type(self.convnext.model.stages[0].layers[0]),)
+
     def forward(self, x: torch.Tensor) -> list:
         features = []
         for stage in self.convnext.model.stages:
-            if self.checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False)
-            else:
-                x = stage(x)
+            x = stage(x)
             features.append(x)
         return features
 

@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..errors import InputSizeError
 from .variants import lookup
@@ -341,15 +340,15 @@ class EfficientFormerV2(nn.Module):
 
     `network` holds [stage0, down1, stage1, down2, stage2, down3, stage3]; the features are the
     stage outputs, without extra norms. `resolution` sizes the attention-bias tables (512 for the
-    published weights). `drop_path_rate` None takes the published rate of the variant;
-    `checkpointing` recomputes each block in backward while training.
+    published weights). `drop_path_rate` None takes the published rate of the variant.
     """
+
+    checkpoint_blocks = (FFN,)  # backbone.with_cp (models/activation_checkpointing.py)
 
     def __init__(
         self,
         variant: str = 's1',
         drop_path_rate: float | None = None,
-        checkpointing: bool = False,
         resolution: int = 512,
     ):
         super().__init__()
@@ -357,7 +356,6 @@ class EfficientFormerV2(nn.Module):
         drop_path_rate = published_rate if drop_path_rate is None else drop_path_rate
         self.out_channels = list(widths)
         self.strides = [4, 8, 16, 32]
-        self.checkpointing = checkpointing
         self.patch_embed = nn.Sequential(
             *conv_bn(3, widths[0] // 2, 3, stride=2),
             GELU(),
@@ -400,11 +398,7 @@ class EfficientFormerV2(nn.Module):
             if i % 2:
                 x = layer(x)
                 continue
-            for block in layer:
-                if self.checkpointing and self.training and torch.is_grad_enabled():
-                    x = checkpoint(block, x, use_reentrant=False)
-                else:
-                    x = block(x)
+            x = layer(x)
             features.append(x.contiguous())
         return features
 

@@ -26,7 +26,7 @@ reduction norms, a difference far below training noise."""
 class MiT(nn.Module):
     """MiT-B0..B5 feature extractor: (B, 3, H, W) -> four maps with `out_channels` at `strides`."""
 
-    def __init__(self, variant: str = 'b0', drop_path_rate: float = 0.1, checkpointing: bool = False):
+    def __init__(self, variant: str = 'b0', drop_path_rate: float = 0.1):
         super().__init__()
         spec = lookup('MiT', VARIANTS, variant)
         from transformers import SegformerConfig, SegformerModel  # imported here: a second of start-up
@@ -36,10 +36,13 @@ class MiT(nn.Module):
         for module in self.segformer.modules():
             if isinstance(module, nn.LayerNorm):
                 module.eps = LAYER_NORM_EPS
-        if checkpointing:
-            self.segformer.activation_checkpointing_enable()
         self.out_channels = list(spec.hidden_sizes)
         self.strides = [4, 8, 16, 32]
+
+    @property
+    def checkpoint_blocks(self) -> tuple:
+        """backbone.with_cp (models/activation_checkpointing.py): transformers' SegformerLayer."""
+        return (type(self.segformer.stages[0].blocks[0]),)
 
     def forward(self, x: torch.Tensor) -> list:
         # The stages are called one by one rather than through SegformerModel.forward, whose

@@ -18,7 +18,6 @@ from typing import NamedTuple
 import torch
 from timm.layers import DropPath
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .variants import lookup
 
@@ -104,11 +103,7 @@ class Mlp(nn.Module):
 
 
 class MSCABlock(nn.Module):
-    """x + DropPath(ls1 * attn(BN1(x))), then x + DropPath(ls2 * mlp(BN2(x))).
-
-    With `checkpointing` in training, only the attention and MLP bodies are recomputed in the
-    backward pass; the BNs stay outside, so their running statistics are updated once per step.
-    """
+    """x + DropPath(ls1 * attn(BN1(x))), then x + DropPath(ls2 * mlp(BN2(x)))."""
 
     def __init__(self, dim: int, mlp_ratio: int, drop_path: float):
         super().__init__()
@@ -119,11 +114,9 @@ class MSCABlock(nn.Module):
         self.mlp = Mlp(dim, dim * mlp_ratio)
         self.layer_scale_1 = nn.Parameter(torch.full((dim,), 1e-2))
         self.layer_scale_2 = nn.Parameter(torch.full((dim,), 1e-2))
-        self.checkpointing = False
 
     def branch(self, layer: nn.Module, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        x = checkpoint(layer, x, use_reentrant=False) if self.checkpointing and self.training else layer(x)
-        return self.drop_path(scale[:, None, None] * x)
+        return self.drop_path(scale[:, None, None] * layer(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.branch(self.attn, self.layer_scale_1, self.norm1(x))
@@ -137,7 +130,9 @@ class MSCAN(nn.Module):
     MSCABlock), `norm{i}` (LayerNorm over channels, eps 1e-5).
     """
 
-    def __init__(self, variant: str = 't', drop_path_rate: float | None = None, checkpointing: bool = False):
+    checkpoint_blocks = (SpatialAttention, Mlp)  # a block's branches: its BatchNorms stay outside
+
+    def __init__(self, variant: str = 't', drop_path_rate: float | None = None):
         super().__init__()
         dims, depths, published_rate = lookup('MSCAN', VARIANTS, variant)
         rate = published_rate if drop_path_rate is None else drop_path_rate
@@ -153,7 +148,6 @@ class MSCAN(nn.Module):
         self.out_channels = list(dims)
         self.strides = [4, 8, 16, 32]
         self.init_weights()
-        self.set_grad_checkpointing(checkpointing)
 
     def init_weights(self) -> None:
         """The published init without a checkpoint: convs N(0, sqrt(2 / fan_out)) with
@@ -163,12 +157,6 @@ class MSCAN(nn.Module):
                 fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
                 nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
                 nn.init.zeros_(m.bias)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Trade compute for memory in training: recompute each block's attention and MLP in backward."""
-        for m in self.modules():
-            if isinstance(m, MSCABlock):
-                m.checkpointing = enable
 
     def forward(self, x: torch.Tensor) -> list:
         features = []

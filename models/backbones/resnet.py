@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import timm
 import torch
+from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 
 from .variants import lookup
@@ -19,12 +20,13 @@ from .variants import lookup
 class ResNet(nn.Module):
     """timm ResNet feature extractor. Keys are timm's own (`conv1.weight`, `layer1.0...`)."""
 
+    checkpoint_blocks = (BasicBlock, Bottleneck)  # backbone.with_cp (models/activation_checkpointing.py)
+
     def __init__(
         self,
         variant: str | int = '50',
         output_stride: int = 32,
         drop_path_rate: float = 0.0,
-        checkpointing: bool = False,
         zero_init_last: bool = True,
     ):
         super().__init__()
@@ -40,7 +42,6 @@ class ResNet(nn.Module):
             drop_path_rate=drop_path_rate,
             zero_init_last=zero_init_last,
         )
-        self.body.set_grad_checkpointing(checkpointing)
         self.out_channels = self.body.feature_info.channels()
         self.strides = self.body.feature_info.reduction()
 

@@ -24,7 +24,6 @@ from timm.models.swin_transformer import (
     window_reverse,
 )
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..weights import CheckpointError
 from .variants import lookup
@@ -71,11 +70,10 @@ class SwinStage(nn.Module):
             PaddedSwinBlock(dim, num_heads, window_size, i % 2 == 1, drop_paths[i]) for i in range(depth)
         )
         self.downsample = PatchMerging(dim) if downsample else None
-        self.checkpointing = False
 
     def forward(self, x: torch.Tensor) -> tuple:
         for block in self.blocks:
-            x = checkpoint(block, x, use_reentrant=False) if self.checkpointing and x.requires_grad else block(x)
+            x = block(x)
         return x, (self.downsample(x) if self.downsample is not None else None)
 
 
@@ -87,9 +85,9 @@ class Swin(nn.Module):
     Mask2Former configs train with drop_path_rate 0.3, spread linearly over the blocks.
     """
 
-    def __init__(
-        self, variant: str = 'tiny', window_size: int = 7, drop_path_rate: float = 0.3, checkpointing: bool = False
-    ):
+    checkpoint_blocks = (PaddedSwinBlock,)  # backbone.with_cp (models/activation_checkpointing.py)
+
+    def __init__(self, variant: str = 'tiny', window_size: int = 7, drop_path_rate: float = 0.3):
         super().__init__()
         embed_dim, depths, heads = lookup('Swin', VARIANTS, variant)
         self.out_channels = [embed_dim * 2**i for i in range(4)]
@@ -110,8 +108,6 @@ class Swin(nn.Module):
             for i, (width, depth, num_heads, start) in enumerate(zip(self.out_channels, depths, heads, starts))
         )
         self.norms = nn.ModuleList(nn.LayerNorm(width) for width in self.out_channels)
-        for stage in self.stages:
-            stage.checkpointing = checkpointing
 
     def forward(self, x: torch.Tensor) -> list:
         x = self.patch_embed(x)

@@ -64,14 +64,10 @@ class VisionTransformer(nn.Module):
 
     pretrained_part = 'vit'  # what `backbone.frozen` freezes: the pyramid is new and trains
 
-    def __init__(
-        self, vit: nn.Module, width: int, depth: int, patch_size: int, out_indices, pyramid: bool, checkpointing: bool
-    ):
+    def __init__(self, vit: nn.Module, width: int, depth: int, patch_size: int, out_indices, pyramid: bool):
         super().__init__()
         self.vit = vit
         self.vit.embeddings.mask_token = None  # only for masked-image pre-training: never trained here
-        if checkpointing:
-            self.vit.activation_checkpointing_enable()
         self.out_indices = evenly_spaced(depth) if out_indices is None else list(out_indices)
         if len(self.out_indices) != 4 or not all(0 <= i < depth for i in self.out_indices):
             raise ValueError(f'out_indices must be four block indices in 0..{depth - 1}; got {self.out_indices}')
@@ -99,6 +95,11 @@ class VisionTransformer(nn.Module):
         for layer in self.layers:
             tokens = layer(tokens, **options)
             yield tokens
+
+    @property
+    def checkpoint_blocks(self) -> tuple:
+        """backbone.with_cp (models/activation_checkpointing.py): the family's transformer block."""
+        return (type(self.layers[0]),)
 
     def layer_id(self, name: str, num_layers: int) -> int:
         """Layer-wise learning-rate decay (BEiT, DINOv2 fine-tuning): the embeddings are layer 0, block i
