@@ -45,7 +45,10 @@ PAGES = {
         'onnx_runtime': results_tables.onnx_runtime,
     },
     'docs/deploy.md': {'onnx_int8': results_tables.onnx_int8},
-    'docs/training.md': {'frozen_backbone': results_tables.frozen_backbone},
+    'docs/training.md': {
+        'frozen_backbone': results_tables.frozen_backbone,
+        'activation_checkpointing': results_tables.activation_checkpointing,
+    },
 }
 """Page -> {block name: function of the page's path that returns the block's Markdown}."""
 
