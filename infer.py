@@ -30,13 +30,13 @@ import torch
 from tqdm import tqdm
 
 from datasets import DATASETS
-from datasets.base import IMAGE_SUFFIXES, DatasetError, read_image, resolve_class_names, resolve_palette
+from datasets.base import IMAGE_SUFFIXES, DatasetError, read_input, resolve_class_names, resolve_palette
 from datasets.transforms import Pipeline
 from engine import dist, fast
 from engine.cli import ArgumentParser, amp_dtype_for, number, run_cli
 from engine.inference import eval_pipeline, inference_options, predict_scores
 from engine.outputs import Manifest, OutputError, write_bytes, write_class_ids, write_image
-from engine.visualize import ClassStyle, legend, overlay
+from engine.visualize import ClassStyle, displayable, legend, overlay
 from train import load_trained
 
 LEGEND_WIDTH = 640
@@ -130,7 +130,7 @@ def file_identity(path: Path) -> tuple:
 def overlay_with_legend(image: np.ndarray, prediction: np.ndarray, style: ClassStyle, opacity: float) -> np.ndarray:
     """The prediction's colours blended on the image, above a legend of the classes it shows."""
     strip = legend(np.unique(prediction), style, max(image.shape[1], MIN_LEGEND_WIDTH))[:, : image.shape[1]]
-    return np.vstack([overlay(image, prediction, style, opacity), strip])
+    return np.vstack([overlay(displayable(image), prediction, style, opacity), strip])
 
 
 def write_class_key(output: Path, style: ClassStyle) -> None:
@@ -181,7 +181,7 @@ def main(argv=None) -> None:
             loaded = []
             for path in images[start : start + args.batch_size]:
                 try:
-                    original = read_image(path)
+                    original = read_input(path, data['in_channels'])
                 except DatasetError as error:
                     failed.append(path)
                     tqdm.write(f'warning: {error}; skipped', file=sys.stderr)

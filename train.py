@@ -61,6 +61,7 @@ from engine.training import (
 from engine.visualize import ClassStyle
 from models import BACKBONES, HEADS, Segmentor
 from models.activation_checkpointing import enable_activation_checkpointing
+from models.input_channels import take_input_channels
 from models.weights import load_model_weights, load_pretrained, load_weights_from
 
 __all__ = ['load_config', 'create_backbone', 'get_backbone_channels', 'create_head', 'create_model', 'load_trained']
@@ -70,10 +71,13 @@ __all__ = ['load_config', 'create_backbone', 'get_backbone_channels', 'create_he
 
 
 def create_backbone(cfg: dict) -> nn.Module:
-    """The backbone named by `backbone.type`, with `backbone.pretrained` weights loaded if given, and its
+    """The backbone named by `backbone.type` for images of `data.in_channels` bands, with
+    `backbone.pretrained` weights loaded if given (an RGB input kernel inflated to the bands), and its
     blocks' activations recomputed in the backward pass with `backbone.with_cp`."""
     cls = choose('backbone', cfg['backbone']['type'], BACKBONES, 'config')
     backbone = cls(**section_kwargs(cfg, 'backbone'))
+    if cfg['data']['in_channels'] != 3:
+        take_input_channels(backbone, cfg['data']['in_channels'])
     pretrained = pretrained_file(cfg['backbone'])
     if pretrained:
         load_pretrained(backbone, pretrained)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import tifffile
 import torch
 from torch.utils.data import Dataset
 
@@ -25,6 +26,7 @@ from .scan import scan
 from .transforms import IMAGENET_MEAN, Pipeline
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+TIFF_SUFFIXES = ('.tif', '.tiff')  # read with tifffile where images have other than 3 bands
 MAX_LISTED = 10  # problems spelled out in an error or a warning; the rest are counted
 
 
@@ -43,6 +45,39 @@ def read_image(path: Path) -> np.ndarray:
     if image is None:
         raise DatasetError(f"cannot read image '{path}' (missing, corrupt or not an image)")
     return image
+
+
+def read_input(path: Path, channels: int = 3) -> np.ndarray:
+    """An image as the model takes it: RGB (`read_image`), or `channels` bands (`read_bands`)."""
+    return read_image(path) if channels == 3 else read_bands(path, channels)
+
+
+def read_bands(path: Path, channels: int) -> np.ndarray:
+    """(H, W, channels) pixels of an image of `data.in_channels` bands, in the file's band order and at
+    its depth (8 or 16 bit): a TIFF (any number of bands, interleaved or planar) through tifffile, any
+    other file through OpenCV (grey, grey + alpha, RGB, RGBA; 16-bit PNGs)."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            with tifffile.TiffFile(path) as tiff:
+                series = tiff.series[0]
+                image, axes = series.asarray(), series.axes
+            if image.ndim == 3:  # the samples axis last, however the file stores them
+                image = np.moveaxis(image, axes.index('S') if 'S' in axes else 0, -1)
+        else:
+            image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
+            if image is not None and image.ndim == 3:
+                image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB if image.shape[2] == 3 else cv2.COLOR_BGRA2RGBA)
+    except (OSError, ValueError, tifffile.TiffFileError):
+        image = None
+    if image is None:
+        raise DatasetError(f"cannot read image '{path}' (missing, corrupt or not an image)")
+    image = image[..., None] if image.ndim == 2 else image
+    if image.shape[2] != channels:
+        raise DatasetError(f"image '{path}' has {image.shape[2]} bands; data.in_channels is {channels}")
+    if image.dtype not in (np.uint8, np.uint16):
+        raise DatasetError(f"image '{path}' holds {image.dtype} values; expected 8- or 16-bit bands")
+    return np.ascontiguousarray(image)
 
 
 @dataclass(frozen=True)
@@ -90,11 +125,13 @@ class SegmentationDataset(Dataset):
         palette: list = None,
         seed: int = 0,
         mean: list = IMAGENET_MEAN,
+        in_channels: int = 3,
         on_invalid: str = 'error',
         cache_dir: str | None = None,
     ):
         self.root, self.split, self.num_classes = Path(root), split, num_classes
         self.ignore_index, self.seed, self.on_invalid = ignore_index, seed, on_invalid
+        self.in_channels = in_channels
         self.reduce_zero_label = reduce_zero_label or self.REDUCE_ZERO_LABEL
         self.class_names = resolve_class_names(type(self), num_classes, class_names)
         self.check_arguments(class_names, palette)
@@ -281,7 +318,8 @@ class SegmentationDataset(Dataset):
     def load(self, index: int) -> tuple:
         """The raw pair, its label mapped to train ids by one table lookup."""
         image_path, label_path = self.samples[index]
-        image, label = read_image(image_path), read_raw_label(label_path, self.colors is not None)
+        image = read_input(image_path, self.in_channels)
+        label = read_raw_label(label_path, self.colors is not None)
         if label is None:
             raise DatasetError(f"cannot read label '{label_path}' (missing, corrupt or not an image)")
         if self.colors is not None:

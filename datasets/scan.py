@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import tifffile
 from PIL import Image
 from tqdm import tqdm
 
@@ -37,7 +38,11 @@ class Record:
 
 def image_size(path: Path) -> tuple:
     """(h, w) read from the header. OpenCV applies EXIF rotation when decoding, so a rotated JPEG
-    swaps its sides here too."""
+    swaps its sides here too. A TIFF's through tifffile, which reads any number of bands."""
+    if Path(path).suffix.lower() in ('.tif', '.tiff'):
+        with tifffile.TiffFile(path) as tiff:
+            page = tiff.pages.first
+            return page.imagelength, page.imagewidth
     with Image.open(path) as image:
         width, height = image.size
         rotated = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
@@ -48,7 +53,7 @@ def scan_pair(pair: tuple, colors: bool) -> Record:
     image_path, label_path = pair
     try:
         size = image_size(image_path)
-    except (OSError, ValueError, SyntaxError):
+    except (OSError, ValueError, SyntaxError, tifffile.TiffFileError):
         return Record(error=f"cannot read image '{image_path}' (missing, corrupt or not an image)")
     label = read_raw_label(label_path, colors)
     if label is None:

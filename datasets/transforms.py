@@ -204,18 +204,22 @@ class PhotoMetricDistortion:
 
 class Pad:
     """Pad bottom/right to at least `size` (h, w): the label with the ignore index, the image with
-    `value` (RGB). mmseg normalises first and pads with 0; here images stay uint8 until the device
-    normalises them, so the default `value` is the normalisation mean (data.mean, rounded), which
-    normalises to ~0 just the same."""
+    `value` (one per band). mmseg normalises first and pads with 0; here images stay uint8 (or 16-bit)
+    until the device normalises them, so the default `value` is the normalisation mean (data.mean,
+    rounded), which normalises to ~0 just the same."""
 
-    def __init__(self, size: Size, value: Annotated[list, Len(3, 3)] = IMAGENET_MEAN, ignore_index: int = 255):
+    def __init__(self, size: Size, value: Annotated[list, Len(1)] = IMAGENET_MEAN, ignore_index: int = 255):
         self.size, self.ignore_index = tuple(size), ignore_index
         self.value = tuple(int(round(v)) for v in value)
 
     def __call__(self, image, label, rng):
         pad_h, pad_w = max(self.size[0] - image.shape[0], 0), max(self.size[1] - image.shape[1], 0)
         if pad_h or pad_w:
-            image = cv2.copyMakeBorder(image, 0, pad_h, 0, pad_w, cv2.BORDER_CONSTANT, value=self.value)
+            height, width, bands = image.shape
+            padded = np.empty((height + pad_h, width + pad_w, bands), image.dtype)
+            padded[...] = self.value  # one value per band: any number of them
+            padded[:height, :width] = image
+            image = padded
             label = cv2.copyMakeBorder(label, 0, pad_h, 0, pad_w, cv2.BORDER_CONSTANT, value=self.ignore_index)
         return image, label
 
@@ -272,6 +276,8 @@ class Albumentations:
         return np.ascontiguousarray(sample['image']), np.ascontiguousarray(sample['mask'])
 
 
+RGB_ONLY = (PhotoMetricDistortion, Albumentations)  # steps for 8-bit RGB images (data.in_channels 3)
+
 TRANSFORMS = {
     'resize': Resize,
     'random_resize': RandomResize,
@@ -304,4 +310,5 @@ class Pipeline:
     def __call__(self, image, label, rng):
         for step in self.steps:
             image, label = step(image, label, rng)
+            image = image[..., None] if image.ndim == 2 else image  # OpenCV drops a single band's axis
         return image, label

@@ -41,6 +41,7 @@ DEFAULTS = {
         'reduce_zero_label': False,
         'class_names': None,
         'palette': None,
+        'in_channels': 3,
         'mean': [123.675, 116.28, 103.53],
         'std': [58.395, 57.12, 57.375],
         'workers': 2,
@@ -130,8 +131,9 @@ class Each:
 # class options of backbones, heads, datasets and pipeline steps declare theirs with typing.Annotated).
 BOUNDS = {
     'data.num_classes': (at.Ge(1),),
-    'data.mean': (at.Len(3, 3), Each((at.Ge(0), at.Le(255)))),
-    'data.std': (at.Len(3, 3), Each((at.Gt(0),))),
+    'data.in_channels': (at.Ge(1),),
+    'data.mean': (at.Len(1), Each((at.Ge(0),))),  # one per band of data.in_channels (engine/rules.py)
+    'data.std': (at.Len(1), Each((at.Gt(0),))),
     'data.workers': (at.Ge(0),),
     'train.max_iters': (at.Ge(1),),
     'train.batch_size': (at.Ge(1),),

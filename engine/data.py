@@ -21,6 +21,7 @@ DATASET_ARGUMENTS = (
     'palette',
     'seed',
     'mean',
+    'in_channels',
 )
 
 
@@ -49,6 +50,7 @@ def build_dataset(cfg: dict, split: str, work_dir=None):
         palette=data['palette'],
         seed=cfg['train']['seed'],
         mean=data['mean'],
+        in_channels=data['in_channels'],
         **options,
     )
     if dist.is_main():

@@ -28,13 +28,14 @@ KEPT_BLOCK_BYTES = 1 << 30
 
 
 def example_input(model: nn.Module, size=(64, 64)) -> torch.Tensor:
-    """A fixed random (1, 3, H, W) image batch on the model's device: the probe `fold_conv_bn` runs.
+    """A fixed random (1, C, H, W) image batch on the model's device: the probe `fold_conv_bn` runs.
     64x64 suits every convolutional family here (OffSeg needs sides that are multiples of 32); a ViT
     backbone's patch grid may need the sides rounded up (its `size_multiple`: 84x84 for DINOv2's)."""
     size = padded_size(size, getattr(getattr(model, 'backbone', None), 'size_multiple', 1))
     parameter = next(model.parameters())
     generator = torch.Generator().manual_seed(0)
-    return torch.randn(1, 3, *size, generator=generator).to(parameter.device, parameter.dtype)
+    channels = getattr(model, 'in_channels', 3)
+    return torch.randn(1, channels, *size, generator=generator).to(parameter.device, parameter.dtype)
 
 
 def find_conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list:

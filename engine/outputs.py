@@ -22,6 +22,15 @@ class OutputError(OSError):
     """An output file that cannot, or must not, be written: the message names it and why."""
 
 
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~umask()
+"""What a new file's mode would be under this process's umask (usually 0644)."""
+
 FULL_DISK_BYTES = 1 << 20
 """Free space below which a failed write is put down to a full disk (torch.save reports it as a
 RuntimeError of its zip writer, without the errno)."""
@@ -35,6 +44,7 @@ def atomic_write(path: Path, write) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(prefix=f'.{path.name}.', dir=path.parent)
+        os.chmod(temporary, FILE_MODE)  # mkstemp's is 0600: the file gets the mode any other would
         with os.fdopen(handle, 'wb') as file:
             write(file)
             file.flush()

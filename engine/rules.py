@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from datasets import DATASETS
-from datasets.transforms import TRANSFORMS, Pipeline
+from datasets.transforms import RGB_ONLY, TRANSFORMS, Pipeline
 from models import BACKBONES, HEADS
 from models.segmentor import join
 
@@ -343,12 +343,23 @@ def check_data(cfg: dict, source: str) -> None:
     check_kwargs(
         dataset, dataset_options(cfg['data']), 'data', source, provided=DATASET_ARGUMENTS, suggest=DEFAULTS['data']
     )
+    bands = cfg['data']['in_channels']
+    for key in ('mean', 'std'):
+        if len(cfg['data'][key]) != bands:
+            raise ConfigError(
+                f'{source}: data.{key} has {len(cfg["data"][key])} values for data.in_channels {bands}: give one '
+                'per band (on the 0-255 scale of 8-bit images, 0-65535 of 16-bit ones)'
+            )
     for split in ('train', 'val'):
         for i, step in enumerate(cfg['data'][split]['pipeline']):
             where = f'data.{split}.pipeline[{i}]'
             if not isinstance(step, dict):
                 raise ConfigError(f"{source}: '{where}' must be a mapping with a 'type'")
             cls = choose(where, step.get('type'), TRANSFORMS, source)
+            if bands != 3 and cls in RGB_ONLY:
+                raise ConfigError(
+                    f"{source}: '{where}' ({step['type']}) works on 8-bit RGB images; data.in_channels is {bands}"
+                )
             check_kwargs(cls, {k: v for k, v in step.items() if k != 'type'}, where, source, ('ignore_index',))
         try:
             Pipeline(cfg['data'][split]['pipeline'], cfg['data']['ignore_index'], cfg['data']['mean'])

@@ -36,6 +36,16 @@ class ClassStyle:
         return cls(dataset.class_names, dataset.palette, dataset.ignore_index)
 
 
+def displayable(image: np.ndarray) -> np.ndarray:
+    """An (H, W, C) image of any bands and depth as an 8-bit RGB picture: its first three bands (the
+    first in grey where there are fewer), 16-bit ones each stretched between its 1st and 99th percentile."""
+    bands = image[..., :3] if image.shape[2] >= 3 else np.repeat(image[..., :1], 3, axis=2)
+    if bands.dtype == np.uint8:
+        return np.ascontiguousarray(bands)
+    low, high = np.percentile(bands, [1, 99], axis=(0, 1))
+    return np.clip((bands - low) / np.maximum(high - low, 1e-6) * 255, 0, 255).astype(np.uint8)
+
+
 def hatch(shape: tuple) -> np.ndarray:
     """Black and white diagonal stripes: marks ignored pixels, and reads as no class colour."""
     y, x = np.indices(shape)
@@ -98,7 +108,7 @@ def side_by_side(
 
 
 def panels(image: torch.Tensor, maps: dict, style: ClassStyle, opacity: float = 0.5) -> np.ndarray:
-    """The (3, h, w) uint8 `image`, then for each {caption: (H, W) class ids} the image with those ids
+    """The (C, h, w) `image` (`displayable`), then for each {caption: (H, W) class ids} the image with those ids
     blended in, side by side at the maps' size and captioned, above a legend of the classes in any map
     (and the hatch, where a map has ignored pixels)."""
     maps = {caption: ids.cpu().numpy() for caption, ids in maps.items()}
@@ -106,7 +116,7 @@ def panels(image: torch.Tensor, maps: dict, style: ClassStyle, opacity: float = 
     if zoom > 1:
         maps = {caption: np.kron(ids, np.ones((zoom, zoom), ids.dtype)) for caption, ids in maps.items()}
     height, width = next(iter(maps.values())).shape
-    image = np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy())
+    image = displayable(image.permute(1, 2, 0).cpu().numpy())
     if image.shape[:2] != (height, width):
         interpolation = cv2.INTER_NEAREST if zoom > 1 else cv2.INTER_LINEAR
         image = cv2.resize(image, (width, height), interpolation=interpolation)

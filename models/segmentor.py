@@ -6,6 +6,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .input_channels import input_conv
+
 
 class Segmentor(nn.Module):
     """Image batch (B, 3, H, W), normalised, -> logits (B, K, h, w) at the head's native resolution.
@@ -31,6 +33,11 @@ class Segmentor(nn.Module):
         self.frozen_backbone = frozen_backbone
         if frozen_backbone:
             self.frozen_part().requires_grad_(False)
+
+    @property
+    def in_channels(self) -> int:
+        """The bands of the images it takes (3 unless `data.in_channels` rebuilt its input convolution)."""
+        return input_conv(self.backbone)[1].in_channels
 
     def frozen_part(self) -> Optional[nn.Module]:
         """What `frozen_backbone` freezes: the backbone's `pretrained_part` (a ViT, without the feature

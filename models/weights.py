@@ -27,6 +27,7 @@ from torch import nn
 
 from .heads.eomt import checkpoint_parts as eomt_checkpoint_parts
 from .heads.eomt import holds_differences
+from .input_channels import inflate_input_conv
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ class LoadReport:
     unexpected: list = field(default_factory=list)
     mismatched: list = field(default_factory=list)
     new: list = field(default_factory=list)  # tensors no pretrained file has (a ViT's feature pyramid): not misfits
+    inflated: list = field(default_factory=list)  # an RGB input kernel adapted to other bands (input_channels.py)
 
     @property
     def complete(self) -> bool:
@@ -158,7 +160,8 @@ class LoadReport:
 
     def summary(self) -> str:
         fresh = f' ({len(self.new)} new ones initialised: {self.new[0].split(".")[0]})' if self.new else ''
-        return f'loaded {self.loaded}/{self.total} tensors from {self.source}{fresh}'
+        inflated = ''.join(f'; inflated {item}' for item in self.inflated)
+        return f'loaded {self.loaded}/{self.total} tensors from {self.source}{fresh}{inflated}'
 
 
 def load_into(
@@ -205,7 +208,9 @@ def load_pretrained(module: nn.Module, path, part: str = 'backbone') -> LoadRepo
     parts, _ = split_parts(read_state_dict(path))
     if part not in parts:
         raise CheckpointError(f'{path}: holds no {part} weights (parts found: {", ".join(parts)})')
-    report = load_into(module, convert_part(module, parts[part]), source=str(path))
+    state, inflated = inflate_input_conv(module, convert_part(module, parts[part]))
+    report = load_into(module, state, source=str(path))
+    report.inflated = inflated
     pretrained_part = getattr(module, 'pretrained_part', '')
     if pretrained_part:  # the rest of the module is new by design
         report.new = [key for key in report.missing if not key.startswith(f'{pretrained_part}.')]

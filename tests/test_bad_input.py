@@ -133,7 +133,7 @@ def test_an_out_of_range_value_for_any_bounded_key_is_one_config_error(name):
         ('train.grad_clip=-1', "'train.grad_clip' must be a number > 0, got -1"),
         ('train.max_iters=0', "'train.max_iters' must be a number >= 1, got 0"),
         ('train.ema_decay=1.5', "'train.ema_decay' must be a number < 1"),
-        ('data.mean=[1, 2]', "'data.mean' must be a list of 3 items"),
+        ('data.mean=[1, 2]', 'data.mean has 2 values for data.in_channels 3: give one per band'),
         ('data.std=[1, 0, 1]', "'data.std' must be a list of numbers, each a number > 0"),
         ('eval.stride=[0, 8]', "'eval.stride' must be a list of numbers, each a number >= 1"),
         (
@@ -691,3 +691,11 @@ def test_a_library_warning_under_a_script_is_one_line(capsys):
 
     run_cli(main)
     assert capsys.readouterr().err == 'warning: a library has something to say\n'
+
+
+def test_written_files_get_the_mode_of_any_new_file_not_mkstemps_private_one(tmp_path):
+    from engine.outputs import write_text
+
+    write_text(tmp_path / 'result.json', '{}')
+    (tmp_path / 'plain.txt').write_text('{}')
+    assert (tmp_path / 'result.json').stat().st_mode == (tmp_path / 'plain.txt').stat().st_mode

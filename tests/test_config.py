@@ -58,6 +58,7 @@ def test_base_files_merge_recursively_and_later_wins(base_config):
         'output_stride': 16,
         'pretrained': None,
         'frozen': False,
+        'with_cp': False,
     }
     assert cfg['head'] == {'type': 'aspp', 'channels': 64, 'dilations': [1, 2, 3]}
     assert cfg['data']['train']['pipeline'] == [{'type': 'random_flip', 'prob': 0.5}]

@@ -149,7 +149,9 @@ def test_the_readme_commands_run_as_written_on_a_fresh_checkout(tmp_path, monkey
     assert len(ran) >= 6 and (tmp_path / 'work_dirs' / 'demo' / 'best.pth').is_file()
     # the quick start's run ends with a line naming its best mIoU and the checkpoint, as the README says
     assert re.search(
-        r'^done: best mIoU [\d.]+ at iteration 2; checkpoint work_dirs/demo/best.pth', capsys.readouterr().out, re.M
+        r'^[\d-]+ [\d:]+  done: best mIoU [\d.]+ at iteration 2; checkpoint work_dirs/demo/best.pth',
+        capsys.readouterr().out,
+        re.M,
     )
 
 

@@ -9,10 +9,10 @@
 The model is built as evaluate.py builds it (the checkpoint's stored config, or --config), put in
 eval mode and its conv+BN pairs folded (engine/fast.py). The graph:
 
-- input `images`: float32 (B, 3, H, W), RGB already normalised with the config's data.mean and
-  data.std (0-255 scale, stored in the file's metadata as `mean` and `std`). Normalisation is left
-  out so that the graph is the same function as the PyTorch model (Segmentor) and the exported
-  model is timed and checked against it as is.
+- input `images`: float32 (B, C, H, W), RGB (C = 3, or `data.in_channels` bands), already normalised
+  with the config's data.mean and data.std (0-255 scale, stored in the file's metadata as `mean`
+  and `std`). Normalisation is left out so that the graph is the same function as the PyTorch model
+  (Segmentor) and the exported model is timed and checked against it as is.
 - output `logits`: float32 (B, K, H/s, W/s) at the head's stride s, not resized and not argmax'ed:
   s = 4 for the OffSeg, DeepLabV3+ and SegFormer heads; 8 for LightHam (SegNeXt), the two fast
   SegFormer heads and SegFormer with Offset Learning; the backbone's output stride for DeepLabV3
@@ -57,7 +57,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from datasets.base import IMAGE_SUFFIXES, DatasetError, read_image  # noqa: E402
+from datasets.base import IMAGE_SUFFIXES, DatasetError, read_input  # noqa: E402
 from datasets.transforms import Pipeline  # noqa: E402
 from engine.cli import ArgumentParser, number, run_cli  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
@@ -94,14 +94,14 @@ def export(
     fold_bn: bool = True,
     metadata: dict = None,
 ) -> Path:
-    """Write `model` (a Segmentor; left unchanged) as ONNX to `path`, traced on CPU at (1, 3, *size),
+    """Write `model` (a Segmentor; left unchanged) as ONNX to `path`, traced on CPU at (1, C, *size),
     with dynamic batch, height and width; `metadata` goes into the file (values that are not strings
     as JSON). Returns the path."""
     path = Path(path)
     refuse_fixed_size_pooling(model)
     exported = prepare_for_inference(model, fold_bn=fold_bn).cpu()
     fix_nmf_bases(exported)
-    example = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
+    example = torch.randn(1, model.in_channels, *size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         axes = output_axes(exported(example))
     with warnings.catch_warnings():
@@ -159,7 +159,7 @@ def calibration_inputs(model: torch.nn.Module, cfg: dict, folder, count: int) ->
 
     with torch.inference_mode():
         for path in files[:count]:
-            image, _ = pipeline(read_image(path), None, np.random.default_rng(0))
+            image, _ = pipeline(read_input(path, data['in_channels']), None, np.random.default_rng(0))
             images = torch.from_numpy(image.transpose(2, 0, 1).copy())[None]
             predict_scores(record, images, data['mean'], data['std'], **inference_options(cfg['eval']))
     return recorded, len(files[:count])
@@ -221,7 +221,7 @@ def check(path, model: torch.nn.Module, sizes, batch: int = 1) -> list:
     generator = torch.Generator().manual_seed(1)
     differences = []
     for height, width in sizes:
-        images = torch.randn(batch, 3, height, width, generator=generator)
+        images = torch.randn(batch, model.in_channels, height, width, generator=generator)
         with torch.no_grad():
             expected = output_tensors(model(images.to(next(model.parameters()).device)))
         actual = session.run(list(expected), {'images': images.numpy()})
@@ -335,7 +335,8 @@ def main(argv=None) -> None:
             os.replace(graph, path)
         except OSError as error:
             raise OutputError(f"cannot write '{path}': {write_failure(error, path.parent)}") from None
-    print(f'{path} written{" (int8)" if args.int8 else ""}: images (B, 3, H, W) normalised -> {describe_outputs(path)}')
+    inputs_shape = f'images (B, {model.in_channels}, H, W) normalised'
+    print(f'{path} written{" (int8)" if args.int8 else ""}: {inputs_shape} -> {describe_outputs(path)}')
     if args.check:
         height, width = args.size
         step = getattr(model.backbone, 'size_multiple', 32)  # a ViT's patch grid takes multiples of it only
