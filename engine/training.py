@@ -54,7 +54,7 @@ def has_unused_parameters(model: nn.Module, device: torch.device, size: int = 12
     with a random batch of two, so the model's weights, BN statistics and the RNG streams are untouched."""
     probe = copy.deepcopy(model).train()
     with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
-        images = torch.randn(2, model.in_channels, size, size, device=device)
+        images = torch.randn(2, getattr(model, 'in_channels', 3), size, size, device=device)
         outputs = probe(images)  # logits, [logits, aux], or a dict of lists
         sum(output.float().mean() for output in tree_leaves(outputs)).backward()
     return any(p.requires_grad and p.grad is None for p in probe.parameters())

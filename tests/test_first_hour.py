@@ -129,7 +129,13 @@ def test_changing_a_section_type_drops_the_keys_the_new_type_does_not_take():
         k: v for k, v in cfg['head'].items() if k != 'type'
     }
     swapped = load_config(DEEPLAB_CAMVID, ['backbone.type=mit', 'backbone.variant=b0'])
-    assert swapped['backbone'] == {'type': 'mit', 'variant': 'b0', 'pretrained': None, 'frozen': False}
+    assert swapped['backbone'] == {
+        'type': 'mit',
+        'variant': 'b0',
+        'pretrained': None,
+        'frozen': False,
+        'with_cp': False,
+    }
 
 
 def test_delete_replaces_a_section_instead_of_merging_into_it(tmp_path):

@@ -85,7 +85,7 @@ def test_a_signal_mid_iteration_saves_and_the_run_resumes_exactly(stop_signal, c
     stdout, stderr = (stream.decode() for stream in process.communicate(timeout=120))
     assert process.returncode == 128 + stop_signal, stderr[-3000:]
     assert 'Traceback' not in stdout + stderr
-    (line,) = [line for line in stdout.splitlines() if line.startswith('stopped by')]
+    (line,) = [line for line in stdout.splitlines() if re.match(r'[\d-]+ [\d:]+  stopped by', line)]  # time-stamped
     stopped_at = int(re.search(rf'stopped by {stop_signal.name} at iteration (\d+);', line).group(1))
     assert VAL_INTERVAL < stopped_at < MAX_ITERS and str(work_dir / 'last.pth') in line
     assert load_checkpoint(work_dir / 'last.pth')['iteration'] == stopped_at
