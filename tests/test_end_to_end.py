@@ -275,27 +275,20 @@ def test_resuming_continues_exactly(run):
     assert_resume_continues_exactly(run)
 
 
-def test_fine_tuning_with_load_from_and_an_ema(run, tmp_path):
+def test_fine_tuning_with_load_from_an_ema_and_early_stopping(run, tmp_path, capsys):
     """--load-from takes the weights only (a fresh schedule from iteration 0); the EMA is validated and
-    saved beside the model; keep_checkpoints=1 leaves one iteration file."""
+    saved beside the model; keep_checkpoints=1 leaves one iteration file. Early stopping watches the
+    EMA: with min_delta 100 mIoU points the first validation sets its best and the second cannot beat
+    it, so the run ends at iteration 2 of 20, and a resumed run stays stopped."""
     work = tmp_path / 'finetune'
-    train.main(
-        [
-            '--config',
-            str(run / 'tiny.yaml'),
-            '--work-dir',
-            str(work),
-            '--device',
-            'cpu',
-            '--load-from',
-            str(run / 'work' / 'best.pth'),
-            '--set',
-            'train.max_iters=2',
-            'train.val_interval=1',
-            'train.ema_decay=0.5',
-            'train.keep_checkpoints=1',
-        ]
-    )
+    command = ['--config', str(run / 'tiny.yaml'), '--work-dir', str(work), '--device', 'cpu']
+    overrides = ['train.max_iters=20', 'train.val_interval=1', 'train.ema_decay=0.5', 'train.keep_checkpoints=1']
+    overrides += ['train.early_stop={patience: 1, min_delta: 100}']
+    train.main([*command, '--load-from', str(run / 'work' / 'best.pth'), '--set', *overrides])
+    assert 'stopped early at iteration 2: 1 validation without an mIoU above' in capsys.readouterr().out
+    assert load_checkpoint(work / 'last.pth')['early_stop']['waited'] == 1
+    train.main([*command, '--resume', 'auto', '--set', *overrides])
+    assert 'stopped early at iteration 2' in capsys.readouterr().out
     log = (work / 'train.log').read_text()
     assert re.search(rf'loaded (\d+)/\1 tensors from {re.escape(str(run / "work" / "best.pth"))}', log)
     assert 'keys' not in log  # everything fitted
@@ -367,21 +360,6 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(run,
                 ]
             )
     assert sorted(p.name for p in work.glob('iter_*.pth')) == ['iter_000003.pth']  # not iteration 6
-
-
-def test_early_stopping_ends_the_run_after_patience_validations_and_a_resume_stays_stopped(run, tmp_path, capsys):
-    """min_delta 100 mIoU points: the first validation sets the best, the second cannot beat it by that."""
-    work = tmp_path / 'early'
-    command = ['--config', str(run / 'tiny.yaml'), '--work-dir', str(work), '--device', 'cpu', '--set']
-    command += ['train.max_iters=20', 'train.val_interval=2', 'train.early_stop={patience: 1, min_delta: 100}']
-    train.main(command)
-    checkpoint = load_checkpoint(work / 'last.pth')
-    assert checkpoint['iteration'] == 4 and checkpoint['early_stop']['waited'] == 1
-    first = capsys.readouterr().out
-    assert 'stopped early at iteration 4: 1 validation without an mIoU above' in first and 'done: best mIoU' in first
-    train.main([*command[:6], '--resume', 'auto', *command[6:]])
-    assert 'stopped early at iteration 4' in capsys.readouterr().out
-    assert load_checkpoint(work / 'last.pth')['iteration'] == 4
 
 
 def test_slow_training_speeds_read_as_seconds_per_image():
