@@ -107,3 +107,12 @@ def load_bands_config(tmp_path, overrides):
         'data: {type: folder, root: x, num_classes: 2}\ntrain: {max_iters: 1, batch_size: 1}\n'
     )
     return load_config(config, overrides)
+
+
+@pytest.mark.parametrize('kind', list(BACKBONES))
+def test_every_backbone_takes_other_band_counts(kind):
+    backbone = BACKBONES[kind]('test').eval()
+    take_input_channels(backbone, 4)
+    side = 56 if kind == 'dinov2' else 64  # DINOv2's patch grid with its pyramid: multiples of 28
+    with torch.no_grad():
+        assert len(backbone(torch.randn(1, 4, side, side))) == 4
