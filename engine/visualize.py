@@ -101,7 +101,7 @@ def legend(class_ids, style: ClassStyle, width: int, ignored: bool = False) -> n
 def side_by_side(
     image: torch.Tensor, label: torch.Tensor, prediction: torch.Tensor, style: ClassStyle, opacity: float = 0.5
 ) -> np.ndarray:
-    """One evaluated sample as `evaluate` hands it over, (3, h, w) uint8 image as fed to the model and
+    """One evaluated sample as `evaluate` hands it over, (C, h, w) image as fed to the model and
     (H, W) label and prediction on any device: image | ground truth | prediction at the label's size,
     captioned, above a legend of the classes found in the label or the prediction."""
     return panels(image, {'ground truth': label, 'prediction': prediction}, style, opacity)
