@@ -30,8 +30,10 @@ TINY_DATA = """
           - {{type: random_crop, size: [64, 64]}}
           - {{type: random_flip}}
           - {{type: pad, size: [64, 64]}}
+      val:
+        pipeline: [{{type: resize, scale: [64, 64], keep_ratio: false}}]
 """
-"""The generated scenes at 64x64, for tiny runs of any model."""
+"""The generated scenes at 64x64 (validated at 64x64 too, scored at their 128x128), for tiny runs of any model."""
 
 TINY = (
     """
