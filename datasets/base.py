@@ -22,11 +22,10 @@ import torch
 from torch.utils.data import Dataset
 
 from .labels import LABEL_VALUES, ColorTable, describe_code, id_table, read_raw_label
-from .scan import scan
+from .scan import TIFF_SUFFIXES, scan
 from .transforms import IMAGENET_MEAN, Pipeline
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
-TIFF_SUFFIXES = ('.tif', '.tiff')  # read with tifffile where images have other than 3 bands
 MAX_LISTED = 10  # problems spelled out in an error or a warning; the rest are counted
 
 

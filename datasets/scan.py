@@ -36,10 +36,13 @@ class Record:
     error: str = None  # why the pair cannot be used, naming the file
 
 
+TIFF_SUFFIXES = ('.tif', '.tiff')  # read with tifffile: any number of bands
+
+
 def image_size(path: Path) -> tuple:
     """(h, w) read from the header. OpenCV applies EXIF rotation when decoding, so a rotated JPEG
     swaps its sides here too. A TIFF's through tifffile, which reads any number of bands."""
-    if Path(path).suffix.lower() in ('.tif', '.tiff'):
+    if Path(path).suffix.lower() in TIFF_SUFFIXES:
         with tifffile.TiffFile(path) as tiff:
             page = tiff.pages.first
             return page.imagelength, page.imagewidth

@@ -309,6 +309,18 @@ def rename(section: dict, alias: str, key: str, name: str, source: str, convert=
     section[key] = convert(section.pop(alias))
 
 
+def flatten(sections: dict, prefix: str = '') -> dict:
+    """{'train.optimizer.lr': 0.001, ...}: nested sections as dotted keys, as overrides name them (an
+    empty section stays a value)."""
+    flat = {}
+    for key, value in sections.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f'{prefix}{key}.'))
+        else:
+            flat[f'{prefix}{key}'] = value
+    return flat
+
+
 def parse_override(text: str) -> dict:
     """'train.max_iters=200' -> {'train': {'max_iters': 200}}; the value is parsed as YAML."""
     key, sep, value = text.partition('=')

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from .config import flatten
+
 DEFAULT_PROJECT = 'segmentation'
 
 
@@ -84,7 +86,7 @@ class MLflow:
             self.mlflow.log_image(image, key=metric_name(tag), step=step)
 
     def config(self, cfg: dict, path: Path) -> None:
-        self.mlflow.log_params({key: str(value)[:PARAM_LENGTH] for key, value in flatten(cfg).items()})
+        self.mlflow.log_params({key: flow(value)[:PARAM_LENGTH] for key, value in flatten(cfg).items()})
         self.mlflow.log_artifact(str(path))
 
     def close(self) -> None:
@@ -107,12 +109,6 @@ def metric_name(tag: str) -> str:
     return re.sub(r'[^\w\-. /]', '_', tag)
 
 
-def flatten(cfg: dict, prefix: str = '') -> dict:
-    """{'train.optimizer.lr': 0.001, ...}: MLflow's parameters are flat."""
-    flat = {}
-    for key, value in cfg.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f'{prefix}{key}.'))
-        else:
-            flat[f'{prefix}{key}'] = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('\n...')
-    return flat
+def flow(value) -> str:
+    """A config value as one line of YAML, as an MLflow parameter holds it."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('\n...')

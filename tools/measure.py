@@ -27,6 +27,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from engine.cli import AMP_DTYPES
+from engine.config import flatten  # noqa: F401  (the benchmarks' CSV columns)
 from engine.losses import build_criterion
 from engine.optim import build_optimizer
 from engine.outputs import write_results
@@ -225,17 +226,6 @@ def build_model(cfg: dict, device: torch.device) -> torch.nn.Module:
     """The config's model on `device`, with the same random weights on every call (seed 0)."""
     torch.manual_seed(0)
     return create_model(cfg).to(device)
-
-
-def flatten(result: dict, prefix: str = '') -> dict:
-    """Nested sections as dotted column names, for CSV."""
-    flat = {}
-    for key, value in result.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f'{prefix}{key}.'))
-        else:
-            flat[prefix + key] = value
-    return flat
 
 
 # ---------------------------------------------------------------------------------- result files

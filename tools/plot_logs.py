@@ -36,10 +36,10 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def curves(run: Path, key: str) -> dict:
-    """{tag: ([iterations], [values])} of `key` in the run's records, per tag that has it."""
+def curves(records: list, key: str) -> dict:
+    """{tag: ([iterations], [values])} of `key` in a run's records (`read_metrics`), per tag that has it."""
     found = {}
-    for record in read_metrics(run):
+    for record in records:
         if record['tag'] in SERIES and record.get(key) is not None:
             iterations, values = found.setdefault(record['tag'], ([], []))
             iterations.append(record['iteration'])
@@ -48,12 +48,13 @@ def curves(run: Path, key: str) -> dict:
 
 
 def plot(runs: list, keys: list) -> Figure:
+    """`runs`: [(run folder, its records)]."""
     figure = Figure(figsize=(6.5, 2.4 * len(keys)), dpi=100, layout='constrained')
     colours = [f'C{i}' for i in range(len(runs))]
     for row, key in enumerate(keys):
         axes = figure.add_subplot(len(keys), 1, row + 1)
-        for run, colour in zip(runs, colours):
-            for tag, (iterations, values) in curves(run, key).items():
+        for (run, records), colour in zip(runs, colours):
+            for tag, (iterations, values) in curves(records, key).items():
                 suffix, style = SERIES[tag]
                 marker = 'o' if tag != 'train' else None
                 axes.plot(iterations, values, style, color=colour, marker=marker, ms=3, label=f'{run.name}{suffix}')
@@ -70,12 +71,13 @@ def main(argv=None) -> Path:
     for run in args.runs:
         if not (run / METRICS_FILE).is_file():
             raise ConfigError(f'{run}: no {METRICS_FILE} there (a train.py run folder is expected)')
-    missing = [key for key in args.keys if not any(curves(run, key) for run in args.runs)]
+    runs = [(run, read_metrics(run)) for run in args.runs]  # each metrics.jsonl read once
+    missing = [key for key in args.keys if not any(curves(records, key) for _, records in runs)]
     if missing:
         raise ConfigError(f'--keys: no run recorded {", ".join(missing)} (loss terms, lr, images_per_s, eval.metrics)')
     out = args.out or args.runs[0] / 'curves.png'
     Manifest(out.parent, 'plots.txt').claim(out)
-    write_image(out, figure_pixels(plot(args.runs, args.keys)))
+    write_image(out, figure_pixels(plot(runs, args.keys)))
     print(f'wrote {out}')
     return out
 
