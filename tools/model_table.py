@@ -7,6 +7,7 @@ section. Papers count the unused `conv_seg` classifier that mmseg builds beside 
 our heads do not build it, so both counts are shown.
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -74,11 +75,16 @@ def output_stride(model: torch.nn.Module):
     return int(stride) if stride.is_integer() else stride
 
 
-def describe(path: Path) -> dict:
-    """One config's model: counted parameters (and with mmseg's unused conv_seg), stride, paper numbers."""
+def describe(path: Path, strides: dict) -> dict:
+    """One config's model: counted parameters (and with mmseg's unused conv_seg), stride, paper numbers.
+    `strides` keeps the stride of each backbone and head setting met (configs that differ only in their
+    data share it)."""
     cfg = read_config(path, ['backbone.pretrained=null'], accepted_keys)  # the model's own checks run in the tests
     with torch.device('meta'):
         model = create_model(cfg).eval()
+    architecture = json.dumps([cfg['backbone'], cfg['head']], sort_keys=True)
+    if architecture not in strides:
+        strides[architecture] = output_stride(model)
     params = count(model)
     classifier = getattr(model.head, 'classifier', None)  # mask classification (Mask2Former) has none
     if isinstance(classifier, OffsetLearning):
@@ -92,7 +98,7 @@ def describe(path: Path) -> dict:
         'backbone': f'{cfg["backbone"]["type"]} {cfg["backbone"].get("variant", "")}',
         'head': cfg['head']['type'] + (' + OL' if cfg['head'].get('offset_learning') else ''),
         'classes': cfg['data']['num_classes'],
-        'stride': output_stride(model),
+        'stride': strides[architecture],
         'params': params,
         'with_conv_seg': with_conv_seg,
         'paper_params': paper.get('params_m'),
@@ -106,9 +112,9 @@ def model_table() -> str:
         '| config | backbone | head | classes | stride | params (M) | + unused conv_seg | paper params | paper mIoU |',
         '|---|---|---|---|---|---|---|---|---|',
     ]
-    heads = {}
+    heads, strides = {}, {}
     for path in sorted(CONFIGS.glob('*.yaml')):
-        m = describe(path)
+        m = describe(path, strides)
         heads.setdefault(m['head'].removesuffix(' + OL'), m['summary'])
         dash = lambda value, fmt='{}': '-' if value is None else fmt.format(value)  # noqa: E731
         rows.append(
