@@ -51,6 +51,7 @@ from engine.rules import (
 from engine.training import (
     Batches,
     ProgressMeter,
+    RunClock,
     TrainState,
     count_params,
     has_unused_parameters,
@@ -100,11 +101,13 @@ def create_head(cfg: dict, in_channels: list, num_classes: int, section: str = '
 
 
 def create_model(cfg: dict) -> Segmentor:
-    """Backbone + head (+ auxiliary head). In eval mode: normalised (B,3,H,W) -> logits at the head's stride."""
-    channels, num_classes = get_backbone_channels(cfg), cfg['data']['num_classes']
+    """Backbone + head (+ auxiliary head). In eval mode: normalised (B,3,H,W) -> logits at the head's stride.
+    The heads are sized from the built backbone (get_backbone_channels would build it a second time)."""
+    backbone, num_classes = create_backbone(cfg), cfg['data']['num_classes']
+    channels = list(backbone.out_channels)
     aux_head = create_head(cfg, channels, num_classes, 'aux_head') if cfg['aux_head'] else None
-    backbone, frozen = create_backbone(cfg), cfg['backbone']['frozen']
-    return Segmentor(backbone, create_head(cfg, channels, num_classes), aux_head, frozen_backbone=frozen)
+    head = create_head(cfg, channels, num_classes)
+    return Segmentor(backbone, head, aux_head, frozen_backbone=cfg['backbone']['frozen'])
 
 
 def load_trained(checkpoint, config=None, overrides=()) -> tuple:
@@ -348,21 +351,25 @@ def fit(args, cfg: dict, run: Run, log: Logger, resume=None, checkpoint=None) ->
 
     train_model.train()
     meter, max_iters = ProgressMeter(run.device, train_cfg['batch_size']), train_cfg['max_iters']
+    clock = RunClock()
     stop, patience = StopRequest(args.stop_signals), train_cfg['early_stop']['patience']
     with stop, progress_bar(total=max_iters, initial=state.iteration, desc='train') as bar:
         while state.iteration < max_iters and not state.early_stop.ran_out(patience):
             anneal_attention_masks(state.model, state.iteration, train_cfg)
-            terms = train_step(
-                train_model, state, criterion, batches, train_cfg['accum_steps'], run.amp_dtype, train_cfg['grad_clip']
-            )
-            meter.add(state.iteration, terms, batches.take_waited())
+            with clock.part('steps'):
+                accum_steps, grad_clip = train_cfg['accum_steps'], train_cfg['grad_clip']
+                terms = train_step(train_model, state, criterion, batches, accum_steps, run.amp_dtype, grad_clip)
+            waited = batches.take_waited()
+            meter.add(state.iteration, terms, waited)
+            clock.waited += waited
             bar.update()
             if due(state.iteration, train_cfg['log_interval'], max_iters):
-                meter.check_finite(run.work_dir)  # the only host sync: once per log interval
-                log_progress(log, meter, state, run, bar)
+                with clock.part('logging'):
+                    meter.check_finite(run.work_dir)  # the only host sync: once per log interval
+                    log_progress(log, meter, state, run, bar)
             if due(state.iteration, train_cfg['val_interval'], max_iters):
                 meter.check_finite(run.work_dir)  # never checkpoint a broken state
-                with meter.paused():
+                with meter.paused(), clock.part('validation and checkpoints'):
                     validate_and_checkpoint(
                         state, val_loader, stored, run.device, run.amp_dtype, log, run.work_dir, style
                     )
@@ -375,6 +382,7 @@ def fit(args, cfg: dict, run: Run, log: Logger, resume=None, checkpoint=None) ->
             f'{state.early_stop.best:.2f} + {train_cfg["early_stop"]["min_delta"]} (train.early_stop)'
         )
     log(closing_line(state, run.work_dir))
+    log(clock.summary())
 
 
 def save_and_stop(state: TrainState, cfg: dict, run: Run, log: Logger, meter: ProgressMeter, number: int) -> None:

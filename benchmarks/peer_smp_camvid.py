@@ -162,20 +162,25 @@ def stretch_batches(augmented: Augmented, cfg: dict, seed: int, stretch: int, co
     return itertools.islice(epochs, count)
 
 
+def peer_training(num_classes: int, ignore_index: int, device: torch.device) -> tuple:
+    """The notebook's model, loss and optimizer: (FPN-ResNet18 from random weights, Dice, Adam 2e-4)."""
+    import segmentation_models_pytorch as smp
+
+    model = smp.FPN(encoder_name='resnet18', encoder_weights=None, classes=num_classes).to(device)
+    dice = smp.losses.DiceLoss('multiclass', from_logits=True, ignore_index=ignore_index)
+    return model, dice, torch.optim.Adam(model.parameters(), lr=2e-4)
+
+
 def train_peer(cfg: dict, seed: int, device: torch.device, log, state_path: Path) -> tuple:
     """Train the peer on the config's data and budget: ([(iteration, val mIoU)] at its validation points,
     seconds spent). The training state at each validation point is written to `state_path` (atomically)
     and continued from when a run of the same setting stopped after it."""
-    import segmentation_models_pytorch as smp
-
     torch.manual_seed(seed)
     data, train_cfg = cfg['data'], cfg['train']
     train_set, val_set = build_dataset(cfg, 'train'), build_dataset(cfg, 'val')
     augmented = Augmented(train_set, peer_augmentation(crop_size(cfg), data['ignore_index'], seed))
     val_loader = DataLoader(val_set, batch_size=1, num_workers=data['workers'])
-    model = smp.FPN(encoder_name='resnet18', encoder_weights=None, classes=data['num_classes']).to(device)
-    dice = smp.losses.DiceLoss('multiclass', from_logits=True, ignore_index=data['ignore_index'])
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
+    model, dice, optimizer = peer_training(data['num_classes'], data['ignore_index'], device)
     iterations, interval = train_cfg['max_iters'], train_cfg['val_interval']
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations, eta_min=1e-5)
     setting = json.dumps(peer_setting(cfg, seed), sort_keys=True)
@@ -189,6 +194,8 @@ def train_peer(cfg: dict, seed: int, device: torch.device, log, state_path: Path
             set_rng_state(state['rng'])
             curve, iteration, seconds = [tuple(point) for point in state['curve']], state['iteration'], state['seconds']
             log(f'peer: continuing from iteration {iteration} ({state_path})')
+        else:
+            log(f'peer: {state_path} was trained on another setting (data, budget, scoring or seed); starting afresh')
     while iteration < iterations:
         start = time.perf_counter()
         count = min(interval, iterations - iteration)

@@ -106,6 +106,21 @@ def config_for_checkpoint(checkpoint: dict, checkpoint_path, config_path=None, o
     return cfg
 
 
+CPU_COMPUTES = {torch.bfloat16: 'mkldnn_bf16', torch.float16: 'mkldnn_fp16'}
+"""The oneDNN capability a CPU needs to run a dtype's convolutions and matmuls in hardware (AVX512-BF16
+or AMX for bfloat16, AVX512-FP16 or AMX-FP16 for float16); without it autocast emulates them, slower
+than float32."""
+
+
+def cpu_computes(dtype: torch.dtype) -> bool:
+    return getattr(torch.ops.mkldnn, f'_is_{CPU_COMPUTES[dtype]}_supported')()
+
+
 def amp_dtype_for(cfg: dict, device: torch.device):
-    """The autocast dtype of `train.amp` on CUDA; None (full float32) on CPU or with AMP off."""
-    return AMP_DTYPES.get(cfg['train']['amp']) if device.type == 'cuda' else None
+    """The autocast dtype of `train.amp`; None (full float32) with AMP off, or on a CPU that does not
+    compute that dtype in hardware (said in one warning line)."""
+    dtype = AMP_DTYPES.get(cfg['train']['amp'])
+    if dtype is None or device.type != 'cpu' or cpu_computes(dtype):
+        return dtype
+    warnings.warn(f'train.amp {cfg["train"]["amp"]}: this CPU has no {dtype} arithmetic; running in float32')
+    return None

@@ -264,6 +264,31 @@ class ProgressMeter:
         return means, speed, data_time
 
 
+class RunClock:
+    """Where this process's time in the training loop went, for the closing line: the steps (of which
+    waiting for data), validation with its pictures and checkpoints, and logging."""
+
+    PARTS = ('steps', 'validation and checkpoints', 'logging')
+
+    def __init__(self):
+        self.start, self.waited = time.perf_counter(), 0.0
+        self.seconds = dict.fromkeys(self.PARTS, 0.0)
+
+    @contextlib.contextmanager
+    def part(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] += time.perf_counter() - start
+
+    def summary(self) -> str:
+        total = time.perf_counter() - self.start
+        other = total - sum(self.seconds.values())
+        shares = [f'{name} {100 * seconds / total:.1f}%' for name, seconds in self.seconds.items()]
+        shares[0] += f' (waiting for data {100 * self.waited / total:.1f}%)'
+        shares.append(f'the rest {100 * other / total:.1f}%')
+        return f'time in the loop: {total / 60:.1f} min; ' + ', '.join(shares)
+
+
 def validate_and_checkpoint(
     state: TrainState, val_loader, cfg: dict, device, amp_dtype, log: Logger, work_dir: Path, style: ClassStyle
 ) -> None:

@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT, published_offset_learning_forward
 from engine.config import ConfigError, read_config
 from engine.fast import time_calls
-from engine.rules import accepted_keys
+from engine.rules import accepted_keys, load_config
 from models import BACKBONES, OffsetLearning
 from models.backbones.efficientformer_v2 import Attention4D, Attention4DDownsample
 from tools import benchmark, measure
@@ -175,10 +175,16 @@ def test_a_size_sweep_gives_ms_per_gmac_and_the_profile_the_top_operators(tmp_pa
     assert 'ms/GMAC' in out and '64x64' in out and '96x96' in out and 'top operators of one forward' in out
 
 
-@pytest.mark.parametrize('name', ['segformer_b0', 'mask2former_camvid'])  # per-pixel and set-prediction losses
-def test_training_step_latency(tmp_path, name):
-    [result] = run(tmp_path, '--config', ROOT / 'configs' / f'{name}.yaml', *TINY, '--mode', 'train')
+@pytest.mark.parametrize('name', ['camvid', 'mask2former_camvid'])  # per-pixel and set-prediction losses
+def test_training_step_latency_and_its_phases(tmp_path, name, capsys):
+    [result] = run(tmp_path, '--config', ROOT / 'configs' / f'{name}.yaml', *TINY, '--mode', 'train', '--profile')
     assert result['mode'] == 'train' and result['batch'] == 2 and result['latency_ms_median'] > 0
+    averaged = load_config(ROOT / 'configs' / f'{name}.yaml')['train']['ema_decay']
+    phases = ['forward', 'loss', 'backward', 'optimizer'] + ['moving average'] * bool(averaged)
+    assert list(result['phases_ms']) == phases
+    assert all(ms > 0 for ms in result['phases_ms'].values())
+    out = capsys.readouterr().out
+    assert 'a training step by phase' in out and 'top operators of one training step' in out
 
 
 @pytest.mark.parametrize(

@@ -18,8 +18,9 @@ import train
 from conftest import TINY
 from datasets.base import DatasetError
 from datasets.sampler import TrainSampler
+from engine import cli
 from engine.checkpoint import load_checkpoint, remove_partial_writes, save_iteration_checkpoint
-from engine.cli import config_for_checkpoint
+from engine.cli import config_for_checkpoint, cpu_computes
 from engine.config import ConfigError, resolve
 from engine.data import build_dataset
 from engine.inference import eval_pipeline, normalize
@@ -30,6 +31,7 @@ from engine.outputs import OutputError
 from engine.rules import load_config
 from engine.training import per_process_batch
 from engine.visualize import ROW
+from models import Segmentor
 from models.weights import CheckpointError, load_model_weights, load_weights_from
 from tools import browse_dataset, export_onnx, label_stats, plot_logs, print_config
 
@@ -65,6 +67,13 @@ def test_training_writes_checkpoints_logs_and_config(run, capsys):
         r'\n\d{4}-\d\d-\d\d \d\d:\d\d:\d\d  iter 2/6: .* images/s  data [\d.]+ s/iter  memory \d+ MiB', log
     )
     assert f'done: best mIoU {checkpoint["best"]["model"]["miou"]:.2f}' in log and 'best.pth' in log
+    shares = re.search(
+        r'time in the loop: [\d.]+ min; steps ([\d.]+)% \(waiting for data ([\d.]+)%\), validation and '
+        r'checkpoints ([\d.]+)%, logging ([\d.]+)%, the rest (-?[\d.]+)%\n',
+        log,
+    )
+    parts = [float(share) for share in shares.groups()]
+    assert parts[1] <= parts[0] and parts[2] > 0 and sum(parts) - parts[1] == pytest.approx(100, abs=0.3)
 
 
 def test_training_records_every_logged_number_in_metrics_jsonl(run):
@@ -380,3 +389,32 @@ def test_the_global_batch_must_divide_over_processes_and_accumulation_steps():
     with pytest.raises(ConfigError, match=r'x.yaml: train.batch_size 8 \(global\) does not divide into 2 process'):
         per_process_batch({'batch_size': 8, 'accum_steps': 3}, 2, 'x.yaml')
     assert per_process_batch({'batch_size': 12, 'accum_steps': 3}, 2, 'x.yaml') == 2
+
+
+@pytest.mark.skipif(not cpu_computes(torch.bfloat16), reason='this CPU has no bfloat16 arithmetic')
+def test_bf16_amp_trains_and_validates_under_autocast_on_a_cpu(tmp_path, demo_root, monkeypatch):
+    """train.amp reaches the CPU where it computes the dtype in hardware (AMX, AVX512-BF16)."""
+    seen = set()
+    real_forward = Segmentor.forward
+
+    def recording_forward(model, images):
+        seen.add((model.training, torch.get_autocast_dtype('cpu') if torch.is_autocast_enabled('cpu') else None))
+        return real_forward(model, images)
+
+    monkeypatch.setattr(Segmentor, 'forward', recording_forward)
+    config = tmp_path / 'tiny.yaml'
+    config.write_text(textwrap.dedent(TINY.format(root=demo_root)))
+    overrides = ['train.amp=bf16', 'train.max_iters=2', 'train.val_interval=2']
+    train.main(['--config', str(config), '--work-dir', str(tmp_path / 'work'), '--device', 'cpu', '--set', *overrides])
+    assert seen == {(True, torch.bfloat16), (False, torch.bfloat16)}  # the steps and the validation
+    assert load_checkpoint(tmp_path / 'work' / 'last.pth')['iteration'] == 2
+
+
+def test_amp_on_a_cpu_without_the_dtype_falls_back_to_float32_in_one_warning(monkeypatch):
+    cfg = {'train': {'amp': 'bf16'}}
+    monkeypatch.setattr(cli, 'cpu_computes', lambda dtype: False)
+    with pytest.warns(UserWarning, match=r'train.amp bf16: this CPU has no torch.bfloat16 arithmetic; running in fl'):
+        assert cli.amp_dtype_for(cfg, torch.device('cpu')) is None
+    assert cli.amp_dtype_for(cfg, torch.device('cuda')) is torch.bfloat16
+    monkeypatch.setattr(cli, 'cpu_computes', lambda dtype: True)
+    assert cli.amp_dtype_for({'train': {'amp': 'fp16'}}, torch.device('cpu')) is torch.float16

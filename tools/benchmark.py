@@ -21,9 +21,10 @@ What the numbers are:
            torch.inference_mode (logits at the head's stride, no resize), through
            engine.fast.prepare_for_inference (BN folded unless --no-fold-bn; channels_last as
            --channels-last says, by default where it times faster; --compile), the input in the
-           model's memory order. train: forward, the config's loss, backward and the config's optimizer
-           step. Median and 90th percentile of --runs calls after --warmup calls; on CUDA each
-           call is synchronised before and after.
+           model's memory order. train: forward, the config's loss, backward, the config's optimizer
+           step and moving average, in the config's memory order (train.channels_last) unless
+           --channels-last on/off says otherwise. Median and 90th percentile of --runs calls after
+           --warmup calls; on CUDA each call is synchronised before and after.
   memory   CUDA: torch.cuda.max_memory_allocated over warm-up and runs (statistics reset before).
            CPU: the peak RSS of the process over them (its high-water mark reset through
            /proc/self/clear_refs; Linux only). "+runs" is the peak minus the memory before the
@@ -74,6 +75,7 @@ from tools.measure import (  # noqa: E402
     size_figures,
     top_operators,
     train_call,
+    train_phases,
     write_result_table,
 )
 
@@ -252,7 +254,8 @@ def benchmark(path: Path, args) -> dict:
     batch = args.batch or (2 if args.mode == 'train' else 1)
     model = build_model(cfg, device)
     if args.mode == 'train':
-        model = model.to(memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+        nhwc = cfg['train']['channels_last'] if args.channels_last is None else args.channels_last  # auto: as trained
+        model = model.to(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
     else:
         model = model.eval() if args.compare else prepare(model.eval(), args)
     channels_last = fast.uses_channels_last(model)
@@ -285,6 +288,10 @@ def benchmark(path: Path, args) -> dict:
     )
     if args.profile:
         result['profile'] = top_operators(call, device)
+        if args.mode == 'train':
+            phases = train_phases(model, cfg, images, args.amp)
+            times = time_calls(phases, args.runs, args.warmup, device)
+            result['phases_ms'] = {phase: latency_ms(seconds)['median'] for phase, seconds in times.items()}
     if args.compare:
         result['compare_hf'] = compare_hf(model, images, args.runs, args.warmup)
     if args.onnx:  # exported from a fresh build: the timed model may be folded or compiled
@@ -391,8 +398,15 @@ def extras(result: dict) -> str:
             f'{r["eager_ms"]:.2f} ms, ONNX Runtime {r["onnxruntime_ms"]:.2f} ms, ONNX / eager '
             f'{r["onnx_over_eager"]:.3f} (interleaved)'
         )
+    if 'phases_ms' in result:
+        total = sum(result['phases_ms'].values())
+        lines.append(f"{name}, a training step by phase (medians; data loading: train.log's data time):")
+        lines.append(f'  {"phase":<40}{"ms":>10}{"share":>8}')
+        for phase, ms in result['phases_ms'].items():
+            lines.append(f'  {phase:<40}{ms:>10.2f}{ms / total:>8.3f}')
     if 'profile' in result:
-        lines.append(f'{name}, top operators of one forward by self time:')
+        step = 'training step' if result['mode'] == 'train' else 'forward'
+        lines.append(f'{name}, top operators of one {step} by self time:')
         lines.append(f'  {"operator":<40}{"self ms":>10}{"share":>8}{"calls":>7}')
         for r in result['profile']:
             lines.append(f'  {r["op"]:<40}{r["self_ms"]:>10.2f}{r["share"]:>8.3f}{r["calls"]:>7}')
@@ -469,7 +483,10 @@ def parse_args(argv=None):
         help='a sweep over square inputs of these sides, e.g. 256 512 768 1024: ms, GMACs and ms/GMAC per size',
     )
     parser.add_argument(
-        '--profile', action='store_true', help='the top operators of one forward by self time (torch.profiler)'
+        '--profile',
+        action='store_true',
+        help='the top operators of one call by self time (torch.profiler); in train mode also the time of each '
+        'phase of the step (forward, loss, backward, optimizer, moving average)',
     )
     parser.add_argument('--json', type=Path, help='write the results as JSON')
     parser.add_argument('--csv', type=Path, help='write the results as CSV')
@@ -494,13 +511,12 @@ def check_options(parser, args) -> None:
             ('--compare', args.compare),
             ('--onnx', args.onnx),
             ('--compile', args.compile),
-            ('--profile', args.profile),
         )
         if on
     ]
     if args.mode == 'train' and infer_only:
         parser.error(f'{", ".join(infer_only)}: inference only (--mode infer)')
-    if args.macs_only and (infer_only or args.amp or args.channels_last):
+    if args.macs_only and (infer_only or args.profile or args.amp or args.channels_last):
         parser.error('--macs-only measures no time: drop the timing options')
     if args.compare and (args.channels_last or args.compile or args.amp):
         parser.error('--compare hf runs both models in plain eager float32: drop --channels-last, --compile, --amp')

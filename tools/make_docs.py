@@ -43,6 +43,7 @@ PAGES = {
         'offseg_speed': results_tables.offseg_speed,
         'freed_memory': results_tables.freed_memory,
         'onnx_runtime': results_tables.onnx_runtime,
+        'camvid_train_step': results_tables.camvid_train_step,
     },
     'docs/deploy.md': {'onnx_int8': results_tables.onnx_int8},
     'docs/training.md': {

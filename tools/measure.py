@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from engine.cli import AMP_DTYPES
 from engine.config import flatten  # noqa: F401  (the benchmarks' CSV columns)
 from engine.losses import build_criterion
-from engine.optim import build_optimizer
+from engine.optim import build_ema, build_optimizer
 from engine.outputs import write_results
 from engine.rules import load_config
 from models import OffsetLearning, OffsetLearningMask
@@ -196,23 +196,49 @@ def inference_call(model, images: torch.Tensor, amp):
     return call
 
 
-def train_call(model, cfg: dict, images: torch.Tensor, amp):
-    """One training iteration as train.py runs it: zero grads, forward (autocast), the config's loss,
-    backward (scaled for fp16) and the config's optimizer step, on random labels."""
+def train_phases(model, cfg: dict, images: torch.Tensor, amp) -> dict:
+    """One training iteration as train.py runs it, phase by phase, in order: {name: call}. Zero grads and
+    forward (autocast), the config's loss, backward (scaled for fp16), the config's optimizer step and,
+    where the config keeps one, the update of the moving average; on random labels."""
     device = images.device
     labels = torch.randint(0, cfg['data']['num_classes'], (images.shape[0], *images.shape[2:]), device=device)
     train = cfg['train']
     optimizer, _ = build_optimizer(model, train['optimizer'], train['param_groups'], train['layer_decay'])
     criterion = build_criterion(cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == 'fp16')
+    carried = {}
 
-    def call():
+    def forward():
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, amp):
-            outputs = model(images)
-        scaler.scale(criterion(outputs, labels)).backward()
+            carried['outputs'] = model(images)
+
+    def backward():
+        scaler.scale(carried.pop('loss')).backward()
+
+    def optimizer_step():
         scaler.step(optimizer)
         scaler.update()
+
+    phases = {
+        'forward': forward,
+        'loss': lambda: carried.update(loss=criterion(carried.pop('outputs'), labels)),
+        'backward': backward,
+        'optimizer': optimizer_step,
+    }
+    if train['ema_decay']:
+        ema = build_ema(model, train['ema_decay'])
+        phases['moving average'] = lambda: ema.update_parameters(model)
+    return phases
+
+
+def train_call(model, cfg: dict, images: torch.Tensor, amp):
+    """`train_phases` as one call: a whole training iteration."""
+    phases = list(train_phases(model, cfg, images, amp).values())
+
+    def call():
+        for phase in phases:
+            phase()
 
     return call
 

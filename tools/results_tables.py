@@ -501,6 +501,27 @@ def freed_memory(page: Path) -> str:
     return rendered(record, page, table(header, rows))
 
 
+def camvid_train_step(page: Path) -> str:
+    record = result('camvid_train_step', 'cpu2')
+    rows = [
+        [str(row['threads']), row['arm'], f'{row["ms/step"]:.0f}', f'{row["images/s"]:.2f}', f'{row["vs peer"]:.2f}']
+        + [f'{row["GMAC/s"]:.1f}', f'{row["of GEMM"]:.2f}']
+        for row in record['rows']
+    ]
+    return rendered(record, page, table(record['columns'], rows))
+
+
+def training_step_summary() -> str:
+    """`configs/camvid.yaml`'s step over the peer's at each thread count, float32 and bf16."""
+    rows = result('camvid_train_step', 'cpu2')['rows']
+    ratios = {(row['arm'], row['threads']): row['vs peer'] for row in rows}
+    threads = sorted({row['threads'] for row in rows})
+    text = ' / '.join(f'{ratios["ours", t]:.2f}x' for t in threads) + ' in float32'
+    if all(('ours, bf16', t) in ratios for t in threads):
+        text += '; ' + ' / '.join(f'{ratios["ours, bf16", t]:.2f}x' for t in threads) + ' with bf16 autocast'
+    return text
+
+
 def frozen_backbone(page: Path) -> str:
     """Per config, the fine-tuned and the frozen backbone's trainable parameters, step time and training
     memory, with the frozen arm's share of each."""
@@ -602,6 +623,12 @@ def readme_results(page: Path) -> str:
             'Offset Learning − plain classifier, CamVid val mIoU after 100 iterations from scratch, 3 seeds',
             '; '.join(differences),
             link(page, 'docs/offset_learning.md', 'docs/offset_learning.md'),
+        ],
+        [
+            "Training step of `configs/camvid.yaml` against SMP's FPN-ResNet18, 8 crops of 256x256 (CPU, "
+            '1 / 2 threads)',
+            training_step_summary(),
+            link(page, 'docs/speed.md#training', 'docs/speed.md'),
         ],
         [
             "Inference against transformers' SegFormer-B0 on the same weights (CPU, one thread, "
