@@ -20,13 +20,28 @@ def tiny_run(tmp_path, demo_root, loggers: str) -> None:
     train.main(['--config', str(config), '--work-dir', str(tmp_path / 'work'), '--device', 'cpu'])
 
 
+def wandb_records(path) -> bytes:
+    """The records of a W&B run file with their chunks joined. The file is a LevelDB-style log (a 7-byte
+    header, then 32 KiB blocks of chunks with 7-byte headers), so a record, and a key in it, can straddle
+    two blocks."""
+    data, position, records, block = path.read_bytes(), 7, bytearray(), 32768
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # a block's tail too short for a header is padding
+            position += block - position % block
+            continue
+        length = int.from_bytes(data[position + 4 : position + 6], 'little')
+        records += data[position + 7 : position + 7 + length]
+        position += 7 + length
+    return bytes(records)
+
+
 @pytest.mark.skipif(not importlib.util.find_spec('wandb'), reason='wandb not installed (requirements-trackers.txt)')
 def test_a_wandb_offline_run_holds_the_scalars_the_config_and_the_pictures(tmp_path, demo_root, monkeypatch):
     monkeypatch.setenv('WANDB_MODE', 'offline')
     monkeypatch.setenv('WANDB_SILENT', 'true')
     tiny_run(tmp_path, demo_root, '[wandb]')
     (run,) = (tmp_path / 'work' / 'wandb').glob('offline-run-*')
-    records = next(run.glob('run-*.wandb')).read_bytes()  # protobuf records: their keys and JSON values are plain
+    records = wandb_records(next(run.glob('run-*.wandb')))  # protobuf: their keys and JSON values are plain
     assert all(key in records for key in (b'train/loss', b'train/lr', b'val/mIoU', b'val/IoU/disc'))
     assert b'{"max_iters":6,"batch_size":4' in records  # the config's values
     assert yaml.safe_load((run / 'files' / 'train_config.yaml').read_text())['train']['max_iters'] == 6
