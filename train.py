@@ -405,18 +405,20 @@ def closing_line(state: TrainState, work_dir: Path) -> str:
     """What the run leaves behind, naming only checkpoints that were written: the best model and, where
     the run keeps one, the best moving average of its weights."""
     best, averaged = state.best['model'], state.best['ema']
-    if not best.iteration:
+    if not (best.iteration or averaged.iteration):
         return (
             f'done: no validation gave an mIoU (no valid label pixel in the validation set?), so no best.pth; '
             f'last checkpoint {work_dir / "last.pth"}'
         )
-    line = f'done: best mIoU {best.miou:.2f} at iteration {best.iteration}; checkpoint {work_dir / "best.pth"}'
+    lines = []
+    if best.iteration:
+        lines.append(f'best mIoU {best.miou:.2f} at iteration {best.iteration}; checkpoint {work_dir / "best.pth"}')
     if averaged.iteration:
-        line += (
-            f'\nmoving average of the weights: best mIoU {averaged.miou:.2f} at iteration {averaged.iteration}; '
+        lines.append(
+            f'moving average of the weights: best mIoU {averaged.miou:.2f} at iteration {averaged.iteration}; '
             f'checkpoint {work_dir / "best_ema.pth"}'
         )
-    return line
+    return 'done: ' + '\n'.join(lines)
 
 
 if __name__ == '__main__':

@@ -58,6 +58,7 @@ DEFAULTS = {
         'amp': False,
         'grad_clip': None,
         'ema_decay': None,
+        'validate_raw_weights': True,
         'early_stop': {'patience': None, 'min_delta': 0.0},
         'layer_decay': {'rate': None, 'num_layers': None, 'embeddings_as_first_block': False},
         'mask_annealing': {'start': None, 'end': None, 'power': 0.9},

@@ -101,8 +101,10 @@ class TrainState:
         self.rng = []
 
     def candidates(self):
-        """(name, module) of what is validated: the model, and its moving average if there is one."""
-        yield 'model', self.model
+        """(name, module) of what is validated: the model (unless `train.validate_raw_weights` is off and
+        there is a moving average), and its moving average if there is one."""
+        if self.ema is None or self.config['train']['validate_raw_weights']:
+            yield 'model', self.model
         if self.ema is not None:
             yield 'ema', self.ema.module
 

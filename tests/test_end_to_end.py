@@ -312,6 +312,17 @@ def test_fine_tuning_with_load_from_an_ema_and_early_stopping(run, tmp_path, cap
     assert any(not torch.equal(ema[k], v) for k, v in checkpoint['model'].items() if v.is_floating_point())
 
 
+def test_validating_the_moving_average_alone(run, tmp_path, capsys):
+    """train.validate_raw_weights off: each validation scores the moving average only; no best.pth."""
+    work = tmp_path / 'averaged'
+    overrides = ['train.max_iters=2', 'train.val_interval=2', 'train.ema_decay=0.5', 'train.validate_raw_weights=false']
+    train.main(['--config', str(run / 'tiny.yaml'), '--work-dir', str(work), '--device', 'cpu', '--set', *overrides])
+    assert [record['tag'] for record in read_metrics(work) if record['tag'].startswith('val')] == ['val_ema']
+    assert sorted(p.name for p in work.glob('*.pth')) == ['best_ema.pth', 'iter_000002.pth', 'last.pth']
+    out = capsys.readouterr().out
+    assert re.search(r'done: moving average of the weights: best mIoU [\d.]+ at iteration 2; checkpoint \S+_ema', out)
+
+
 def test_load_from_reports_what_does_not_fit(run):
     """Fine-tuning on a dataset with other classes: the classifier is skipped and named, the rest loads."""
     reference = load_checkpoint(run / 'work' / 'best.pth')
