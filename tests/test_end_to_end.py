@@ -15,7 +15,7 @@ from PIL import Image
 import evaluate
 import infer
 import train
-from conftest import TINY
+from conftest import ROOT, TINY
 from datasets.base import DatasetError
 from datasets.sampler import TrainSampler
 from engine import cli
@@ -34,6 +34,7 @@ from engine.visualize import ROW
 from models import Segmentor
 from models.weights import CheckpointError, load_model_weights, load_weights_from
 from tools import browse_dataset, export_onnx, label_stats, plot_logs, print_config
+from tools.measure import build_model, random_weights_config, train_call
 
 
 def train_tiny(folder, config_template: str):
@@ -429,3 +430,26 @@ def test_amp_on_a_cpu_without_the_dtype_falls_back_to_float32_in_one_warning(mon
     assert cli.amp_dtype_for(cfg, torch.device('cuda')) is torch.bfloat16
     monkeypatch.setattr(cli, 'cpu_computes', lambda dtype: True)
     assert cli.amp_dtype_for({'train': {'amp': 'fp16'}}, torch.device('cpu')) is torch.float16
+
+
+def test_channels_last_training_takes_the_steps_of_nchw_up_to_float_rounding():
+    """train.channels_last changes the memory order of the convolutions, not what they compute: three
+    steps of the CamVid model and loss (BatchNorm, GroupNorm, Dice) from the same
+    weights end at the same weights. With SGD: Adam divides by the root of each gradient's second
+    moment, so that a rounding difference in a near-zero gradient can become a whole step."""
+    cfg = random_weights_config(ROOT / 'configs' / 'camvid.yaml', ['train.optimizer={type: sgd, lr: 0.01}'])
+    images = torch.randn(2, 3, 64, 64)
+    models = []
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        torch.manual_seed(0)  # the same random labels in both
+        model = build_model(cfg, torch.device('cpu')).to(memory_format=memory_format).train()
+        initial = {key: value.clone() for key, value in model.state_dict().items()}
+        step = train_call(model, cfg, images.contiguous(memory_format=memory_format), None)
+        for _ in range(3):
+            step()
+        models.append(model.state_dict())
+    nchw, nhwc = models
+    moved = [key for key, value in nchw.items() if value.is_floating_point() and not torch.equal(value, initial[key])]
+    assert len(moved) > 100 and max((nchw[key] - initial[key]).abs().max() for key in moved) > 1e-3
+    for key in moved:
+        torch.testing.assert_close(nhwc[key], nchw[key], rtol=1e-4, atol=1e-6, msg=key)
