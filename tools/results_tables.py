@@ -516,7 +516,7 @@ def training_step_summary() -> str:
     rows = result('camvid_train_step', 'cpu2')['rows']
     ratios = {(row['arm'], row['threads']): row['vs peer'] for row in rows}
     threads = sorted({row['threads'] for row in rows})
-    text = ' / '.join(f'{ratios["ours", t]:.2f}x' for t in threads) + ' in float32'
+    text = ' / '.join(f'{ratios["ours", t]:.2f}x' for t in threads) + " the peer's speed in float32"
     if all(('ours, bf16', t) in ratios for t in threads):
         text += '; ' + ' / '.join(f'{ratios["ours, bf16", t]:.2f}x' for t in threads) + ' with bf16 autocast'
     return text
