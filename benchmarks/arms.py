@@ -3,7 +3,7 @@
 What `frozen_backbone.py` and `activation_checkpointing.py` share. Each arm is a fresh process, so
 that its peak resident memory is its own: it builds the config's model with random weights and the
 arm's overrides, then runs training steps as train.py does (tools/measure.py `train_call`: forward,
-loss, backward, optimizer step) on a random batch of the config's training size. "training MB" is
+loss, backward, optimizer step, moving average) on a random batch of the config's training size. "training MB" is
 what training adds to the built model: the optimizer state, the gradients and the activations kept
 for backward (CPU: the rise of the peak RSS; CUDA: of torch.cuda.max_memory_allocated). The arms
 alternate for --rounds rounds; the table gives the median step and the largest memory of each arm.

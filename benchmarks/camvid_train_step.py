@@ -8,11 +8,12 @@ Arms, each its own loss and optimizer on the same random batch (--batch crops of
   ours, NCHW      --config with train.channels_last off
   ours            --config as shipped (configs/camvid.yaml: channels_last)
   ours, bf16      --config with train.amp=bf16 (only where the CPU computes bfloat16 in hardware)
-The two models have the same parameters; one step is zero grads, forward, loss, backward and the
-optimizer step (tools/measure.py `train_call`). For each thread count the arms and a large square
-matmul in each arm's dtype (the machine's GEMM rate) run in turn within every round, after warm-up
-rounds; medians. GMAC/s is the step's multiply-accumulates (forward and backward, counted by
-FlopCounterMode) over its median time, and "of GEMM" its share of the matmul's rate.
+The two models have the same parameters; one step is zero grads, forward, loss, backward, the
+optimizer step and, for ours, the recipe's moving average of the weights (tools/measure.py
+`train_call`). For each thread count the arms and a large square matmul in each arm's dtype (the
+machine's GEMM rate) run in turn within every round, after warm-up rounds; medians. GMAC/s is the
+step's multiply-accumulates (forward and backward, counted by FlopCounterMode) over its median time,
+and "of GEMM" its share of the matmul's rate.
 """
 
 import statistics

@@ -1,8 +1,8 @@
 """Training-step throughput and memory per config, with ratios against a reference config.
 
-One step is what train.py does per iteration: zero gradients, forward, the config's loss, backward
-and the config's optimizer step (tools/measure.py `train_call`), on a random batch and random
-labels. All models are built first and stepped in turn within each round (after warm-up rounds),
+One step is what train.py does per iteration: zero gradients, forward, the config's loss, backward,
+the config's optimizer step and moving average (tools/measure.py `train_call`), on a random batch
+and random labels. All models are built first and stepped in turn within each round (after warm-up rounds),
 so that load from other processes falls on all of them alike; the ratios come from the same run.
 
 "step MB" is what one more step, after the timed rounds, adds to the memory in use before it

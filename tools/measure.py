@@ -213,6 +213,9 @@ def train_phases(model, cfg: dict, images: torch.Tensor, amp) -> dict:
         with autocast(device, amp):
             carried['outputs'] = model(images)
 
+    def loss():
+        carried['loss'] = criterion(carried.pop('outputs'), labels)
+
     def backward():
         scaler.scale(carried.pop('loss')).backward()
 
@@ -222,7 +225,7 @@ def train_phases(model, cfg: dict, images: torch.Tensor, amp) -> dict:
 
     phases = {
         'forward': forward,
-        'loss': lambda: carried.update(loss=criterion(carried.pop('outputs'), labels)),
+        'loss': loss,
         'backward': backward,
         'optimizer': optimizer_step,
     }
