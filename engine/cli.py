@@ -113,7 +113,9 @@ than float32."""
 
 
 def cpu_computes(dtype: torch.dtype) -> bool:
-    return getattr(torch.ops.mkldnn, f'_is_{CPU_COMPUTES[dtype]}_supported')()
+    """Whether this CPU runs `dtype` in hardware (False also where PyTorch was built without oneDNN)."""
+    supported = getattr(torch.ops.mkldnn, f'_is_{CPU_COMPUTES[dtype]}_supported', None)
+    return torch.backends.mkldnn.is_available() and supported is not None and supported()
 
 
 def amp_dtype_for(cfg: dict, device: torch.device):
