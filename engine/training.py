@@ -282,13 +282,20 @@ class RunClock:
         yield
         self.seconds[name] += time.perf_counter() - start
 
-    def summary(self) -> str:
+    def seconds_by_part(self) -> dict:
+        """{part: seconds}, with 'waiting for data' (within 'steps'), 'the rest' and 'total'."""
         total = time.perf_counter() - self.start
-        other = total - sum(self.seconds.values())
-        shares = [f'{name} {100 * seconds / total:.1f}%' for name, seconds in self.seconds.items()]
-        shares[0] += f' (waiting for data {100 * self.waited / total:.1f}%)'
-        shares.append(f'the rest {100 * other / total:.1f}%')
-        return f'time in the loop: {total / 60:.1f} min; ' + ', '.join(shares)
+        rest = total - sum(self.seconds.values())
+        return {**self.seconds, 'waiting for data': self.waited, 'the rest': rest, 'total': total}
+
+    def summary(self, seconds: dict) -> str:
+        """The closing line of `seconds_by_part`: each part's share of the total."""
+        share = {name: f'{100 * value / seconds["total"]:.1f}%' for name, value in seconds.items()}
+        return (
+            f'time in the loop: {seconds["total"] / 60:.1f} min; steps {share["steps"]} (waiting for data '
+            f'{share["waiting for data"]}), validation and checkpoints {share["validation and checkpoints"]}, '
+            f'logging {share["logging"]}, the rest {share["the rest"]}'
+        )
 
 
 def validate_and_checkpoint(

@@ -75,14 +75,17 @@ def test_training_writes_checkpoints_logs_and_config(run, capsys):
     )
     parts = [float(share) for share in shares.groups()]
     assert parts[1] <= parts[0] and parts[2] > 0 and sum(parts) - parts[1] == pytest.approx(100, abs=0.3)
+    [seconds] = [record for record in read_metrics(work) if record['tag'] == 'time']  # the same, in seconds
+    assert seconds['steps (s)'] + seconds['validation and checkpoints (s)'] <= seconds['total (s)']
 
 
 def test_training_records_every_logged_number_in_metrics_jsonl(run):
-    """What scripts read instead of train.log: the start, the loss terms every log_interval (2) and each
-    validation's scores with their per-class values; the best mIoU is the checkpoint's."""
+    """What scripts read instead of train.log: the start, the loss terms every log_interval (2), each
+    validation's scores with their per-class values, and where the time went; the best mIoU is the
+    checkpoint's."""
     records = read_metrics(run / 'work')
     tags = [(r['iteration'], r['tag']) for r in records]
-    assert tags == [(0, 'start'), (2, 'train'), (3, 'val'), (4, 'train'), (6, 'train'), (6, 'val')]
+    assert tags == [(0, 'start'), (2, 'train'), (3, 'val'), (4, 'train'), (6, 'train'), (6, 'val'), (6, 'time')]
     train_record = next(r for r in records if r['tag'] == 'train')
     assert {'loss', 'ce', 'lr', 'images_per_s', 'data_s_per_iter', 'memory/peak_rss_mib'} <= train_record.keys()
     assert train_record['loss'] > 0
