@@ -20,9 +20,9 @@ section: whole val images padded to a multiple of 32, mIoU over the classes, ign
 
 The peer's curve is kept in <out>/peer.json with what it was trained on (data, budget, scoring, seed)
 and reused while those match, so trying a new recipe of ours does not retrain the peer. A peer run that
-was stopped continues from its last validation point (<out>/peer_state.pth), and ends as the
-uninterrupted run does: the iterations up to each validation point draw their batches and augmentation
-from a stream seeded by (seed, which validation point) alone.
+was stopped continues from its last log line (<out>/peer_state.pth, every train.log_interval), and ends
+as the uninterrupted run does: the iterations up to each validation point draw their batches and
+augmentation from a stream seeded by (seed, which validation point) alone.
 
 Ours is a train.py run of --config: the val mIoU of each validation read from --ours (a run's folder,
 its metrics.jsonl), or trained here into <out>/ours (`--resume auto`); where the run keeps a moving average
@@ -141,10 +141,10 @@ def reseed_worker(worker_id: int) -> None:
     info.dataset.augmentation.set_random_seed(info.seed % 2**32)
 
 
-def stretch_batches(augmented: Augmented, cfg: dict, seed: int, stretch: int, count: int):
-    """`count` training batches of the `stretch`-th run of iterations up to a validation point, in an
-    order and with an augmentation seeded by (seed, stretch) alone: a run resumed at a validation point
-    sees the batches the uninterrupted run sees."""
+def stretch_batches(augmented: Augmented, cfg: dict, seed: int, stretch: int, count: int, skip: int = 0):
+    """Training batches `skip` to `count` of the `stretch`-th run of iterations up to a validation point,
+    in an order and with an augmentation seeded by (seed, stretch) alone: a run resumed within a stretch
+    draws (and drops) the batches it had trained on, and sees the batches the uninterrupted run sees."""
     stream = int(np.random.SeedSequence([seed, stretch]).generate_state(1)[0])
     augmented.augmentation.set_random_seed(stream)
     workers = cfg['data']['workers']
@@ -159,7 +159,7 @@ def stretch_batches(augmented: Augmented, cfg: dict, seed: int, stretch: int, co
         persistent_workers=workers > 0,
     )
     epochs = (batch for _ in itertools.count() for batch in loader)
-    return itertools.islice(epochs, count)
+    return itertools.islice(epochs, skip, count)
 
 
 def peer_training(num_classes: int, ignore_index: int, device: torch.device) -> tuple:
@@ -173,8 +173,8 @@ def peer_training(num_classes: int, ignore_index: int, device: torch.device) -> 
 
 def train_peer(cfg: dict, seed: int, device: torch.device, log, state_path: Path) -> tuple:
     """Train the peer on the config's data and budget: ([(iteration, val mIoU)] at its validation points,
-    seconds spent). The training state at each validation point is written to `state_path` (atomically)
-    and continued from when a run of the same setting stopped after it."""
+    seconds spent). The training state at each log line and validation point is written to `state_path`
+    (atomically) and continued from when a run of the same setting stopped after it."""
     torch.manual_seed(seed)
     data, train_cfg = cfg['data'], cfg['train']
     train_set, val_set = build_dataset(cfg, 'train'), build_dataset(cfg, 'val')
@@ -196,10 +196,17 @@ def train_peer(cfg: dict, seed: int, device: torch.device, log, state_path: Path
             log(f'peer: continuing from iteration {iteration} ({state_path})')
         else:
             log(f'peer: {state_path} was trained on another setting (data, budget, scoring or seed); starting afresh')
+
+    def save_state() -> None:
+        state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'schedule': schedule.state_dict()}
+        state.update(setting=setting, rng=get_rng_state(), curve=curve, iteration=iteration, seconds=seconds)
+        save_checkpoint(state, state_path)
+
+    start = time.perf_counter()
     while iteration < iterations:
-        start = time.perf_counter()
-        count = min(interval, iterations - iteration)
-        for images, labels in stretch_batches(augmented, cfg, seed, iteration // interval, count):
+        stretch, done = divmod(iteration, interval)
+        count = min(interval, iterations - stretch * interval)
+        for images, labels in stretch_batches(augmented, cfg, seed, stretch, count, skip=done):
             images, labels = normalize(images.to(device), data['mean'], data['std']), labels.to(device)
             loss = dice(model(images), labels)
             optimizer.zero_grad(set_to_none=True)
@@ -209,13 +216,14 @@ def train_peer(cfg: dict, seed: int, device: torch.device, log, state_path: Path
             iteration += 1
             if iteration % train_cfg['log_interval'] == 0:
                 log(f'peer iter {iteration}/{iterations}: dice loss {loss.item():.4f}')
+                if iteration % interval:  # a validation point saves after scoring
+                    seconds, start = seconds + time.perf_counter() - start, time.perf_counter()
+                    save_state()
         scores = evaluate(model, val_loader, cfg, device, progress=False)
         model.train()
         curve.append((iteration, scores['mIoU']))
-        seconds += time.perf_counter() - start
-        state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'schedule': schedule.state_dict()}
-        state.update(setting=setting, rng=get_rng_state(), curve=curve, iteration=iteration, seconds=seconds)
-        save_checkpoint(state, state_path)
+        seconds, start = seconds + time.perf_counter() - start, time.perf_counter()
+        save_state()
         log(f'peer iter {iteration}: mIoU {scores["mIoU"]:.2f}')
     return curve, seconds
 

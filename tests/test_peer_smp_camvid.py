@@ -67,23 +67,25 @@ class Stop(Exception):
     pass
 
 
-def test_a_stopped_peer_run_continues_from_its_last_validation_as_if_never_stopped(tmp_path, demo_root):
+def test_a_stopped_peer_run_continues_from_its_last_log_line_as_if_never_stopped(tmp_path, demo_root):
+    """Stopped at iteration 4's log line, the run's last state is iteration 3's, between validations: the
+    resumed run draws stretch 2's first batch again, drops it, and ends as the uninterrupted run."""
     config = tmp_path / 'tiny.yaml'
     config.write_text(textwrap.dedent(TINY.format(root=demo_root)))
     budget = ['train.max_iters=4', 'train.val_interval=2', 'train.log_interval=1', 'data.workers=0', SMALL_VAL]
     cfg = load_config(config, budget)
     uninterrupted, _ = peer_smp_camvid.train_peer(cfg, 0, CPU, lambda line: None, tmp_path / 'whole.pth')
 
-    def stop_after_first_validation(line):
-        if line.startswith('peer iter 2: mIoU'):
+    def stop_at_the_last_iteration(line):
+        if line.startswith('peer iter 4/4'):
             raise Stop
 
     state, lines = tmp_path / 'stopped.pth', []
     with pytest.raises(Stop):
-        peer_smp_camvid.train_peer(cfg, 0, CPU, stop_after_first_validation, state)
+        peer_smp_camvid.train_peer(cfg, 0, CPU, stop_at_the_last_iteration, state)
     resumed, _ = peer_smp_camvid.train_peer(cfg, 0, CPU, lines.append, state)
-    assert lines[0].startswith('peer: continuing from iteration 2')
-    assert not any(line.startswith(('peer iter 1/', 'peer iter 2/')) for line in lines)  # not trained again
+    assert lines[0].startswith('peer: continuing from iteration 3')
+    assert [line.split(':')[0] for line in lines[1:]] == ['peer iter 4/4', 'peer iter 4']  # 1 to 3 not again
     assert resumed == uninterrupted and [i for i, _ in resumed] == [2, 4]
 
 
