@@ -32,7 +32,8 @@ stopped ablation already holds whole pairs; one after another in this process, o
 train.py processes at a time (set OMP_NUM_THREADS to the cores per job: a run's result depends on its
 seed, not on how many run beside it). Rerunning the same command skips
 finished runs (last.pth at train.max_iters) and continues with the others (a run stopped midway starts
-over: with one validation, its only checkpoint is the last iteration's). Before training, both arms of each
+over: with one validation, its only checkpoint is the last iteration's, unless it was stopped by
+SIGTERM or Ctrl-C, which write one where it stopped). Before training, both arms of each
 pair are resolved and checked to differ only in `head.offset_learning` (and their models only in the
 parameters under head.classifier). The table (printed, <out>/ablation.md, <out>/ablation.json) gives
 per model and arm the parameters, GMACs at the training crop, the final val mIoU per seed and its
