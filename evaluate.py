@@ -44,7 +44,11 @@ def parse_args(argv=None):
     model.add_argument('--checkpoint')
     model.add_argument('--onnx', metavar='FILE', help='a graph of tools/export_onnx.py instead (run on the CPU)')
     parser.add_argument('--config', help="YAML to use instead of the checkpoint's stored config")
-    parser.add_argument('--split', default='val', help='dataset split to score, or a list file of names (default: val)')
+    parser.add_argument(
+        '--split',
+        help="dataset split to score, or a list file of names (default: the config's data.val.split, the split "
+        'the run validated on)',
+    )
     parser.add_argument('--mode', choices=['whole', 'slide'], help='inference mode (default: eval.mode)')
     tta = parser.add_mutually_exclusive_group()
     tta.add_argument('--tta', action='store_true', help=f"mmseg's test-time augmentation: scales {TTA_SCALES} and flip")
@@ -63,7 +67,7 @@ def parse_args(argv=None):
 
 def cli_overrides(args) -> list:
     """The command-line options as config overrides, so the config rules check them like any other value."""
-    overrides = [f'data.val.split={args.split}']
+    overrides = [f'data.val.split={args.split}'] if args.split else []
     overrides += [f'eval.mode={args.mode}'] if args.mode else []
     scales = list(TTA_SCALES) if args.tta else args.scales
     overrides += [f'eval.scales={scales}'] if scales else []
@@ -142,11 +146,12 @@ def main(argv=None) -> None:
             f'{len(subset)} images in {seconds:.1f} s ({1000 * seconds / len(subset):.0f} ms each, with data loading)'
         )
         scored = Path(args.onnx or args.checkpoint)
-        name = f'eval_{split_name(args.split)}_{cfg["eval"]["mode"]}_{scored.stem}'  # each scored file its own results
+        split = cfg['data']['val']['split']
+        name = f'eval_{split_name(split)}_{cfg["eval"]["mode"]}_{scored.stem}'  # each scored file its own results
         output = Path(args.work_dir or scored.parent) / f'{name}.json'
         record = {
             'onnx' if args.onnx else 'checkpoint': str(scored),
-            'split': args.split,
+            'split': split,
             'eval': cfg['eval'],
             'classes': dataset.class_names,
             **null_for_nan(results),

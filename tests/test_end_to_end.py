@@ -124,6 +124,24 @@ def test_evaluate_reproduces_the_best_miou(run, capsys):
     assert 'mIoU' in printed and re.search(r'\d+ images in [\d.]+ s', printed)
 
 
+def test_evaluate_scores_the_split_the_run_validated_on_unless_told_otherwise(run, tmp_path, capsys):
+    """A run validated on a list file (a held-out fold) is scored on it, not on the dataset's val folder."""
+    names = sorted(path.stem for path in (run / 'demo' / 'images' / 'val').iterdir())[:2]
+    fold = tmp_path / 'fold_val.txt'
+    fold.write_text(''.join(f'val/{name}\n' for name in names))
+    checkpoint = load_checkpoint(run / 'work' / 'best.pth')
+    checkpoint['config']['data']['val']['split'] = str(fold)
+    torch.save(checkpoint, tmp_path / 'fold.pth')
+    evaluate.main(['--checkpoint', str(tmp_path / 'fold.pth'), '--device', 'cpu'])
+    assert json.loads((tmp_path / 'eval_fold_val_whole_fold.json').read_text())['split'] == str(fold)
+    assert '2 images in' in capsys.readouterr().out
+    evaluate.main(['--checkpoint', str(tmp_path / 'fold.pth'), '--device', 'cpu', '--split', 'val'])
+    assert json.loads((tmp_path / 'eval_val_whole_fold.json').read_text())['split'] == 'val'
+    assert re.search(r'(\d+) images in', capsys.readouterr().out)[1] == str(
+        len(list((run / 'demo' / 'images' / 'val').iterdir()))
+    )
+
+
 def test_evaluate_tta_is_mmsegs_scales_and_flip_of_the_loaded_images(run):
     """--tta sets mmseg's six scales and flip, for which the val set serves the loaded images."""
     args = evaluate.parse_args(['--checkpoint', str(run / 'work' / 'best.pth'), '--tta'])
