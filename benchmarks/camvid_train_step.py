@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / 'benchmarks'))
 
 from peer_smp_camvid import crop_size, peer_training  # noqa: E402
 
-from engine.cli import ArgumentParser, cpu_computes, number, run_cli  # noqa: E402
+from engine.cli import AMP_DTYPES, ArgumentParser, cpu_computes, number, run_cli  # noqa: E402
 from engine.fast import time_calls  # noqa: E402
 from tools.measure import build_model, random_weights_config, train_call, write_result_table  # noqa: E402
 
@@ -47,7 +47,7 @@ def our_step(config: str, overrides: list, images: torch.Tensor):
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
     amp = cfg['train']['amp'] or None
-    return train_call(model, cfg, images, amp), {'bf16': torch.bfloat16, None: torch.float32}[amp]
+    return train_call(model, cfg, images, amp), AMP_DTYPES.get(amp, torch.float32)
 
 
 def peer_step(cfg: dict, images: torch.Tensor):

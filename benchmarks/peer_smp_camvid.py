@@ -198,6 +198,9 @@ def train_peer(cfg: dict, seed: int, device: torch.device, log, state_path: Path
             log(f'peer: {state_path} was trained on another setting (data, budget, scoring or seed); starting afresh')
 
     def save_state() -> None:
+        nonlocal seconds, start  # the time trained so far goes into the state
+        now = time.perf_counter()
+        seconds, start = seconds + now - start, now
         state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'schedule': schedule.state_dict()}
         state.update(setting=setting, rng=get_rng_state(), curve=curve, iteration=iteration, seconds=seconds)
         save_checkpoint(state, state_path)
@@ -217,12 +220,10 @@ def train_peer(cfg: dict, seed: int, device: torch.device, log, state_path: Path
             if iteration % train_cfg['log_interval'] == 0:
                 log(f'peer iter {iteration}/{iterations}: dice loss {loss.item():.4f}')
                 if iteration % interval:  # a validation point saves after scoring
-                    seconds, start = seconds + time.perf_counter() - start, time.perf_counter()
                     save_state()
         scores = evaluate(model, val_loader, cfg, device, progress=False)
         model.train()
         curve.append((iteration, scores['mIoU']))
-        seconds, start = seconds + time.perf_counter() - start, time.perf_counter()
         save_state()
         log(f'peer iter {iteration}: mIoU {scores["mIoU"]:.2f}')
     return curve, seconds

@@ -17,7 +17,6 @@ sys.path.insert(0, str(ROOT / 'benchmarks'))
 import ablation  # noqa: E402
 
 SEEDS = [0, 1]
-SMALL_VAL = 'data.val.pipeline=[{type: resize, scale: [64, 64], keep_ratio: false}]'  # a quarter of the pixels
 SEGFORMER_HEAD = """
     backbone: {type: resnet, variant: 18}
     head: {type: segformer, channels: 16}
@@ -43,8 +42,6 @@ def command(folder) -> list:
         str(folder / 'results'),
         '--device',
         'cpu',
-        '--set',
-        SMALL_VAL,
     ]
 
 

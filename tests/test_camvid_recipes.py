@@ -52,17 +52,12 @@ def test_the_shipped_recipe_is_the_winning_row_of_the_full_budget_study():
     assert winner == shipped
 
 
-SMALL_VAL = (
-    'data.val.pipeline=[{type: resize, scale: [64, 64], keep_ratio: false}]'  # validations at a quarter of the pixels
-)
-
-
 def test_rows_train_and_report_against_the_base(tmp_path, capsys, demo_root):
     config = tmp_path / 'tiny.yaml'
     config.write_text(textwrap.dedent(TINY.format(root=demo_root)))
     out = tmp_path / 'out'
     argv = ['--config', str(config), '--rows', 'base', 'fpn', '--iters', '3', '--out', str(out), '--device', 'cpu']
-    argv += ['--results', str(tmp_path / 'results'), '--set', SMALL_VAL]
+    argv += ['--results', str(tmp_path / 'results')]
     rows = camvid_recipes.main(argv)
     assert [r['row'] for r in rows] == ['base', 'fpn'] and rows[0]['difference'] == 0
     assert all(r['miou'][3] is not None and r['miou'][1] is not None and r['minutes'] >= 0 for r in rows)

@@ -17,13 +17,12 @@ import peer_smp_camvid  # noqa: E402
 from engine.rules import load_config  # noqa: E402
 
 CPU = torch.device('cpu')
-SMALL_VAL = 'data.val.pipeline=[{type: resize, scale: [64, 64], keep_ratio: false}]'  # a quarter of the pixels
 
 
 def test_peer_and_ours_are_scored_at_the_same_validation_points(tmp_path, capsys, demo_root):
     config = tmp_path / 'tiny.yaml'
     config.write_text(textwrap.dedent(TINY.format(root=demo_root)))
-    budget = ['train.max_iters=2', 'train.val_interval=1', 'train.log_interval=1', 'train.ema_decay=0.5', SMALL_VAL]
+    budget = ['train.max_iters=2', 'train.val_interval=1', 'train.log_interval=1', 'train.ema_decay=0.5']
     result = peer_smp_camvid.main(['--config', str(config), '--out', str(tmp_path / 'out'), '--device', 'cpu',
                                    '--set', *budget])  # fmt: skip
     assert [i for i, _ in result['peer']] == [1, 2] and [i for i, _ in result['ours']] == [1, 2]
@@ -72,7 +71,7 @@ def test_a_stopped_peer_run_continues_from_its_last_log_line_as_if_never_stopped
     resumed run draws stretch 2's first batch again, drops it, and ends as the uninterrupted run."""
     config = tmp_path / 'tiny.yaml'
     config.write_text(textwrap.dedent(TINY.format(root=demo_root)))
-    budget = ['train.max_iters=4', 'train.val_interval=2', 'train.log_interval=1', 'data.workers=0', SMALL_VAL]
+    budget = ['train.max_iters=4', 'train.val_interval=2', 'train.log_interval=1', 'data.workers=0']
     cfg = load_config(config, budget)
     uninterrupted, _ = peer_smp_camvid.train_peer(cfg, 0, CPU, lambda line: None, tmp_path / 'whole.pth')
 
