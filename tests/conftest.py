@@ -37,14 +37,14 @@ TINY_DATA = """
 
 TINY = (
     """
-    backbone: {{type: resnet, variant: 18}}
+    backbone: {{type: resnet, variant: test}}
     head: {{type: aspp, channels: 16, dilations: [1, 2], c1_channels: 8}}"""
     + TINY_DATA
     + """\
     train: {{max_iters: 6, batch_size: 4, val_interval: 3, log_interval: 2}}
 """
 )
-"""A tiny ResNet-18 + DeepLabV3+ run on the demo scenes; `.format(root=...)` gives its YAML."""
+"""A tiny run on the demo scenes (timm's few-channel test ResNet + DeepLabV3+); `.format(root=...)` gives its YAML."""
 
 
 MULTI_PROCESS_FILES = ('test_preemption.py', 'test_distributed.py', 'test_mask2former_training.py', 'test_ablation.py')

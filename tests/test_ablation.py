@@ -18,7 +18,7 @@ import ablation  # noqa: E402
 
 SEEDS = [0, 1]
 SEGFORMER_HEAD = """
-    backbone: {type: resnet, variant: 18}
+    backbone: {type: resnet, variant: test}
     head: {type: segformer, channels: 16}
 """
 """A second pair: the SegFormer head, whose OL arm also max-pools before the classifier."""

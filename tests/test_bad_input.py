@@ -315,7 +315,7 @@ def test_a_run_with_no_valid_label_pixel_says_so_and_names_no_unwritten_checkpoi
     config = tmp_path / 'ignored.yaml'
     config.write_text(
         textwrap.dedent(f"""
-        backbone: {{type: resnet, variant: 18}}
+        backbone: {{type: resnet, variant: test}}
         head: {{type: aspp, channels: 16, dilations: [1, 2], c1_channels: 8}}
         data: {{type: folder, root: {tmp_path}, num_classes: 3, workers: 0}}
         train: {{max_iters: 1, batch_size: 2}}

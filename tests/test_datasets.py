@@ -494,7 +494,7 @@ def folder_config(tmp_path):
     root = folder_layout(tmp_path / 'data')
     config = tmp_path / 'folder.yaml'
     config.write_text(f"""
-backbone: {{type: resnet, variant: 18}}
+backbone: {{type: resnet, variant: test}}
 head: {{type: aspp, channels: 16}}
 data:
   type: folder

@@ -2,6 +2,7 @@
 counts, the reference vectors are reproduced through tools/convert_checkpoint.py and create_model,
 every backbone x head pair trains, and a converted checkpoint works in evaluate.py and infer.py."""
 
+import inspect
 import json
 
 import cv2
@@ -123,6 +124,9 @@ TINY_BACKBONES = {family: 'test' for family in BACKBONES}
 """Each family's test-sized variant (a few channels and blocks, built in a few milliseconds)."""
 PIXEL_HEADS = [head for head in HEADS if head not in ('mask2former', 'eomt')]
 """Heads with per-pixel logits; mask classification is paired in test_mask2former.py and test_eomt.py."""
+NARROW = {'channels': 32, 'pyramid_channels': 32, 'ham_channels': 32, 'md_r': 4}
+"""Head widths an eighth to a sixteenth of the published ones: the pairing (channels, strides, gradients) is what is
+tested, and at full width a pair's head costs 10-50x its tiny backbone."""
 
 
 def pair_model(backbone: str, head: dict) -> torch.nn.Module:
@@ -152,7 +156,8 @@ def test_every_backbone_head_pair_runs_and_backpropagates(backbone, head):
     (64x64 and 96x128; DINOv2: 56x56 and 84x112): logits of one stride on both axes, finite gradients
     reaching the first backbone layer and the classifier."""
     for (height, width), offset_learning in zip(input_sizes(backbone), (False, True)):
-        model = pair_model(backbone, {'type': head, 'offset_learning': offset_learning})
+        widths = {key: value for key, value in NARROW.items() if key in inspect.signature(HEADS[head]).parameters}
+        model = pair_model(backbone, {'type': head, 'offset_learning': offset_learning, **widths})
         logits = model(torch.randn(2, 3, height, width))
         assert logits.shape[:2] == (2, 5) and height / logits.shape[2] == width / logits.shape[3]
         torch.nn.functional.cross_entropy(logits, torch.randint(0, 5, (2, *logits.shape[2:]))).backward()
