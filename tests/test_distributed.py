@@ -28,7 +28,7 @@ from engine.training import has_unused_parameters
 REPO = Path(__file__).resolve().parents[1]
 
 CONFIG = """
-    backbone: {{type: mit, variant: b0, drop_path_rate: 0.0}}
+    backbone: {{type: mit, variant: test, drop_path_rate: 0.0}}
     head: {{type: offseg, dropout: 0.0}}
     data:
       type: folder

@@ -22,7 +22,7 @@ HEAD = """
 
 TINY = (
     """
-    backbone: {{type: resnet, variant: 18}}"""
+    backbone: {{type: resnet, variant: test}}"""
     + HEAD
     + TINY_DATA
     + """\
@@ -66,7 +66,7 @@ def test_a_few_steps_lower_the_loss_on_a_tiny_batch(run):
 
 DISTRIBUTED = (
     """
-    backbone: {{type: mit, variant: b0, drop_path_rate: 0.0}}"""
+    backbone: {{type: mit, variant: test, drop_path_rate: 0.0}}"""
     + HEAD
     + """    data:
       type: folder
