@@ -1,0 +1,66 @@
+"""benchmarks/camvid_heldout.py: each fold's splits and each seed reach both runs, and the summary is the
+mean ± std over seeds of what the pairs wrote (their training: test_peer_smp_camvid.py)."""
+
+import json
+import sys
+
+import pytest
+
+from conftest import ROOT
+from engine.config import ConfigError
+from engine.rules import load_config
+
+sys.path.insert(0, str(ROOT / 'benchmarks'))
+import camvid_heldout  # noqa: E402
+
+
+def test_every_seed_trains_each_fold_on_the_other_sequences(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(camvid_heldout.peer_smp_camvid, 'main', calls.append)
+    with pytest.raises(ConfigError, match='no finished pair'):  # nothing was trained: nothing to summarise
+        camvid_heldout.main(['--folds', '0006R0', '0001TP', '--seeds', '0', '1', '--out', str(tmp_path)])
+    assert [(argv[argv.index('--out') + 1], argv[argv.index('--seed') + 1]) for argv in calls] == [
+        (str(tmp_path / fold / f'seed{seed}'), str(seed)) for seed in (0, 1) for fold in ('0006R0', '0001TP')
+    ]
+    overrides = calls[1][calls[1].index('--set') + 1 : calls[1].index('--seed')]
+    assert 'train.seed=0' in overrides
+    cfg = load_config(ROOT / 'configs' / 'camvid.yaml', [o for o in overrides if o.startswith('data.')])
+    assert cfg['data']['val']['split'] == 'datasets/splits/camvid_hold_out_0001TP_val.txt'
+    assert cfg['data']['train']['split'] == 'datasets/splits/camvid_hold_out_0001TP_train.txt'
+
+    # A pair that finished with these settings is read back; one of other settings is trained again.
+    first = calls[0]
+    record = {'config': first[1], 'set': first[first.index('--set') + 1 : first.index('--seed')], 'rows': []}
+    (tmp_path / '0006R0' / 'seed0').mkdir(parents=True)
+    (tmp_path / '0006R0' / 'seed0' / 'peer_smp_camvid.json').write_text(json.dumps(record))
+    (tmp_path / '0001TP' / 'seed0').mkdir(parents=True)
+    (tmp_path / '0001TP' / 'seed0' / 'peer_smp_camvid.json').write_text(json.dumps({**record, 'set': []}))
+    calls.clear()
+    camvid_heldout.main(['--folds', '0006R0', '0001TP', '--seeds', '0', '--out', str(tmp_path)])
+    assert [argv[argv.index('--out') + 1] for argv in calls] == [str(tmp_path / '0001TP' / 'seed0')]
+
+
+def write_pair(folder, peer: list, ours: list) -> None:
+    """What peer_smp_camvid.py writes at the end of a pair: rows (iteration, peer, ours, ours − peer, ratio)."""
+    folder.mkdir(parents=True)
+    rows = [[600 * (i + 1), p, o, o - p, o / p] for i, (p, o) in enumerate(zip(peer, ours))]
+    (folder / 'peer_smp_camvid.json').write_text(json.dumps({'rows': rows}))
+
+
+def test_the_summary_is_the_mean_and_std_over_the_finished_seeds(tmp_path, capsys):
+    write_pair(tmp_path / 'out' / '0006R0' / 'seed0', peer=[30.0, 34.0], ours=[33.0, 38.0])
+    write_pair(tmp_path / 'out' / '0006R0' / 'seed2', peer=[32.0, 35.0], ours=[34.0, 40.0])
+    write_pair(tmp_path / 'out' / '0001TP' / 'seed1', peer=[20.0, 25.0], ours=[21.0, 24.0])
+    argv = ['--folds', '0006R0', '0001TP', '--seeds', '0', '1', '2', '--out', str(tmp_path / 'out'), '--report-only']
+    rows = camvid_heldout.main([*argv, '--results', str(tmp_path / 'results')])
+    assert rows == [
+        ['0006R0', 600, [0, 2], [30.0, 32.0], [33.0, 34.0], [3.0, 2.0]],
+        ['0006R0', 1200, [0, 2], [34.0, 35.0], [38.0, 40.0], [4.0, 5.0]],
+        ['0001TP', 600, [1], [20.0], [21.0], [1.0]],
+        ['0001TP', 1200, [1], [25.0], [24.0], [-1.0]],
+    ]
+    lines = capsys.readouterr().out.splitlines()
+    assert '| 0006R0 | 1200 | 0 2 | 34.50 ± 0.71 | 39.00 ± 1.41 | +4.50 ± 0.71 |' in lines
+    assert '| 0001TP | 1200 | 1 | 25.00 ± 0.00 | 24.00 ± 0.00 | -1.00 ± 0.00 |' in lines
+    [path] = (tmp_path / 'results').glob('camvid_heldout-cpu*-torch*.json')  # what the docs render
+    assert json.loads(path.read_text())['rows'] == rows
