@@ -110,19 +110,14 @@ def printed(rows: list) -> str:
     return '\n'.join(lines)
 
 
-def main(argv=None) -> list:
-    args = parse_args(argv)
-    if not args.report_only:
-        for seed in args.seeds:
-            for fold in args.folds:
-                run_pair(args, fold, seed)
+def report(args) -> list:
+    """Print and write the table of the pairs finished so far; its rows."""
     pairs = finished_pairs(args)
     if not pairs:
         raise ConfigError(f'{args.out}: no finished pair of --folds {args.folds} and --seeds {args.seeds} yet')
     rows = summary(pairs)
-    table = printed(rows)
     print(f'val mIoU (%) on the held-out sequence, mean ± std over seeds; ours: {args.config} {" ".join(args.set)}')
-    print(table)
+    print(printed(rows), flush=True)
     record = {'config': args.config, 'set': args.set, 'columns': COLUMNS, 'rows': rows}
     write_results(args.out, {'heldout.json': json.dumps(record, indent=2) + '\n'})
     if args.results:
@@ -132,6 +127,17 @@ def main(argv=None) -> list:
             f'ours: {args.config}, overrides {args.set}; the peer: benchmarks/peer_smp_camvid.py',
         ]
         print('results:', write_result_table(args.results, args.study, COLUMNS, rows, args.device, notes))
+    return rows
+
+
+def main(argv=None) -> list:
+    args = parse_args(argv)
+    if args.report_only:
+        return report(args)
+    for seed in args.seeds:
+        for fold in args.folds:
+            run_pair(args, fold, seed)
+            rows = report(args)  # after every pair: the table (and result file) follows the study
     return rows
 
 

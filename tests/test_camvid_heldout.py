@@ -3,6 +3,7 @@ mean ± std over seeds of what the pairs wrote (their training: test_peer_smp_ca
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,9 +17,15 @@ import camvid_heldout  # noqa: E402
 
 def test_every_seed_trains_each_fold_on_the_other_sequences(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(camvid_heldout.peer_smp_camvid, 'main', calls.append)
-    with pytest.raises(ConfigError, match='no finished pair'):  # nothing was trained: nothing to summarise
-        camvid_heldout.main(['--folds', '0006R0', '0001TP', '--seeds', '0', '1', '--out', str(tmp_path)])
+
+    def pair(argv):  # peer_smp_camvid.py: trains, then writes what it measured
+        calls.append(argv)
+        record = {'config': argv[1], 'set': argv[argv.index('--set') + 1 : argv.index('--seed')]}
+        write_pair(Path(argv[argv.index('--out') + 1]), peer=[30.0], ours=[33.0], **record)
+
+    monkeypatch.setattr(camvid_heldout.peer_smp_camvid, 'main', pair)
+    argv = ['--folds', '0006R0', '0001TP', '--seeds', '0', '1', '--out', str(tmp_path)]
+    camvid_heldout.main(argv)
     assert [(argv[argv.index('--out') + 1], argv[argv.index('--seed') + 1]) for argv in calls] == [
         (str(tmp_path / fold / f'seed{seed}'), str(seed)) for seed in (0, 1) for fold in ('0006R0', '0001TP')
     ]
@@ -28,23 +35,24 @@ def test_every_seed_trains_each_fold_on_the_other_sequences(monkeypatch, tmp_pat
     assert cfg['data']['val']['split'] == 'datasets/splits/camvid_hold_out_0001TP_val.txt'
     assert cfg['data']['train']['split'] == 'datasets/splits/camvid_hold_out_0001TP_train.txt'
 
-    # A pair that finished with these settings is read back; one of other settings is trained again.
-    first = calls[0]
-    record = {'config': first[1], 'set': first[first.index('--set') + 1 : first.index('--seed')], 'rows': []}
-    (tmp_path / '0006R0' / 'seed0').mkdir(parents=True)
-    (tmp_path / '0006R0' / 'seed0' / 'peer_smp_camvid.json').write_text(json.dumps(record))
-    (tmp_path / '0001TP' / 'seed0').mkdir(parents=True)
-    (tmp_path / '0001TP' / 'seed0' / 'peer_smp_camvid.json').write_text(json.dumps({**record, 'set': []}))
+    # Pairs that finished with these settings are read back; one of other settings is trained again.
+    changed = tmp_path / '0001TP' / 'seed1' / 'peer_smp_camvid.json'
+    changed.write_text(json.dumps({**json.loads(changed.read_text()), 'set': []}))
     calls.clear()
-    camvid_heldout.main(['--folds', '0006R0', '0001TP', '--seeds', '0', '--out', str(tmp_path)])
-    assert [argv[argv.index('--out') + 1] for argv in calls] == [str(tmp_path / '0001TP' / 'seed0')]
+    camvid_heldout.main(argv)
+    assert [argv[argv.index('--out') + 1] for argv in calls] == [str(changed.parent)]
 
 
-def write_pair(folder, peer: list, ours: list) -> None:
+def test_a_study_with_no_finished_pair_says_so(tmp_path):
+    with pytest.raises(ConfigError, match='no finished pair'):
+        camvid_heldout.main(['--out', str(tmp_path), '--report-only'])
+
+
+def write_pair(folder: Path, peer: list, ours: list, **record) -> None:
     """What peer_smp_camvid.py writes at the end of a pair: rows (iteration, peer, ours, ours − peer, ratio)."""
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     rows = [[600 * (i + 1), p, o, o - p, o / p] for i, (p, o) in enumerate(zip(peer, ours))]
-    (folder / 'peer_smp_camvid.json').write_text(json.dumps({'rows': rows}))
+    (folder / 'peer_smp_camvid.json').write_text(json.dumps({**record, 'rows': rows}))
 
 
 def test_the_summary_is_the_mean_and_std_over_the_finished_seeds(tmp_path, capsys):
@@ -61,6 +69,6 @@ def test_the_summary_is_the_mean_and_std_over_the_finished_seeds(tmp_path, capsy
     ]
     lines = capsys.readouterr().out.splitlines()
     assert '| 0006R0 | 1200 | 0 2 | 34.50 ± 0.71 | 39.00 ± 1.41 | +4.50 ± 0.71 |' in lines
-    assert '| 0001TP | 1200 | 1 | 25.00 ± 0.00 | 24.00 ± 0.00 | -1.00 ± 0.00 |' in lines
+    assert '| 0001TP | 1200 | 1 | 25.00 | 24.00 | -1.00 |' in lines  # one seed: no spread to show
     [path] = (tmp_path / 'results').glob('camvid_heldout-cpu*-torch*.json')  # what the docs render
     assert json.loads(path.read_text())['rows'] == rows

@@ -104,8 +104,9 @@ def cell(value, spec: str = '.2f', sign: bool = False) -> str:
 
 
 def pm(values: list, sign: bool = False) -> str:
+    """Mean ± std, or the value alone where there is one."""
     mean, std = mean_std(values)
-    return f'{cell(mean, sign=sign)} ± {std:.2f}'
+    return f'{cell(mean, sign=sign)} ± {std:.2f}' if len(values) > 1 else cell(mean, sign=sign)
 
 
 def size_text(size) -> str:
@@ -256,6 +257,16 @@ def camvid_peer(page: Path) -> str:
     peer = next(row for row in record['rows'] if row['run'] != ours['run'])
     rows.append(['ours (average) − peer', '', *(cell(ours[p] - peer[p], sign=True) for p in points), None])
     return rendered(record, page, table(['run', 'weights', *points, 'wall time (min)'], rows))
+
+
+def camvid_heldout(page: Path) -> str:
+    record = result('camvid_heldout', 'cpu2')
+    rows = [
+        [row['held out'], str(row['iteration']), ' '.join(map(str, row['seeds'])), pm(row['peer']), pm(row['ours'])]
+        + [pm(row['ours − peer'], sign=True)]
+        for row in record['rows']
+    ]
+    return rendered(record, page, table(record['columns'], rows))
 
 
 def seed_summary(record: dict) -> dict:
