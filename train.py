@@ -382,9 +382,10 @@ def fit(args, cfg: dict, run: Run, log: Logger, resume=None, checkpoint=None) ->
             f'{state.early_stop.best:.2f} + {train_cfg["early_stop"]["min_delta"]} (train.early_stop)'
         )
     log(closing_line(state, run.work_dir))
-    seconds = clock.seconds_by_part()
-    log(clock.summary(seconds))
-    log.record(state.iteration, 'time', {f'{part} (s)': round(value, 3) for part, value in seconds.items()})
+    if clock.seconds['steps']:  # a finished run resumed takes no step: nothing to account for
+        seconds = clock.seconds_by_part()
+        log(clock.summary(seconds))
+        log.record(state.iteration, 'time', {f'{part} (s)': round(value, 3) for part, value in seconds.items()})
 
 
 def save_and_stop(state: TrainState, cfg: dict, run: Run, log: Logger, meter: ProgressMeter, number: int) -> None:
