@@ -27,7 +27,8 @@ graph they are one fixed (1, C, R) draw from the head's `nmf_seed` (0 where unse
 image of a batch, so the ONNX model is deterministic and at batch 1 equals PyTorch eval with
 `head.nmf_seed` set. The exporter is PyTorch's TorchScript-based one (`dynamo=False`): it needs only
 the `onnx` package, and exports these models in seconds. --check runs ONNX Runtime (`onnxruntime`)
-at the export size and at a second size against the PyTorch model and prints the max abs differences.
+at the export size and at a second size, on batches of two images, against the PyTorch model and prints
+the max abs differences.
 The file's metadata also holds the resolved config, so `evaluate.py --onnx FILE` needs nothing else.
 
 --int8: ONNX Runtime static quantization of the float graph (QDQ format; Conv nodes with int8
@@ -287,7 +288,7 @@ def parse_args(argv=None):
     parser.add_argument(
         '--check',
         action='store_true',
-        help='compare ONNX Runtime with PyTorch at --size and at (H+32, W+64) (a ViT: its size multiple for 32)',
+        help='compare ONNX Runtime with PyTorch on two images at --size and at (H+32, W+64) (a ViT: its size multiple)',
     )
     parser.add_argument('--int8', action='store_true', help='write a statically quantised graph (needs --calibration)')
     parser.add_argument('--calibration', metavar='DIR', help='folder of images to calibrate the int8 activations on')
@@ -341,8 +342,8 @@ def main(argv=None) -> None:
         height, width = args.size
         step = getattr(model.backbone, 'size_multiple', 32)  # a ViT's patch grid takes multiples of it only
         sizes = [(height, width), (height + step, width + 2 * step)]
-        for (h, w), difference in zip(sizes, check(path, model, sizes)):
-            print(f'ONNX Runtime vs PyTorch at {h}x{w}: max abs diff {difference:.2e}')
+        for (h, w), difference in zip(sizes, check(path, model, sizes, batch=2)):  # two images: batch is dynamic
+            print(f'ONNX Runtime vs PyTorch at {h}x{w}, batch 2: max abs diff {difference:.2e}')
 
 
 if __name__ == '__main__':
