@@ -25,9 +25,11 @@ data:
   num_classes: 5
   workers: 0
   train: {{pipeline: [{{type: random_crop, size: [64, 64]}}]}}
-  val: {{pipeline: [{{type: resize, scale: [64, 64], keep_ratio: false}}]}}
+  val: {{pipeline: [{{type: resize, scale: [64, 64], keep_ratio: false}}], split: {val_split}}}
 train: {{max_iters: 1, batch_size: 2, val_interval: 1}}
 """
+VAL_IMAGES = 4
+"""Of the demo scenes' 48 val images: validation is not what these tests are about."""
 
 
 def guide_snippets() -> list:
@@ -40,12 +42,14 @@ def guide_snippets() -> list:
 
 def guide_config(tmp_path, snippet: str, data_root=None) -> str:
     """A whole run around a guide snippet: the defaults it leaves out are the guide's (ResNet, ASPP);
-    its data the demo scenes at `data_root` (default: generated on first use in tmp_path)."""
+    its data the demo scenes at `data_root` (default: generated on first use in tmp_path), validated on
+    VAL_IMAGES of them."""
     sections = yaml.safe_load(snippet)
     sections.setdefault('backbone', {'type': 'resnet', 'depth': 18})
     sections.setdefault('head', {'type': 'aspp'})
-    path = tmp_path / 'guide.yaml'
-    path.write_text(yaml.safe_dump(sections) + DATA.format(root=data_root or tmp_path / 'demo'))
+    path, val_split = tmp_path / 'guide.yaml', tmp_path / 'val.txt'
+    val_split.write_text(''.join(f'val/{i:04d}\n' for i in range(VAL_IMAGES)))
+    path.write_text(yaml.safe_dump(sections) + DATA.format(root=data_root or tmp_path / 'demo', val_split=val_split))
     return str(path)
 
 
