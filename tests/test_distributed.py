@@ -41,6 +41,7 @@ CONFIG = """
       batch_size: 4
       val_interval: {val_interval}
       log_interval: 1
+      keep_checkpoints: 4  # every validation's: the first is compared
       optimizer: {{type: sgd, lr: 0.01, weight_decay: 0.0001}}
     eval: {{size_divisor: 32}}
 """
@@ -95,9 +96,10 @@ def logged(work_dir: Path, pattern: str) -> list:
     return re.findall(pattern, (work_dir / 'train.log').read_text())
 
 
-MAX_ITERS, VAL_INTERVAL = 12, 5
-"""The runs of this file and test_preemption.py: validations at 5 and 10 (and the end), so a run can be
-stopped between a validation's checkpoint and the next."""
+MAX_ITERS, VAL_INTERVAL = 16, 5
+"""The runs of this file and test_preemption.py: validations at 5, 10, 15 and 16, so a run can be stopped
+between a validation's checkpoint and the next, with iterations to spare (a step of the test MiT takes
+tens of milliseconds)."""
 
 
 def rectangles_config(folder: Path) -> Path:
@@ -150,7 +152,7 @@ def test_torchrun_two_processes_take_the_single_process_steps(config, torchrun_r
     single, ddp = tmp_path / 'single', torchrun_run
     train.main(['--config', str(config), '--work-dir', str(single), '--device', 'cpu'])
     assert '2 process(es) on cpu; batch 4 = 2 x 2' in (ddp / 'train.log').read_text()
-    validations = ['iter_000005.pth', 'iter_000010.pth', 'iter_000012.pth']
+    validations = ['iter_000005.pth', 'iter_000010.pth', 'iter_000015.pth', 'iter_000016.pth']
     assert sorted(p.name for p in ddp.glob('*.pth')) == ['best.pth', *validations, 'last.pth']
     assert len(load_checkpoint(ddp / 'last.pth')['rng']) == 2  # both ranks' RNG states: both ran
     # the weights at the first validation (rounding differences grow over more steps: the losses cover those)
@@ -168,7 +170,7 @@ def test_torchrun_two_processes_take_the_single_process_steps(config, torchrun_r
     )
     miou = r'iter (\d+): mIoU ([\d.]+)'
     (first, *later), (ddp_first, *ddp_later) = logged(single, miou), logged(ddp, miou)
-    assert ddp_first == first == (str(VAL_INTERVAL), first[1]) and len(later) == len(ddp_later) == 2
+    assert ddp_first == first == (str(VAL_INTERVAL), first[1]) and len(later) == len(ddp_later) == 3
     np.testing.assert_allclose([float(v) for _, v in ddp_later], [float(v) for _, v in later], atol=0.02)
 
 
