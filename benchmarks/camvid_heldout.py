@@ -30,7 +30,7 @@ from engine.cli import ArgumentParser, number, run_cli  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
 from engine.outputs import write_results  # noqa: E402
 from tools.measure import write_result_table  # noqa: E402
-from tools.results_tables import pm  # noqa: E402
+from tools.results_tables import heldout_cells, table  # noqa: E402
 
 FOLDS = ('0006R0', '0001TP', '0016E5')
 """The training sequences of CamVid; 0016E5 held out leaves 163 training frames."""
@@ -102,14 +102,6 @@ def summary(pairs: dict) -> list:
     return rows
 
 
-def printed(rows: list) -> str:
-    lines = ['| ' + ' | '.join(COLUMNS) + ' |', '|' + '---|' * len(COLUMNS)]
-    for fold, point, seeds, peer, ours, difference in rows:
-        scores = [pm(peer), pm(ours), pm(difference, sign=True)]
-        lines.append(f'| {fold} | {point} | {" ".join(map(str, seeds))} | {" | ".join(scores)} |')
-    return '\n'.join(lines)
-
-
 def report(args) -> list:
     """Print and write the table of the pairs finished so far; its rows."""
     pairs = finished_pairs(args)
@@ -117,7 +109,7 @@ def report(args) -> list:
         raise ConfigError(f'{args.out}: no finished pair of --folds {args.folds} and --seeds {args.seeds} yet')
     rows = summary(pairs)
     print(f'val mIoU (%) on the held-out sequence, mean ± std over seeds; ours: {args.config} {" ".join(args.set)}')
-    print(printed(rows), flush=True)
+    print(table(COLUMNS, [heldout_cells(*row) for row in rows]), flush=True)
     record = {'config': args.config, 'set': args.set, 'columns': COLUMNS, 'rows': rows}
     write_results(args.out, {'heldout.json': json.dumps(record, indent=2) + '\n'})
     if args.results:

@@ -157,8 +157,8 @@ def test_every_backbone_head_pair_runs_and_backpropagates(backbone, head):
     """Each pair at a square size with the plain classifier and at a wider one with Offset Learning
     (64x64 and 96x128; DINOv2: 56x56 and 84x112): logits of one stride on both axes, finite gradients
     reaching the first backbone layer and the classifier. The config checks pass the wider setting."""
+    widths = {key: value for key, value in NARROW.items() if key in inspect.signature(HEADS[head]).parameters}
     for (height, width), offset_learning in zip(input_sizes(backbone), (False, True)):
-        widths = {key: value for key, value in NARROW.items() if key in inspect.signature(HEADS[head]).parameters}
         model = pair_model(backbone, {'type': head, 'offset_learning': offset_learning, **widths}, offset_learning)
         logits = model(torch.randn(2, 3, height, width))
         assert logits.shape[:2] == (2, 5) and height / logits.shape[2] == width / logits.shape[3]

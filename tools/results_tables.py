@@ -259,13 +259,14 @@ def camvid_peer(page: Path) -> str:
     return rendered(record, page, table(['run', 'weights', *points, 'wall time (min)'], rows))
 
 
+def heldout_cells(fold: str, iteration: int, seeds: list, peer: list, ours: list, difference: list) -> list:
+    """A row of benchmarks/camvid_heldout.py as printed and rendered: each score over the seeds as mean ± std."""
+    return [fold, str(iteration), ' '.join(map(str, seeds)), pm(peer), pm(ours), pm(difference, sign=True)]
+
+
 def camvid_heldout(page: Path) -> str:
     record = result('camvid_heldout', 'cpu2')
-    rows = [
-        [row['held out'], str(row['iteration']), ' '.join(map(str, row['seeds'])), pm(row['peer']), pm(row['ours'])]
-        + [pm(row['ours − peer'], sign=True)]
-        for row in record['rows']
-    ]
+    rows = [heldout_cells(*(row[column] for column in record['columns'])) for row in record['rows']]
     return rendered(record, page, table(record['columns'], rows))
 
 
