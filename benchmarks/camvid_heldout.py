@@ -9,7 +9,9 @@ there is chosen on near-duplicates of frames it trained on. Each fold here train
 and validates on one held out whole (datasets/splits/camvid_hold_out_<fold>_{train,val}.txt, also the
 configs/_base_/datasets/camvid_hold_out_<fold>.yaml overlays). For each seed, then each fold,
 benchmarks/peer_smp_camvid.py trains the peer and ours with that seed into <out>/<fold>/seed<seed>:
-finished pairs are read back, a stopped one continues where it stopped (run this command again).
+finished pairs are read back, a stopped one continues where it stopped (run this command again). With
+--results, the pairs that result file already holds for this setting count as finished too: the study
+goes on from a fresh checkout whose run folders are gone.
 
 Printed, and written to <out>/heldout.json (and with --results, as the result file the docs render):
 per fold and validation point, the mean ± std over the finished seeds of the peer, of ours (the
@@ -29,7 +31,7 @@ import peer_smp_camvid  # noqa: E402
 from engine.cli import ArgumentParser, number, run_cli  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
 from engine.outputs import write_results  # noqa: E402
-from tools.measure import write_result_table  # noqa: E402
+from tools.measure import result_table_path, write_result_table  # noqa: E402
 from tools.results_tables import heldout_cells, table  # noqa: E402
 
 FOLDS = ('0006R0', '0001TP', '0016E5')
@@ -47,6 +49,9 @@ def parse_args(argv=None):
         '--results', type=Path, metavar='DIR', help='also write the table as a result file there (what the docs render)'
     )
     parser.add_argument('--study', default='camvid_heldout', help='the result file name (default: %(default)s)')
+    parser.add_argument(
+        '--side-by-side', action='store_true', help="train each pair's two runs at once (peer_smp_camvid.py's option)"
+    )
     parser.add_argument('--report-only', action='store_true', help='train nothing: summarise the finished pairs')
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
     return parser.parse_args(argv)
@@ -69,20 +74,43 @@ def run_pair(args, fold: str, seed: int) -> None:
         if record['config'] == args.config and record['set'] == overrides:
             print(f'{out}: finished, read back', flush=True)
             return
-    peer_smp_camvid.main(
-        ['--config', args.config, '--set', *overrides, '--seed', str(seed), '--out', str(out), '--device', args.device]
-    )
+    arguments = ['--config', args.config, '--set', *overrides, '--seed', str(seed), '--out', str(out)]
+    peer_smp_camvid.main([*arguments, '--device', args.device, *(['--side-by-side'] if args.side_by_side else [])])
 
 
 def finished_pairs(args) -> dict:
-    """{(fold, seed): what peer_smp_camvid.py wrote} of the pairs that finished, in --folds order."""
+    """{(fold, seed): what peer_smp_camvid.py wrote} of the pairs that finished in --out."""
     pairs = {}
     for fold in args.folds:
-        for seed in sorted(args.seeds):
+        for seed in args.seeds:
             path = pair_dir(args, fold, seed) / 'peer_smp_camvid.json'
             if path.is_file():
                 pairs[fold, seed] = json.loads(path.read_text())
     return pairs
+
+
+def recorded_pairs(args) -> dict:
+    """{(fold, seed): {'rows': [[iteration, peer, ours], ...]}} of the pairs the --results file holds for
+    this config and overrides (its notes say which), whatever --folds and --seeds are now."""
+    path = args.results and result_table_path(args.results, args.study, args.device)
+    if not path or not path.is_file():
+        return {}
+    record = json.loads(path.read_text())
+    if record['notes'] != result_notes(args):
+        return {}
+    pairs = {}
+    for fold, iteration, seeds, peer, ours, _ in record['rows']:
+        for seed, p, o in zip(seeds, peer, ours):
+            pairs.setdefault((fold, seed), {'rows': []})['rows'].append([iteration, p, o])
+    return pairs
+
+
+def result_notes(args) -> list:
+    return [
+        'val mIoU (%) on the frames of the held-out sequence, whole images, per seed (in the order listed); '
+        'the peer and ours trained with the same seed; ours: the weights the recipe delivers (its moving average)',
+        f'ours: {args.config}, overrides {args.set}; the peer: benchmarks/peer_smp_camvid.py',
+    ]
 
 
 COLUMNS = ['held out', 'iteration', 'seeds', 'peer', 'ours', 'ours − peer']
@@ -104,21 +132,17 @@ def summary(pairs: dict) -> list:
 
 def report(args) -> list:
     """Print and write the table of the pairs finished so far; its rows."""
-    pairs = finished_pairs(args)
+    pairs = {**recorded_pairs(args), **finished_pairs(args)}
     if not pairs:
         raise ConfigError(f'{args.out}: no finished pair of --folds {args.folds} and --seeds {args.seeds} yet')
-    rows = summary(pairs)
+    rows = summary(dict(sorted(pairs.items(), key=lambda pair: (FOLDS.index(pair[0][0]), pair[0][1]))))
     print(f'val mIoU (%) on the held-out sequence, mean ± std over seeds; ours: {args.config} {" ".join(args.set)}')
     print(table(COLUMNS, [heldout_cells(*row) for row in rows]), flush=True)
     record = {'config': args.config, 'set': args.set, 'columns': COLUMNS, 'rows': rows}
     write_results(args.out, {'heldout.json': json.dumps(record, indent=2) + '\n'})
     if args.results:
-        notes = [
-            'val mIoU (%) on the frames of the held-out sequence, whole images, per seed (in the order listed); '
-            'the peer and ours trained with the same seed; ours: the weights the recipe delivers (its moving average)',
-            f'ours: {args.config}, overrides {args.set}; the peer: benchmarks/peer_smp_camvid.py',
-        ]
-        print('results:', write_result_table(args.results, args.study, COLUMNS, rows, args.device, notes))
+        path = write_result_table(args.results, args.study, COLUMNS, rows, args.device, result_notes(args))
+        print('results:', path)
     return rows
 
 
@@ -126,11 +150,15 @@ def main(argv=None) -> list:
     args = parse_args(argv)
     if args.report_only:
         return report(args)
+    recorded, rows = recorded_pairs(args), None
     for seed in args.seeds:
         for fold in args.folds:
-            run_pair(args, fold, seed)
-            rows = report(args)  # after every pair: the table (and result file) follows the study
-    return rows
+            if (fold, seed) in recorded:
+                print(f'{fold} seed {seed}: finished, read back from {args.results}', flush=True)
+            else:
+                run_pair(args, fold, seed)
+                rows = report(args)  # after every pair: the table (and result file) follows the study
+    return report(args) if rows is None else rows
 
 
 if __name__ == '__main__':

@@ -25,7 +25,8 @@ as the uninterrupted run does: the iterations up to each validation point draw t
 augmentation from a stream seeded by (seed, which validation point) alone.
 
 Ours is a train.py run of --config: the val mIoU of each validation read from --ours (a run's folder,
-its metrics.jsonl), or trained here into <out>/ours (`--resume auto`); where the run keeps a moving average
+its metrics.jsonl), or trained here into <out>/ours (`--resume auto`; with --side-by-side, as a train.py process
+while the peer trains, on a core of its own at OMP_NUM_THREADS=1); where the run keeps a moving average
 of its weights (train.ema_decay), that average is what the recipe delivers and what is compared.
 Printed: both curves, ours − peer and ours / peer at each validation point, and both wall times (for
 --ours, from its start to its last record); written to <out>/peer_smp_camvid.json.
@@ -35,6 +36,7 @@ import itertools
 import json
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 
-from ablation import resumable_run  # noqa: E402
+from ablation import resumable_run, train_process  # noqa: E402
 
 import train  # noqa: E402
 from datasets.transforms import albumentations  # noqa: E402
@@ -59,6 +61,7 @@ from engine.logger import METRICS_FILE, run_seconds, validation_curve  # noqa: E
 from engine.outputs import write_results  # noqa: E402
 from engine.rules import load_config  # noqa: E402
 from engine.training import get_rng_state, set_rng_state  # noqa: E402
+from tools.measure import chosen_device  # noqa: E402
 
 DEFAULT_CONFIG = 'configs/camvid.yaml'
 
@@ -74,6 +77,11 @@ def parse_args(argv=None):
     )
     parser.add_argument('--out', type=Path, default=Path('work_dirs/peer_smp_camvid'), help='(default: %(default)s)')
     parser.add_argument('--seed', type=number(int, 0), default=0, help="the peer's seed (default: 0)")
+    parser.add_argument(
+        '--side-by-side',
+        action='store_true',
+        help='train ours as its own train.py process while the peer trains here (a core each at OMP_NUM_THREADS=1)',
+    )
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
     return parser.parse_args(argv)
 
@@ -291,18 +299,22 @@ def report(peer: list, ours: list, scored: str, seconds: dict) -> list:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     cfg = load_config(args.config, args.set)
-    automatic = 'cuda' if torch.cuda.is_available() else 'cpu'
-    device = torch.device(automatic if args.device == 'auto' else args.device)
+    device = chosen_device(args.device)
     seconds = {}
-    peer, seconds['peer'] = peer_curve(cfg, args.seed, device, args.out / 'peer.json')
     ours_dir = args.ours or args.out / 'ours'
-    if args.ours is None:
+    train_beside = args.side_by_side and args.ours is None
+    with ThreadPoolExecutor(1) as beside:
+        arguments = resumable_run(args.config, ours_dir, args.device, args.set)
+        ours_trained = beside.submit(train_process, ours_dir, arguments) if train_beside else None
+        peer, seconds['peer'] = peer_curve(cfg, args.seed, device, args.out / 'peer.json')
+    if ours_trained is not None and not ours_trained.result():
+        raise SystemExit(f'error: ours failed, see {ours_dir / "console.txt"}')
+    if args.ours is None and not train_beside:
         start = time.perf_counter()
         train_ours(args, ours_dir)
         seconds['ours'] = time.perf_counter() - start
     ours, scored = our_curve(ours_dir)
-    if args.ours is not None:
-        seconds['ours'] = run_seconds(ours_dir)
+    seconds.setdefault('ours', run_seconds(ours_dir))
     rows = report(peer, ours, scored, seconds)
     result = {
         'config': args.config,

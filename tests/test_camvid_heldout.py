@@ -72,3 +72,22 @@ def test_the_summary_is_the_mean_and_std_over_the_finished_seeds(tmp_path, capsy
     assert '| 0001TP | 1200 | 1 | 25.00 | 24.00 | -1.00 |' in lines  # one seed: no spread to show
     [path] = (tmp_path / 'results').glob('camvid_heldout-cpu*-torch*.json')  # what the docs render
     assert json.loads(path.read_text())['rows'] == rows
+
+
+def test_the_pairs_of_the_result_file_count_as_finished_in_a_fresh_checkout(monkeypatch, tmp_path):
+    trained = []
+
+    def pair(argv):
+        trained.append(argv[argv.index('--out') + 1])
+        write_pair(Path(trained[-1]), peer=[20.0, 25.0], ours=[24.0, 28.0])
+
+    monkeypatch.setattr(camvid_heldout.peer_smp_camvid, 'main', pair)
+    results = ['--results', str(tmp_path / 'results'), '--seeds', '0']
+    camvid_heldout.main(['--folds', '0006R0', '--out', str(tmp_path / 'first'), *results])
+    # Another machine's fresh checkout: no run folders, the result file; one more fold.
+    rows = camvid_heldout.main(['--folds', '0006R0', '0001TP', '--out', str(tmp_path / 'second'), *results])
+    assert trained == [str(tmp_path / 'first' / '0006R0' / 'seed0'), str(tmp_path / 'second' / '0001TP' / 'seed0')]
+    assert [row[:2] for row in rows] == [['0006R0', 600], ['0006R0', 1200], ['0001TP', 600], ['0001TP', 1200]]
+    # Other overrides are another study: the recorded pairs are not theirs.
+    camvid_heldout.main(['--folds', '0006R0', '--out', str(tmp_path / 'third'), *results, '--set', 'train.lr=0.001'])
+    assert trained[-1] == str(tmp_path / 'third' / '0006R0' / 'seed0')

@@ -19,12 +19,13 @@ from engine.rules import load_config  # noqa: E402
 CPU = torch.device('cpu')
 
 
-def test_peer_and_ours_are_scored_at_the_same_validation_points(tmp_path, capsys, demo_root):
+@pytest.mark.parametrize('side_by_side', [[], ['--side-by-side']], ids=['one after the other', 'side by side'])
+def test_peer_and_ours_are_scored_at_the_same_validation_points(tmp_path, capsys, demo_root, side_by_side):
     config = tmp_path / 'tiny.yaml'
     config.write_text(textwrap.dedent(TINY.format(root=demo_root)))
     budget = ['train.max_iters=2', 'train.val_interval=1', 'train.log_interval=1', 'train.ema_decay=0.5']
     result = peer_smp_camvid.main(['--config', str(config), '--out', str(tmp_path / 'out'), '--device', 'cpu',
-                                   '--set', *budget])  # fmt: skip
+                                   '--set', *budget, *side_by_side])  # fmt: skip
     assert [i for i, _ in result['peer']] == [1, 2] and [i for i, _ in result['ours']] == [1, 2]
     # The run kept a moving average of its weights: that is what the recipe delivers and what is compared.
     ours_log = (tmp_path / 'out' / 'ours' / 'train.log').read_text()
@@ -36,6 +37,9 @@ def test_peer_and_ours_are_scored_at_the_same_validation_points(tmp_path, capsys
     assert 'peer iter 2: mIoU' in printed and '| 2 |' in printed and 'wall time: peer' in printed
     saved = json.loads((tmp_path / 'out' / 'peer_smp_camvid.json').read_text())
     assert saved['ours_dir'] == str(tmp_path / 'out' / 'ours') and len(saved['rows']) == 2
+    assert saved['seconds']['ours'] > 0
+    # Side by side, ours ran as its own train.py process, its console kept in its folder.
+    assert (tmp_path / 'out' / 'ours' / 'console.txt').is_file() == bool(side_by_side)
 
 
 def test_a_config_without_a_random_crop_is_refused():

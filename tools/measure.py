@@ -294,22 +294,31 @@ def environment_tag(device: torch.device) -> str:
     return f'{machine}-torch{TORCH_VERSION}'
 
 
+def chosen_device(device) -> torch.device:
+    """A device as the scripts' --device takes it: 'auto' is CUDA where there is one."""
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    return torch.device(device)
+
+
+def result_table_path(folder: Path, study: str, device) -> Path:
+    """Where write_result_table puts `study` measured on `device` (a --device value)."""
+    return Path(folder) / f'{study}-{environment_tag(chosen_device(device))}.json'
+
+
 def write_result_table(folder: Path, study: str, columns: list, rows: list, device: torch.device, notes=()) -> Path:
     """Write one measured table as `<folder>/<study>-<environment tag>.json`, with the command that
     measured it, the environment and the date; a rerun on the same machine replaces its own file.
     `device` as the scripts' --device takes it ('auto': CUDA where there is one)."""
-    if device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    device = torch.device(device)
-    name = f'{study}-{environment_tag(device)}.json'
+    path = result_table_path(folder, study, device)
     record = {
         'study': study,
         'command': shlex.join(['python', *sys.argv]),
-        'environment': environment(device),
+        'environment': environment(chosen_device(device)),
         'date': datetime.date.today().isoformat(),
         'notes': list(notes),
         'columns': list(columns),
         'rows': [list(row) for row in rows],
     }
-    write_results(Path(folder), {name: json.dumps(record, indent=2) + '\n'})
-    return Path(folder) / name
+    write_results(path.parent, {path.name: json.dumps(record, indent=2) + '\n'})
+    return path
