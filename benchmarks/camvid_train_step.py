@@ -7,6 +7,7 @@ Arms, each its own loss and optimizer on the same random batch (--batch crops of
   peer            SMP's FPN('resnet18') with the CamVid example's Dice and Adam (peer_smp_camvid.py), NCHW
   ours, NCHW      --config with train.channels_last off
   ours            --config as shipped (configs/camvid.yaml: channels_last)
+  ours, compiled  --config as shipped, its model under torch.compile (inductor; needs a C++ compiler)
   ours, bf16      --config with train.amp=bf16 (only where the CPU computes bfloat16 in hardware)
 The two models have the same parameters; one step is zero grads, forward, loss, backward, the
 optimizer step and, for ours, the recipe's moving average of the weights (tools/measure.py
@@ -16,6 +17,8 @@ step's multiply-accumulates (forward and backward, counted by FlopCounterMode) o
 and "of GEMM" its share of the matmul's rate.
 """
 
+import os
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -35,17 +38,27 @@ from tools.measure import build_model, random_weights_config, train_call, write_
 
 DEFAULT_CONFIG = 'configs/camvid.yaml'
 GEMM_SIDE = 4096
-OURS = {'ours, NCHW': ['train.channels_last=false'], 'ours': [], 'ours, bf16': ['train.amp=bf16']}
+COMPILED = 'ours, compiled'
+OURS = {
+    'ours, NCHW': (['train.channels_last=false'], False),
+    'ours': ([], False),
+    COMPILED: ([], True),
+    'ours, bf16': (['train.amp=bf16'], False),
+}
+"""arm: (overrides of --config, whether its model runs under torch.compile)"""
 COLUMNS = ['threads', 'arm', 'ms/step', 'images/s', 'vs peer', 'GMAC/s', 'of GEMM']
 
 
-def our_step(config: str, overrides: list, images: torch.Tensor):
-    """(step, dtype) of the config's model, loss and optimizer, in the config's memory order and AMP dtype."""
+def our_step(config: str, overrides: list, compiled: bool, images: torch.Tensor):
+    """(step, dtype) of the config's model, loss and optimizer, in the config's memory order and AMP dtype;
+    `compiled`: the model under torch.compile (compiled at the first step)."""
     cfg = random_weights_config(config, overrides)
     model = build_model(cfg, images.device).train()
     if cfg['train']['channels_last']:
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
+    if compiled:
+        model = torch.compile(model)
     amp = cfg['train']['amp'] or None
     return train_call(model, cfg, images, amp), AMP_DTYPES.get(amp, torch.float32)
 
@@ -91,12 +104,16 @@ def main(argv=None) -> list:
     torch.manual_seed(0)
     images = torch.randn(args.batch, 3, *crop_size(cfg))
     steps, dtypes = {'peer': peer_step(cfg, images)}, {'peer': torch.float32}
-    for arm, overrides in OURS.items():
+    for arm, (overrides, compiled) in OURS.items():
         if arm.endswith('bf16') and not cpu_computes(torch.bfloat16):
             print(f'{arm}: skipped, this CPU has no bfloat16 arithmetic')
-            continue
-        steps[arm], dtypes[arm] = our_step(args.config, overrides, images)
-    macs = {arm: step_macs(step) for arm, step in steps.items()}
+        elif compiled and not shutil.which(os.environ.get('CXX', 'g++')):
+            print(f'{arm}: skipped, torch.compile needs a C++ compiler (g++, or $CXX)')
+        else:
+            steps[arm], dtypes[arm] = our_step(args.config, overrides, compiled, images)
+    macs = {arm: step_macs(step) for arm, step in steps.items() if arm != COMPILED}
+    if COMPILED in steps:
+        macs[COMPILED] = macs['ours']  # the shipped step; FlopCounterMode does not see into compiled code
     gemms = {f'GEMM {dtype}': gemm(dtype) for dtype in set(dtypes.values())}
 
     rows, initial_threads = [], torch.get_num_threads()
@@ -115,9 +132,9 @@ def main(argv=None) -> list:
         f'training step of {args.config} against SMP FPN-ResNet18, batch {args.batch} of '
         f'{"x".join(map(str, images.shape[2:]))}, medians of {args.rounds} rounds after {args.warmup} warm-up'
     )
-    print(''.join(f'{c:>12}' for c in COLUMNS))
+    print(f'{COLUMNS[0]:>8}{COLUMNS[1]:>16}' + ''.join(f'{c:>12}' for c in COLUMNS[2:]))
     for row in rows:
-        print(f'{row[0]:>12}{row[1]:>12}' + ''.join(f'{value:>12.2f}' for value in row[2:]))
+        print(f'{row[0]:>8}{row[1]:>16}' + ''.join(f'{value:>12.2f}' for value in row[2:]))
     if args.results:
         notes = [
             f'{args.batch} crops of {"x".join(map(str, images.shape[2:]))}; each arm its own loss and optimizer '

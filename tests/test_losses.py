@@ -230,6 +230,20 @@ def test_gradients_are_finite_and_zero_on_ignored_pixels():
     assert logits.grad.abs().sum() > 0 and aux.grad.abs().sum() > 0
 
 
+def test_channels_last_logits_give_the_loss_and_gradients_of_planar_ones():
+    logits, labels = random_batch()
+    cfg = {'dice': 1.0, 'lovasz': 1.0, 'class_weight': [1, 2, 1, 1]}
+    losses, grads = [], []
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        x = logits.clone(memory_format=memory_format).requires_grad_(True)
+        loss = SegmentationLoss(IGNORE, cfg)(x, labels)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(x.grad)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 def test_low_precision_logits_and_autocast_compute_in_float32():
     logits, labels = random_batch()
     cfg = {'dice': 1.0, 'lovasz': 1.0}

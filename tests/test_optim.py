@@ -321,3 +321,13 @@ def test_the_backbone_warm_up_of_eomt_waits_then_ramps_from_zero():
             assert group['lr'] == pytest.approx(BASE_LR * (backbone if group['backbone'] else head), abs=1e-12), t
         optimizer.step()
         scheduler.step()
+
+
+@pytest.mark.parametrize('kind', ['adamw', 'sgd'])
+def test_the_optimizer_updates_each_tensor_in_one_fused_kernel(kind):
+    model = torch.nn.Linear(3, 2)
+    cfg = {'type': kind, 'lr': 0.1, 'weight_decay': 0.01, 'betas': [0.9, 0.999], 'momentum': 0.9}
+    optimizer, _ = build_optimizer(model, cfg, {})
+    assert optimizer.defaults['fused'] is True
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()  # the fused kernels run on this device
