@@ -33,7 +33,9 @@ train.py processes at a time (set OMP_NUM_THREADS to the cores per job: a run's 
 seed, not on how many run beside it). Rerunning the same command skips
 finished runs (last.pth at train.max_iters) and continues with the others (a run stopped midway starts
 over: with one validation, its only checkpoint is the last iteration's, unless it was stopped by
-SIGTERM or Ctrl-C, which write one where it stopped). Before training, both arms of each
+SIGTERM or Ctrl-C, which write one where it stopped). With --results, a run that result file (--study)
+already holds under the same protocol counts as finished too: a long study goes on from a fresh
+checkout whose run folders are gone. Before training, both arms of each
 pair are resolved and checked to differ only in `head.offset_learning` (and their models only in the
 parameters under head.classifier). The table (printed, <out>/ablation.md, <out>/ablation.json) gives
 per model and arm the parameters, GMACs at the training crop, the final val mIoU per seed and its
@@ -60,7 +62,7 @@ from engine.cli import ArgumentParser, number, run_cli  # noqa: E402
 from engine.config import ConfigError, read_yaml  # noqa: E402
 from engine.outputs import write_results  # noqa: E402
 from engine.rules import input_size, load_config  # noqa: E402
-from tools.measure import flatten, meta_model, size_figures, write_result_table  # noqa: E402
+from tools.measure import flatten, meta_model, result_table_path, size_figures, write_result_table  # noqa: E402
 
 DEFAULT_CONFIG = 'configs/camvid.yaml'
 DEFAULT_ITERS = 100
@@ -118,6 +120,7 @@ def parse_args(argv=None):
     parser.add_argument(
         '--results', type=Path, metavar='DIR', help='also write the table as a result file there (what the docs render)'
     )
+    parser.add_argument('--study', default='ablation', help='the result file name (default: %(default)s)')
     return parser.parse_args(argv)
 
 
@@ -209,9 +212,9 @@ def check_pairs(pairs: list, args) -> dict:
 
 def protocol_of(cfg: dict) -> dict:
     """The shared recipe as read from a resolved run config, for the report."""
-    train_cfg = cfg['train']
+    train_cfg, data = cfg['train'], cfg['data']
     return {
-        'data': f'{cfg["data"]["type"]} at {cfg["data"]["root"]}',
+        'data': f'{data["type"]} at {data["root"]}, splits {data["train"]["split"]} -> {data["val"]["split"]}',
         'crop': list(input_size(cfg)),
         'batch_size': train_cfg['batch_size'],
         'iters': train_cfg['max_iters'],
@@ -241,13 +244,16 @@ def is_finished(work_dir: Path, iters: int) -> bool:
     return checkpoint is not None and checkpoint['iteration'] >= iters
 
 
-def train_runs(runs: list, args) -> None:
-    """Train the (pair, arm, seed) runs not finished yet: in this process, or --jobs at a time."""
+def train_runs(runs: list, args, recorded: dict) -> None:
+    """Train the (pair, arm, seed) runs not finished yet (in --out, or `recorded`): in this process, or
+    --jobs at a time."""
     todo = []
     for pair, arm, seed in runs:
         work_dir = run_dir(args.out, pair, arm, seed)
         if is_finished(work_dir, args.iters):
             print(f'{work_dir}: finished, skipped')
+        elif (pair.name, arm, seed) in recorded:
+            print(f'{work_dir}: finished, read back from {args.results}')
         else:
             todo.append((work_dir, train_arguments(work_dir, pair, arm, seed, args)))
     if args.jobs == 1:
@@ -300,7 +306,33 @@ def final_miou(work_dir: Path, iters: int):
     return best['miou'] if best['iteration'] == iters else None
 
 
+def recorded_runs(args, notes: list) -> dict:
+    """{(pair name, arm, seed): val mIoU} of the finished runs the --results file holds under `notes`
+    (the protocol and budget this command would write)."""
+    path = args.results and result_table_path(args.results, args.study, args.device)
+    if not path or not path.is_file():
+        return {}
+    record = json.loads(path.read_text())
+    if record['notes'] != notes:
+        return {}
+    seeds = {column: int(column.removeprefix('seed ')) for column in record['columns'] if column.startswith('seed ')}
+    runs = {}
+    for row in record['rows']:
+        cells = dict(zip(record['columns'], row))
+        pair = cells['model'].partition(' (')[0]  # '<pair> (<backbone> + <head>)'
+        for column, seed in seeds.items():
+            if cells[column] is not None:
+                runs[pair, cells['arm'], seed] = cells[column]
+    return runs
+
+
 # ------------------------------------------------------------------------------------------- report
+
+
+def run_miou(pair: Pair, arm: str, seed: int, args, recorded: dict):
+    """A run's val mIoU: from its folder in --out, else as the result file recorded it; None if neither."""
+    miou = final_miou(run_dir(args.out, pair, arm, seed), args.iters)
+    return recorded.get((pair.name, arm, seed)) if miou is None else miou
 
 
 def mean_std(values: list) -> dict:
@@ -312,12 +344,13 @@ def mean_std(values: list) -> dict:
     }
 
 
-def pair_result(pair: Pair, check: dict, args) -> dict:
-    """Sizes, per-seed mIoU and summary of both arms, and the paired differences."""
+def pair_result(pair: Pair, check: dict, args, recorded: dict) -> dict:
+    """Sizes, per-seed mIoU (of the run in --out, else as `recorded`) and summary of both arms, and the
+    paired differences."""
     configs = arm_configs(pair, args.seeds[0], args)
     arms, figures = {}, {arm: size_figures(cfg, input_size(cfg)) for arm, cfg in configs.items()}
     for arm, sizes in figures.items():
-        miou = [final_miou(run_dir(args.out, pair, arm, seed), args.iters) for seed in args.seeds]
+        miou = [run_miou(pair, arm, seed, args, recorded) for seed in args.seeds]
         arms[arm] = {'params_m': sizes['params_m'], 'gmacs': sizes['gmacs'], 'miou': miou, **mean_std(miou)}
     plain, ol = (arms[arm] for arm in ARMS)
     differences = [None if a is None or b is None else b - a for a, b in zip(plain['miou'], ol['miou'])]
@@ -374,6 +407,10 @@ def table_row(model: str, arm: str, row: dict, sign: str = '') -> str:
     return '| ' + ' | '.join(cells) + ' |'
 
 
+def result_notes(protocol: dict, args) -> list:
+    return [f'protocol: {json.dumps(protocol)}', f'val mIoU (%) after {args.iters} iterations']
+
+
 def write_report(results: list, protocol: dict, args, argv) -> str:
     """The table, printed and written with the protocol and the command to <out>/ablation.{md,json}."""
     text = table(results, args.seeds)
@@ -402,8 +439,8 @@ def write_report(results: list, protocol: dict, args, argv) -> str:
             for arms in [result['arms']]
             for arm in ARMS
         ]
-        notes = [f'protocol: {json.dumps(protocol)}', f'val mIoU (%) after {args.iters} iterations']
-        print('results:', write_result_table(args.results, 'ablation', columns, rows, args.device, notes))
+        path = write_result_table(args.results, args.study, columns, rows, args.device, result_notes(protocol, args))
+        print('results:', path)
     return text
 
 
@@ -414,9 +451,10 @@ def main(argv=None) -> list:
     checks = check_pairs(pairs, args)
     protocol = protocol_of(arm_configs(pairs[0], args.seeds[0], args)['plain'])
     print('protocol: ' + json.dumps(protocol))
+    recorded = recorded_runs(args, result_notes(protocol, args))
     if not args.report_only:
-        train_runs([(pair, arm, seed) for seed in args.seeds for pair in pairs for arm in ARMS], args)
-    results = [pair_result(pair, checks[pair.name], args) for pair in pairs]
+        train_runs([(pair, arm, seed) for seed in args.seeds for pair in pairs for arm in ARMS], args, recorded)
+    results = [pair_result(pair, checks[pair.name], args, recorded) for pair in pairs]
     write_report(results, protocol, args, argv)
     return results
 

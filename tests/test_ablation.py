@@ -24,7 +24,8 @@ SEGFORMER_HEAD = """
 """A second pair: the SegFormer head, whose OL arm also max-pools before the classifier."""
 
 
-def command(folder) -> list:
+def command(folder, results: bool = True) -> list:
+    """The ablation's command line; `results`: with a result file (whose runs count as finished)."""
     tiny = str(folder / 'tiny.yaml')
     return [
         '--config',
@@ -38,8 +39,7 @@ def command(folder) -> list:
         '2',
         '--out',
         str(folder / 'out'),
-        '--results',
-        str(folder / 'results'),
+        *(['--results', str(folder / 'results')] if results else []),
         '--device',
         'cpu',
     ]
@@ -113,7 +113,7 @@ def test_rerun_skips_finished_runs_and_retrains_a_missing_one_identically(ablati
     out = folder / 'out'
     assert len(times) == 2 * 2 * len(SEEDS)
     shutil.rmtree(out / 'tiny' / 'OL' / 'seed1')
-    again = ablation.main([*command(folder), '--jobs', '2'])
+    again = ablation.main([*command(folder, results=False), '--jobs', '2'])
     printed = capsys.readouterr().out
     assert printed.count('finished, skipped') == len(times) - 1
     assert 'tiny/OL/seed1: done' in printed
@@ -122,6 +122,19 @@ def test_rerun_skips_finished_runs_and_retrains_a_missing_one_identically(ablati
         k: v for k, v in times.items() if k != retrained
     }
     assert again[0]['arms']['OL']['miou'] == pytest.approx(results[0]['arms']['OL']['miou'])
+
+
+def test_the_runs_of_the_result_file_count_as_finished_in_a_fresh_checkout(ablation_run, capsys):
+    folder, results, times = ablation_run
+    fresh = command(folder)
+    fresh[fresh.index('--out') + 1] = str(folder / 'fresh_out')  # no run folders; the result file
+    again = ablation.main(fresh)
+    assert capsys.readouterr().out.count('finished, read back from') == len(times)
+    assert not (folder / 'fresh_out' / 'tiny').exists()
+    assert [r['arms'] for r in again] == [r['arms'] for r in results]
+    # Another budget is another protocol: its runs are not the recorded ones.
+    other = [*fresh[: fresh.index('--iters') + 1], '1', *fresh[fresh.index('--iters') + 2 :], '--report-only']
+    assert ablation.main(other)[0]['arms']['plain']['miou'] == [None, None]
 
 
 def test_model_from_config_ablates_its_own_model_without_training(ablation_run):
