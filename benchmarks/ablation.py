@@ -62,7 +62,7 @@ from engine.cli import ArgumentParser, number, run_cli  # noqa: E402
 from engine.config import ConfigError, read_yaml  # noqa: E402
 from engine.outputs import write_results  # noqa: E402
 from engine.rules import input_size, load_config  # noqa: E402
-from tools.measure import flatten, meta_model, result_table_path, size_figures, write_result_table  # noqa: E402
+from tools.measure import flatten, meta_model, recorded_rows, size_figures, write_result_table  # noqa: E402
 
 DEFAULT_CONFIG = 'configs/camvid.yaml'
 DEFAULT_ITERS = 100
@@ -309,20 +309,12 @@ def final_miou(work_dir: Path, iters: int):
 def recorded_runs(args, notes: list) -> dict:
     """{(pair name, arm, seed): val mIoU} of the finished runs the --results file holds under `notes`
     (the protocol and budget this command would write)."""
-    path = args.results and result_table_path(args.results, args.study, args.device)
-    if not path or not path.is_file():
-        return {}
-    record = json.loads(path.read_text())
-    if record['notes'] != notes:
-        return {}
-    seeds = {column: int(column.removeprefix('seed ')) for column in record['columns'] if column.startswith('seed ')}
     runs = {}
-    for row in record['rows']:
-        cells = dict(zip(record['columns'], row))
-        pair = cells['model'].partition(' (')[0]  # '<pair> (<backbone> + <head>)'
-        for column, seed in seeds.items():
-            if cells[column] is not None:
-                runs[pair, cells['arm'], seed] = cells[column]
+    for row in recorded_rows(args.results, args.study, args.device, notes):
+        pair = row['model'].partition(' (')[0]  # '<pair> (<backbone> + <head>)'
+        for column, miou in row.items():
+            if column.startswith('seed ') and miou is not None:
+                runs[pair, row['arm'], int(column.removeprefix('seed '))] = miou
     return runs
 
 

@@ -31,7 +31,7 @@ import peer_smp_camvid  # noqa: E402
 from engine.cli import ArgumentParser, number, run_cli  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
 from engine.outputs import write_results  # noqa: E402
-from tools.measure import result_table_path, write_result_table  # noqa: E402
+from tools.measure import recorded_rows, write_result_table  # noqa: E402
 from tools.results_tables import heldout_cells, table  # noqa: E402
 
 FOLDS = ('0006R0', '0001TP', '0016E5')
@@ -92,16 +92,10 @@ def finished_pairs(args) -> dict:
 def recorded_pairs(args) -> dict:
     """{(fold, seed): {'rows': [[iteration, peer, ours], ...]}} of the pairs the --results file holds for
     this config and overrides (its notes say which), whatever --folds and --seeds are now."""
-    path = args.results and result_table_path(args.results, args.study, args.device)
-    if not path or not path.is_file():
-        return {}
-    record = json.loads(path.read_text())
-    if record['notes'] != result_notes(args):
-        return {}
     pairs = {}
-    for fold, iteration, seeds, peer, ours, _ in record['rows']:
-        for seed, p, o in zip(seeds, peer, ours):
-            pairs.setdefault((fold, seed), {'rows': []})['rows'].append([iteration, p, o])
+    for row in recorded_rows(args.results, args.study, args.device, result_notes(args)):
+        for seed, peer, ours in zip(row['seeds'], row['peer'], row['ours']):
+            pairs.setdefault((row['held out'], seed), {'rows': []})['rows'].append([row['iteration'], peer, ours])
     return pairs
 
 

@@ -19,7 +19,9 @@ is one more --set (and its own --out):
         --set train.ema_decay=0.995 train.seed=0 --out work_dirs/camvid_study/seed0 \
         --rows base aug_mmseg dice_smp+aug_mmseg dice_smp+aug_mmseg+cosine
 
-Runs live in <out>/<row> (`--resume auto`: a rerun skips finished rows and continues stopped ones).
+Runs live in <out>/<row> (`--resume auto`: a rerun skips finished rows and continues stopped ones);
+with --results, a row that result file holds finished under the same base, overrides and budget counts
+as finished too, so a long study goes on from a fresh checkout whose run folders are gone.
 The table (printed and written to <out>/recipes.md and recipes.json) gives, per row, the change, the
 val mIoU at each validation point, the final difference to the base row, and the run's wall time.
 """
@@ -41,7 +43,7 @@ from engine.config import ConfigError, read_yaml  # noqa: E402
 from engine.logger import run_seconds, validation_curve  # noqa: E402
 from engine.outputs import write_results  # noqa: E402
 from engine.rules import load_config  # noqa: E402
-from tools.measure import write_result_table  # noqa: E402
+from tools.measure import recorded_rows, write_result_table  # noqa: E402
 
 DEFAULT_CONFIG = 'configs/camvid_deeplabv3plus.yaml'
 DEFAULT_ITERS = 600
@@ -174,12 +176,14 @@ def train_arguments(row: str, args) -> list:
     return resumable_run(args.config, work_dir, args.device, overrides)
 
 
-def train_rows(args) -> None:
+def train_rows(args, recorded: dict) -> None:
     todo = []
     for row in args.rows:
         arguments = train_arguments(row, args)
         if is_finished(args.out / row, args.iters):
             say(f'{args.out / row}: finished, skipped')
+        elif args.iters in recorded.get(row, {}).get('miou', {}):
+            say(f'{args.out / row}: finished, read back from {args.results}')
         else:
             todo.append((args.out / row, arguments))
     with ThreadPoolExecutor(args.jobs) as pool:
@@ -196,12 +200,36 @@ def minutes(work_dir: Path):
     return None if seconds is None else seconds / 60
 
 
-def report(args) -> list:
+def result_notes(args) -> list:
+    return [f'val mIoU (%) after {args.iters} iterations; base config {args.config}, overrides {args.set}']
+
+
+def recorded_curves(args) -> dict:
+    """{row: {'miou': {point: val mIoU}, 'miou_ema': {...}}} of the rows the --results file holds under
+    the same base, overrides and budget."""
+    curves = {}
+    for cells in recorded_rows(args.results, args.study, args.device, result_notes(args)):
+        curve = curves.setdefault(cells['row'], {'miou': {}, 'miou_ema': {}})
+        for column, value in cells.items():
+            if column.startswith('iter ') and value is not None:
+                _, point, *weights = column.split()  # 'iter 600', or 'iter 600 raw' / 'iter 600 average'
+                curve['miou_ema' if weights == ['average'] else 'miou'][int(point)] = value
+    return curves
+
+
+def row_curves(row: str, args, recorded: dict) -> tuple:
+    """(raw, averaged) {iteration: val mIoU} of a row: of its run in --out, else as recorded."""
+    kept = recorded.get(row, {'miou': {}, 'miou_ema': {}})
+    work_dir = args.out / row
+    return validation_curve(work_dir) or kept['miou'], validation_curve(work_dir, 'val_ema') or kept['miou_ema']
+
+
+def report(args, recorded: dict) -> list:
     points = [max(1, args.iters // VALIDATIONS) * k for k in range(1, VALIDATIONS)] + [args.iters]
-    base_final = validation_curve(args.out / 'base').get(args.iters)
+    base_final = row_curves('base', args, recorded)[0].get(args.iters)
     rows = []
     for row in args.rows:
-        scores, averaged = validation_curve(args.out / row), validation_curve(args.out / row, 'val_ema')
+        scores, averaged = row_curves(row, args, recorded)
         final = scores.get(args.iters)
         difference = None if final is None or base_final is None else final - base_final
         rows.append(
@@ -241,8 +269,7 @@ def report(args) -> list:
         weights = [('raw', 'miou'), ('average', 'miou_ema')] if with_ema else [('', 'miou')]
         columns = ['row', 'change'] + [f'iter {p} {name}'.strip() for p in points for name, _ in weights]
         table_rows = [[r['row'], r['change']] + [r[key][p] for p in points for _, key in weights] for r in rows]
-        notes = [f'val mIoU (%); base config {args.config}, overrides {args.set}']
-        path = write_result_table(args.results, args.study, columns, table_rows, args.device, notes)
+        path = write_result_table(args.results, args.study, columns, table_rows, args.device, result_notes(args))
         print('results:', path)
     return rows
 
@@ -251,9 +278,10 @@ def main(argv=None) -> list:
     args = parse_args(argv)
     if 'base' not in args.rows:
         raise ConfigError("--rows: 'base' is needed, every row is compared with it")
+    recorded = recorded_curves(args)
     if not args.report_only:
-        train_rows(args)
-    return report(args)
+        train_rows(args, recorded)
+    return report(args, recorded)
 
 
 if __name__ == '__main__':

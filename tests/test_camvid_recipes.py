@@ -71,3 +71,8 @@ def test_rows_train_and_report_against_the_base(tmp_path, capsys, demo_root):
     assert [row[0] for row in table['rows']] == ['base', 'fpn'] and table['rows'][1][4] == rows[1]['miou'][3]
     assert camvid_recipes.main(argv) == rows  # a rerun skips the finished rows
     assert capsys.readouterr().out.count('finished, skipped') == 2
+    # A fresh checkout, the run folders gone: the rows of the result file count as finished.
+    fresh = [*argv[: argv.index('--out') + 1], str(tmp_path / 'fresh'), *argv[argv.index('--out') + 2 :]]
+    again = camvid_recipes.main(fresh)
+    assert capsys.readouterr().out.count('finished, read back from') == 2 and not (tmp_path / 'fresh' / 'fpn').exists()
+    assert [(r['miou'], r['difference']) for r in again] == [(r['miou'], r['difference']) for r in rows]

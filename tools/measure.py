@@ -306,6 +306,19 @@ def result_table_path(folder: Path, study: str, device) -> Path:
     return Path(folder) / f'{study}-{environment_tag(chosen_device(device))}.json'
 
 
+def recorded_rows(folder, study: str, device, notes) -> list:
+    """The rows, each {column: value}, of the result file write_result_table wrote for `study` on `device`
+    under these `notes` (they name what was measured), or [] where there is none (or no `folder`): the
+    part of a long study that a fresh checkout, whose run folders are gone, already holds."""
+    path = folder and result_table_path(folder, study, device)
+    if not path or not path.is_file():
+        return []
+    record = json.loads(path.read_text())
+    if record['notes'] != list(notes):
+        return []
+    return [dict(zip(record['columns'], row)) for row in record['rows']]
+
+
 def write_result_table(folder: Path, study: str, columns: list, rows: list, device: torch.device, notes=()) -> Path:
     """Write one measured table as `<folder>/<study>-<environment tag>.json`, with the command that
     measured it, the environment and the date; a rerun on the same machine replaces its own file.
