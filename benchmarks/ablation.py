@@ -47,7 +47,7 @@ import shlex
 import statistics
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,9 +244,9 @@ def is_finished(work_dir: Path, iters: int) -> bool:
     return checkpoint is not None and checkpoint['iteration'] >= iters
 
 
-def train_runs(runs: list, args, recorded: dict) -> None:
+def train_runs(runs: list, args, recorded: dict, after_each) -> None:
     """Train the (pair, arm, seed) runs not finished yet (in --out, or `recorded`): in this process, or
-    --jobs at a time."""
+    --jobs at a time; `after_each()` whenever one finishes."""
     todo = []
     for pair, arm, seed in runs:
         work_dir = run_dir(args.out, pair, arm, seed)
@@ -256,16 +256,28 @@ def train_runs(runs: list, args, recorded: dict) -> None:
             print(f'{work_dir}: finished, read back from {args.results}')
         else:
             todo.append((work_dir, train_arguments(work_dir, pair, arm, seed, args)))
-    if args.jobs == 1:
-        for work_dir, arguments in todo:
-            print(f'{work_dir}: training')
-            train.main(arguments)
-        return
-    with ThreadPoolExecutor(args.jobs) as pool:
-        finished = list(pool.map(lambda run: train_process(*run), todo))
-    failed = [work_dir for (work_dir, _), ok in zip(todo, finished) if not ok]
+    if args.jobs > 1:
+        return run_processes(todo, args.jobs, after_each)
+    for work_dir, arguments in todo:
+        print(f'{work_dir}: training')
+        train.main(arguments)
+        after_each()
+
+
+def run_processes(todo: list, jobs: int, after_each) -> None:
+    """Train `todo` ([(work_dir, train.py arguments)]) as train.py processes, `jobs` at a time, calling
+    `after_each()` as each one finishes (the table and result file follow a long study); SystemExit
+    naming the runs that failed."""
+    failed = []
+    with ThreadPoolExecutor(jobs) as pool:
+        runs = {pool.submit(train_process, *run): run[0] for run in todo}
+        for run in as_completed(runs):
+            if run.result():
+                after_each()
+            else:
+                failed.append(str(runs[run]))
     if failed:
-        raise SystemExit(f'error: {len(failed)} run(s) failed, see console.txt in: ' + ', '.join(map(str, failed)))
+        raise SystemExit(f'error: {len(failed)} run(s) failed, see console.txt in: ' + ', '.join(failed))
 
 
 def train_arguments(work_dir: Path, pair: Pair, arm: str, seed: int, args) -> list:
@@ -444,11 +456,16 @@ def main(argv=None) -> list:
     protocol = protocol_of(arm_configs(pairs[0], args.seeds[0], args)['plain'])
     print('protocol: ' + json.dumps(protocol))
     recorded = recorded_runs(args, result_notes(protocol, args))
+
+    def report() -> list:
+        results = [pair_result(pair, checks[pair.name], args, recorded) for pair in pairs]
+        write_report(results, protocol, args, argv)
+        return results
+
     if not args.report_only:
-        train_runs([(pair, arm, seed) for seed in args.seeds for pair in pairs for arm in ARMS], args, recorded)
-    results = [pair_result(pair, checks[pair.name], args, recorded) for pair in pairs]
-    write_report(results, protocol, args, argv)
-    return results
+        runs = [(pair, arm, seed) for seed in args.seeds for pair in pairs for arm in ARMS]
+        train_runs(runs, args, recorded, after_each=report)
+    return report()
 
 
 if __name__ == '__main__':

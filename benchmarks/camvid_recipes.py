@@ -29,14 +29,13 @@ val mIoU at each validation point, the final difference to the base row, and the
 import argparse
 import json
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 
-from ablation import is_finished, resumable_run, say, train_process  # noqa: E402
+from ablation import is_finished, resumable_run, run_processes, say  # noqa: E402
 
 from engine.cli import ArgumentParser, number, run_cli  # noqa: E402
 from engine.config import ConfigError, read_yaml  # noqa: E402
@@ -177,6 +176,8 @@ def train_arguments(row: str, args) -> list:
 
 
 def train_rows(args, recorded: dict) -> None:
+    """Train the rows not finished yet (in --out, or `recorded`), --jobs at a time, the table and result
+    file written again as each one finishes."""
     todo = []
     for row in args.rows:
         arguments = train_arguments(row, args)
@@ -186,11 +187,7 @@ def train_rows(args, recorded: dict) -> None:
             say(f'{args.out / row}: finished, read back from {args.results}')
         else:
             todo.append((args.out / row, arguments))
-    with ThreadPoolExecutor(args.jobs) as pool:
-        finished = list(pool.map(lambda run: train_process(*run), todo))
-    failed = [work_dir for (work_dir, _), ok in zip(todo, finished) if not ok]
-    if failed:
-        raise SystemExit(f'error: {len(failed)} run(s) failed, see console.txt in: ' + ', '.join(map(str, failed)))
+    run_processes(todo, args.jobs, after_each=lambda: report(args, recorded))
 
 
 def minutes(work_dir: Path):

@@ -64,6 +64,7 @@ def test_rows_train_and_report_against_the_base(tmp_path, capsys, demo_root):
     assert yaml.safe_load((out / 'fpn' / 'config.yaml').read_text())['head']['type'] == 'fpn'
     printed = capsys.readouterr().out
     assert '| `fpn` | decoder: FPN head' in printed
+    assert printed.count('results: ') == 3  # after each row, so that a long study keeps what it finished
     assert json.loads((out / 'recipes.json').read_text())['iters'] == 3
     [path] = (tmp_path / 'results').glob('camvid_recipes-cpu*-torch*.json')  # what the docs render
     table = json.loads(path.read_text())
