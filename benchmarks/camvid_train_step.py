@@ -39,13 +39,8 @@ from tools.measure import build_model, random_weights_config, train_call, write_
 DEFAULT_CONFIG = 'configs/camvid.yaml'
 GEMM_SIDE = 4096
 COMPILED = 'ours, compiled'
-OURS = {
-    'ours, NCHW': (['train.channels_last=false'], False),
-    'ours': ([], False),
-    COMPILED: ([], True),
-    'ours, bf16': (['train.amp=bf16'], False),
-}
-"""arm: (overrides of --config, whether its model runs under torch.compile)"""
+OURS = {'ours, NCHW': ['train.channels_last=false'], 'ours': [], COMPILED: [], 'ours, bf16': ['train.amp=bf16']}
+"""arm: its overrides of --config (COMPILED: the shipped config, its model under torch.compile)"""
 COLUMNS = ['threads', 'arm', 'ms/step', 'images/s', 'vs peer', 'GMAC/s', 'of GEMM']
 
 
@@ -104,13 +99,13 @@ def main(argv=None) -> list:
     torch.manual_seed(0)
     images = torch.randn(args.batch, 3, *crop_size(cfg))
     steps, dtypes = {'peer': peer_step(cfg, images)}, {'peer': torch.float32}
-    for arm, (overrides, compiled) in OURS.items():
+    for arm, overrides in OURS.items():
         if arm.endswith('bf16') and not cpu_computes(torch.bfloat16):
             print(f'{arm}: skipped, this CPU has no bfloat16 arithmetic')
-        elif compiled and not shutil.which(os.environ.get('CXX', 'g++')):
+        elif arm == COMPILED and not shutil.which(os.environ.get('CXX', 'g++')):
             print(f'{arm}: skipped, torch.compile needs a C++ compiler (g++, or $CXX)')
         else:
-            steps[arm], dtypes[arm] = our_step(args.config, overrides, compiled, images)
+            steps[arm], dtypes[arm] = our_step(args.config, overrides, arm == COMPILED, images)
     macs = {arm: step_macs(step) for arm, step in steps.items() if arm != COMPILED}
     if COMPILED in steps:
         macs[COMPILED] = macs['ours']  # the shipped step; FlopCounterMode does not see into compiled code

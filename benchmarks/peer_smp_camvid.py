@@ -276,10 +276,6 @@ def our_curve(work_dir: Path) -> tuple:
     return sorted(points.items()), 'moving average of the weights' if averaged else 'weights'
 
 
-def train_ours(args, work_dir: Path) -> None:
-    train.main(resumable_run(args.config, work_dir, args.device, args.set))
-
-
 # ------------------------------------------------------------------------------------------ report
 
 
@@ -302,16 +298,16 @@ def main(argv=None) -> dict:
     device = chosen_device(args.device)
     seconds = {}
     ours_dir = args.ours or args.out / 'ours'
+    arguments = resumable_run(args.config, ours_dir, args.device, args.set)
     train_beside = args.side_by_side and args.ours is None
     with ThreadPoolExecutor(1) as beside:
-        arguments = resumable_run(args.config, ours_dir, args.device, args.set)
         ours_trained = beside.submit(train_process, ours_dir, arguments) if train_beside else None
         peer, seconds['peer'] = peer_curve(cfg, args.seed, device, args.out / 'peer.json')
     if ours_trained is not None and not ours_trained.result():
         raise SystemExit(f'error: ours failed, see {ours_dir / "console.txt"}')
     if args.ours is None and not train_beside:
         start = time.perf_counter()
-        train_ours(args, ours_dir)
+        train.main(arguments)
         seconds['ours'] = time.perf_counter() - start
     ours, scored = our_curve(ours_dir)
     seconds.setdefault('ours', run_seconds(ours_dir))
