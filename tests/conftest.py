@@ -51,11 +51,18 @@ MULTI_PROCESS_FILES = ('test_preemption.py', 'test_distributed.py', 'test_mask2f
 """The files whose tests run trainings in several processes: marked `slow`, and scheduled first, so
 that the two workers end on short tests instead of one of them finishing a long file alone."""
 
+SHARED_SETUP_FILES = (*MULTI_PROCESS_FILES, 'test_eomt.py', 'test_visualize.py', 'test_end_to_end.py', 'test_mask2former.py', 'test_bad_input.py')
+"""The files whose module-scoped fixtures take seconds (a training, a conversion): each runs on one
+worker (an xdist group), so the fixture runs once; every other test goes to whichever worker is free."""
 
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the groups
 def pytest_collection_modifyitems(items):
     for item in items:
         if item.path.name in MULTI_PROCESS_FILES:
             item.add_marker(pytest.mark.slow)
+        if item.path.name in SHARED_SETUP_FILES:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
     items.sort(key=lambda item: item.path.name not in MULTI_PROCESS_FILES)  # stable: file order kept otherwise
 
 
