@@ -51,7 +51,14 @@ MULTI_PROCESS_FILES = ('test_preemption.py', 'test_distributed.py', 'test_mask2f
 """The files whose tests run trainings in several processes: marked `slow`, and scheduled first, so
 that the two workers end on short tests instead of one of them finishing a long file alone."""
 
-SHARED_SETUP_FILES = (*MULTI_PROCESS_FILES, 'test_eomt.py', 'test_visualize.py', 'test_end_to_end.py', 'test_mask2former.py', 'test_bad_input.py')
+SHARED_SETUP_FILES = (
+    *MULTI_PROCESS_FILES,
+    'test_eomt.py',
+    'test_visualize.py',
+    'test_end_to_end.py',
+    'test_mask2former.py',
+    'test_bad_input.py',
+)
 """The files whose module-scoped fixtures take seconds (a training, a conversion): each runs on one
 worker (an xdist group), so the fixture runs once; every other test goes to whichever worker is free."""
 
