@@ -29,7 +29,12 @@ its metrics.jsonl), or trained here into <out>/ours (`--resume auto`; with --sid
 while the peer trains, on a core of its own at OMP_NUM_THREADS=1); where the run keeps a moving average
 of its weights (train.ema_decay), that average is what the recipe delivers and what is compared.
 Printed: both curves, ours − peer and ours / peer at each validation point, and both wall times (for
---ours, from its start to its last record); written to <out>/peer_smp_camvid.json.
+--ours, from its start to its last record); written to <out>/peer_smp_camvid.json, and with --results as
+the result file the docs render (camvid_peer: the head-to-head of the README, measured by
+
+    OMP_NUM_THREADS=2 nice python benchmarks/peer_smp_camvid.py --results benchmarks/results
+
+each run alone on the machine, one after the other).
 """
 
 import itertools
@@ -61,7 +66,7 @@ from engine.logger import METRICS_FILE, run_seconds, validation_curve  # noqa: E
 from engine.outputs import write_results  # noqa: E402
 from engine.rules import load_config  # noqa: E402
 from engine.training import get_rng_state, set_rng_state  # noqa: E402
-from tools.measure import chosen_device  # noqa: E402
+from tools.measure import chosen_device, write_result_table  # noqa: E402
 
 DEFAULT_CONFIG = 'configs/camvid.yaml'
 
@@ -83,6 +88,9 @@ def parse_args(argv=None):
         help='train ours as its own train.py process while the peer trains here (a core each at OMP_NUM_THREADS=1)',
     )
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
+    parser.add_argument(
+        '--results', type=Path, metavar='DIR', help='also write both curves and wall times as a result file there'
+    )
     return parser.parse_args(argv)
 
 
@@ -292,6 +300,44 @@ def report(peer: list, ours: list, scored: str, seconds: dict) -> list:
     return rows
 
 
+def result_table(args, peer: list, ours_dir: Path, seconds: dict) -> tuple:
+    """(columns, rows) of the camvid_peer result: a row per run and weights scored (the peer's; ours' moving
+    average and raw weights where the run kept one: one run, one wall time), val mIoU at each point."""
+    points = [iteration for iteration, _ in peer]
+    ours = ' '.join([str(args.config), *args.set])
+    curves = [("SMP's example", 'raw', dict(peer), seconds['peer'])]
+    averaged = validation_curve(ours_dir, 'val_ema')
+    if averaged:
+        curves.append((ours, 'average', averaged, seconds['ours']))
+    curves.append((ours, 'raw', validation_curve(ours_dir), seconds['ours']))
+    columns = ['run', 'weights', *(f'iter {i}' for i in points), 'wall time (min)']
+    rows = [
+        [run, weights, *(curve.get(i) for i in points), round(s / 60) if s else None]
+        for run, weights, curve, s in curves
+    ]
+    return columns, rows
+
+
+def result_notes(args, cfg: dict, train_beside: bool) -> list:
+    height, width = crop_size(cfg)
+    train = cfg['train']
+    if args.ours:
+        how = f'Ours read from the run in {args.ours} (timed from its start to its last record), the peer trained here'
+    elif train_beside:
+        how = 'Side by side: ours as its own train.py process while the peer trained, a core each'
+    else:
+        how = 'Each run alone on the machine, one after the other (the peer, then ours)'
+    return [
+        f'Val mIoU (%) on whole val images; same data, budget ({train["max_iters"]} iterations x {train["batch_size"]} '
+        f'crops of {height}x{width}, from random weights) and scoring for both.',
+        "The peer is SMP's CamVid notebook (FPN on ResNet-18, SMP's Dice, Adam 2e-4 with cosine decay, its "
+        f'albumentations augmentation), trained by benchmarks/peer_smp_camvid.py with seed {args.seed}.',
+        f'{how}.',
+        'Where ours keeps a moving average of its weights (train.ema_decay), that average is the model the recipe '
+        'delivers (best_ema.pth) and the one compared; the raw weights are validated beside it in the same run.',
+    ]
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     cfg = load_config(args.config, args.set)
@@ -323,6 +369,10 @@ def main(argv=None) -> dict:
         'seconds': seconds,
     }
     write_results(args.out, {'peer_smp_camvid.json': json.dumps(result, indent=2) + '\n'})
+    if args.results:
+        columns, rows = result_table(args, peer, ours_dir, seconds)
+        notes = result_notes(args, cfg, train_beside)
+        print('results:', write_result_table(args.results, 'camvid_peer', columns, rows, args.device, notes))
     return result
 
 

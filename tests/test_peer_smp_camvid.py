@@ -24,8 +24,10 @@ def test_peer_and_ours_are_scored_at_the_same_validation_points(tmp_path, capsys
     config = tmp_path / 'tiny.yaml'
     config.write_text(textwrap.dedent(TINY.format(root=demo_root)))
     budget = ['train.max_iters=2', 'train.val_interval=1', 'train.log_interval=1', 'train.ema_decay=0.5']
-    result = peer_smp_camvid.main(['--config', str(config), '--out', str(tmp_path / 'out'), '--device', 'cpu',
-                                   '--set', *budget, *side_by_side])  # fmt: skip
+    out, results = ['--out', str(tmp_path / 'out')], ['--results', str(tmp_path / 'results')]
+    result = peer_smp_camvid.main(
+        ['--config', str(config), *out, *results, '--device', 'cpu', '--set', *budget, *side_by_side]
+    )
     assert [i for i, _ in result['peer']] == [1, 2] and [i for i, _ in result['ours']] == [1, 2]
     # The run kept a moving average of its weights: that is what the recipe delivers and what is compared.
     ours_log = (tmp_path / 'out' / 'ours' / 'train.log').read_text()
@@ -40,6 +42,15 @@ def test_peer_and_ours_are_scored_at_the_same_validation_points(tmp_path, capsys
     assert saved['seconds']['ours'] > 0
     # Side by side, ours ran as its own train.py process, its console kept in its folder.
     assert (tmp_path / 'out' / 'ours' / 'console.txt').is_file() == bool(side_by_side)
+    # The result file the docs render: the peer, ours' moving average and its raw weights, with how they ran.
+    [path] = (tmp_path / 'results').glob('camvid_peer-cpu*-torch*.json')
+    record = json.loads(path.read_text())
+    assert record['columns'] == ['run', 'weights', 'iter 1', 'iter 2', 'wall time (min)']
+    ours_run = f'{config} {" ".join(budget)}'
+    assert [row[:2] for row in record['rows']] == [["SMP's example", 'raw'], [ours_run, 'average'], [ours_run, 'raw']]
+    assert [row[2:4] for row in record['rows'][:2]] == [[m for _, m in result['peer']], [m for _, m in result['ours']]]
+    assert ('Side by side' if side_by_side else 'one after the other') in ' '.join(record['notes'])
+    assert 'budget (2 iterations x 4 crops of 64x64' in record['notes'][0]
 
 
 def test_a_config_without_a_random_crop_is_refused():
