@@ -86,7 +86,8 @@ def is_checkpoint_name(name: str) -> bool:
 
 
 def run_checkpoints(work_dir: Path) -> list:
-    """The checkpoint files a training run left in `work_dir` (named in its manifest, still there)."""
+    """The files a training run left in `work_dir` (named in its manifest, still there): its checkpoints
+    and its metrics.jsonl."""
     return run_manifest(work_dir).files()
 
 
@@ -167,8 +168,8 @@ def load_checkpoint(path) -> dict:
 def resume_checkpoint(resume, work_dir: Path) -> tuple:
     """(path, checkpoint) to continue a run from, or (None, None) to start afresh.
 
-    `resume` is a training checkpoint file, a run folder, or 'auto' (this run's work_dir, where having
-    nothing yet means a fresh start). From a folder the newest intact checkpoint is taken: `last.pth`,
+    `resume` is a training checkpoint file, a run folder, or 'auto' (this run's work_dir, where having no
+    checkpoint yet means a fresh start). From a folder the newest intact checkpoint is taken: `last.pth`,
     else the newest `iter_*.pth`, each damaged one skipped with a warning.
     """
     if resume is None:
@@ -184,7 +185,8 @@ def resume_checkpoint(resume, work_dir: Path) -> tuple:
         except CheckpointError as error:
             problems.append(str(error))
             log.warning(f'{error}; trying an older checkpoint')
-    found = run_checkpoints(folder) + unrecorded_checkpoints(folder)
+    # a run killed before its first checkpoint left only its metrics: under 'auto' it starts again
+    found = [p for p in run_checkpoints(folder) if is_checkpoint_name(p.name)] + unrecorded_checkpoints(folder)
     if resume == 'auto' and not found:
         return None, None
     raise CheckpointError(

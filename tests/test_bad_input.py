@@ -26,6 +26,7 @@ from engine import checkpoint as checkpoints
 from engine.checkpoint import claim_work_dir, load_checkpoint, resume_checkpoint
 from engine.cli import run_cli
 from engine.config import BOUNDS, DEFAULTS, FREE_FORM, ConfigError
+from engine.logger import validation_curve
 from engine.rules import load_config, training_warnings
 from models.weights import CheckpointError
 
@@ -238,6 +239,22 @@ def test_resume_auto_with_no_intact_training_checkpoint_stops_and_keeps_the_best
     line = cli_error(train.main, [*run, '--resume', 'auto'], capsys)
     assert 'no intact training checkpoint' in line and 'best.pth' in line and 'nothing was changed' in line
     assert fingerprints(folder) == before
+
+
+def test_resume_auto_after_a_kill_before_the_first_checkpoint_starts_again(trained, tmp_path):
+    """A run killed before it wrote a checkpoint left only its metrics.jsonl: --resume auto runs it from
+    the start (there is nothing to lose), and the restarted run's records are the ones read back."""
+    config, work = trained
+    folder = tmp_path / 'killed_early'
+    shutil.copytree(work, folder)
+    for path in folder.glob('*.pth'):
+        path.unlink()
+    run = ['--config', str(config), '--work-dir', str(folder), '--device', 'cpu', *TWO_ITERATIONS]
+    train.main([*run, '--resume', 'auto'])
+    records = (folder / 'metrics.jsonl').read_text().splitlines()
+    assert sum('"tag": "start"' in record for record in records) == 2
+    assert validation_curve(folder) == validation_curve(work)
+    assert (folder / 'last.pth').is_file()
 
 
 def test_two_runs_in_one_work_dir_are_refused_and_a_killed_run_leaves_no_stale_lock(tmp_path, capsys):
