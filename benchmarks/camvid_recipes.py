@@ -9,7 +9,9 @@ study started from) with the row's overrides and nothing else changed: same data
 seed, --iters iterations of which the first eighteenth warm up (100 of 1800), validated on the whole val set
 at a third, two thirds and the end. The rows cover the loss, the augmentation, the optimizer and its
 learning rate, the schedule, the output stride, the decoder and the initialisation; ROWS names them with
-the change. Rows compose with '+': `--rows base aug_mmseg+peer_optim` runs one row with both changes.
+the change (a loss row sets the whole loss, so it means the same on every base). Rows compose with '+':
+`--rows base aug_mmseg+peer_optim` runs one row with both changes. benchmarks/camvid_heldout.py --rows
+runs them on the held-out-sequence folds.
 
 The full-budget study behind configs/camvid.yaml (its winning row, `dice_smp+aug_mmseg+cosine`) starts
 from the previous recipe and validates the moving average of the weights beside the raw ones; a seed
@@ -57,22 +59,37 @@ STRONG_PIPELINE = [  # twice the scale range and stronger colour jitter than the
 ]
 SMP_PIPELINE = read_yaml(ROOT / 'configs' / 'camvid_fpn_smp_aug.yaml')['data']['train']['pipeline']
 MMSEG_PIPELINE = read_yaml(ROOT / 'configs' / '_base_' / 'datasets' / 'camvid.yaml')['data']['train']['pipeline']
-NO_CE = ['train.loss.ce=0', 'train.loss.class_weight=null']  # the cross-entropy off, with its class weights
+CLASS_WEIGHTS = read_yaml(ROOT / 'configs' / 'camvid_deeplabv3plus.yaml')['train']['loss']['class_weight']
+"""Square root of median-frequency balancing: the weights of every 'weighted CE' row."""
+
+
+def loss(**terms) -> list:
+    """The override that makes the loss exactly `terms` (the rest at their defaults) whatever the base's
+    loss is: a loss row means the same on every base."""
+    return ['train.loss=' + json.dumps({'_delete_': True, **terms})]
+
+
 ROWS = {  # name -> (the change, its overrides of --config)
     'base': ('none: the base config', []),
-    'ce_dice': ('loss: weighted CE + Dice', ['train.loss.dice=1.0']),
+    'ce': ('loss: weighted CE only', loss(class_weight=CLASS_WEIGHTS)),
+    'ce_dice': ('loss: weighted CE + Dice', loss(class_weight=CLASS_WEIGHTS, dice=1.0)),
     'ce_dice_smp': (
         "loss: weighted CE + SMP's Dice (pooled over the batch)",
-        ['train.loss.dice=1.0', 'train.loss.dice_style=smp'],
+        loss(class_weight=CLASS_WEIGHTS, dice=1.0, dice_style='smp'),
     ),
-    'dice': ('loss: Dice only', [*NO_CE, 'train.loss.dice=1.0']),
-    'dice_smp': ("loss: SMP's Dice only (the peer's)", [*NO_CE, 'train.loss.dice=1.0', 'train.loss.dice_style=smp']),
-    'lovasz': ('loss: Lovász-Softmax only', [*NO_CE, 'train.loss.lovasz=1.0']),
+    'dice': ('loss: Dice only', loss(ce=0, dice=1.0)),
+    'dice_smp': ("loss: SMP's Dice only (the peer's)", loss(ce=0, dice=1.0, dice_style='smp')),
+    'lovasz': ('loss: Lovász-Softmax only', loss(ce=0, lovasz=1.0)),
     'ohem': (
         'loss: weighted CE with OHEM (p < 0.7, ≥ 12500 pixels per crop)',
-        ['train.loss.ohem={thresh: 0.7, min_kept: 12500}'],
+        loss(class_weight=CLASS_WEIGHTS, ohem={'thresh': 0.7, 'min_kept': 12500}),
     ),
-    'ce_unweighted': ('loss: CE without class weights', ['train.loss.class_weight=null']),
+    'ce_unweighted': ('loss: CE without class weights', loss()),
+    'no_ema': ('no moving average of the weights: the raw model is delivered', ['train.ema_decay=null']),
+    'aspp': (
+        "decoder: DeepLabV3+'s (ASPP, 128 channels), output stride 16",
+        ['head={_delete_: true, type: aspp, channels: 128, dilations: [1, 6, 12, 18]}', 'backbone.output_stride=16'],
+    ),
     'fpn': ('decoder: FPN head, output stride 32', ['head={_delete_: true, type: fpn}', 'backbone.output_stride=32']),
     'init_one': (
         "init: every residual block's last BatchNorm starts at one (torchvision's, SMP's), not zero (timm's)",
@@ -101,6 +118,7 @@ ROWS = {  # name -> (the change, its overrides of --config)
     'lr_2e-3': ('optimizer: AdamW lr 2e-3', ['train.optimizer.lr=0.002']),
     'lr_3e-3': ('optimizer: AdamW lr 3e-3', ['train.optimizer.lr=0.003']),
     'cosine': ('schedule: cosine instead of poly 0.9', ['train.schedule.type=cosine']),
+    'poly': ('schedule: poly 0.9 instead of cosine', ['train.schedule.type=poly', 'train.schedule.power=0.9']),
     'aug_strong': (
         'augmentation: scale x U[0.5, 2], stronger colour jitter',
         ['data.train.pipeline=' + json.dumps(STRONG_PIPELINE)],

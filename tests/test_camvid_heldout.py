@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT
 from engine.config import ConfigError
@@ -91,3 +92,57 @@ def test_the_pairs_of_the_result_file_count_as_finished_in_a_fresh_checkout(monk
     # Other overrides are another study: the recorded pairs are not theirs.
     camvid_heldout.main(['--folds', '0006R0', '--out', str(tmp_path / 'third'), *results, '--set', 'train.lr=0.001'])
     assert trained[-1] == str(tmp_path / 'third' / '0006R0' / 'seed0')
+
+
+def fake_run(work_dir: Path, curve: dict, tag: str) -> None:
+    """What a finished train.py run leaves that the study reads: last.pth's iteration and metrics.jsonl."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({'model': {}, 'iteration': 1800}, work_dir / 'last.pth')
+    records = [{'iteration': 0, 'time': 0.0, 'tag': 'start'}]  # then a validation every 10 minutes
+    records += [{'iteration': i, 'time': i, 'tag': tag, 'mIoU': score} for i, score in curve.items()]
+    (work_dir / 'metrics.jsonl').write_text(''.join(json.dumps(record) + '\n' for record in records))
+
+
+def test_rows_train_on_every_fold_after_the_pairs_and_compare_with_them_by_seed(monkeypatch, tmp_path, capsys):
+    def pair(argv):
+        write_pair(Path(argv[argv.index('--out') + 1]), peer=[30.0, 34.0], ours=[33.0, 38.0])
+
+    trained = []
+
+    def train(todo, jobs, after_each):  # benchmarks/ablation.py: train.py processes, `jobs` at a time
+        assert jobs == 2
+        for work_dir, arguments in todo:
+            trained.append((work_dir, arguments))
+            no_ema = 'train.ema_decay=null' in arguments
+            fake_run(work_dir, {600: 35.0, 1200: 41.0 if no_ema else 40.0}, 'val' if no_ema else 'val_ema')
+            after_each()
+
+    monkeypatch.setattr(camvid_heldout.peer_smp_camvid, 'main', pair)
+    monkeypatch.setattr(camvid_heldout, 'run_processes', train)
+    argv = ['--folds', '0006R0', '0001TP', '--seeds', '0', '--rows', 'aug_strong', 'no_ema', '--jobs', '2']
+    argv += ['--results', str(tmp_path / 'results')]
+    camvid_heldout.main([*argv, '--out', str(tmp_path / 'out')])
+    assert [(work_dir.parent.parent.name, work_dir.name) for work_dir, _ in trained] == [
+        ('0006R0', 'aug_strong'),
+        ('0001TP', 'aug_strong'),
+        ('0006R0', 'no_ema'),
+        ('0001TP', 'no_ema'),
+    ]
+    arguments = trained[3][1]
+    assert arguments[arguments.index('--resume') + 1] == 'auto' and 'train.seed=0' in arguments
+    assert 'data.val.split=datasets/splits/camvid_hold_out_0001TP_val.txt' in arguments
+    [path] = (tmp_path / 'results').glob('camvid_heldout_recipes-cpu*-torch*.json')
+    rows = json.loads(path.read_text())['rows']
+    change = camvid_heldout.camvid_recipes.ROWS['no_ema'][0]
+    assert rows[-1] == ['no_ema', change, '0001TP', 1200, [0], [41.0], [41.0 - 34.0], [41.0 - 38.0], [20.0]]
+    assert rows[0][2:] == ['0006R0', 600, [0], [35.0], [5.0], [2.0], [20.0]] and rows[0][0] == 'aug_strong'
+    assert (
+        f'| `no_ema` | {change} | 0006R0 | 0 | 35.00 (+5.00) | 41.00 (+7.00) | +3.00 | 20 |' in capsys.readouterr().out
+    )
+
+    # A fresh checkout: the rows of the result file count as finished, nothing trains.
+    trained.clear()
+    again = camvid_heldout.main([*argv, '--out', str(tmp_path / 'fresh')])
+    assert trained == [] and json.loads(path.read_text())['rows'] == rows and again[0][:2] == ['0006R0', 600]
+    with pytest.raises(ConfigError, match="'base'"):
+        camvid_heldout.main(['--rows', 'base', '--out', str(tmp_path / 'out'), '--report-only'])

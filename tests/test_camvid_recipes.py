@@ -9,9 +9,12 @@ import pytest
 import yaml
 
 from conftest import ROOT, TINY
+from engine.config import read_config
 
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 import camvid_recipes  # noqa: E402
+
+BASES = (camvid_recipes.DEFAULT_CONFIG, 'configs/camvid_fpn_smp_aug.yaml', 'configs/camvid.yaml')
 
 
 def test_every_row_is_one_change_of_a_study_base_that_resolves():
@@ -20,12 +23,22 @@ def test_every_row_is_one_change_of_a_study_base_that_resolves():
     assert base['train']['max_iters'] == 600 and base['train']['val_interval'] == 200
     for row in camvid_recipes.ROWS:  # a decoder's own option (ASPP dilations, FPN norm) fits one base only
         resolved = []
-        for config in (camvid_recipes.DEFAULT_CONFIG, 'configs/camvid_fpn_smp_aug.yaml'):
+        for config in BASES:
             try:
                 resolved.append(camvid_recipes.load_config(config, camvid_recipes.row_overrides(row, args)))
             except camvid_recipes.ConfigError:
                 pass
         assert resolved, row
+
+
+def test_a_loss_row_sets_the_same_loss_on_every_base():
+    """The shipped recipe has no cross-entropy, the DeepLabV3+ one no Dice: 'Lovász only' must drop both."""
+    args = camvid_recipes.parse_args([])
+    for row in ('ce', 'ce_dice', 'dice', 'dice_smp', 'lovasz', 'ohem', 'ce_unweighted'):
+        losses = [read_config(config, camvid_recipes.row_overrides(row, args))['train']['loss'] for config in BASES]
+        assert losses[0] == losses[1] == losses[2], row
+    lovasz = read_config('configs/camvid.yaml', camvid_recipes.row_overrides('lovasz', args))['train']['loss']
+    assert (lovasz['ce'], lovasz['dice'], lovasz['lovasz']) == (0, 0, 1.0)
 
 
 def test_rows_joined_by_plus_apply_every_change_in_order():

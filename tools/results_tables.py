@@ -270,6 +270,27 @@ def camvid_heldout(page: Path) -> str:
     return rendered(record, page, table(record['columns'], rows))
 
 
+def heldout_row_table(rows: list) -> str:
+    """benchmarks/camvid_heldout.py's recipe rows ({column: value} dicts) as printed and rendered: a line
+    per row and fold, each validation point's mIoU and its difference to the peer paired by seed, and the
+    last point's difference to the shipped recipe, each as mean ± std over the seeds, and the mean wall time."""
+    groups = {}
+    for row in rows:
+        groups.setdefault(row['row'], {}).setdefault(row['held out'], {})[row['iteration']] = row
+    points = sorted({row['iteration'] for row in rows})
+    lines = []
+    for name, folds in groups.items():
+        for fold, at in folds.items():
+            last = at[max(at)]
+            scores = [f'{pm(at[p]["score"])} ({pm(at[p]["row − peer"], sign=True)})' if p in at else '' for p in points]
+            change = last['change'] if fold == next(iter(folds)) else ''
+            seeds = ' '.join(map(str, last['seeds']))
+            minutes = cell(mean_std(last['minutes'])[0], '.0f')
+            lines.append([f'`{name}`', change, fold, seeds, *scores, pm(last['row − recipe'], sign=True), minutes])
+    header = ['row', 'change', 'held out', 'seeds', *(f'iter {p} (− peer)' for p in points), 'final − recipe', 'min']
+    return table(header, lines)
+
+
 def seed_summary(record: dict) -> dict:
     """{(recipe, weights): {point: 'mean ± std'}}, from the seeds' rows or from recorded mean and std rows."""
     points = [column for column in record['columns'] if column.startswith('iter')]
