@@ -30,7 +30,6 @@ from engine.checkpoint import (
     remove_partial_writes,
     resume_checkpoint,
     run_manifest,
-    save_iteration_checkpoint,
 )
 from engine.cli import ArgumentParser, amp_dtype_for, config_for_checkpoint, run_cli
 from engine.config import choose, dump_config
@@ -53,9 +52,11 @@ from engine.training import (
     ProgressMeter,
     RunClock,
     TrainState,
+    checkpointed_at,
     count_params,
     has_unused_parameters,
     per_process_batch,
+    save_training_state,
     train_step,
     validate_and_checkpoint,
 )
@@ -373,6 +374,10 @@ def fit(args, cfg: dict, run: Run, log: Logger, resume=None, checkpoint=None) ->
                     validate_and_checkpoint(
                         state, val_loader, stored, run.device, run.amp_dtype, log, run.work_dir, style
                     )
+            elif checkpointed_at(state.iteration, train_cfg):  # between validations: train.checkpoint_interval
+                meter.check_finite(run.work_dir)
+                with meter.paused(), clock.part('validation and checkpoints'):
+                    save_training_state(state, run.work_dir, train_cfg['keep_checkpoints'])
             if state.iteration < max_iters and (number := stop.agreed()):
                 save_and_stop(state, stored, run, log, meter, number)
     if state.early_stop.ran_out(patience):
@@ -389,14 +394,11 @@ def fit(args, cfg: dict, run: Run, log: Logger, resume=None, checkpoint=None) ->
 
 
 def save_and_stop(state: TrainState, cfg: dict, run: Run, log: Logger, meter: ProgressMeter, number: int) -> None:
-    """A stop signal reached some process: write the training state at this iteration (unless
-    validation just did), say how to continue, and end with 128 + the signal's number."""
+    """A stop signal reached some process: write the training state at this iteration (unless the loop
+    just did), say how to continue, and end with 128 + the signal's number."""
     meter.check_finite(run.work_dir)  # never checkpoint a broken state
-    if not due(state.iteration, cfg['train']['val_interval'], cfg['train']['max_iters']):
-        checkpoint = state.state_dict()
-        if dist.is_main():
-            save_iteration_checkpoint(checkpoint, run.work_dir, cfg['train']['keep_checkpoints'])
-        dist.barrier()
+    if not checkpointed_at(state.iteration, cfg['train']):
+        save_training_state(state, run.work_dir, cfg['train']['keep_checkpoints'])
     log(
         f'stopped by {signal.Signals(number).name} at iteration {state.iteration}; the training state is in '
         f'{run.work_dir / "last.pth"}: continue with --resume auto'

@@ -30,13 +30,12 @@ Every run is a normal train.py run (`--resume auto`) in <out>/<pair>/<arm>/seed<
 and train.log there. Runs go seed by seed (both arms of every pair for seed 0, then seed 1, ...), so a
 stopped ablation already holds whole pairs; one after another in this process, or with --jobs N as N
 train.py processes at a time (set OMP_NUM_THREADS to the cores per job: a run's result depends on its
-seed, not on how many run beside it). Rerunning the same command skips
-finished runs (last.pth at train.max_iters) and continues with the others (a run stopped midway starts
-over: with one validation, its only checkpoint is the last iteration's, unless it was stopped by
-SIGTERM or Ctrl-C, which write one where it stopped). With --results, a run that result file (--study)
-already holds under the same protocol counts as finished too: a long study goes on from a fresh
-checkout whose run folders are gone. Before training, both arms of each
-pair are resolved and checked to differ only in `head.offset_learning` (and their models only in the
+seed, not on how many run beside it). Rerunning the same command skips finished runs (last.pth at
+train.max_iters) and continues the others from their last checkpoint (one every tenth of the run,
+train.checkpoint_interval, and one where SIGTERM or Ctrl-C stopped it). With --results, a run that
+result file (--study) already holds under the same protocol counts as finished too: a long study goes
+on from a fresh checkout whose run folders are gone. Before training, both arms of each pair are
+resolved and checked to differ only in `head.offset_learning` (and their models only in the
 parameters under head.classifier). The table (printed, <out>/ablation.md, <out>/ablation.json) gives
 per model and arm the parameters, GMACs at the training crop, the final val mIoU per seed and its
 mean +- std (ddof 1), and per pair the paired difference OL - plain per seed with its mean +- std.
@@ -77,6 +76,7 @@ ARMS = {'plain': False, 'OL': True}
 ARM_KEY = 'head.offset_learning'
 CLASSIFIER = 'head.classifier.'
 WARMUP_FRACTION = 10  # warm-up iterations = --iters // 10 (configs/camvid.yaml: 100 of 1800)
+CHECKPOINTS = 10  # training checkpoints per run besides the last: a run killed midway loses a tenth at most
 
 
 @dataclass
@@ -155,9 +155,9 @@ def pair_from(item: str) -> Pair:
 
 def run_overrides(pair: Pair, offset_learning: bool, seed: int, args) -> list:
     """`--set` items of one run: the pair's model sections (replacing the protocol's), a warm-up of a
-    tenth of the run and no moving average of the weights, then the user's extra overrides (which may
-    change those two), then what the ablation fixes: iterations, one validation at the end, seed and
-    the arm."""
+    tenth of the run, no moving average of the weights and a checkpoint every tenth of the run, then the
+    user's extra overrides (which may change those), then what the ablation fixes: iterations, one
+    validation at the end, seed and the arm."""
     model = [
         f'{name}=' + json.dumps(section if section is None else {'_delete_': True, **section})
         for name, section in pair.sections.items()
@@ -169,7 +169,8 @@ def run_overrides(pair: Pair, offset_learning: bool, seed: int, args) -> list:
         f'train.seed={seed}',
         f'{ARM_KEY}={str(offset_learning).lower()}',
     ]
-    return [*model, warmup, 'train.ema_decay=null', *args.set, *fixed]
+    checkpoints = f'train.checkpoint_interval={max(1, args.iters // CHECKPOINTS)}'
+    return [*model, warmup, 'train.ema_decay=null', checkpoints, *args.set, *fixed]
 
 
 def arm_configs(pair: Pair, seed: int, args) -> dict:

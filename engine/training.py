@@ -317,10 +317,22 @@ def validate_and_checkpoint(
         if improved and dist.is_main():
             save_run_checkpoint(state.best_checkpoint(name, module), work_dir / BEST_FILES[name])
     state.early_stop.update(results['mIoU'], cfg['train']['early_stop']['min_delta'])
+    save_training_state(state, work_dir, cfg['train']['keep_checkpoints'])
+
+
+def save_training_state(state: TrainState, work_dir: Path, keep: int) -> None:
+    """The iteration checkpoint a run resumes from: rank 0 writes it, every process waits for it."""
     checkpoint = state.state_dict()
     if dist.is_main():
-        save_iteration_checkpoint(checkpoint, work_dir, cfg['train']['keep_checkpoints'])
+        save_iteration_checkpoint(checkpoint, work_dir, keep)
     dist.barrier()
+
+
+def checkpointed_at(iteration: int, train_cfg: dict) -> bool:
+    """Whether the loop writes the training state at `iteration`: at every validation (each
+    `val_interval` and the last iteration) and each `checkpoint_interval` between them."""
+    every = [train_cfg['val_interval'], train_cfg['checkpoint_interval'] or 0]
+    return iteration == train_cfg['max_iters'] or any(n and iteration % n == 0 for n in every)
 
 
 BEST_FILES = {'model': 'best.pth', 'ema': 'best_ema.pth'}

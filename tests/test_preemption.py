@@ -123,3 +123,24 @@ def test_a_signal_while_a_checkpoint_is_written_lets_it_finish(stop_signal, conf
 
     train.main(['--config', str(config), '--work-dir', str(work_dir), '--device', 'cpu', '--resume', 'auto'])
     assert_same_training_state(load_checkpoint(work_dir / 'last.pth'), load_checkpoint(reference / 'last.pth'))
+
+
+def test_checkpoints_between_validations_change_nothing_and_a_run_resumes_from_one(config, reference, tmp_path):
+    """train.checkpoint_interval writes the training state between validations (a run killed there loses
+    at most that many iterations): the run ends as one without it, and resumed from such a checkpoint
+    (the later files gone, as if killed right after it) it ends the same too."""
+    work_dir = tmp_path / 'often'
+    every_two = ['--set', 'train.checkpoint_interval=2', 'train.keep_checkpoints=0']
+    train.main(['--config', str(config), '--work-dir', str(work_dir), '--device', 'cpu', *every_two])
+    written = sorted(int(p.stem.split('_')[1]) for p in work_dir.glob('iter_*.pth'))
+    assert written == [2, 4, 5, 6, 8, 10, 12, 14, 15, 16]
+    assert_same_training_state(load_checkpoint(work_dir / 'last.pth'), load_checkpoint(reference / 'last.pth'))
+
+    for path in work_dir.glob('*.pth'):
+        if path.name != 'iter_000004.pth':
+            path.unlink()
+    train.main(
+        ['--config', str(config), '--work-dir', str(work_dir), '--device', 'cpu', *every_two, '--resume', 'auto']
+    )
+    assert f'resumed from {work_dir / "iter_000004.pth"} at iteration 4' in (work_dir / 'train.log').read_text()
+    assert_same_training_state(load_checkpoint(work_dir / 'last.pth'), load_checkpoint(reference / 'last.pth'))
