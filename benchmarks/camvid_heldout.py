@@ -86,27 +86,31 @@ def pair_dir(args, fold: str, seed: int) -> Path:
     return args.out / fold / f'seed{seed}'
 
 
+def pair_overrides(args, fold: str, seed: int) -> list:
+    return [*fold_overrides(fold), f'train.seed={seed}', *args.set]
+
+
+def finished_pair(args, fold: str, seed: int):
+    """What peer_smp_camvid.py wrote for this fold and seed, if the pair finished with these settings."""
+    path = pair_dir(args, fold, seed) / 'peer_smp_camvid.json'
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    return record if record.get('config') == args.config and record['set'] == pair_overrides(args, fold, seed) else None
+
+
 def run_pair(args, fold: str, seed: int) -> None:
     """Train (or continue) the peer and ours of one fold and seed, unless they finished with these settings."""
-    overrides, out = [*fold_overrides(fold), f'train.seed={seed}', *args.set], pair_dir(args, fold, seed)
-    if (out / 'peer_smp_camvid.json').is_file():
-        record = json.loads((out / 'peer_smp_camvid.json').read_text())
-        if record['config'] == args.config and record['set'] == overrides:
-            print(f'{out}: finished, read back', flush=True)
-            return
+    overrides, out = pair_overrides(args, fold, seed), pair_dir(args, fold, seed)
+    if finished_pair(args, fold, seed):
+        print(f'{out}: finished, read back', flush=True)
+        return
     arguments = ['--config', args.config, '--set', *overrides, '--seed', str(seed), '--out', str(out)]
     peer_smp_camvid.main([*arguments, '--device', args.device, *(['--side-by-side'] if args.side_by_side else [])])
 
 
 def finished_pairs(args) -> dict:
-    """{(fold, seed): what peer_smp_camvid.py wrote} of the pairs that finished in --out."""
-    pairs = {}
-    for fold in args.folds:
-        for seed in args.seeds:
-            path = pair_dir(args, fold, seed) / 'peer_smp_camvid.json'
-            if path.is_file():
-                pairs[fold, seed] = json.loads(path.read_text())
-    return pairs
+    """{(fold, seed): what peer_smp_camvid.py wrote} of the pairs that finished in --out with these settings."""
+    pairs = {(fold, seed): finished_pair(args, fold, seed) for fold in args.folds for seed in args.seeds}
+    return {key: pair for key, pair in pairs.items() if pair}
 
 
 def recorded_pairs(args) -> dict:

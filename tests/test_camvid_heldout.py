@@ -21,8 +21,7 @@ def test_every_seed_trains_each_fold_on_the_other_sequences(monkeypatch, tmp_pat
 
     def pair(argv):  # peer_smp_camvid.py: trains, then writes what it measured
         calls.append(argv)
-        record = {'config': argv[1], 'set': argv[argv.index('--set') + 1 : argv.index('--seed')]}
-        write_pair(Path(argv[argv.index('--out') + 1]), peer=[30.0], ours=[33.0], **record)
+        write_pair(Path(argv[argv.index('--out') + 1]), peer=[30.0], ours=[33.0], **settings(argv))
 
     monkeypatch.setattr(camvid_heldout.peer_smp_camvid, 'main', pair)
     argv = ['--folds', '0006R0', '0001TP', '--seeds', '0', '1', '--out', str(tmp_path)]
@@ -49,8 +48,19 @@ def test_a_study_with_no_finished_pair_says_so(tmp_path):
         camvid_heldout.main(['--out', str(tmp_path), '--report-only'])
 
 
+def settings(argv: list) -> dict:
+    """The settings peer_smp_camvid.py records with a pair, from its command line."""
+    return {'config': argv[argv.index('--config') + 1], 'set': argv[argv.index('--set') + 1 : argv.index('--seed')]}
+
+
 def write_pair(folder: Path, peer: list, ours: list, **record) -> None:
-    """What peer_smp_camvid.py writes at the end of a pair: rows (iteration, peer, ours, ours − peer, ratio)."""
+    """What peer_smp_camvid.py writes at the end of a pair: its settings (by default, the study's defaults
+    for the fold and seed of `folder`) and rows (iteration, peer, ours, ours − peer, ratio)."""
+    fold, seed = folder.parent.name, int(folder.name.removeprefix('seed'))
+    record = record or {
+        'config': 'configs/camvid.yaml',
+        'set': [*camvid_heldout.fold_overrides(fold), f'train.seed={seed}'],
+    }
     folder.mkdir(parents=True, exist_ok=True)
     rows = [[600 * (i + 1), p, o, o - p, o / p] for i, (p, o) in enumerate(zip(peer, ours))]
     (folder / 'peer_smp_camvid.json').write_text(json.dumps({**record, 'rows': rows}))
@@ -60,6 +70,8 @@ def test_the_summary_is_the_mean_and_std_over_the_finished_seeds(tmp_path, capsy
     write_pair(tmp_path / 'out' / '0006R0' / 'seed0', peer=[30.0, 34.0], ours=[33.0, 38.0])
     write_pair(tmp_path / 'out' / '0006R0' / 'seed2', peer=[32.0, 35.0], ours=[34.0, 40.0])
     write_pair(tmp_path / 'out' / '0001TP' / 'seed1', peer=[20.0, 25.0], ours=[21.0, 24.0])
+    other = {'config': 'configs/camvid_deeplabv3plus.yaml', 'set': []}  # another study's pair: left out
+    write_pair(tmp_path / 'out' / '0001TP' / 'seed2', peer=[10.0, 15.0], ours=[11.0, 14.0], **other)
     argv = ['--folds', '0006R0', '0001TP', '--seeds', '0', '1', '2', '--out', str(tmp_path / 'out'), '--report-only']
     rows = camvid_heldout.main([*argv, '--results', str(tmp_path / 'results')])
     assert rows == [
@@ -80,7 +92,7 @@ def test_the_pairs_of_the_result_file_count_as_finished_in_a_fresh_checkout(monk
 
     def pair(argv):
         trained.append(argv[argv.index('--out') + 1])
-        write_pair(Path(trained[-1]), peer=[20.0, 25.0], ours=[24.0, 28.0])
+        write_pair(Path(trained[-1]), peer=[20.0, 25.0], ours=[24.0, 28.0], **settings(argv))
 
     monkeypatch.setattr(camvid_heldout.peer_smp_camvid, 'main', pair)
     results = ['--results', str(tmp_path / 'results'), '--seeds', '0']
@@ -105,7 +117,7 @@ def fake_run(work_dir: Path, curve: dict, tag: str) -> None:
 
 def test_rows_train_on_every_fold_after_the_pairs_and_compare_with_them_by_seed(monkeypatch, tmp_path, capsys):
     def pair(argv):
-        write_pair(Path(argv[argv.index('--out') + 1]), peer=[30.0, 34.0], ours=[33.0, 38.0])
+        write_pair(Path(argv[argv.index('--out') + 1]), peer=[30.0, 34.0], ours=[33.0, 38.0], **settings(argv))
 
     trained = []
 
