@@ -206,8 +206,8 @@ def row_notes(args) -> list:
         'the weights each row delivers (its moving average where it keeps one)',
         f'rows: changes of {args.config} (benchmarks/camvid_recipes.py), overrides {args.set}; − peer and − '
         "recipe: paired by seed with the peer and ours of benchmarks/camvid_heldout.py's pair of that fold",
-        "minutes: each run's wall time from its start to its last record (a pause counts), two runs at a time on "
-        'a core each (--jobs 2, OMP_NUM_THREADS=1)',
+        "minutes: each run's wall time from its start to its last record (a pause counts), with --jobs runs at a "
+        'time (the command says how many)',
     ]
 
 
