@@ -20,9 +20,10 @@ section: whole val images padded to a multiple of 32, mIoU over the classes, ign
 
 The peer's curve is kept in <out>/peer.json with what it was trained on (data, budget, scoring, seed)
 and reused while those match, so trying a new recipe of ours does not retrain the peer. A peer run that
-was stopped continues from its last log line (<out>/peer_state.pth, every train.log_interval), and ends
-as the uninterrupted run does: the iterations up to each validation point draw their batches and
-augmentation from a stream seeded by (seed, which validation point) alone.
+was stopped continues from its last log line (<out>/peer_state.pth, every train.log_interval), or from
+where SIGTERM or Ctrl-C stopped it (as train.py, it saves then), and ends as the uninterrupted run does:
+the iterations up to each validation point draw their batches and augmentation from a stream seeded by
+(seed, which validation point) alone.
 
 Ours is a train.py run of --config: the val mIoU of each validation read from --ours (a run's folder,
 its metrics.jsonl), or trained here into <out>/ours (`--resume auto`; with --side-by-side, as a train.py process
@@ -39,6 +40,7 @@ each run alone on the machine, one after the other).
 
 import itertools
 import json
+import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -64,6 +66,7 @@ from engine.evaluation import evaluate  # noqa: E402
 from engine.inference import normalize  # noqa: E402
 from engine.logger import METRICS_FILE, run_seconds, validation_curve  # noqa: E402
 from engine.outputs import write_results  # noqa: E402
+from engine.preemption import StopRequest, ignore_stop_signals  # noqa: E402
 from engine.rules import load_config  # noqa: E402
 from engine.training import get_rng_state, set_rng_state  # noqa: E402
 from tools.measure import chosen_device, write_result_table  # noqa: E402
@@ -152,7 +155,9 @@ class Augmented(Dataset):
 
 
 def reseed_worker(worker_id: int) -> None:
-    """Each loader worker its own augmentation stream (a copied Compose would repeat its parent's)."""
+    """Each loader worker its own augmentation stream (a copied Compose would repeat its parent's); a stop
+    signal is the main process's to handle (engine/preemption.py)."""
+    ignore_stop_signals(worker_id)
     info = torch.utils.data.get_worker_info()
     info.dataset.augmentation.set_random_seed(info.seed % 2**32)
 
@@ -190,12 +195,14 @@ def peer_training(num_classes: int, ignore_index: int, device: torch.device) -> 
 def train_peer(cfg: dict, seed: int, device: torch.device, log, state_path: Path) -> tuple:
     """Train the peer on the config's data and budget: ([(iteration, val mIoU)] at its validation points,
     seconds spent). The training state at each log line and validation point is written to `state_path`
-    (atomically) and continued from when a run of the same setting stopped after it."""
+    (atomically) and continued from when a run of the same setting stopped after it; a stop signal
+    (SIGTERM, Ctrl-C) writes it after the current step and ends with 128 + the signal's number, as
+    train.py does."""
     torch.manual_seed(seed)
     data, train_cfg = cfg['data'], cfg['train']
     train_set, val_set = build_dataset(cfg, 'train'), build_dataset(cfg, 'val')
     augmented = Augmented(train_set, peer_augmentation(crop_size(cfg), data['ignore_index'], seed))
-    val_loader = DataLoader(val_set, batch_size=1, num_workers=data['workers'])
+    val_loader = DataLoader(val_set, batch_size=1, num_workers=data['workers'], worker_init_fn=ignore_stop_signals)
     model, dice, optimizer = peer_training(data['num_classes'], data['ignore_index'], device)
     iterations, interval = train_cfg['max_iters'], train_cfg['val_interval']
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations, eta_min=1e-5)
@@ -221,27 +228,37 @@ def train_peer(cfg: dict, seed: int, device: torch.device, log, state_path: Path
         state.update(setting=setting, rng=get_rng_state(), curve=curve, iteration=iteration, seconds=seconds)
         save_checkpoint(state, state_path)
 
+    def stopped(number: int) -> None:
+        log(f'peer: stopped by {signal.Signals(number).name} at iteration {iteration}; the state is in {state_path}')
+        raise SystemExit(128 + number)
+
     start = time.perf_counter()
-    while iteration < iterations:
-        stretch, done = divmod(iteration, interval)
-        count = min(interval, iterations - stretch * interval)
-        for images, labels in stretch_batches(augmented, cfg, seed, stretch, count, skip=done):
-            images, labels = normalize(images.to(device), data['mean'], data['std']), labels.to(device)
-            loss = dice(model(images), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            iteration += 1
-            if iteration % train_cfg['log_interval'] == 0:
-                log(f'peer iter {iteration}/{iterations}: dice loss {loss.item():.4f}')
-                if iteration % interval:  # a validation point saves after scoring
+    with StopRequest() as stop:
+        while iteration < iterations:
+            stretch, done = divmod(iteration, interval)
+            count = min(interval, iterations - stretch * interval)
+            for images, labels in stretch_batches(augmented, cfg, seed, stretch, count, skip=done):
+                images, labels = normalize(images.to(device), data['mean'], data['std']), labels.to(device)
+                loss = dice(model(images), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                iteration += 1
+                if iteration % train_cfg['log_interval'] == 0:
+                    log(f'peer iter {iteration}/{iterations}: dice loss {loss.item():.4f}')
+                    if iteration % interval:  # a validation point saves after scoring
+                        save_state()
+                if stop.received and iteration % interval:  # at a validation point: after scoring
                     save_state()
-        scores = evaluate(model, val_loader, cfg, device, progress=False)
-        model.train()
-        curve.append((iteration, scores['mIoU']))
-        save_state()
-        log(f'peer iter {iteration}: mIoU {scores["mIoU"]:.2f}')
+                    stopped(stop.received)
+            scores = evaluate(model, val_loader, cfg, device, progress=False)
+            model.train()
+            curve.append((iteration, scores['mIoU']))
+            save_state()
+            log(f'peer iter {iteration}: mIoU {scores["mIoU"]:.2f}')
+            if stop.received and iteration < iterations:
+                stopped(stop.received)
     return curve, seconds
 
 

@@ -1,6 +1,8 @@
 """benchmarks/peer_smp_camvid.py end to end on the demo scenes: both recipes, two validation points."""
 
 import json
+import os
+import signal
 import sys
 import textwrap
 
@@ -115,3 +117,36 @@ def test_a_given_run_is_timed_and_scored_from_its_metrics(tmp_path):
     (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps(record) + '\n' for record in records))
     assert peer_smp_camvid.run_seconds(tmp_path) == 92 * 60
     assert peer_smp_camvid.our_curve(tmp_path) == ([(600, 45.5), (1200, 50.0)], 'weights')
+
+
+@pytest.mark.parametrize(
+    'trigger, log_interval, stopped_at',
+    [('peer iter 2: mIoU', 4, 2), ('peer iter 3/4', 1, 3)],
+    ids=['during a validation', 'between validations'],
+)
+def test_a_stop_signal_saves_the_peer_and_it_continues_as_if_never_stopped(
+    trigger, log_interval, stopped_at, tmp_path, demo_root
+):
+    """SIGTERM (sent when the log line `trigger` is written): the run ends after the current step or
+    validation with 143, its state saved there, and resumed it ends as the uninterrupted run."""
+    config = tmp_path / 'tiny.yaml'
+    config.write_text(textwrap.dedent(TINY.format(root=demo_root)))
+    budget = ['train.max_iters=4', 'train.val_interval=2', f'train.log_interval={log_interval}', 'data.workers=1']
+    cfg = load_config(config, budget)
+    uninterrupted, _ = peer_smp_camvid.train_peer(cfg, 0, CPU, lambda line: None, tmp_path / 'whole.pth')
+
+    def terminate(line):
+        lines.append(line)
+        if line.startswith(trigger):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    state, lines = tmp_path / 'stopped.pth', []
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        peer_smp_camvid.train_peer(cfg, 0, CPU, terminate, state)
+    assert stopped.value.code == 128 + signal.SIGTERM and signal.getsignal(signal.SIGTERM) is handler
+    assert lines[-1] == f'peer: stopped by SIGTERM at iteration {stopped_at}; the state is in {state}'
+    lines.clear()
+    resumed, _ = peer_smp_camvid.train_peer(cfg, 0, CPU, lines.append, state)
+    assert lines[0].startswith(f'peer: continuing from iteration {stopped_at}')
+    assert resumed == uninterrupted
