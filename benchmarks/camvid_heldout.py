@@ -213,10 +213,13 @@ def row_notes(args) -> list:
 
 def row_summary(pairs: dict, runs: dict) -> list:
     """Rows of ROW_COLUMNS from the pairs {(fold, seed): pair result} and the row runs {(row, fold, seed):
-    ({iteration: score}, minutes)}, each value a list over the seeds that have both."""
+    ({iteration: score}, minutes)}, each value a list over the seeds that have both; rows in the order
+    first run, folds in FOLDS' order."""
     at = {key: {i: (peer, ours) for i, peer, ours, *_ in pair['rows']} for key, pair in pairs.items()}
+    trained = {(row, fold) for row, fold, _ in runs}
+    keys = [(row, fold) for row in dict.fromkeys(r for r, _, _ in runs) for fold in FOLDS if (row, fold) in trained]
     rows = []
-    for row, fold in dict.fromkeys((row, fold) for row, fold, _ in runs):
+    for row, fold in keys:
         seeds = sorted(seed for r, f, seed in runs if (r, f) == (row, fold) and (fold, seed) in at)
         for point in sorted(runs[row, fold, seeds[0]][0]) if seeds else []:
             scores = [runs[row, fold, seed][0][point] for seed in seeds]

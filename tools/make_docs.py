@@ -31,6 +31,7 @@ PAGES = {
         'camvid_peer': results_tables.camvid_peer,
         'camvid_seeds': results_tables.camvid_seeds,
         'camvid_heldout': results_tables.camvid_heldout,
+        'camvid_heldout_recipes': results_tables.camvid_heldout_recipes,
         'camvid_recipes': results_tables.camvid_recipes,
         'camvid_recipes_early': results_tables.camvid_recipes_early,
         'camvid_recipes_short': results_tables.camvid_recipes_short,

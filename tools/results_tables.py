@@ -291,6 +291,11 @@ def heldout_row_table(rows: list) -> str:
     return table(header, lines)
 
 
+def camvid_heldout_recipes(page: Path) -> str:
+    record = result('camvid_heldout_recipes', 'cpu2')
+    return rendered(record, page, heldout_row_table(record['rows']))
+
+
 def seed_summary(record: dict) -> dict:
     """{(recipe, weights): {point: 'mean ± std'}}, from the seeds' rows or from recorded mean and std rows."""
     points = [column for column in record['columns'] if column.startswith('iter')]
